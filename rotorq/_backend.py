@@ -1,0 +1,81 @@
+"""Backend selection and argument intake shared by every public operation.
+
+An operation checks its arguments once here, then calls the backend of the arrays'
+device: :mod:`rotorq.cpu` (numpy + Numba ``@njit``) or :mod:`rotorq.cuda` (cupy + Numba
+``@cuda.jit``), which expose the same functions. The CUDA side is imported only when a
+GPU array arrives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._arrays import Origin, common_origin, host_view, origin_of, to_framework
+
+
+def get(device: str):
+    """The backend module for ``device`` ("cpu" or "cuda")."""
+    if device == "cpu":
+        from . import cpu
+
+        return cpu
+    try:
+        from . import cuda
+    except ImportError as exc:  # numba-cuda or cupy missing
+        raise RuntimeError(
+            "GPU arrays need rotorq's CUDA extra: pip install 'rotorq[cuda12]' (or [cuda13]); "
+            f"import failed with: {exc}"
+        ) from exc
+    return cuda
+
+
+def view(x, origin: Origin, name: str):
+    """``x`` as an array of its backend's namespace, without copying where possible."""
+    if origin.device == "cpu":
+        return host_view(x, name)
+    return get("cuda").view(x, name)
+
+
+def float_array(x, name: str, *, dim: int | None = None, min_ndim: int = 1, origin=None):
+    """Validate a floating array argument; returns ``(array, origin, backend)``.
+
+    Checks the dtype (fp16/bf16/fp32/fp64), the rank and the trailing dimension, each with
+    an error that names the argument.
+    """
+    origin = origin or origin_of(x, name)
+    arr = view(x, origin, name)
+    kind = np.dtype(arr.dtype).kind
+    if kind != "f":
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+            f"got {arr.dtype}"
+        )
+    if arr.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {arr.shape}")
+    if dim is not None and arr.shape[-1] != dim:
+        raise ValueError(f"{name} must have a last dimension of {dim}, got shape {tuple(arr.shape)}")
+    return arr, origin, get(origin.device)
+
+
+def require_finite(xp, arr, name: str):
+    """Raise ``ValueError`` if ``arr`` holds NaN or Inf."""
+    if arr.size and not bool(xp.isfinite(arr).all()):
+        raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
+
+
+def batch_maps(q_batch, k_batch, q_name="queries", k_name="codes"):
+    """Broadcast two batch shapes; returns ``(shape, qmap, kmap)`` flat index maps (int64)."""
+    try:
+        shape = np.broadcast_shapes(tuple(q_batch), tuple(k_batch))
+    except ValueError:
+        raise ValueError(
+            f"batch shapes of {q_name} {tuple(q_batch)} and {k_name} {tuple(k_batch)} "
+            "do not broadcast"
+        ) from None
+    qmap = np.broadcast_to(np.arange(int(np.prod(q_batch))).reshape(q_batch), shape).ravel()
+    kmap = np.broadcast_to(np.arange(int(np.prod(k_batch))).reshape(k_batch), shape).ravel()
+    return shape, qmap.astype(np.int64), kmap.astype(np.int64)
+
+
+__all__ = ["Origin", "common_origin", "float_array", "get", "require_finite", "to_framework",
+           "batch_maps", "view"]

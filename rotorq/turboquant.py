@@ -1,0 +1,261 @@
+"""TurboQuant (arXiv 2504.19874): random rotation + per-coordinate Lloyd-Max codebook.
+
+MSE mode stores ``bits`` bits per rotated coordinate and the vector norm. Prod mode
+stores ``bits - 1`` bits of MSE codes plus a 1-bit QJL sketch of the residual and its
+norm, giving an unbiased inner-product estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _backend
+from .codebook import lloyd_max
+from .quantized import QuantizedVectors
+from .rotation import ROTATIONS, make_rotation
+
+MODES = ("mse", "prod")
+CODEBOOKS = ("gaussian", "beta")
+_STREAM_SKETCH = 0x5EED_0002
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def store_norms(xp, norms, dtype, name="x"):
+    """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow."""
+    if norms.size and not bool(xp.isfinite(norms).all()):
+        raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
+    if dtype == "float16" and norms.size and float(norms.max()) > _FP16_MAX:
+        raise ValueError(
+            f"{name} has vector norms up to {float(norms.max()):.3g}, beyond float16's range; "
+            "use norm_dtype='float32'"
+        )
+    return norms.astype(dtype)
+
+
+class TurboQuant:
+    """TurboQuant quantizer for vectors of dimension ``dim``.
+
+    Parameters
+    ----------
+    dim : int
+        Vector dimension (any ``dim >= 1``).
+    bits : int
+        Total bits per stored coordinate, 1–8 (prod mode: 2–8, i.e. ``bits - 1`` for
+        the MSE stage + 1 for QJL).
+    mode : {"mse", "prod"}
+        ``"mse"`` minimizes reconstruction error; ``"prod"`` adds a QJL residual sketch
+        for unbiased inner products.
+    rotation : {"hadamard", "dense", "rotor"}
+        See :mod:`rotorq.rotation` for the stored dimension each implies.
+    seed : int
+        Seed of the rotation and the QJL matrix; same seed, same codes everywhere.
+    qjl_dim : int, optional
+        QJL sketch size ``m`` in prod mode (default: the stored dimension).
+    codebook : {"gaussian", "beta"}
+        Lloyd-Max model of the rotated coordinates.
+    norm_correction : bool
+        Store ``‖x‖/‖c[idx]‖`` so reconstructions keep the input's length.
+    norm_dtype : {"float16", "float32"}
+        Storage of norms; float16 overflow above 65504 raises.
+
+    Examples
+    --------
+    >>> import numpy as np, rotorq
+    >>> x = np.random.default_rng(0).standard_normal((1000, 128)).astype(np.float32)
+    >>> tq = rotorq.TurboQuant(128, bits=3)
+    >>> qv = tq.quantize(x)
+    >>> x_hat = tq.dequantize(qv)
+    >>> err = ((x - x_hat) ** 2).sum(1) / (x ** 2).sum(1)
+    >>> bool(0.030 < err.mean() < 0.038), qv.bits_per_coordinate
+    (True, 3.125)
+    """
+
+    method = "turboquant"
+
+    def __init__(self, dim, bits, *, mode="mse", rotation="hadamard", seed=0, qjl_dim=None,
+                 codebook="gaussian", norm_correction=False, norm_dtype="float16"):
+        self.dim = _positive_int(dim, "dim")
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+            raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        low = 2 if mode == "prod" else 1
+        if not low <= bits <= 8:
+            raise ValueError(f"bits must be in {low}..8 for mode={mode!r}, got {bits}"
+                             + (" (prod mode spends 1 bit on QJL)" if mode == "prod" else ""))
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+        if codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
+        if norm_dtype not in ("float16", "float32"):
+            raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
+        self.bits = int(bits)
+        self.mode = mode
+        self.seed = int(seed)
+        self.codebook = codebook
+        self.norm_correction = bool(norm_correction)
+        self.norm_dtype = norm_dtype
+        self.rotation = make_rotation(rotation, self.dim, self.seed)
+        self.mse_bits = self.bits - (1 if mode == "prod" else 0)
+        big_d = self.rotation.stored_dim
+        # Hadamard spreads the energy over the padded D coordinates; the others keep ~1/d.
+        coord_dim = big_d if rotation == "hadamard" else self.dim
+        if codebook == "beta" and coord_dim >= 2:
+            c, b = lloyd_max(self.mse_bits, coord_dim, distribution="beta")
+        else:
+            c, b = lloyd_max(self.mse_bits, coord_dim)
+        self.centroids = c.astype(np.float32)
+        self.boundaries = b.astype(np.float32)
+        self.qjl_dim = None
+        self.sketch = None
+        if mode == "prod":
+            self.qjl_dim = big_d if qjl_dim is None else _positive_int(qjl_dim, "qjl_dim")
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, _STREAM_SKETCH])
+            self.sketch = rng.standard_normal((self.qjl_dim, big_d)).astype(np.float32)
+            self.qjl_scale = math.sqrt(math.pi / 2) / self.qjl_dim
+        elif qjl_dim is not None:
+            raise ValueError("qjl_dim is only used with mode='prod'")
+        self._device_consts: dict = {}
+
+    # -- configuration ----------------------------------------------------------------
+    @property
+    def config(self) -> dict:
+        """Everything that determines the codes; equal configs give equal codes."""
+        return {"method": self.method, "dim": self.dim, "bits": self.bits, "mode": self.mode,
+                "rotation": self.rotation.kind, "seed": self.seed, "qjl_dim": self.qjl_dim,
+                "codebook": self.codebook, "norm_correction": self.norm_correction,
+                "norm_dtype": self.norm_dtype}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TurboQuant":
+        """Rebuild the quantizer that produced codes with ``config``."""
+        cfg = dict(config)
+        if cfg.pop("method", cls.method) != cls.method:
+            raise ValueError(f"config is not a {cls.__name__} config: {config}")
+        return cls(cfg.pop("dim"), cfg.pop("bits"), **cfg)
+
+    @property
+    def stored_dim(self) -> int:
+        return self.rotation.stored_dim
+
+    def __repr__(self):
+        return (f"TurboQuant(dim={self.dim}, bits={self.bits}, mode={self.mode!r}, "
+                f"rotation={self.rotation.kind!r}, seed={self.seed})")
+
+    def _consts(self, xp):
+        key = xp.__name__
+        if key not in self._device_consts:
+            self._device_consts[key] = {
+                "centroids": xp.asarray(self.centroids),
+                "boundaries": xp.asarray(self.boundaries),
+                "sketch": None if self.sketch is None else xp.asarray(self.sketch),
+            }
+        return self._device_consts[key]
+
+    def _check_codes(self, codes, name="codes"):
+        if not isinstance(codes, QuantizedVectors):
+            raise TypeError(f"{name} must be QuantizedVectors, got {type(codes).__name__}")
+        if codes.config != self.config:
+            diff = {k: (codes.config.get(k), v) for k, v in self.config.items()
+                    if codes.config.get(k) != v}
+            raise ValueError(f"{name} were made by a different quantizer (codes vs this): {diff}")
+
+    # -- verbs ------------------------------------------------------------------------
+    def quantize(self, x) -> QuantizedVectors:
+        """Compress ``x`` of shape ``(..., dim)`` (float16/bfloat16/float32/float64).
+
+        Raises ``ValueError`` for NaN/Inf, ``TypeError`` for non-floating dtypes.
+        """
+        arr, origin, be = _backend.float_array(x, "x", dim=self.dim)
+        lead = tuple(arr.shape[:-1])
+        rows = arr.reshape(-1, self.dim)
+        k = self._consts(be.xp)
+        codes, norms, signs, qnorms = be.quantize(
+            rows, self.rotation, k["boundaries"], k["centroids"], self.mse_bits,
+            self.norm_correction, k["sketch"])
+        parts = {"codes": codes.reshape(lead + codes.shape[1:]),
+                 "norms": store_norms(be.xp, norms, self.norm_dtype).reshape(lead)}
+        if self.mode == "prod":
+            parts["qjl_signs"] = signs.reshape(lead + signs.shape[1:])
+            parts["qjl_norms"] = store_norms(be.xp, qnorms, self.norm_dtype).reshape(lead)
+        return QuantizedVectors(parts, self.config, origin)
+
+    def dequantize(self, codes: QuantizedVectors):
+        """Reconstruct float32 vectors ``(..., dim)`` (prod mode adds the QJL residual term)."""
+        self._check_codes(codes)
+        be = _backend.get(codes.device)
+        xp = be.xp
+        lead = codes.shape[:-1]
+        flat_codes = codes.codes.reshape(-1, codes.codes.shape[-1])
+        norms = codes.norms.reshape(-1).astype(xp.float32)
+        k = self._consts(xp)
+        if self.mode == "mse":
+            out = be.dequantize(flat_codes, norms, self.rotation, k["centroids"], self.mse_bits)
+        else:
+            rot_out = be.dequantize_rotated(flat_codes, norms, self.stored_dim, k["centroids"],
+                                            self.mse_bits)
+            pm = be.unpack_codes(codes.qjl_signs.reshape(-1, codes.qjl_signs.shape[-1]), 1,
+                                 self.qjl_dim).astype(xp.float32) * 2 - 1
+            gamma = codes.qjl_norms.reshape(-1, 1).astype(xp.float32) * np.float32(self.qjl_scale)
+            rot_out += (pm @ k["sketch"]) * gamma
+            out = be.unrotate(rot_out, self.rotation)
+        return _backend.to_framework(out.reshape(lead + (self.dim,)), codes.origin)
+
+    def rotate(self, x):
+        """Rotate ``x (..., dim)`` into the stored domain ``(..., stored_dim)``, float32."""
+        arr, origin, be = _backend.float_array(x, "x", dim=self.dim)
+        out = be.rotate(arr.reshape(-1, self.dim), self.rotation)
+        return _backend.to_framework(out.reshape(arr.shape[:-1] + (self.stored_dim,)), origin)
+
+    def scores(self, queries, codes: QuantizedVectors):
+        """Estimated inner products of ``queries (..., m, dim)`` with ``codes (..., n, dim)``.
+
+        Computed on the packed codes: the queries are rotated once, then each key is a
+        gather-dot ``norm · ⟨Π q, c[idx]⟩`` (plus the QJL term in prod mode). Leading
+        batch axes broadcast. Returns float32 ``(..., m, n)`` in the queries' framework.
+
+        Examples
+        --------
+        >>> import numpy as np, rotorq
+        >>> rng = np.random.default_rng(1)
+        >>> keys, q = rng.standard_normal((2, 500, 64)), rng.standard_normal((3, 64))
+        >>> tq = rotorq.TurboQuant(64, 4)
+        >>> s = tq.scores(q, tq.quantize(keys))
+        >>> s.shape, bool(np.corrcoef(s.ravel(), (q @ keys.T).ravel())[0, 1] > 0.99)
+        ((2, 3, 500), True)
+        """
+        self._check_codes(codes)
+        if codes.ndim < 2:
+            raise ValueError(f"codes must have shape (..., n, dim), got {codes.shape}")
+        q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=2)
+        if origin.device != codes.device:
+            raise ValueError(f"queries are on {origin.device} but codes are on {codes.device}; "
+                             "move them to the same device")
+        _backend.require_finite(be.xp, q, "queries")
+        xp = be.xp
+        shape, qmap, kmap = _backend.batch_maps(q.shape[:-2], codes.shape[:-2])
+        m_q, n_k = q.shape[-2], codes.shape[-2]
+        bq, bk = math.prod(q.shape[:-2]), math.prod(codes.shape[:-2])
+        qrot = be.rotate(q.reshape(-1, self.dim), self.rotation).reshape(bq, m_q, self.stored_dim)
+        k = self._consts(xp)
+        flat = codes.codes.reshape(bk, n_k, codes.codes.shape[-1])
+        norms = codes.norms.reshape(bk, n_k).astype(xp.float32)
+        qmap, kmap = xp.asarray(qmap), xp.asarray(kmap)
+        if self.mode == "mse":
+            out = be.scores(qrot, None, qmap, flat, norms, None, None, kmap, k["centroids"],
+                            self.mse_bits, 0.0)
+        else:
+            qsk = xp.ascontiguousarray(qrot @ k["sketch"].T)
+            signs = codes.qjl_signs.reshape(bk, n_k, codes.qjl_signs.shape[-1])
+            qn = codes.qjl_norms.reshape(bk, n_k).astype(xp.float32)
+            out = be.scores(qrot, qsk, qmap, flat, norms, signs, qn, kmap, k["centroids"],
+                            self.mse_bits, self.qjl_scale)
+        return _backend.to_framework(out.reshape(shape + (m_q, n_k)), origin)
