@@ -7,7 +7,7 @@ Inputs are float32/float64, C-contiguous, 2-D (rows) unless said otherwise.
 import numpy as np
 
 from . import bits, dequantize as _dq, qjl as _qjl, quantize as _q, rotate as _rot, scores as _sc
-from . import wht as _wht
+from . import attention as _att, wht as _wht
 
 xp = np
 name = "cpu"
@@ -137,3 +137,85 @@ def unpack_codes(codes, nbits, count):
     out = np.empty((codes.shape[0], count), np.uint8)
     bits.unpack_codes(codes, nbits, count, out)
     return out
+
+
+_U8 = np.zeros((1, 1, 1), np.uint8)
+_U16 = np.zeros((1, 1), np.uint16)
+_F32 = np.zeros(1, np.float32)
+
+
+def _split_chunk(n_keys, n_bh):
+    """Tokens per split: ~64 (batch·head, split) tasks, at least 256 tokens each; depends
+    only on the shapes (not the thread count), so results are reproducible."""
+    splits = max(1, min(-(-n_keys // 256), -(-64 // max(1, n_bh))))
+    chunk = -(-n_keys // splits)
+    return -(-chunk // _att.TILE) * _att.TILE
+
+
+def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
+    """Fused attention of rotated queries over packed keys and values (split-K + merge).
+
+    Parameters
+    ----------
+    queries : tuple of ``(qrot, qsketch)``, one per key part (1 or 2)
+        ``qrot`` float32 (BH, R, D) rotated query rows times the softmax scale (row
+        ``r`` = query ``r % n_q`` of the group's query head ``r // n_q``); ``qsketch``
+        float32 (BH, R, m) = ``qrot @ sketchᵀ`` in prod mode, else None.
+    keys : tuple of ``(codes, norms, centroids, bits, signs, qjl_norms, qjl_scale)``
+        One per key part: ``codes`` uint8 (BH, cap, nbytes), ``norms`` float16 (BH, cap),
+        ``signs`` uint8 (BH, cap, ceil(m/8)) and ``qjl_norms`` float16 (BH, cap) or None.
+    values : tuple of ``(codes, norms, centroids, bits, stored_dim)``, one per value part.
+    n_keys : int
+        Valid tokens in the buffers (``cap >= n_keys``).
+    n_q : int
+        Queries per query head.
+    causal_offset : int
+        Key ``t`` is visible to row ``r`` iff ``t <= r % n_q + causal_offset``.
+
+    Returns
+    -------
+    accs : list of float32 (BH, R, D_v) per value part
+        ``Σ_t exp(s_t − m) · ν_t · c[jdx_t]`` in each value part's rotated domain.
+    m, l : float32 (BH, R)
+        Max score (``-inf`` for rows that saw no key) and ``Σ_t exp(s_t − m)``.
+    """
+    q0, qs0 = queries[0]
+    n_bh, n_rows = q0.shape[0], q0.shape[1]
+    empty_q = np.zeros((n_bh, n_rows, 0), np.float32)
+    q1, qs1 = queries[1] if len(queries) > 1 else (empty_q, None)
+
+    def kpart(i):
+        if i >= len(keys):
+            return _U8, _U16, _U8, _U16, _F32, 1, 0.0
+        codes, norms, cent, nbits, signs, qn, scale = keys[i]
+        if signs is None:
+            signs, qn, scale = _U8, _U16, 0.0
+        else:
+            qn = qn.view(np.uint16)
+        return codes, norms.view(np.uint16), signs, qn, cent, int(nbits), float(scale)
+
+    def vpart(i):
+        if i >= len(values):
+            return _U8, _U16, _F32, 1, 0
+        codes, norms, cent, nbits, big_d = values[i]
+        return codes, norms.view(np.uint16), cent, int(nbits), int(big_d)
+
+    chunk = _split_chunk(n_keys, n_bh)
+    n_split = max(1, -(-n_keys // chunk))
+    v0, v1 = vpart(0), vpart(1)
+    acc0 = np.empty((n_bh, n_split, n_rows, v0[4]), np.float32)
+    acc1 = np.empty((n_bh, n_split, n_rows, v1[4]), np.float32)
+    mx = np.empty((n_bh, n_split, n_rows), np.float32)
+    sm = np.empty((n_bh, n_split, n_rows), np.float32)
+    _att.decode_attention(
+        np.ascontiguousarray(q0, np.float32), np.ascontiguousarray(q1, np.float32),
+        empty_q if qs0 is None else np.ascontiguousarray(qs0, np.float32),
+        empty_q if qs1 is None else np.ascontiguousarray(qs1, np.float32),
+        *kpart(0), *kpart(1), *v0[:4], *v1[:4],
+        int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, acc1, mx, sm)
+    m = mx.max(axis=1)
+    safe = np.where(np.isfinite(m), m, np.float32(0.0))
+    w = np.exp(mx - safe[:, None, :])  # 0 for splits that saw nothing
+    l_sum = (w * sm).sum(axis=1)
+    accs = [np.einsum("bsr,bsrd->brd", w, a) for a in (acc0, acc1)[:len(values)]]
+    return accs, m, l_sum

@@ -1,0 +1,221 @@
+"""Fused decode attention on packed TurboQuant keys and values (flash-decoding, split-K).
+
+One pass over the compressed part of a KV cache computes, for every query row,
+
+    s_t  = ⟨Π_k q, n_t · c_k[idx_t]⟩ (+ γ_t · √(π/2)/m · ⟨S Π_k q, signs_t⟩ in prod mode)
+    acc  = Σ_t exp(s_t − m) · ν_t · c_v[jdx_t]          (in the value rotation's domain)
+    m    = max_t s_t,   l = Σ_t exp(s_t − m)
+
+without ever materialising a key or value: each packed key and value row is unpacked once
+per (batch · KV head) and serves all ``R = group · n_q`` query rows of that GQA group.
+The tokens are split into chunks (split-K); every (batch · KV head, chunk) task keeps an
+online softmax (running max ``m``, running sum ``l``, un-normalized ``acc``) over tiles of
+``TILE`` tokens and writes one partial. The caller merges the partials and, outside this
+kernel, the full-precision window and the inverse value rotation (linear, so it is applied
+once to each output row).
+
+Keys and values may each come in two *parts* (normal channels and outlier channels, each
+with its own quantizer, rotation and codebook): the key parts' scores add up before the
+softmax; the value parts accumulate separately, each in its own rotated domain.
+
+Contract shared with the CUDA twin (``rotorq/cuda/attention.py: decode_attention``, same
+name and argument order; cupy / device arrays instead of numpy)
+------------------------------------------------------------------------------------------
+q0, q1 : float32 (BH, R, Dk0), (BH, R, Dk1)
+    Rotated query rows of key part 0 and part 1, already multiplied by the softmax scale.
+    Row ``r`` is query ``r % n_q`` of the group's query head ``r // n_q``. ``Dk1 = 0``:
+    no part 1 (its other arrays are then 1-element placeholders and never read).
+qs0, qs1 : float32 (BH, R, m0), (BH, R, m1)
+    ``q_p @ sketch_pᵀ`` for prod-mode keys; ``m_p = 0`` for MSE keys.
+kc_p : uint8 (BH, cap, nbytes)        packed key codes (``kbits_p`` bits, LSB first)
+kn_p : uint16 (BH, cap)               key norms as IEEE float16 bit patterns
+ks_p : uint8 (BH, cap, ceil(m_p/8))   packed QJL signs (prod mode)
+kg_p : uint16 (BH, cap)               QJL residual norms, float16 bit patterns (prod mode)
+kcent_p : float32 (2**kbits_p,)       key centroids (already scaled to rotated coordinates)
+kbits_p : int;  kscale_p : float      QJL factor √(π/2)/m (0.0 in MSE mode)
+vc_p, vn_p, vcent_p, vbits_p          the same for value part ``p`` (MSE codes only)
+n_keys : int
+    Number of valid tokens in the buffers (``cap`` may be larger: growth buffers).
+n_q : int
+    Queries per query head; ``R = group · n_q``.
+causal_offset : int
+    Key ``t`` is visible to row ``r`` iff ``t <= r % n_q + causal_offset`` (pass ``n_keys``
+    or more for no mask).
+chunk : int
+    Tokens per split; ``S = ceil(n_keys / chunk)`` splits.
+acc0_out, acc1_out : float32 (BH, S, R, Dv0), (BH, S, R, Dv1)
+    Un-normalized value accumulators per split (``Dv1 = 0``: no value part 1).
+max_out, sum_out : float32 (BH, S, R)
+    Running max ``m`` (``-inf`` where a split saw no visible key; then ``l = 0`` and
+    ``acc = 0``) and sum ``l`` per split.
+
+Numerics: float32 throughout, exp(s − m) with the running max, so no overflow for any
+score magnitude. Fastmath stays off (parity with the CUDA twin).
+"""
+
+import math
+
+import numpy as np
+
+from ._jit import jit, jit_parallel, prange
+from .bits import unpack_row
+from .qjl import sign_dot
+
+TILE = 32  # tokens per online-softmax step: scores of a tile are computed, then one rescale
+
+
+@jit
+def half_to_float(bits16, u32, f32):
+    """float32 value of the IEEE float16 bit pattern ``bits16``.
+
+    ``u32``/``f32`` are a 1-element uint32 array and its float32 view (scratch for the
+    bit cast; Numba's CPU target has no float16 type).
+    """
+    h = np.uint32(bits16)
+    sign = h >> np.uint32(15)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    mant = h & np.uint32(0x3FF)
+    if e == 0:
+        v = np.float32(math.ldexp(float(mant), -24))  # zero or subnormal
+        return -v if sign else v
+    if e == 31:
+        u32[0] = (sign << np.uint32(31)) | np.uint32(0x7F800000) | (mant << np.uint32(13))
+    else:
+        u32[0] = (sign << np.uint32(31)) | ((e + np.uint32(112)) << np.uint32(23)) \
+            | (mant << np.uint32(13))
+    return f32[0]
+
+
+@jit
+def decode_row(row, bits, count, centroids, scale, idx, out):
+    """``out[k] = scale · centroids[code k of row]`` for ``k < count``.
+
+    Eight codes span exactly ``bits`` bytes, so when ``count`` is a multiple of 8 the codes
+    are cut from one 64-bit word per group (3× faster than code-by-code); otherwise this is
+    :func:`rotorq.cpu.bits.unpack_row` followed by the centroid gather.
+    """
+    if count & 7 == 0:
+        mask = np.uint64((1 << bits) - 1)
+        for g in range(count >> 3):
+            w = np.uint64(0)
+            base = g * bits
+            for b in range(bits):
+                w |= np.uint64(row[base + b]) << np.uint64(8 * b)
+            for c in range(8):
+                out[8 * g + c] = scale * centroids[(w >> np.uint64(c * bits)) & mask]
+    else:
+        unpack_row(row, bits, count, idx)
+        for k in range(count):
+            out[k] = scale * centroids[idx[k]]
+
+
+@jit
+def _key_tile(q, qs, kc, kn, ks, kg, cent, bits, qscale, bh, j0, j1, idx, kvt, u32, f32, sc):
+    """Add key part scores of tokens ``j0..j1`` to ``sc[:, :j1-j0]`` for every row."""
+    n_rows = q.shape[1]
+    big_d = q.shape[2]
+    nt = j1 - j0
+    for j in range(j0, j1):
+        w = half_to_float(kn[bh, j], u32, f32)
+        decode_row(kc[bh, j], bits, big_d, cent, w, idx, kvt[:, j - j0])
+    for r in range(n_rows):
+        for k in range(big_d):
+            qv = q[bh, r, k]
+            for jj in range(nt):
+                sc[r, jj] += qv * kvt[k, jj]
+    if qs.shape[2] > 0:
+        for j in range(j0, j1):
+            g = np.float32(qscale * half_to_float(kg[bh, j], u32, f32))
+            for r in range(n_rows):
+                sc[r, j - j0] += g * sign_dot(qs[bh, r], ks[bh, j])
+
+
+@jit
+def _value_tile(vc, vn, cent, bits, bh, j0, j1, idx, vv, u32, f32, sc, acc):
+    """``acc[r] += Σ_j sc[r, j] · ν_j · c[jdx_j]`` over tokens ``j0..j1``."""
+    n_rows = acc.shape[0]
+    big_d = acc.shape[1]
+    for j in range(j0, j1):
+        w = half_to_float(vn[bh, j], u32, f32)
+        decode_row(vc[bh, j], bits, big_d, cent, w, idx, vv)
+        for r in range(n_rows):
+            p = sc[r, j - j0]
+            if p != 0.0:
+                for k in range(big_d):
+                    acc[r, k] += p * vv[k]
+
+
+@jit_parallel
+def decode_attention(q0, q1, qs0, qs1,
+                     kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
+                     kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
+                     vc0, vn0, vcent0, vbits0,
+                     vc1, vn1, vcent1, vbits1,
+                     n_keys, n_q, causal_offset, chunk,
+                     acc0_out, acc1_out, max_out, sum_out):
+    """Split-K fused attention over packed keys/values; see the module docstring."""
+    n_bh, n_split, n_rows, dv0 = acc0_out.shape
+    dv1 = acc1_out.shape[3]
+    dk0 = q0.shape[2]
+    dk1 = q1.shape[2]
+    dmax = max(dk0, dk1, dv0, dv1)
+    last_visible = n_q - 1 + causal_offset  # no row sees a key beyond this one
+    neg_inf = np.float32(-np.inf)
+    for task in prange(n_bh * n_split):
+        bh = task // n_split
+        s = task - bh * n_split
+        t0 = s * chunk
+        t1 = min(n_keys, t0 + chunk, last_visible + 1)
+        u32 = np.zeros(1, np.uint32)
+        f32 = u32.view(np.float32)
+        idx = np.empty(dmax, np.uint8)
+        kvt = np.empty((dmax, TILE), np.float32)
+        vv = np.empty(dmax, np.float32)
+        sc = np.empty((n_rows, TILE), np.float32)
+        acc0 = np.zeros((n_rows, dv0), np.float32)
+        acc1 = np.zeros((n_rows, dv1), np.float32)
+        m = np.full(n_rows, neg_inf, np.float32)
+        lsum = np.zeros(n_rows, np.float32)
+        for j0 in range(t0, t1, TILE):
+            j1 = min(t1, j0 + TILE)
+            nt = j1 - j0
+            sc[:, :nt] = 0.0
+            _key_tile(q0, qs0, kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0, bh, j0, j1,
+                      idx, kvt, u32, f32, sc)
+            if dk1 > 0:
+                _key_tile(q1, qs1, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1, bh, j0, j1,
+                          idx, kvt, u32, f32, sc)
+            # causal mask, then the online-softmax step of this tile
+            for r in range(n_rows):
+                limit = r % n_q + causal_offset
+                mt = neg_inf
+                for jj in range(nt):
+                    if j0 + jj > limit:
+                        sc[r, jj] = neg_inf
+                    elif sc[r, jj] > mt:
+                        mt = sc[r, jj]
+                if mt == neg_inf:
+                    sc[r, :nt] = 0.0
+                    continue
+                if mt > m[r]:
+                    alpha = np.float32(math.exp(m[r] - mt))
+                    lsum[r] *= alpha
+                    for k in range(dv0):
+                        acc0[r, k] *= alpha
+                    for k in range(dv1):
+                        acc1[r, k] *= alpha
+                    m[r] = mt
+                mr = m[r]
+                tot = np.float32(0.0)
+                for jj in range(nt):
+                    p = np.float32(math.exp(sc[r, jj] - mr))
+                    sc[r, jj] = p
+                    tot += p
+                lsum[r] += tot
+            _value_tile(vc0, vn0, vcent0, vbits0, bh, j0, j1, idx, vv, u32, f32, sc, acc0)
+            if dv1 > 0:
+                _value_tile(vc1, vn1, vcent1, vbits1, bh, j0, j1, idx, vv, u32, f32, sc, acc1)
+        acc0_out[bh, s] = acc0
+        acc1_out[bh, s] = acc1
+        max_out[bh, s] = m
+        sum_out[bh, s] = lsum
