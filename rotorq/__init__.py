@@ -6,6 +6,7 @@ Importing rotorq loads numpy, scipy and Numba's CPU compiler only; the CUDA side
 
 from . import clifford
 from .codebook import lloyd_max
+from .kvcache import KVCache
 from .qjl import QJL
 from .quantized import QuantizedVectors, load
 from .transforms import wht
@@ -13,4 +14,4 @@ from .turboquant import TurboQuant
 
 __version__ = "0.1.0"
 
-__all__ = ["QJL", "QuantizedVectors", "TurboQuant", "clifford", "load", "lloyd_max", "wht"]
+__all__ = ["KVCache", "QJL", "QuantizedVectors", "TurboQuant", "clifford", "load", "lloyd_max", "wht"]
