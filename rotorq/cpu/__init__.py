@@ -4,6 +4,9 @@ Every function takes and returns numpy arrays; the public API validated them alr
 Inputs are float32/float64, C-contiguous, 2-D (rows) unless said otherwise.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 
 from . import bits, dequantize as _dq, qjl as _qjl, quantize as _q, rotate as _rot, scores as _sc
@@ -144,6 +147,27 @@ _U16 = np.zeros((1, 1), np.uint16)
 _F32 = np.zeros(1, np.float32)
 
 
+_POOL = None
+
+
+def _run_tasks(kernel, n_tasks, args):
+    """Run ``kernel(lo, hi, *args)`` over ``range(n_tasks)`` on Numba's thread count.
+
+    The kernel is ``nogil``, so the ranges run in parallel on a small thread pool.
+    """
+    global _POOL
+    threads = min(numba.get_num_threads(), n_tasks)
+    if threads <= 1:
+        kernel(0, n_tasks, *args)
+        return
+    if _POOL is None or _POOL._max_workers < threads:
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rotorq")
+    bounds = [n_tasks * i // threads for i in range(threads + 1)]
+    futures = [_POOL.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(threads)]
+    for f in futures:
+        f.result()
+
+
 def _split_chunk(n_keys, n_bh):
     """Tokens per split: ~64 (batch·head, split) tasks, at least 256 tokens each; depends
     only on the shapes (not the thread count), so results are reproducible."""
@@ -207,12 +231,12 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
     acc1 = np.empty((n_bh, n_split, n_rows, v1[4]), np.float32)
     mx = np.empty((n_bh, n_split, n_rows), np.float32)
     sm = np.empty((n_bh, n_split, n_rows), np.float32)
-    _att.decode_attention(
-        np.ascontiguousarray(q0, np.float32), np.ascontiguousarray(q1, np.float32),
-        empty_q if qs0 is None else np.ascontiguousarray(qs0, np.float32),
-        empty_q if qs1 is None else np.ascontiguousarray(qs1, np.float32),
-        *kpart(0), *kpart(1), *v0[:4], *v1[:4],
-        int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, acc1, mx, sm)
+    args = (np.ascontiguousarray(q0, np.float32), np.ascontiguousarray(q1, np.float32),
+            empty_q if qs0 is None else np.ascontiguousarray(qs0, np.float32),
+            empty_q if qs1 is None else np.ascontiguousarray(qs1, np.float32),
+            *kpart(0), *kpart(1), *v0[:4], *v1[:4],
+            int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, acc1, mx, sm)
+    _run_tasks(_att.decode_attention, n_bh * n_split, args)
     m = mx.max(axis=1)
     safe = np.where(np.isfinite(m), m, np.float32(0.0))
     w = np.exp(mx - safe[:, None, :])  # 0 for splits that saw nothing

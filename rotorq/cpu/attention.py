@@ -57,7 +57,7 @@ import math
 
 import numpy as np
 
-from ._jit import jit, jit_parallel, prange
+from ._jit import jit
 from .bits import unpack_row
 from .qjl import sign_dot
 
@@ -110,14 +110,16 @@ def decode_row(row, bits, count, centroids, scale, idx, out):
 
 
 @jit
-def _key_tile(q, qs, kc, kn, ks, kg, cent, bits, qscale, bh, j0, j1, idx, kvt, u32, f32, sc):
+def _key_tile(q, qs, kc, kn, ks, kg, cent, bits, qscale, bh, j0, j1, idx, vv, kvt, u32, f32, sc):
     """Add key part scores of tokens ``j0..j1`` to ``sc[:, :j1-j0]`` for every row."""
     n_rows = q.shape[1]
     big_d = q.shape[2]
     nt = j1 - j0
     for j in range(j0, j1):
         w = half_to_float(kn[bh, j], u32, f32)
-        decode_row(kc[bh, j], bits, big_d, cent, w, idx, kvt[:, j - j0])
+        decode_row(kc[bh, j], bits, big_d, cent, w, idx, vv)
+        for k in range(big_d):
+            kvt[k, j - j0] = vv[k]
     for r in range(n_rows):
         for k in range(big_d):
             qv = q[bh, r, k]
@@ -145,77 +147,106 @@ def _value_tile(vc, vn, cent, bits, bh, j0, j1, idx, vv, u32, f32, sc, acc):
                     acc[r, k] += p * vv[k]
 
 
-@jit_parallel
-def decode_attention(q0, q1, qs0, qs1,
+@jit
+def _split_task(bh, s, q0, q1, qs0, qs1,
+                kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
+                kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
+                vc0, vn0, vcent0, vbits0,
+                vc1, vn1, vcent1, vbits1,
+                n_keys, n_q, causal_offset, chunk,
+                acc0_out, acc1_out, max_out, sum_out):
+    """Online softmax over the tokens of split ``s`` for the rows of ``bh``."""
+    n_rows = acc0_out.shape[2]
+    dv0 = acc0_out.shape[3]
+    dv1 = acc1_out.shape[3]
+    dk1 = q1.shape[2]
+    dmax = max(q0.shape[2], dk1, dv0, dv1)
+    neg_inf = np.float32(-np.inf)
+    t0 = s * chunk
+    t1 = min(n_keys, t0 + chunk, n_q + causal_offset)  # no row sees a key past n_q-1+offset
+    u32 = np.zeros(1, np.uint32)
+    f32 = u32.view(np.float32)
+    idx = np.empty(dmax, np.uint8)
+    kvt = np.empty((dmax, TILE), np.float32)
+    vv = np.empty(dmax, np.float32)
+    sc = np.empty((n_rows, TILE), np.float32)
+    acc0 = acc0_out[bh, s]
+    acc1 = acc1_out[bh, s]
+    m = max_out[bh, s]
+    lsum = sum_out[bh, s]
+    for r in range(n_rows):
+        m[r] = neg_inf
+        lsum[r] = 0.0
+        for k in range(dv0):
+            acc0[r, k] = 0.0
+        for k in range(dv1):
+            acc1[r, k] = 0.0
+    for j0 in range(t0, t1, TILE):
+        j1 = min(t1, j0 + TILE)
+        nt = j1 - j0
+        for r in range(n_rows):
+            for jj in range(nt):
+                sc[r, jj] = 0.0
+        _key_tile(q0, qs0, kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0, bh, j0, j1,
+                  idx, vv, kvt, u32, f32, sc)
+        if dk1 > 0:
+            _key_tile(q1, qs1, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1, bh, j0, j1,
+                      idx, vv, kvt, u32, f32, sc)
+        # causal mask, then the online-softmax step of this tile
+        for r in range(n_rows):
+            limit = r % n_q + causal_offset
+            mt = neg_inf
+            for jj in range(nt):
+                if j0 + jj > limit:
+                    sc[r, jj] = neg_inf
+                elif sc[r, jj] > mt:
+                    mt = sc[r, jj]
+            if mt == neg_inf:
+                for jj in range(nt):
+                    sc[r, jj] = 0.0
+                continue
+            if mt > m[r]:
+                alpha = np.float32(math.exp(m[r] - mt))
+                lsum[r] *= alpha
+                for k in range(dv0):
+                    acc0[r, k] *= alpha
+                for k in range(dv1):
+                    acc1[r, k] *= alpha
+                m[r] = mt
+            mr = m[r]
+            tot = np.float32(0.0)
+            for jj in range(nt):
+                p = np.float32(math.exp(sc[r, jj] - mr))
+                sc[r, jj] = p
+                tot += p
+            lsum[r] += tot
+        _value_tile(vc0, vn0, vcent0, vbits0, bh, j0, j1, idx, vv, u32, f32, sc, acc0)
+        if dv1 > 0:
+            _value_tile(vc1, vn1, vcent1, vbits1, bh, j0, j1, idx, vv, u32, f32, sc, acc1)
+
+
+@jit
+def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1,
                      kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
                      kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                      vc0, vn0, vcent0, vbits0,
                      vc1, vn1, vcent1, vbits1,
                      n_keys, n_q, causal_offset, chunk,
                      acc0_out, acc1_out, max_out, sum_out):
-    """Split-K fused attention over packed keys/values; see the module docstring."""
-    n_bh, n_split, n_rows, dv0 = acc0_out.shape
-    dv1 = acc1_out.shape[3]
-    dk0 = q0.shape[2]
-    dk1 = q1.shape[2]
-    dmax = max(dk0, dk1, dv0, dv1)
-    last_visible = n_q - 1 + causal_offset  # no row sees a key beyond this one
-    neg_inf = np.float32(-np.inf)
-    for task in prange(n_bh * n_split):
+    """Split-K fused attention over packed keys/values; see the module docstring.
+
+    Runs the (batch·KV head, split) tasks ``task_lo .. task_hi - 1`` (task = bh·S + s);
+    each writes its partial ``acc*_out[bh, s]``, ``max_out[bh, s]``, ``sum_out[bh, s]``.
+    Compiled ``nogil``: the backend wrapper runs disjoint task ranges on several threads
+    (cheaper to compile than a ``prange`` around this body, which Numba compiles twice).
+    """
+    n_split = acc0_out.shape[1]
+    for task in range(task_lo, task_hi):
         bh = task // n_split
-        s = task - bh * n_split
-        t0 = s * chunk
-        t1 = min(n_keys, t0 + chunk, last_visible + 1)
-        u32 = np.zeros(1, np.uint32)
-        f32 = u32.view(np.float32)
-        idx = np.empty(dmax, np.uint8)
-        kvt = np.empty((dmax, TILE), np.float32)
-        vv = np.empty(dmax, np.float32)
-        sc = np.empty((n_rows, TILE), np.float32)
-        acc0 = np.zeros((n_rows, dv0), np.float32)
-        acc1 = np.zeros((n_rows, dv1), np.float32)
-        m = np.full(n_rows, neg_inf, np.float32)
-        lsum = np.zeros(n_rows, np.float32)
-        for j0 in range(t0, t1, TILE):
-            j1 = min(t1, j0 + TILE)
-            nt = j1 - j0
-            sc[:, :nt] = 0.0
-            _key_tile(q0, qs0, kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0, bh, j0, j1,
-                      idx, kvt, u32, f32, sc)
-            if dk1 > 0:
-                _key_tile(q1, qs1, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1, bh, j0, j1,
-                          idx, kvt, u32, f32, sc)
-            # causal mask, then the online-softmax step of this tile
-            for r in range(n_rows):
-                limit = r % n_q + causal_offset
-                mt = neg_inf
-                for jj in range(nt):
-                    if j0 + jj > limit:
-                        sc[r, jj] = neg_inf
-                    elif sc[r, jj] > mt:
-                        mt = sc[r, jj]
-                if mt == neg_inf:
-                    sc[r, :nt] = 0.0
-                    continue
-                if mt > m[r]:
-                    alpha = np.float32(math.exp(m[r] - mt))
-                    lsum[r] *= alpha
-                    for k in range(dv0):
-                        acc0[r, k] *= alpha
-                    for k in range(dv1):
-                        acc1[r, k] *= alpha
-                    m[r] = mt
-                mr = m[r]
-                tot = np.float32(0.0)
-                for jj in range(nt):
-                    p = np.float32(math.exp(sc[r, jj] - mr))
-                    sc[r, jj] = p
-                    tot += p
-                lsum[r] += tot
-            _value_tile(vc0, vn0, vcent0, vbits0, bh, j0, j1, idx, vv, u32, f32, sc, acc0)
-            if dv1 > 0:
-                _value_tile(vc1, vn1, vcent1, vbits1, bh, j0, j1, idx, vv, u32, f32, sc, acc1)
-        acc0_out[bh, s] = acc0
-        acc1_out[bh, s] = acc1
-        max_out[bh, s] = m
-        sum_out[bh, s] = lsum
+        _split_task(bh, task - bh * n_split, q0, q1, qs0, qs1,
+                    kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
+                    kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
+                    vc0, vn0, vcent0, vbits0,
+                    vc1, vn1, vcent1, vbits1,
+                    n_keys, n_q, causal_offset, chunk,
+                    acc0_out, acc1_out, max_out, sum_out)

@@ -27,9 +27,17 @@ from .rotate import hadamard_row, rotor_row
 
 @jit
 def encode_value(y, boundaries):
-    """Code of ``y``: the number of boundaries ``<= y`` (binary search)."""
-    lo = 0
+    """Code of ``y``: the number of boundaries ``<= y``.
+
+    A branch-free compare chain up to 4 bits, a binary search above.
+    """
     hi = boundaries.shape[0]
+    if hi <= 15:
+        count = 0
+        for i in range(hi):
+            count += y >= boundaries[i]
+        return count
+    lo = 0
     while lo < hi:
         mid = (lo + hi) >> 1
         if y >= boundaries[mid]:

@@ -1,0 +1,54 @@
+"""Orthonormal fast Walsh–Hadamard transform in shared memory, the twin of :mod:`rotorq.cpu.wht`.
+
+The butterflies run stage by stage (h = 1, 2, 4, …) exactly as on the CPU, so every output
+is the same sequence of float32 additions: results are bit-identical to the CPU's.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda
+
+from ._jit import device, kernel
+from ._threads import row_scratch, row_thread
+
+
+@device
+def fwht_row(buf, lane, lanes):
+    """In-place orthonormal WHT of the shared row ``buf`` (length a power of two).
+
+    Lanes split the butterflies of each stage. Block barriers: every row of the block must
+    have the same length.
+    """
+    n = buf.shape[0]
+    cuda.syncthreads()
+    h = 1
+    while h < n:
+        for p in range(lane, n >> 1, lanes):
+            j = ((p & ~(h - 1)) << 1) | (p & (h - 1))
+            a = buf[j]
+            b = buf[j + h]
+            buf[j] = a + b
+            buf[j + h] = a - b
+        cuda.syncthreads()
+        h <<= 1
+    scale = np.float32(1.0 / math.sqrt(n))
+    for j in range(lane, n, lanes):
+        buf[j] *= scale
+    cuda.syncthreads()
+
+
+@kernel
+def wht(x, out):
+    """``out[r] = H x[r]`` for every row; ``x`` (n, D) float16/32/64, D a power of two.
+
+    ``out`` (n, D) of any float dtype (float32 for CPU parity). Row kernel.
+    """
+    lane, lanes, r, rr, active = row_thread(x.shape[0])
+    _, buf, _ = row_scratch(x.shape[1])
+    for j in range(lane, buf.shape[0], lanes):
+        buf[j] = np.float32(x[rr, j])
+    fwht_row(buf, lane, lanes)
+    if active:
+        for j in range(lane, buf.shape[0], lanes):
+            out[r, j] = buf[j]
