@@ -29,8 +29,8 @@ def geometric_product(a, b):
     >>> import numpy as np
     >>> from rotorq import clifford
     >>> e1 = np.eye(8)[1]; e2 = np.eye(8)[2]
-    >>> clifford.geometric_product(e1, e2)[4]   # e1 e2 = e12
-    1.0
+    >>> clifford.geometric_product(e1, e2).tolist()   # e1 e2 = e12
+    [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
     """
     a = _as_multivector(a, "a")
     b = _as_multivector(b, "b")
