@@ -14,4 +14,4 @@ from .turboquant import TurboQuant
 
 __version__ = "0.1.0"
 
-__all__ = ["KVCache", "QJL", "QuantizedVectors", "TurboQuant", "clifford", "load", "lloyd_max", "wht"]
+__all__ = ["QJL", "KVCache", "QuantizedVectors", "TurboQuant", "clifford", "lloyd_max", "load", "wht"]

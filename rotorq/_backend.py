@@ -77,5 +77,13 @@ def batch_maps(q_batch, k_batch, q_name="queries", k_name="codes"):
     return shape, qmap.astype(np.int64), kmap.astype(np.int64)
 
 
-__all__ = ["Origin", "common_origin", "float_array", "get", "require_finite", "to_framework",
-           "batch_maps", "view"]
+__all__ = [
+    "Origin",
+    "batch_maps",
+    "common_origin",
+    "float_array",
+    "get",
+    "require_finite",
+    "to_framework",
+    "view",
+]

@@ -44,7 +44,7 @@ def _beta_cells(edges, dim):
     return np.diff(cdf), np.diff(antideriv)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lloyd_max_cached(bits: int, dim: int | None, distribution: str):
     levels = 1 << bits
     if distribution == "gaussian":

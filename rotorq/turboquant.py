@@ -135,7 +135,7 @@ class TurboQuant:
                 "norm_dtype": self.norm_dtype}
 
     @classmethod
-    def from_config(cls, config: dict) -> "TurboQuant":
+    def from_config(cls, config: dict) -> TurboQuant:
         """Rebuild the quantizer that produced codes with ``config``."""
         cfg = dict(config)
         if cfg.pop("method", cls.method) != cls.method:

@@ -38,7 +38,8 @@ def assert_codes_match_reference(tq, x, qv):
     if tq.mode == "prod":
         # Signs of the sketch may flip only where the projection is tiny.
         assert np.mean(got["signs"] != ref["signs"]) < 5e-3
-        np.testing.assert_allclose(got["qjl_norms"], ref["qjl_norms"], rtol=2e-3, atol=1e-3 * ref["norms"].max())
+        np.testing.assert_allclose(got["qjl_norms"], ref["qjl_norms"], rtol=2e-3,
+                                   atol=1e-3 * ref["norms"].max())
     return int(bad[0].size)
 
 

@@ -1,12 +1,12 @@
 """Property tests over shapes, dims, bits, modes and rotations."""
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import rotorq
-from rotorq import reference
-
 from helpers import assert_codes_match_reference, expected_nbytes, kernel_encoding
+from rotorq import reference
 
 DIMS = [1, 3, 50, 64, 80, 96, 128, 200, 256]
 

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 import rotorq
-from rotorq import reference
-
 from conftest import outlier_vectors, unit_vectors
 from helpers import assert_codes_match_reference, expected_nbytes, kernel_encoding
+from rotorq import reference
 
 ROTATIONS = ["hadamard", "dense", "rotor"]
 # MATH.md §2: per-vector MSE of unit vectors at d = 128 (exact sphere-coordinate law;

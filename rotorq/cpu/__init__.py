@@ -9,8 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from . import bits, dequantize as _dq, qjl as _qjl, quantize as _q, rotate as _rot, scores as _sc
-from . import attention as _att, wht as _wht
+from . import attention as _att
+from . import bits
+from . import dequantize as _dq
+from . import qjl as _qjl
+from . import quantize as _q
+from . import rotate as _rot
+from . import scores as _sc
+from . import rotor as _rotor, wht as _wht
 
 xp = np
 name = "cpu"
@@ -243,3 +249,12 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
     l_sum = (w * sm).sum(axis=1)
     accs = [np.einsum("bsr,bsrd->brd", w, a) for a in (acc0, acc1)[:len(values)]]
     return accs, m, l_sum
+
+
+def rotor_roundtrip(x, rot, boundaries, centroids, norm_correction):
+    """Rotor-quantized reconstructions (n, d) float32 of rows ``x``, in one fused pass."""
+    x = _rows(x)
+    out = np.empty((x.shape[0], rot.dim), np.float32)
+    _rotor.rotor_roundtrip(x, rot.params(np)["mats"], boundaries, centroids, norm_correction,
+                           out)
+    return out

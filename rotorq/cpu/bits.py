@@ -6,7 +6,7 @@ byte row, so 3-bit codes cross byte boundaries; each row is padded to whole byte
 
 import numpy as np
 
-from ._jit import jit, jit_parallel, prange, ROWS_PER_TASK
+from ._jit import ROWS_PER_TASK, jit, jit_parallel, prange
 
 
 @jit

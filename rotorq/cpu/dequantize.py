@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ._jit import jit, jit_parallel, prange, ROWS_PER_TASK
+from ._jit import ROWS_PER_TASK, jit, jit_parallel, prange
 from .bits import unpack_row
 from .rotate import unhadamard_row, unrotor_row
 

@@ -7,7 +7,7 @@ so the quantizer can normalize on the way.
 
 import numpy as np
 
-from ._jit import jit, jit_parallel, prange, ROWS_PER_TASK
+from ._jit import ROWS_PER_TASK, jit, jit_parallel, prange
 from .wht import fwht_row
 
 

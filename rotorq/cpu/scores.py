@@ -7,7 +7,7 @@ with key batch ``kmap[b]`` (GQA maps several query heads to one key head this wa
 
 import numpy as np
 
-from ._jit import jit, jit_parallel, prange, ROWS_PER_TASK
+from ._jit import ROWS_PER_TASK, jit, jit_parallel, prange
 from .bits import unpack_row
 from .qjl import sign_dot
 

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from ._jit import jit, jit_parallel, prange, ROWS_PER_TASK
+from ._jit import ROWS_PER_TASK, jit, jit_parallel, prange
 
 
 @jit
