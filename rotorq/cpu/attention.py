@@ -87,22 +87,34 @@ def half_to_float(bits16, u32, f32):
 
 
 @jit
+def _decode_groups(row, bits, count, centroids, scale, out):
+    mask = np.uint64((1 << bits) - 1)
+    for g in range(count >> 3):
+        w = np.uint64(0)
+        base = g * bits
+        for b in range(bits):
+            w |= np.uint64(row[base + b]) << np.uint64(8 * b)
+        for c in range(8):
+            out[8 * g + c] = scale * centroids[(w >> np.uint64(c * bits)) & mask]
+
+
+@jit
 def decode_row(row, bits, count, centroids, scale, idx, out):
     """``out[k] = scale · centroids[code k of row]`` for ``k < count``.
 
     Eight codes span exactly ``bits`` bytes, so when ``count`` is a multiple of 8 the codes
-    are cut from one 64-bit word per group (3× faster than code-by-code); otherwise this is
-    :func:`rotorq.cpu.bits.unpack_row` followed by the centroid gather.
+    are cut from one 64-bit word per group, with the common widths compiled as constants;
+    otherwise this is :func:`rotorq.cpu.bits.unpack_row` followed by the centroid gather.
     """
     if count & 7 == 0:
-        mask = np.uint64((1 << bits) - 1)
-        for g in range(count >> 3):
-            w = np.uint64(0)
-            base = g * bits
-            for b in range(bits):
-                w |= np.uint64(row[base + b]) << np.uint64(8 * b)
-            for c in range(8):
-                out[8 * g + c] = scale * centroids[(w >> np.uint64(c * bits)) & mask]
+        if bits == 4:
+            _decode_groups(row, 4, count, centroids, scale, out)
+        elif bits == 3:
+            _decode_groups(row, 3, count, centroids, scale, out)
+        elif bits == 2:
+            _decode_groups(row, 2, count, centroids, scale, out)
+        else:
+            _decode_groups(row, bits, count, centroids, scale, out)
     else:
         unpack_row(row, bits, count, idx)
         for k in range(count):

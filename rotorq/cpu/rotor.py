@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ._jit import jit_parallel, prange, ROWS_PER_TASK
+from ._jit import ROWS_PER_TASK, jit_parallel, prange
 from .quantize import encode_value, row_norm
 from .rotate import rotor_row, unrotor_row
 

@@ -6,6 +6,7 @@ of the rare, documented code flips at rounding boundaries.
 """
 
 import numba
+import numpy as np
 from numba import config, cuda, types
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -32,7 +33,7 @@ def kernel_signature(args):
     for a in args:
         if hasattr(a, "ndim") and hasattr(a, "dtype") and a.ndim > 0:
             sig.append(types.Array(numba.from_dtype(a.dtype), a.ndim, "C"))
-        elif isinstance(a, float) or getattr(a, "dtype", None) is not None and a.dtype.kind == "f":
+        elif isinstance(a, (float, np.floating)):
             sig.append(types.float64)
         else:
             sig.append(types.int64)

@@ -12,7 +12,7 @@ key tile) pairs and ``blockIdx.y`` chunks of at most :data:`MAX_QUERIES` query r
 in shared memory once per block.
 """
 
-import numpy as np
+import numba
 from numba import cuda
 
 from ._jit import device
@@ -44,9 +44,9 @@ def row_scratch(width):
     lanes = cuda.blockDim.x
     rows = cuda.blockDim.y
     t = cuda.threadIdx.y
-    f64 = cuda.shared.array(0, np.float64)
-    f32 = cuda.shared.array(0, np.float32)
-    u8 = cuda.shared.array(0, np.uint8)
+    f64 = cuda.shared.array(0, numba.float64)
+    f32 = cuda.shared.array(0, numba.float32)
+    u8 = cuda.shared.array(0, numba.uint8)
     red = f64[t * lanes:(t + 1) * lanes]
     o32 = 2 * rows * lanes + t * width
     o8 = 8 * rows * lanes + 4 * rows * width + t * width

@@ -1,0 +1,205 @@
+"""GPU timings of rotorq's CUDA kernels against cupy/torch baselines measured in the same run.
+
+N = 2^10 … 2^22 vectors of d = 128, 3 bits: fused quantize (hadamard, rotor, dense) of fp16
+input, scores against packed keys (1 query, a GQA group of 8), the standalone WHT-128
+(fp16 in/out); baselines: device-to-device copy, torch fp16 ``q @ Kᵀ``, and the plain torch
+quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
+back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
+trials, inputs rotated among buffers that together exceed L2. Effective TB/s = bytes the
+operation must move / time. Also measures host overhead per call at small N.
+
+Usage: ``python benchmarks/gpu_bench.py [--out DIR] [--max-log2n 22]``; writes
+``gpu_bench.json`` and ``gpu_bench.md`` to DIR (default ``$OUT`` or ``.``).
+"""
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import time
+
+import cupy as cp
+import numpy as np
+import torch
+
+import rotorq
+
+api = importlib.import_module("rotorq.cuda.api")
+launch_mod = importlib.import_module("rotorq.cuda._launch")
+wht_mod = importlib.import_module("rotorq.cuda.wht")
+
+D, BITS = 128, 3
+L2_BYTES = 50 << 20
+
+
+def device_time(fn, bufs, reps, trials=5):
+    """Median seconds per call of ``fn(buf)`` cycling over ``bufs``, by CUDA events."""
+    for b in bufs[:3]:
+        fn(b)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(trials):
+        start.record()
+        for i in range(reps):
+            fn(bufs[i % len(bufs)])
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def host_time(fn, reps=2000):
+    """Median wall seconds per call (host overhead bound at tiny sizes), synchronized."""
+    fn()
+    cp.cuda.runtime.deviceSynchronize()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        cp.cuda.runtime.deviceSynchronize()
+        times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times)
+
+
+def buffers(make, nbytes):
+    """Enough independent inputs that cycling through them streams from HBM, not L2."""
+    return [make() for _ in range(max(1, min(32, -(-2 * L2_BYTES // max(nbytes, 1)))))]
+
+
+def bench(max_log2n):
+    rng = np.random.default_rng(0)
+    tqs = {r: rotorq.TurboQuant(D, BITS, rotation=r) for r in ("hadamard", "rotor", "dense")}
+    tq = tqs["hadamard"]
+    k = tq._consts(cp)
+    rows = []
+
+    def add(op, n, seconds, nbytes, note=""):
+        rows.append({"op": op, "N": n, "us": seconds * 1e6, "bytes": nbytes,
+                     "TBps": nbytes / seconds / 1e12, "note": note})
+
+    for log2n in range(10, max_log2n + 1, 2):
+        n = 1 << log2n
+        reps = max(3, min(200, (1 << 24) // n))
+        x16 = lambda: cp.asarray(rng.standard_normal((n, D)), dtype=cp.float16)  # noqa: E731
+        xs = buffers(x16, n * D * 2)
+        # --- quantize ---------------------------------------------------------------
+        for r, t in tqs.items():
+            kk = t._consts(cp)
+            secs = device_time(lambda x: api.quantize(x, t.rotation, kk["boundaries"],
+                                                      kk["centroids"], BITS, False, None),
+                               xs, reps)
+            add(f"quantize {r} fp16", n, secs, n * (2 * D + D * BITS // 8 + 2))
+        pi = torch.as_tensor(tqs["dense"].rotation.q, dtype=torch.float32, device="cuda")
+        bnd = torch.as_tensor(tq.boundaries, device="cuda")
+        tx = [torch.from_dlpack(x) for x in xs]
+
+        def torch_quantize(x):
+            y = x.float() @ pi.T
+            nrm = y.norm(dim=1, keepdim=True)
+            return torch.bucketize(y / nrm, bnd).to(torch.uint8), nrm.half()
+        secs = device_time(torch_quantize, tx, reps)
+        add("torch quantize (matmul+bucketize)", n, secs, n * (2 * D + D + 2),
+            "baseline: uint8 codes")
+        secs = device_time(lambda x: x.copy(), xs, reps)
+        add("cupy copy fp16 (D2D)", n, secs, n * 4 * D, "baseline: bandwidth")
+        # --- scores -----------------------------------------------------------------
+        qv = [api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS, False, None)
+              for x in xs]
+        keys = [(c.reshape(1, n, -1), nr.reshape(1, n)) for c, nr, _, _ in qv]
+        zero = cp.zeros(1, cp.int64)
+        for heads in (1, 8):
+            qrot = api.rotate(cp.asarray(rng.standard_normal((heads, D)), cp.float32),
+                              tq.rotation).reshape(1, heads, D)
+            secs = device_time(lambda kn: api.scores(qrot, None, zero, kn[0], kn[1], None,
+                                                     None, zero, k["centroids"], BITS, 0.0),
+                               keys, reps)
+            add(f"scores 3-bit, {heads} quer{'y' if heads == 1 else 'ies'}", n, secs,
+                n * (D * BITS // 8 + 4 + 4 * heads))
+            tq16 = torch.as_tensor(rng.standard_normal((heads, D)), dtype=torch.float16,
+                                   device="cuda")
+            secs = device_time(lambda kk16: tq16 @ kk16.T, tx, reps)
+            add(f"torch fp16 q@K.T, {heads} quer{'y' if heads == 1 else 'ies'}", n, secs,
+                n * (2 * D + 2 * heads), "baseline")
+        # --- WHT --------------------------------------------------------------------
+        outs = [cp.empty_like(x) for x in xs]
+
+        def wht16(i_x):
+            api._row_launch(wht_mod.wht, n, D, (i_x[0], i_x[1]))
+        secs = device_time(wht16, list(zip(xs, outs)), reps)
+        add("WHT-128 fp16 -> fp16", n, secs, n * 4 * D)
+        secs = device_time(api.wht, xs, reps)
+        add("WHT-128 fp16 -> fp32 (rotorq.wht)", n, secs, n * 6 * D)
+        del xs, tx, qv, keys, outs
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def overheads():
+    """Host wall time per call at tiny sizes: launch routes, backend and public API."""
+    tq = rotorq.TurboQuant(D, BITS)
+    k = tq._consts(cp)
+    x = cp.asarray(np.random.default_rng(1).standard_normal((1024, D)), cp.float16)
+    codes, norms, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS,
+                                      False, None)
+    qv = tq.quantize(x)
+    q = cp.asarray(np.random.default_rng(2).standard_normal((1, D)), cp.float32)
+    qrot = api.rotate(q, tq.rotation).reshape(1, 1, D)
+    zero = cp.zeros(1, cp.int64)
+    keys = (codes.reshape(1, 1024, -1), norms.reshape(1, 1024))
+    out = {}
+    for route in ("ptx", "numba"):
+        launch_mod.ROUTE = route
+        out[f"backend scores, 1 query x 1024 keys ({route} launch)"] = host_time(
+            lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"],
+                               BITS, 0.0))
+        out[f"backend quantize 1024 x 128 fp16 ({route} launch)"] = host_time(
+            lambda: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS, False,
+                                 None))
+    launch_mod.ROUTE = "ptx"
+    out["public TurboQuant.scores(q, 1024 keys)"] = host_time(lambda: tq.scores(q, qv), 500)
+    out["public TurboQuant.quantize(1024 x 128)"] = host_time(lambda: tq.quantize(x), 500)
+    out["reference: cupy elementwise x + 1"] = host_time(lambda: x + 1)
+    tx = torch.from_dlpack(x)
+    out["reference: torch add"] = host_time(lambda: tx + 1)
+    return {k_: v * 1e6 for k_, v in out.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--max-log2n", type=int, default=22)
+    args = ap.parse_args()
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    meta = {"card": props["name"].decode(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "cupy": cp.__version__, "torch": torch.__version__,
+            "numba": importlib.import_module("numba").__version__,
+            "numba_cuda": importlib.metadata.version("numba-cuda"),
+            "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(),
+            "driver": cp.cuda.runtime.driverGetVersion(), "d": D, "bits": BITS}
+    t0 = time.perf_counter()
+    over = overheads()
+    rows = bench(args.max_log2n)
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "overhead_us": over}, f, indent=1)
+    lines = [f"# rotorq GPU benchmark — {meta['card']}, {meta['date']}", "",
+             ", ".join(f"{k_} {v}" for k_, v in meta.items() if k_ not in ("card", "date")), "",
+             "| op | N | µs | bytes/vec | TB/s | note |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['op']} | 2^{r['N'].bit_length() - 1} | {r['us']:.1f} | "
+              f"{r['bytes'] // r['N']} | {r['TBps']:.2f} | {r['note']} |" for r in rows]
+    lines += ["", "| host overhead per call (small sizes) | µs |", "|---|---|"]
+    lines += [f"| {k_} | {v:.1f} |" for k_, v in over.items()]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

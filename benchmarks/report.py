@@ -1,0 +1,204 @@
+"""Shared helpers of the benchmark scripts: progress lines, timing, tables, RESULTS.md.
+
+``benchmarks/RESULTS.md`` is shared by several scripts (the CPU suite, the GPU suite…).
+Each owns named sections delimited by HTML comments::
+
+    <!-- BEGIN cpu:fidelity -->
+    ...
+    <!-- END cpu:fidelity -->
+
+:func:`write_sections` replaces only the sections it is given and keeps everything else
+in the file, so a rerun of one suite leaves the others' results in place.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+PLOTS = Path(__file__).resolve().parent / "plots"
+_TITLE = "# rotorq benchmark results\n"
+
+
+class Progress:
+    """Print timestamped progress lines (flushed at once, so long runs show where they are).
+
+    Parameters
+    ----------
+    stream : file-like, optional
+        Where to print; default ``sys.stderr``.
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        """Print ``message`` prefixed with the seconds elapsed since construction."""
+        elapsed = time.perf_counter() - self.start
+        print(f"[{elapsed:7.1f} s] {message}", file=self.stream, flush=True)
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
+
+    Parameters
+    ----------
+    fn : callable
+        Called without arguments.
+    repeats : int
+        Timed runs.
+    warmup : int, default 1
+        Untimed runs first (JIT compilation, caches, page faults).
+
+    Returns
+    -------
+    float
+        Median seconds per call.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def markdown_table(header, rows, align=None) -> str:
+    """Format a GitHub markdown table.
+
+    Parameters
+    ----------
+    header : sequence of str
+        Column titles.
+    rows : iterable of sequences
+        Cells; each is converted with ``str``.
+    align : str, optional
+        One character per column, ``"l"`` or ``"r"``; default: first column left, the
+        others right.
+
+    Returns
+    -------
+    str
+        The table, ending with a newline.
+    """
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return f"{int(line.split()[1]) / 2**20:.0f} GiB"
+    except OSError:
+        pass
+    return "?"
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment(packages=("rotorq", "numpy", "numba", "scipy", "torch", "faiss-cpu",
+                          "matplotlib")) -> dict:
+    """Machine, package versions and date, for the header of a results section.
+
+    Parameters
+    ----------
+    packages : sequence of str
+        Distribution names whose versions are listed.
+
+    Returns
+    -------
+    dict
+        ``machine``, ``cpu``, ``cores``, ``memory``, ``python``, ``versions`` (dict) and
+        ``date`` (UTC, ISO 8601).
+    """
+    return {
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "memory": _memory_gib(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in packages},
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def environment_markdown(env: dict) -> str:
+    """Render :func:`environment` as a short bullet list."""
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return (f"- date: {env['date']}\n"
+            f"- machine: {env['machine']}, {env['cpu']}, {env['cores']} cores, "
+            f"{env['memory']}\n"
+            f"- python {env['python']}; {versions}\n")
+
+
+def _markers(key: str) -> tuple[str, str]:
+    return f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
+
+
+def write_sections(sections: dict[str, str], path: Path = RESULTS) -> Path:
+    """Replace (or append) the named sections of a results file, keeping all others.
+
+    Parameters
+    ----------
+    sections : dict of str to str
+        Section key (e.g. ``"cpu:fidelity"``) → markdown body.  New keys are appended
+        in the given order.
+    path : pathlib.Path, optional
+        The results file; default ``benchmarks/RESULTS.md``.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "R.md"
+    >>> _ = write_sections({"gpu:x": "gpu table\\n", "cpu:a": "old\\n"}, p)
+    >>> _ = write_sections({"cpu:a": "new\\n"}, p)
+    >>> text = p.read_text()
+    >>> "gpu table" in text, "new" in text, "old" in text
+    (True, True, False)
+    """
+    text = path.read_text(encoding="utf-8") if path.is_file() else _TITLE
+    for key, body in sections.items():
+        begin, end = _markers(key)
+        block = f"{begin}\n{body.rstrip()}\n{end}"
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        if pattern.search(text):
+            text = pattern.sub(lambda _: block, text, count=1)
+        else:
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,32 @@
+"""CUDA backend: Numba ``@cuda.jit`` kernels behind the same functions as :mod:`rotorq.cpu`.
+
+The kernel modules mirror :mod:`rotorq.cpu` module by module and function by function
+(``bits``, ``wht``, ``rotate``, ``quantize``, ``dequantize``, ``scores``, ``qjl``, ``rotor``); the
+backend functions (defined in :mod:`rotorq.cuda.api`, re-exported here) take cupy arrays and
+launch the kernels on the caller's current stream. Importing this package imports cupy and
+numba.cuda, which is why :mod:`rotorq` imports it only when a GPU array arrives.
+
+Without cupy, or under the Numba simulator (``NUMBA_ENABLE_CUDASIM=1``), only the kernel
+modules are usable (tests: simulator runs, PTX compilation); asking for a backend function
+then raises ``ImportError``.
+"""
+
+from numba import config as _config
+
+_UNAVAILABLE = None
+if _config.ENABLE_CUDASIM:
+    _UNAVAILABLE = "the Numba CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1)"
+else:
+    try:
+        from .api import *  # noqa: F403
+        from .api import __all__  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name != "cupy":
+            raise
+        _UNAVAILABLE = "cupy is not installed"
+
+if _UNAVAILABLE:
+    def __getattr__(attr):
+        raise ImportError(f"rotorq.cuda.{attr}: the CUDA backend is unavailable "
+                          f"({_UNAVAILABLE}); install it with pip install 'rotorq[cuda13]' "
+                          "(or [cuda12])")

@@ -1,0 +1,132 @@
+"""Kernel launches with low host overhead, on the caller's current stream.
+
+Each kernel is compiled by Numba once per argument signature and device
+(:func:`numba.cuda.compile_ptx`, types from :func:`rotorq.cuda._jit.kernel_signature`). The PTX
+is loaded with the CUDA driver through cupy and launched with a single packed parameter
+buffer (``CU_LAUNCH_PARAM_BUFFER_POINTER``), skipping Numba's generic dispatcher, which costs
+25–190 µs per launch on an H100 (PERFORMANCE.md). Set ``ROTORQ_CUDA_LAUNCH=numba`` to launch
+through Numba's dispatcher instead (slower; a cross-check).
+
+Numba's kernel ABI flattens a C-contiguous array argument into
+``(meminfo, parent, nitems, itemsize, data, shape…, strides…)``, all 64-bit; scalars travel
+as int64 or float64. :func:`_compile` checks the PTX parameter list against that layout.
+"""
+
+import os
+import re
+import sys
+import threading
+
+import cupy as cp
+import numpy as np
+from cupy.cuda import driver
+from numba import cuda, types
+
+from ._jit import kernel_signature
+
+ROUTE = os.environ.get("ROTORQ_CUDA_LAUNCH", "ptx")
+if ROUTE not in ("ptx", "numba"):
+    raise ValueError(f"ROTORQ_CUDA_LAUNCH must be 'ptx' or 'numba', got {ROUTE!r}")
+
+SHARED_LIMIT = 48 * 1024
+"""Dynamic shared memory a block may use without opting in to more."""
+
+_ENTRY = re.compile(r"\.entry\s+([\w$]+)\s*\(([^)]*)\)", re.S)
+_PARAM = re.compile(r"\.param\s+\.(\w+)\s")
+_PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
+
+_functions: dict = {}
+_streams: dict = {}
+_lock = threading.Lock()
+
+
+def current_stream(device_id):
+    """The stream to issue work on: cupy's current stream, unless it is the legacy default
+    stream while torch has made another stream current on that device — then torch's."""
+    stream = cp.cuda.get_current_stream()
+    if stream.ptr == 0:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():
+            ptr = torch.cuda.current_stream(device_id).cuda_stream
+            if ptr:
+                key = (device_id, ptr)
+                if key not in _streams:
+                    _streams[key] = cp.cuda.ExternalStream(ptr, device_id)
+                return _streams[key]
+    return stream
+
+
+def _type_key(args):
+    return tuple((a.dtype.char, a.ndim) if type(a) is cp.ndarray else isinstance(a, float)
+                 for a in args)
+
+
+def _compile(kern, args, device_id):
+    sig = kernel_signature(args)
+    major, minor = divmod(int(cp.cuda.Device(device_id).compute_capability), 10)
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(major, minor))
+    entry = _ENTRY.search(ptx)
+    params = _PARAM.findall(entry.group(2))
+    expected = sum(5 + 2 * t.ndim if isinstance(t, types.Array) else 1 for t in sig)
+    if len(params) != expected or any(p[1:] != "64" for p in params):
+        raise RuntimeError(
+            f"{kern.__name__}: unexpected PTX parameters {params} for {sig}; "
+            "set ROTORQ_CUDA_LAUNCH=numba")
+    with cp.cuda.Device(device_id):
+        module = driver.moduleLoadData(ptx.encode() + b"\0")
+        return module, driver.moduleGetFunction(module, entry.group(1))
+
+
+def _pack(args):
+    """Parameter buffer followed by its size and the driver's ``extra`` list (int64)."""
+    vals = []
+    for a in args:
+        if type(a) is cp.ndarray:
+            vals += (0, 0, a.size, a.itemsize, a.data.ptr)
+            vals += a.shape
+            vals += a.strides
+        elif isinstance(a, float):
+            vals.append(int(np.float64(a).view(np.int64)))
+        else:
+            vals.append(int(a))
+    k = len(vals)
+    mem = np.empty(k + 6, np.int64)
+    mem[:k] = vals
+    base = mem.ctypes.data
+    mem[k:] = (8 * k, _PARAM_BUFFER_POINTER, base, _PARAM_BUFFER_SIZE, base + 8 * k, _PARAM_END)
+    return mem, base + 8 * (k + 1)
+
+
+def launch(kern, grid, block, shared, args):
+    """Launch the Numba kernel ``kern`` on cupy's current device and stream.
+
+    Parameters
+    ----------
+    kern : numba.cuda dispatcher
+        A ``@cuda.jit`` kernel of :mod:`rotorq.cuda`.
+    grid, block : tuple of int
+        ``(x, y)`` grid and block dimensions.
+    shared : int
+        Dynamic shared memory in bytes.
+    args : tuple
+        C-contiguous cupy arrays, ints (bools included) and floats.
+    """
+    stream = cp.cuda.get_current_stream()
+    if ROUTE == "numba":
+        ptr = stream.ptr
+        if ptr not in _streams:
+            _streams[ptr] = cuda.external_stream(ptr) if ptr else cuda.legacy_default_stream()
+        kern[grid, block, _streams[ptr], shared](
+            *(int(a) if type(a) is bool else a for a in args))
+        return
+    device_id = cp.cuda.runtime.getDevice()
+    key = (kern, device_id, _type_key(args))
+    fn = _functions.get(key)
+    if fn is None:
+        with _lock:
+            if key not in _functions:
+                _functions[key] = _compile(kern, args, device_id)
+        fn = _functions[key]
+    mem, extra = _pack(args)  # mem holds the parameters until the driver has copied them
+    driver.launchKernel(fn[1], grid[0], grid[1], 1, block[0], block[1], 1, shared,
+                        stream.ptr, 0, extra)

@@ -1,0 +1,305 @@
+"""The CUDA backend functions: the same names, signatures and results as :mod:`rotorq.cpu`,
+on cupy arrays, computed by the ``@cuda.jit`` kernels of this package.
+
+Inputs are cupy arrays (:func:`view` turns torch tensors and other DLPack / CUDA-array-interface
+objects into cupy arrays without copying). Work runs on the input's device and on the
+caller's current stream (:func:`rotorq.cuda._launch.current_stream`); outputs are new cupy
+arrays. Kernels read float16, float32 and float64 directly; bfloat16 is widened to float32 by
+:func:`view`.
+"""
+
+import functools
+import sys
+
+import cupy as cp
+from array_api_compat import is_torch_array
+
+from . import bits as _bits
+from . import dequantize as _dq
+from . import qjl as _qjl
+from . import quantize as _q
+from . import rotate as _rot
+from . import rotor as _rotor
+from . import scores as _sc
+from . import wht as _wht
+from ._launch import SHARED_LIMIT, current_stream, launch
+from ._threads import MAX_QUERIES, row_scratch_bytes
+
+xp = cp
+name = "cuda"
+
+THREADS = 256
+"""Threads per block of row kernels."""
+KEY_THREADS = 128
+"""Threads (keys) per block of score kernels."""
+MAX_GRID_Y = 65535
+
+_FLOATS = (cp.dtype(cp.float16), cp.dtype(cp.float32), cp.dtype(cp.float64))
+_bf16_to_f32 = cp.ElementwiseKernel(
+    "uint16 h", "float32 f", "f = __uint_as_float(((unsigned int)h) << 16)",
+    "rotorq_bfloat16_to_float32")
+
+
+def view(x, name="x"):
+    """``x`` as a cupy array on its device, without copying (bfloat16: widened to float32).
+
+    Accepts cupy arrays, torch CUDA tensors, and objects with ``__dlpack__`` or
+    ``__cuda_array_interface__``.
+    """
+    if isinstance(x, cp.ndarray):
+        return x
+    if is_torch_array(x):
+        torch = sys.modules["torch"]
+        if x.requires_grad:
+            x = x.detach()
+        if x.dtype == torch.bfloat16:
+            with cp.cuda.Device(x.device.index or 0):
+                return _bf16_to_f32(cp.from_dlpack(x.view(torch.int16)).view(cp.uint16))
+        return cp.from_dlpack(x)
+    try:
+        if hasattr(x, "__dlpack__"):
+            return cp.from_dlpack(x)
+        return cp.asarray(x)
+    except (TypeError, BufferError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name}: cannot view this array as a cupy array: {exc}") from exc
+
+
+def _on_device(fn):
+    """Run a backend function on its first argument's device and the caller's stream."""
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        device = first.device
+        with device, current_stream(device.id):
+            return fn(first, *args, **kwargs)
+    return run
+
+
+def _empty(shape, dtype):
+    """Every output array is allocated here (the GPU tests poison it)."""
+    return cp.empty(shape, dtype)
+
+
+def _rows(x):
+    if x.dtype not in _FLOATS:
+        x = x.astype(cp.float32)
+    return cp.ascontiguousarray(x)
+
+
+def _c(a):
+    return cp.ascontiguousarray(a)
+
+
+def _pow2(n):
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _row_launch(kern, n, width, args, scratch=True):
+    """Launch a row kernel over ``n`` rows: lanes per row from ``width``, rows per block from
+    :data:`THREADS` and, with ``scratch``, the shared memory of ``width``-long rows."""
+    if n == 0:
+        return
+    lanes = min(32, _pow2(max(1, width // 4)))
+    rows = THREADS // lanes
+    shared = 0
+    if scratch:
+        per_row = row_scratch_bytes(lanes, 1, width)
+        if per_row > SHARED_LIMIT:
+            raise ValueError(f"{kern.__name__}: rows of {width} coordinates exceed the CUDA "
+                             f"kernels' shared-memory limit ({SHARED_LIMIT // 5} coordinates)")
+        rows = min(rows, SHARED_LIMIT // per_row)
+        shared = rows * per_row
+    launch(kern, (-(-n // rows), 1), (lanes, rows), shared, args)
+
+
+def _score_launch(kern, out, per_query, levels, args):
+    """Launch a score kernel writing ``out`` (B, M, N); ``per_query`` float32 staged per query."""
+    n_b, n_m, n_keys = out.shape
+    if out.size == 0:
+        return
+    chunk = min(MAX_QUERIES, n_m, (SHARED_LIMIT // 4 - levels) // per_query)
+    if chunk < 1:
+        raise ValueError(f"{kern.__name__}: {per_query} query coordinates exceed the CUDA "
+                         "kernels' shared-memory limit")
+    grid_y = -(-n_m // chunk)
+    if grid_y > MAX_GRID_Y:
+        raise ValueError(f"{kern.__name__}: at most {MAX_GRID_Y * chunk} query rows per call")
+    chunk = -(-n_m // grid_y)  # the kernel's own chunk (key_thread), never larger
+    tiles = -(-n_keys // KEY_THREADS)
+    launch(kern, (tiles * n_b, grid_y), (KEY_THREADS, 1), 4 * (chunk * per_query + levels),
+           args)
+
+
+@_on_device
+def rotate(x, rot):
+    """Rows ``x`` (n, d) → rotated rows (n, D) float32."""
+    x = _rows(x)
+    p = rot.params(cp)
+    if rot.kind == "dense":
+        return _c(x.astype(cp.float32, copy=False) @ p["matrix"].T)
+    out = _empty((x.shape[0], rot.stored_dim), cp.float32)
+    if rot.kind == "hadamard":
+        _row_launch(_rot.rotate_hadamard, x.shape[0], rot.stored_dim, (x, p["signs"], out))
+    else:
+        _row_launch(_rot.rotate_rotor, x.shape[0], rot.stored_dim, (x, p["mats"], out),
+                    scratch=False)
+    return out
+
+
+@_on_device
+def unrotate(y, rot):
+    """Rotated rows ``y`` (n, D) → rows (n, d) float32."""
+    y = _c(y.astype(cp.float32, copy=False))
+    p = rot.params(cp)
+    if rot.kind == "dense":
+        return _c(y @ p["matrix"])
+    out = _empty((y.shape[0], rot.dim), cp.float32)
+    if rot.kind == "hadamard":
+        _row_launch(_rot.unrotate_hadamard, y.shape[0], rot.stored_dim, (y, p["signs"], out))
+    else:
+        _row_launch(_rot.unrotate_rotor, y.shape[0], rot.stored_dim, (y, p["mats"], out),
+                    scratch=False)
+    return out
+
+
+@_on_device
+def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
+    """Fused quantization of rows ``x``; ``sketch`` (m, D) float32 or None.
+
+    Returns ``codes, norms, qjl_signs, qjl_norms`` (the last two empty without a sketch).
+    """
+    x = _rows(x)
+    n = x.shape[0]
+    big_d = rot.stored_dim
+    sk = _empty((0, 1), cp.float32) if sketch is None else _c(sketch)
+    m = sk.shape[0]
+    codes = _empty((n, (big_d * nbits + 7) // 8), cp.uint8)
+    norms = _empty(n, cp.float32)
+    signs = _empty((n, (m + 7) // 8), cp.uint8)
+    qjl_norms = _empty(n, cp.float32)
+    tail = (_c(boundaries), _c(centroids), int(nbits), int(norm_correction), sk,
+            codes, norms, signs, qjl_norms)
+    p = rot.params(cp)
+    if rot.kind == "hadamard":
+        _row_launch(_q.quantize_hadamard, n, big_d, (x, p["signs"]) + tail)
+    elif rot.kind == "rotor":
+        _row_launch(_q.quantize_rotor, n, big_d, (x, p["mats"]) + tail)
+    else:
+        _row_launch(_q.quantize_rotated, n, big_d, (rotate(x, rot),) + tail)
+    return codes, norms, signs, qjl_norms
+
+
+@_on_device
+def dequantize(codes, norms, rot, centroids, nbits):
+    """Reconstruct rows (n, d) float32 from packed codes and norms."""
+    codes, norms, centroids = _c(codes), _c(norms), _c(centroids)
+    n = codes.shape[0]
+    p = rot.params(cp)
+    if rot.kind == "dense":
+        return unrotate(dequantize_rotated(codes, norms, rot.stored_dim, centroids, nbits), rot)
+    out = _empty((n, rot.dim), cp.float32)
+    if rot.kind == "hadamard":
+        _row_launch(_dq.dequantize_hadamard, n, rot.stored_dim,
+                    (codes, norms, p["signs"], centroids, int(nbits), out))
+    else:
+        _row_launch(_dq.dequantize_rotor, n, rot.stored_dim,
+                    (codes, norms, p["mats"], centroids, int(nbits), out))
+    return out
+
+
+@_on_device
+def dequantize_rotated(codes, norms, big_d, centroids, nbits):
+    """Reconstructions in the rotated domain, (n, D) float32."""
+    codes = _c(codes)
+    out = _empty((codes.shape[0], big_d), cp.float32)
+    _row_launch(_dq.dequantize_rotated, codes.shape[0], big_d,
+                (codes, _c(norms), _c(centroids), int(nbits), out), scratch=False)
+    return out
+
+
+@_on_device
+def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits,
+           qjl_scale):
+    """Scores (B, M, N) of rotated queries (Bq, M, D) against packed keys (Bk, N, ·)."""
+    qrot = _c(qrot.astype(cp.float32, copy=False))
+    out = _empty((qmap.shape[0], qrot.shape[1], codes.shape[1]), cp.float32)
+    head = (qrot,)
+    keys = (_c(qmap), _c(codes), _c(norms))
+    tail = (_c(kmap), _c(centroids), int(nbits))
+    levels = centroids.shape[0]
+    if qsketch is None:
+        _score_launch(_sc.scores_mse, out, qrot.shape[2], levels, head + keys + tail + (out,))
+    else:
+        qsketch = _c(qsketch.astype(cp.float32, copy=False))
+        _score_launch(_sc.scores_prod, out, qrot.shape[2] + qsketch.shape[2], levels,
+                      (qrot, qsketch) + keys + (_c(signs), _c(qjl_norms)) + tail
+                      + (float(qjl_scale), out))
+    return out
+
+
+@_on_device
+def qjl_quantize(x, sketch):
+    """Packed ``sign(sketch @ x)`` and norms of rows ``x``."""
+    x = _rows(x)
+    sketch = _c(sketch)
+    signs = _empty((x.shape[0], (sketch.shape[0] + 7) // 8), cp.uint8)
+    norms = _empty(x.shape[0], cp.float32)
+    _row_launch(_qjl.qjl_quantize, x.shape[0], x.shape[1], (x, sketch, signs, norms))
+    return signs, norms
+
+
+@_on_device
+def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
+    """QJL estimates (B, M, N) from sketched queries (Bq, M, m) and packed signs."""
+    qsketch = _c(qsketch.astype(cp.float32, copy=False))
+    out = _empty((qmap.shape[0], qsketch.shape[1], signs.shape[1]), cp.float32)
+    _score_launch(_qjl.qjl_scores, out, qsketch.shape[2], 0,
+                  (qsketch, _c(qmap), _c(signs), _c(norms), _c(kmap), float(scale), out))
+    return out
+
+
+@_on_device
+def wht(x):
+    """Orthonormal WHT of rows (n, D), D a power of two, float32 out."""
+    x = _rows(x)
+    out = _empty(x.shape, cp.float32)
+    _row_launch(_wht.wht, x.shape[0], x.shape[1], (x, out))
+    return out
+
+
+@_on_device
+def unpack_codes(codes, nbits, count):
+    """Unpack rows of packed codes into uint8 (n, count)."""
+    codes = _c(codes)
+    out = _empty((codes.shape[0], count), cp.uint8)
+    _row_launch(_bits.unpack_codes, codes.shape[0], count, (codes, int(nbits), int(count), out),
+                scratch=False)
+    return out
+
+
+@_on_device
+def rotor_roundtrip(x, rot, boundaries, centroids, norm_correction):
+    """Rotor-quantized reconstructions (n, d) float32 of rows ``x``, in one fused kernel."""
+    x = _rows(x)
+    out = _empty((x.shape[0], rot.dim), cp.float32)
+    _row_launch(_rotor.rotor_roundtrip, x.shape[0], rot.stored_dim,
+                (x, rot.params(cp)["mats"], _c(boundaries), _c(centroids),
+                 int(norm_correction), out))
+    return out
+
+
+__all__ = [
+    "dequantize",
+    "dequantize_rotated",
+    "name",
+    "qjl_quantize",
+    "qjl_scores",
+    "quantize",
+    "rotate",
+    "rotor_roundtrip",
+    "scores",
+    "unpack_codes",
+    "unrotate",
+    "view",
+    "wht",
+    "xp",
+]

@@ -1,0 +1,390 @@
+"""KVCache: attention on compressed keys and values against exact float64 attention."""
+
+import math
+
+import numpy as np
+import pytest
+
+import rotorq
+from rotorq.quantized import QuantizedVectors
+
+H, G = 2, 4  # 2 KV heads, 8 query heads (GQA 4:1)
+
+
+# -- data and references ----------------------------------------------------------------
+def planted(rng, d, t, *, n_out=4, factor=10.0, heads=H, n_q=4, batch=None):
+    """Keys with ``n_out`` planted outlier channels (×factor) and a per-channel bias,
+    values with a shared mean, queries of GQA shape (H·G, n_q, d); float32."""
+    lead = () if batch is None else (batch,)
+    scale = np.ones((heads, d))
+    chans = np.sort(np.stack([rng.choice(d, n_out, replace=False) for _ in range(heads)]), 1)
+    np.put_along_axis(scale, chans, factor, axis=1)
+    bias = rng.standard_normal((heads, 1, d)) * scale[:, None] * 0.5
+    k = rng.standard_normal((*lead, heads, t, d)) * scale[:, None] + bias
+    v = rng.standard_normal((*lead, heads, t, d)) + rng.standard_normal((*lead, heads, 1, d))
+    q = rng.standard_normal((*lead, heads * G, n_q, d)) / np.repeat(scale, G, 0)[:, None] * 1.5
+    return k.astype(np.float32), v.astype(np.float32), q.astype(np.float32), chans
+
+
+def exact_attention(q, k, v, scale=None, causal=False):
+    """float64 softmax attention; q (Hq, n_q, d), k/v (H, T, d); GQA by head // group."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    group = q.shape[0] // k.shape[0]
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = np.einsum("hqd,htd->hqt", q, np.repeat(k, group, 0)) * scale
+    if causal:
+        n_q, t = q.shape[1], k.shape[1]
+        s = np.where(np.arange(t)[None] <= (t - n_q + np.arange(n_q))[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("hqt,htd->hqd", p, np.repeat(v, group, 0))
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+def dequantized(cache, k, v):
+    """What the cache holds, decompressed with the quantizers' own dequantize (unbatched):
+    the compressed prefix reconstructed, the window as stored."""
+    c = cache.compressed_tokens
+    out = []
+    for x, parts, perm in ((k, cache._kparts, cache._kperm), (v, cache._vparts, cache._vperm)):
+        x = np.array(x, np.float64)
+        for h in range(cache.num_kv_heads):
+            order = np.arange(cache.head_dim) if perm is None else np.asarray(perm[h])
+            for part in parts:
+                qv = QuantizedVectors({n: b[h, :c] for n, b in part.buffers.items()},
+                                      part.tq.config)
+                cols = order[part.offset:part.offset + part.dim]
+                x[h, :c][:, cols] = part.tq.dequantize(qv)
+        out.append(x)
+    return out
+
+
+def budget(d, *, key_bits, value_bits, key_mode="mse", rotation="hadamard", n_out=0,
+           outlier_bits=None):
+    """Bytes of one token of one KV head, keys + values, from the storage format."""
+    def stored(n):
+        return {"hadamard": 1 << (n - 1).bit_length(), "dense": n, "rotor": 3 * -(-n // 3)}[rotation]
+
+    def part(n, bits, mode):
+        big = stored(n)
+        mse_bits = bits - (mode == "prod")
+        size = -(-big * mse_bits // 8) + 2
+        return size + (-(-big // 8) + 2 if mode == "prod" else 0)
+
+    total = part(d - n_out, key_bits, key_mode) + part(d - n_out, value_bits, "mse")
+    if n_out:
+        ob_k = outlier_bits or min(8, key_bits + 1)
+        ob_v = outlier_bits or min(8, value_bits + 1)
+        total += part(n_out, ob_k, key_mode) + part(n_out, ob_v, "mse")
+    return total
+
+
+# -- accuracy -----------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [64, 128])
+def test_error_falls_with_bits_and_meets_two_percent(rng, d):
+    k, v, q, _ = planted(rng, d, 1536)
+    ref = exact_attention(q, k, v)
+    errs = {}
+    for mode in ("mse", "prod"):
+        for n_out in (0, 8):
+            for bits in (2, 3, 4):
+                cache = rotorq.KVCache(H, d, key_bits=bits, value_bits=bits, key_mode=mode,
+                                       outlier_channels=n_out, residual_tokens=64,
+                                       seed=int(rng.integers(1 << 30)))
+                cache.append(k, v)
+                errs[mode, n_out, bits] = rel_err(cache.attend(q), ref)
+    for mode in ("mse", "prod"):
+        for n_out in (0, 8):
+            e = [errs[mode, n_out, b] for b in (2, 3, 4)]
+            assert e[0] > e[1] > e[2], (mode, n_out, e)
+    assert errs["mse", 8, 4] <= 0.02, errs
+    assert errs["mse", 8, 2] < errs["mse", 0, 2]  # outlier channels get their own bits
+    assert errs["mse", 8, 4] < errs["prod", 8, 4]  # MSE keys win inside softmax (MATH.md §3)
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "dense", "rotor"])
+@pytest.mark.parametrize("key_mode,n_out", [("mse", 0), ("mse", 6), ("prod", 0), ("prod", 6)])
+def test_attention_equals_exact_attention_on_the_stored_codes(rng, rotation, key_mode, n_out):
+    """The fused kernel (scores → online softmax → rotated-domain values → inverse
+    rotation, merged with the window) equals float64 attention on the decompressed cache."""
+    d, t = 48, 700  # d = 48: parts of 42 and 6 channels (padding for hadamard and rotor)
+    k, v, q, _ = planted(rng, d, t, n_q=3)
+    k *= rng.uniform(0.5, 30.0)  # large scores: the running max must keep exp finite
+    cache = rotorq.KVCache(H, d, key_bits=3, value_bits=2, key_mode=key_mode,
+                           rotation=rotation, outlier_channels=n_out, residual_tokens=50,
+                           seed=int(rng.integers(1 << 30)))
+    cache.append(k, v)
+    assert cache.compressed_tokens > 0 and cache.window_tokens > 0
+    kh, vh = dequantized(cache, k, v)
+    s = cache.scores(q)
+    s_ref = np.einsum("hqd,htd->hqt", q.astype(np.float64), np.repeat(kh, G, 0))
+    for causal in (False, True):
+        scale = float(rng.uniform(0.05, 0.3))
+        got = cache.attend(q, scale=scale, causal=causal)
+        assert np.all(np.isfinite(got))
+        want = exact_attention(q, kh, vh, scale=scale, causal=causal)
+        # float32 scores: an error of ~1e-7·|s| in a logit moves the weights by as much
+        tol = 1e-5 + 1e-6 * scale * np.abs(s_ref).max()
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=2e-5 * np.abs(s_ref).max())
+
+
+def test_window_is_exact_when_all_tokens_fit(rng):
+    d, r = 64, 96
+    k, v, q, _ = planted(rng, d, r, n_q=5)
+    cache = rotorq.KVCache(H, d, residual_tokens=r)
+    for a, b in ((0, 40), (40, 41), (41, r)):
+        cache.append(k[:, a:b], v[:, a:b])
+    assert (len(cache), cache.compressed_tokens, cache.window_tokens) == (r, 0, r)
+    for causal in (False, True):
+        want = exact_attention(q, k, v, causal=causal)
+        np.testing.assert_allclose(cache.attend(q, causal=causal), want, rtol=0,
+                                   atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(cache.scores(q), np.einsum("hqd,htd->hqt", q, np.repeat(k, G, 0)),
+                               rtol=1e-5, atol=1e-4)
+    assert cache.nbytes == r * H * 2 * d * 4
+
+
+def test_causal_queries_span_compressed_part_and_window(rng):
+    d = 32
+    k, v, q, _ = planted(rng, d, 200, n_q=40)
+    cache = rotorq.KVCache(H, d, key_bits=4, value_bits=4, residual_tokens=16, block_tokens=8,
+                           outlier_channels=4)
+    cache.append(k, v)
+    assert cache.window_tokens < 40  # the first causal queries see only compressed tokens
+    kh, vh = dequantized(cache, k, v)
+    got = cache.attend(q, causal=True)
+    np.testing.assert_allclose(got, exact_attention(q, kh, vh, causal=True), rtol=0, atol=1e-5)
+    # the last query sees everything: same as a non-causal single query
+    last = cache.attend(q[:, -1])
+    np.testing.assert_allclose(got[:, -1], last, rtol=0, atol=1e-5)
+    # all tokens as queries, fully compressed cache
+    cache0 = rotorq.KVCache(H, d, residual_tokens=0)
+    cache0.append(k[:, :48], v[:, :48])
+    kh, vh = dequantized(cache0, k[:, :48], v[:, :48])
+    qq = np.repeat(k[:, :48], G, 0)
+    np.testing.assert_allclose(cache0.attend(qq, causal=True),
+                               exact_attention(qq, kh, vh, causal=True), rtol=0, atol=1e-4)
+
+
+# -- storage ------------------------------------------------------------------------------
+@pytest.mark.parametrize("rotation", ["hadamard", "dense", "rotor"])
+@pytest.mark.parametrize("d,key_mode,n_out,kb,vb,ob", [
+    (128, "mse", 0, 4, 3, None), (128, "prod", 0, 3, 2, None), (64, "mse", 8, 3, 2, None),
+    (128, "mse", 32, 2, 2, 3), (64, "prod", 4, 4, 4, None)])
+def test_nbytes_is_the_bit_budget(rng, rotation, d, key_mode, n_out, kb, vb, ob):
+    cache = rotorq.KVCache(H, d, key_bits=kb, value_bits=vb, key_mode=key_mode,
+                           rotation=rotation, outlier_channels=n_out, outlier_bits=ob,
+                           residual_tokens=16)
+    assert cache.nbytes == 0
+    k, v, _, _ = planted(rng, d, 150, batch=3)
+    cache.append(k[..., :101, :], v[..., :101, :])
+    cache.append(k[..., 101:, :], v[..., 101:, :])
+    c, w = cache.compressed_tokens, cache.window_tokens
+    assert (c, w) == (128, 22)
+    per_token = budget(d, key_bits=kb, value_bits=vb, key_mode=key_mode, rotation=rotation,
+                       n_out=n_out, outlier_bits=ob)
+    assert cache.bytes_per_token == H * per_token
+    assert cache.nbytes == 3 * H * (c * per_token + w * 2 * d * 4)
+    held = sum(b[:, :c].nbytes for p in cache._kparts + cache._vparts for b in p.buffers.values())
+    assert cache.nbytes == held + 2 * cache._win_k[:, :w].nbytes
+
+
+def test_paper_two_and_a_half_bit_layout():
+    """TurboQuant's 2.5 bits: 32 outlier channels at 3 bits + 96 at 2 bits (d = 128)."""
+    cache = rotorq.KVCache(1, 128, key_bits=2, value_bits=2, outlier_channels=32,
+                           outlier_bits=3, rotation="dense")
+    per_vector = cache.bytes_per_token / 2
+    assert per_vector == (96 * 2 + 32 * 3) / 8 + 2 * 2  # codes + two fp16 norms
+    assert (96 * 2 + 32 * 3 + 2 * 16) / 128 == 2.5  # bits per coordinate, norms included
+
+
+def test_streaming_equals_prefill(rng):
+    d, t = 64, 301
+    k, v, q, _ = planted(rng, d, t, n_q=2)
+    kwargs = dict(key_bits=3, value_bits=3, residual_tokens=24, block_tokens=16,
+                  outlier_channels=np.array([1, 5, 9]))
+    prefill = rotorq.KVCache(H, d, **kwargs)
+    prefill.append(k, v)
+    streamed = rotorq.KVCache(H, d, **kwargs)
+    for i in range(t):
+        streamed.append(k[:, i:i + 1], v[:, i:i + 1])
+    chunked = rotorq.KVCache(H, d, **kwargs)
+    cuts = np.sort(rng.choice(np.arange(1, t), 6, replace=False))
+    for a, b in zip([0, *cuts], [*cuts, t]):
+        chunked.append(k[:, a:b], v[:, a:b])
+    for other in (streamed, chunked):
+        assert (len(other), other.compressed_tokens, other.window_tokens) == (t, 272, 29)
+        for pa, pb in zip(prefill._kparts + prefill._vparts, other._kparts + other._vparts):
+            for name in pa.buffers:
+                np.testing.assert_array_equal(pa.buffers[name][:, :272], pb.buffers[name][:, :272])
+        np.testing.assert_array_equal(other._win_k[:, :29], prefill._win_k[:, :29])
+        np.testing.assert_array_equal(other.attend(q), prefill.attend(q))
+        assert other.nbytes == prefill.nbytes
+
+
+def test_growth_buffers_keep_earlier_codes(rng):
+    d = 32
+    cache = rotorq.KVCache(1, d, residual_tokens=0)
+    k, v, _, _ = planted(rng, d, 1100, heads=1)
+    cache.append(k[:, :200], v[:, :200])
+    first = cache._kparts[0].buffers["codes"][:, :200].copy()
+    for a in range(200, 1100, 300):
+        cache.append(k[:, a:a + 300], v[:, a:a + 300])
+    buf = cache._kparts[0].buffers["codes"]
+    assert buf.shape[1] < 2 * 1100  # capacity doubling, not one array per append
+    np.testing.assert_array_equal(buf[:, :200], first)
+    kh, vh = dequantized(cache, k, v)
+    q = rng.standard_normal((4, d)).astype(np.float32)
+    np.testing.assert_allclose(cache.attend(q), exact_attention(q[:, None], kh, vh)[:, 0],
+                               rtol=0, atol=1e-5)
+
+
+# -- layout -------------------------------------------------------------------------------
+def test_batch_axis_equals_independent_caches(rng):
+    d, b = 64, 3
+    k, v, q, _ = planted(rng, d, 260, batch=b, n_q=2)
+    kwargs = dict(key_bits=4, value_bits=3, residual_tokens=32, seed=7,
+                  outlier_channels=np.array([[0, 5, 9, 20], [1, 2, 3, 63]]))
+    batched = rotorq.KVCache(H, d, **kwargs)
+    batched.append(k, v)
+    assert batched.batch_size == b
+    out = batched.attend(q, causal=True)
+    scores = batched.scores(q[:, :, 0])
+    assert out.shape == (b, H * G, 2, d) and scores.shape == (b, H * G, 260)
+    for i in range(b):
+        single = rotorq.KVCache(H, d, **kwargs)
+        single.append(k[i], v[i])
+        np.testing.assert_allclose(out[i], single.attend(q[i], causal=True), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(scores[i], single.scores(q[i, :, 0]), rtol=1e-6, atol=1e-5)
+    auto = rotorq.KVCache(H, d, outlier_channels=4)  # chosen over all sequences
+    auto.append(k, v)
+    assert auto.key_outlier_channels.shape == (H, 4)
+
+
+def test_outlier_channels_found_from_first_append(rng):
+    d = 64
+    k, v, _, chans = planted(rng, d, 300, n_out=4, factor=12.0)
+    v = v.copy()
+    vchans = np.sort(np.stack([rng.choice(d, 4, replace=False) for _ in range(H)]), 1)
+    np.put_along_axis(v, vchans[:, None, :].repeat(300, 1), 9.0, axis=2)
+    cache = rotorq.KVCache(H, d, outlier_channels=4)
+    assert cache.key_outlier_channels is None
+    cache.append(k, v)
+    np.testing.assert_array_equal(cache.key_outlier_channels, chans)
+    np.testing.assert_array_equal(cache.value_outlier_channels, vchans)
+    cache.append(k[:, :5] * 0 + 1, v[:, :5])  # later appends do not change the choice
+    np.testing.assert_array_equal(cache.key_outlier_channels, chans)
+    explicit = rotorq.KVCache(H, d, outlier_channels=np.array([[3, 1], [60, 2]]))
+    explicit.append(k, v)
+    np.testing.assert_array_equal(explicit.key_outlier_channels, [[1, 3], [2, 60]])
+    np.testing.assert_array_equal(explicit.value_outlier_channels, [[1, 3], [2, 60]])
+
+
+def test_torch_in_torch_out(rng):
+    torch = pytest.importorskip("torch")
+    d = 64
+    k, v, q, _ = planted(rng, d, 300)
+    cache = rotorq.KVCache(H, d, residual_tokens=32)
+    cache.append(torch.from_numpy(k).to(torch.bfloat16), torch.from_numpy(v).to(torch.bfloat16))
+    out = cache.attend(torch.from_numpy(q))
+    assert isinstance(out, torch.Tensor) and out.shape == (H * G, 4, d)
+    ref = rotorq.KVCache(H, d, residual_tokens=32)
+    ref.append(torch.from_numpy(k).to(torch.bfloat16).float().numpy(),
+               torch.from_numpy(v).to(torch.bfloat16).float().numpy())
+    np.testing.assert_allclose(out.numpy(), ref.attend(q), atol=1e-6)
+    with pytest.raises(TypeError, match="keys have dtype float32 but the cache holds bfloat16"):
+        cache.append(torch.from_numpy(k), torch.from_numpy(v))
+    assert isinstance(cache.scores(torch.from_numpy(q)), torch.Tensor)
+
+
+# -- bad input ----------------------------------------------------------------------------
+def test_bad_input(rng):
+    d = 32
+    k, v, q, _ = planted(rng, d, 40)
+    cache = rotorq.KVCache(H, d, residual_tokens=8)
+    with pytest.raises(ValueError, match="empty"):
+        cache.attend(q)
+    with pytest.raises(ValueError, match="empty"):
+        cache.scores(q)
+    with pytest.raises(ValueError, match=r"keys has 3 heads .* num_kv_heads=2"):
+        cache.append(np.concatenate([k, k[:1]]), np.concatenate([v, v[:1]]))
+    with pytest.raises(ValueError, match=r"values has head_dim 31 .* head_dim=32"):
+        cache.append(k, v[..., :31])
+    with pytest.raises(ValueError, match="same shape"):
+        cache.append(k, v[:, :10])
+    with pytest.raises(ValueError, match="shape"):
+        cache.append(k[0], v[0])
+    with pytest.raises(TypeError, match="floating"):
+        cache.append(k.astype(np.int32), v)
+    bad = k.copy()
+    bad[1, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        cache.append(bad, v)
+    bad = v.copy()
+    bad[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="values contains NaN or Inf"):
+        cache.append(k, bad)
+    assert len(cache) == 0 and cache.nbytes == 0  # failed appends change nothing
+
+    # empty appends are a no-op, but still validated
+    cache.append(k[:, :0], v[:, :0])
+    assert len(cache) == 0 and cache.device is None
+    cache.append(k, v)
+    n = cache.nbytes
+    cache.append(k[:, :0], v[:, :0])
+    assert (len(cache), cache.nbytes) == (40, n)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        cache.append(k[:1, :0], v[:1, :0])
+    with pytest.raises(TypeError, match="keys have dtype float64 but the cache holds float32"):
+        cache.append(k[:, :0].astype(np.float64), v[:, :0])
+    with pytest.raises(TypeError, match="values have dtype float16"):
+        cache.append(k, v.astype(np.float16))
+    with pytest.raises(ValueError, match="layout"):
+        cache.append(k[None], v[None])
+    assert len(cache) == 40
+
+    with pytest.raises(ValueError, match=r"queries have 5 heads .* num_kv_heads=2"):
+        cache.attend(q[:5])
+    with pytest.raises(ValueError, match="last dimension of 32"):
+        cache.attend(q[..., :16])
+    with pytest.raises(ValueError, match="queries must have shape"):
+        cache.attend(q[None])
+    bad = q.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="queries contains NaN"):
+        cache.attend(bad)
+    with pytest.raises(ValueError, match="scale"):
+        cache.attend(q, scale=-1.0)
+    with pytest.raises(ValueError, match="causal=True with n_q=41"):
+        cache.attend(rng.standard_normal((8, 41, d)), causal=True)
+
+    batched = rotorq.KVCache(H, d)
+    batched.append(k[None].repeat(2, 0), v[None].repeat(2, 0))
+    with pytest.raises(ValueError, match="batch size 3"):
+        batched.attend(q[None].repeat(3, 0))
+    with pytest.raises(ValueError, match="layout"):
+        batched.append(k[None].repeat(3, 0), v[None].repeat(3, 0))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_kv_heads=0), "num_kv_heads"),
+    (dict(head_dim=2.5), "head_dim"),
+    (dict(key_bits=9), "bits"),
+    (dict(key_mode="qjl"), "key_mode"),
+    (dict(key_mode="prod", key_bits=1), "bits"),
+    (dict(rotation="givens"), "rotation"),
+    (dict(residual_tokens=-1), "residual_tokens"),
+    (dict(outlier_channels=32), "outlier_channels"),
+    (dict(outlier_channels=np.array([1, 1])), "repeated"),
+    (dict(outlier_channels=np.array([[1], [2], [3]])), "num_kv_heads=2"),
+    (dict(outlier_channels=np.array([40])), "outlier_channels"),
+    (dict(outlier_bits=3), "outlier_bits needs"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    args = {"num_kv_heads": H, "head_dim": 32, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        rotorq.KVCache(args.pop("num_kv_heads"), args.pop("head_dim"), **args)
