@@ -70,11 +70,63 @@ def buffers(make, nbytes):
     return [make() for _ in range(max(1, min(32, -(-2 * L2_BYTES // max(nbytes, 1)))))]
 
 
-def bench(max_log2n):
-    rng = np.random.default_rng(0)
-    tqs = {r: rotorq.TurboQuant(D, BITS, rotation=r) for r in ("hadamard", "rotor", "dense")}
+def bench_size(n, rng, tqs, add):
+    """Every operation at ``N = n`` vectors; ``add(op, n, seconds, bytes, note)`` records."""
     tq = tqs["hadamard"]
     k = tq._consts(cp)
+    reps = max(3, min(200, (1 << 24) // n))
+    xs = buffers(lambda: cp.asarray(rng.standard_normal((n, D)), dtype=cp.float16), n * D * 2)
+    # quantize
+    for name, t in tqs.items():
+        kk = t._consts(cp)
+        secs = device_time(lambda x, t=t, kk=kk: api.quantize(
+            x, t.rotation, kk["boundaries"], kk["centroids"], BITS, False, None), xs, reps)
+        add(f"quantize {name} fp16", n, secs, n * (2 * D + D * BITS // 8 + 2))
+    pi = torch.as_tensor(tqs["dense"].rotation.q, dtype=torch.float32, device="cuda")
+    bnd = torch.as_tensor(tq.boundaries, device="cuda")
+    tx = [torch.from_dlpack(x) for x in xs]
+
+    def torch_quantize(x):
+        y = x.float() @ pi.T
+        nrm = y.norm(dim=1, keepdim=True)
+        return torch.bucketize(y / nrm, bnd).to(torch.uint8), nrm.half()
+
+    secs = device_time(torch_quantize, tx, reps)
+    add("torch quantize (matmul+bucketize)", n, secs, n * (2 * D + D + 2),
+        "baseline: uint8 codes")
+    secs = device_time(lambda x: x.copy(), xs, reps)
+    add("cupy copy fp16 (D2D)", n, secs, n * 4 * D, "baseline: bandwidth")
+    # scores
+    keys = []
+    for x in xs:
+        c, nr, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS,
+                                   False, None)
+        keys.append((c.reshape(1, n, -1), nr.reshape(1, n)))
+    zero = cp.zeros(1, cp.int64)
+    for heads in (1, 8):
+        label = "1 query" if heads == 1 else f"{heads} queries"
+        qrot = api.rotate(cp.asarray(rng.standard_normal((heads, D)), cp.float32),
+                          tq.rotation).reshape(1, heads, D)
+        secs = device_time(lambda kn, qrot=qrot: api.scores(
+            qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], BITS, 0.0),
+            keys, reps)
+        add(f"scores 3-bit, {label}", n, secs, n * (D * BITS // 8 + 4 + 4 * heads))
+        q16 = torch.as_tensor(rng.standard_normal((heads, D)), dtype=torch.float16,
+                              device="cuda")
+        secs = device_time(lambda kk16, q16=q16: q16 @ kk16.T, tx, reps)
+        add(f"torch fp16 q@K.T, {label}", n, secs, n * (2 * D + 2 * heads), "baseline")
+    # WHT
+    pairs = [(x, cp.empty_like(x)) for x in xs]
+    secs = device_time(lambda p: api._row_launch(wht_mod.wht, n, D, p), pairs, reps)
+    add("WHT-128 fp16 -> fp16", n, secs, n * 4 * D)
+    secs = device_time(api.wht, xs, reps)
+    add("WHT-128 fp16 -> fp32 (rotorq.wht)", n, secs, n * 6 * D)
+
+
+def bench(max_log2n):
+    """Rows of the timing table for N = 2^10, 2^12, …, 2^max_log2n."""
+    rng = np.random.default_rng(0)
+    tqs = {r: rotorq.TurboQuant(D, BITS, rotation=r) for r in ("hadamard", "rotor", "dense")}
     rows = []
 
     def add(op, n, seconds, nbytes, note=""):
@@ -82,58 +134,7 @@ def bench(max_log2n):
                      "TBps": nbytes / seconds / 1e12, "note": note})
 
     for log2n in range(10, max_log2n + 1, 2):
-        n = 1 << log2n
-        reps = max(3, min(200, (1 << 24) // n))
-        x16 = lambda: cp.asarray(rng.standard_normal((n, D)), dtype=cp.float16)  # noqa: E731
-        xs = buffers(x16, n * D * 2)
-        # --- quantize ---------------------------------------------------------------
-        for r, t in tqs.items():
-            kk = t._consts(cp)
-            secs = device_time(lambda x: api.quantize(x, t.rotation, kk["boundaries"],
-                                                      kk["centroids"], BITS, False, None),
-                               xs, reps)
-            add(f"quantize {r} fp16", n, secs, n * (2 * D + D * BITS // 8 + 2))
-        pi = torch.as_tensor(tqs["dense"].rotation.q, dtype=torch.float32, device="cuda")
-        bnd = torch.as_tensor(tq.boundaries, device="cuda")
-        tx = [torch.from_dlpack(x) for x in xs]
-
-        def torch_quantize(x):
-            y = x.float() @ pi.T
-            nrm = y.norm(dim=1, keepdim=True)
-            return torch.bucketize(y / nrm, bnd).to(torch.uint8), nrm.half()
-        secs = device_time(torch_quantize, tx, reps)
-        add("torch quantize (matmul+bucketize)", n, secs, n * (2 * D + D + 2),
-            "baseline: uint8 codes")
-        secs = device_time(lambda x: x.copy(), xs, reps)
-        add("cupy copy fp16 (D2D)", n, secs, n * 4 * D, "baseline: bandwidth")
-        # --- scores -----------------------------------------------------------------
-        qv = [api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS, False, None)
-              for x in xs]
-        keys = [(c.reshape(1, n, -1), nr.reshape(1, n)) for c, nr, _, _ in qv]
-        zero = cp.zeros(1, cp.int64)
-        for heads in (1, 8):
-            qrot = api.rotate(cp.asarray(rng.standard_normal((heads, D)), cp.float32),
-                              tq.rotation).reshape(1, heads, D)
-            secs = device_time(lambda kn: api.scores(qrot, None, zero, kn[0], kn[1], None,
-                                                     None, zero, k["centroids"], BITS, 0.0),
-                               keys, reps)
-            add(f"scores 3-bit, {heads} quer{'y' if heads == 1 else 'ies'}", n, secs,
-                n * (D * BITS // 8 + 4 + 4 * heads))
-            tq16 = torch.as_tensor(rng.standard_normal((heads, D)), dtype=torch.float16,
-                                   device="cuda")
-            secs = device_time(lambda kk16: tq16 @ kk16.T, tx, reps)
-            add(f"torch fp16 q@K.T, {heads} quer{'y' if heads == 1 else 'ies'}", n, secs,
-                n * (2 * D + 2 * heads), "baseline")
-        # --- WHT --------------------------------------------------------------------
-        outs = [cp.empty_like(x) for x in xs]
-
-        def wht16(i_x):
-            api._row_launch(wht_mod.wht, n, D, (i_x[0], i_x[1]))
-        secs = device_time(wht16, list(zip(xs, outs)), reps)
-        add("WHT-128 fp16 -> fp16", n, secs, n * 4 * D)
-        secs = device_time(api.wht, xs, reps)
-        add("WHT-128 fp16 -> fp32 (rotorq.wht)", n, secs, n * 6 * D)
-        del xs, tx, qv, keys, outs
+        bench_size(1 << log2n, rng, tqs, add)
         cp.get_default_memory_pool().free_all_blocks()
     return rows
 
@@ -185,16 +186,19 @@ def main():
     over = overheads()
     rows = bench(args.max_log2n)
     meta["seconds"] = round(time.perf_counter() - t0, 1)
+    meta["registers"] = launch_mod.registers()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "overhead_us": over}, f, indent=1)
     lines = [f"# rotorq GPU benchmark — {meta['card']}, {meta['date']}", "",
-             ", ".join(f"{k_} {v}" for k_, v in meta.items() if k_ not in ("card", "date")), "",
+             ", ".join(f"{k_} {v}" for k_, v in meta.items()
+                       if k_ not in ("card", "date", "registers")), "",
              "| op | N | µs | bytes/vec | TB/s | note |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['op']} | 2^{r['N'].bit_length() - 1} | {r['us']:.1f} | "
               f"{r['bytes'] // r['N']} | {r['TBps']:.2f} | {r['note']} |" for r in rows]
     lines += ["", "| host overhead per call (small sizes) | µs |", "|---|---|"]
     lines += [f"| {k_} | {v:.1f} |" for k_, v in over.items()]
+    lines += ["", f"registers per thread: {meta['registers']}"]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
         f.write(text)

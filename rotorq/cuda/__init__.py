@@ -21,7 +21,7 @@ else:
         from .api import *  # noqa: F403
         from .api import __all__  # noqa: F401
     except ModuleNotFoundError as exc:
-        if exc.name != "cupy":
+        if exc.name is None or exc.name.split(".")[0] != "cupy":
             raise
         _UNAVAILABLE = "cupy is not installed"
 

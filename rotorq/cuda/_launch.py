@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import threading
+import warnings
 
 import cupy as cp
 import numpy as np
@@ -51,7 +52,9 @@ def current_stream(device_id):
             if ptr:
                 key = (device_id, ptr)
                 if key not in _streams:
-                    _streams[key] = cp.cuda.ExternalStream(ptr, device_id)
+                    with warnings.catch_warnings():  # cupy 14 deprecates it; still the
+                        warnings.simplefilter("ignore", DeprecationWarning)  # plain wrapper
+                        _streams[key] = cp.cuda.ExternalStream(ptr, device_id)
                 return _streams[key]
     return stream
 
@@ -104,8 +107,10 @@ def launch(kern, grid, block, shared, args):
     ----------
     kern : numba.cuda dispatcher
         A ``@cuda.jit`` kernel of :mod:`rotorq.cuda`.
-    grid, block : tuple of int
-        ``(x, y)`` grid and block dimensions.
+    grid : tuple of int
+        ``(x, y, z)`` grid dimensions.
+    block : tuple of int
+        ``(x, y)`` block dimensions.
     shared : int
         Dynamic shared memory in bytes.
     args : tuple
@@ -128,5 +133,13 @@ def launch(kern, grid, block, shared, args):
                 _functions[key] = _compile(kern, args, device_id)
         fn = _functions[key]
     mem, extra = _pack(args)  # mem holds the parameters until the driver has copied them
-    driver.launchKernel(fn[1], grid[0], grid[1], 1, block[0], block[1], 1, shared,
+    driver.launchKernel(fn[1], grid[0], grid[1], grid[2], block[0], block[1], 1, shared,
                         stream.ptr, 0, extra)
+
+
+def registers():
+    """Registers per thread of every kernel compiled so far: ``{kernel name: [counts]}``."""
+    out: dict = {}
+    for (kern, _, _), (_, fn) in _functions.items():
+        out.setdefault(kern.__name__, []).append(driver.funcGetAttribute(4, fn))  # NUM_REGS
+    return out

@@ -7,9 +7,12 @@ share a block. Each vector owns a slice of the block's dynamic shared memory
 block must call them, so rows past the end are *clamped* to the last row (``rr``) and only
 ``active`` threads write outputs.
 
-Score kernels run on 1-D blocks of key threads; ``blockIdx.x`` enumerates (output batch,
-key tile) pairs and ``blockIdx.y`` chunks of at most :data:`MAX_QUERIES` query rows, staged
-in shared memory once per block.
+Score kernels run on 1-D blocks of key threads: ``blockIdx.x`` is the key tile, ``blockIdx.y``
+strides over output batches and ``blockIdx.z`` picks a chunk of at most :data:`MAX_QUERIES`
+query rows, staged in shared memory once per (block, batch).
+
+Lanes walk their share with ``while`` loops: ``range`` with a runtime step costs a 64-bit
+division per loop on the GPU.
 """
 
 import numba
@@ -71,25 +74,26 @@ def row_sum(value, red, lane, lanes):
 
 @device
 def key_thread(n_keys, n_queries):
-    """This thread's work in a score kernel.
+    """This thread's work in a score kernel (grid: key tiles × batches × query chunks).
 
-    Returns ``(tid, threads, b, key, first_query, queries)``: output batch ``b``, key index
-    (may be ``>= n_keys`` in the last tile) and the block's chunk of query rows.
+    Returns ``(tid, threads, key, first_query, queries)``: the key index (may be ``>= n_keys``
+    in the last tile) and the block's chunk of query rows. Blocks visit output batches
+    ``blockIdx.y, blockIdx.y + gridDim.y, …``.
     """
     tid = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    tiles = (n_keys + threads - 1) // threads
-    b = cuda.blockIdx.x // tiles
-    key = (cuda.blockIdx.x - b * tiles) * threads + tid
-    chunk = (n_queries + cuda.gridDim.y - 1) // cuda.gridDim.y
-    first = cuda.blockIdx.y * chunk
-    return tid, threads, b, key, first, max(0, min(chunk, n_queries - first))
+    key = cuda.blockIdx.x * threads + tid
+    chunk = (n_queries + cuda.gridDim.z - 1) // cuda.gridDim.z
+    first = cuda.blockIdx.z * chunk
+    return tid, threads, key, first, max(0, min(chunk, n_queries - first))
 
 
 @device
 def stage_rows(src, batch, first, count, dst, tid, threads):
     """Block-cooperative copy ``dst[i·w + k] = src[batch, first + i, k]`` for ``i < count``."""
     w = src.shape[2]
-    for t in range(tid, count * w, threads):
-        i = t // w
-        dst[t] = src[batch, first + i, t - i * w]
+    for i in range(count):
+        k = tid
+        while k < w:
+            dst[i * w + k] = src[batch, first + i, k]
+            k += threads

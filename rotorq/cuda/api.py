@@ -30,9 +30,11 @@ name = "cuda"
 
 THREADS = 256
 """Threads per block of row kernels."""
+ELEMENTS_PER_LANE = 16
+"""Coordinates per lane in row kernels (lanes per row: a power of two, at most 32)."""
 KEY_THREADS = 128
 """Threads (keys) per block of score kernels."""
-MAX_GRID_Y = 65535
+MAX_GRID_YZ = 65535
 
 _FLOATS = (cp.dtype(cp.float16), cp.dtype(cp.float32), cp.dtype(cp.float64))
 _bf16_to_f32 = cp.ElementwiseKernel(
@@ -94,11 +96,12 @@ def _pow2(n):
 
 
 def _row_launch(kern, n, width, args, scratch=True):
-    """Launch a row kernel over ``n`` rows: lanes per row from ``width``, rows per block from
-    :data:`THREADS` and, with ``scratch``, the shared memory of ``width``-long rows."""
+    """Launch a row kernel over ``n`` rows: about :data:`ELEMENTS_PER_LANE` coordinates per
+    lane, :data:`THREADS` threads per block and, with ``scratch``, the shared memory of
+    ``width``-long rows."""
     if n == 0:
         return
-    lanes = min(32, _pow2(max(1, width // 4)))
+    lanes = min(32, _pow2(-(-width // ELEMENTS_PER_LANE)))
     rows = THREADS // lanes
     shared = 0
     if scratch:
@@ -108,7 +111,7 @@ def _row_launch(kern, n, width, args, scratch=True):
                              f"kernels' shared-memory limit ({SHARED_LIMIT // 5} coordinates)")
         rows = min(rows, SHARED_LIMIT // per_row)
         shared = rows * per_row
-    launch(kern, (-(-n // rows), 1), (lanes, rows), shared, args)
+    launch(kern, (-(-n // rows), 1, 1), (lanes, rows), shared, args)
 
 
 def _score_launch(kern, out, per_query, levels, args):
@@ -120,13 +123,18 @@ def _score_launch(kern, out, per_query, levels, args):
     if chunk < 1:
         raise ValueError(f"{kern.__name__}: {per_query} query coordinates exceed the CUDA "
                          "kernels' shared-memory limit")
-    grid_y = -(-n_m // chunk)
-    if grid_y > MAX_GRID_Y:
-        raise ValueError(f"{kern.__name__}: at most {MAX_GRID_Y * chunk} query rows per call")
-    chunk = -(-n_m // grid_y)  # the kernel's own chunk (key_thread), never larger
-    tiles = -(-n_keys // KEY_THREADS)
-    launch(kern, (tiles * n_b, grid_y), (KEY_THREADS, 1), 4 * (chunk * per_query + levels),
-           args)
+    chunks = -(-n_m // chunk)
+    if chunks > MAX_GRID_YZ:
+        raise ValueError(f"{kern.__name__}: at most {MAX_GRID_YZ * chunk} query rows per call")
+    chunk = -(-n_m // chunks)  # the kernel's own chunk (key_thread), never larger
+    launch(kern, (-(-n_keys // KEY_THREADS), min(n_b, MAX_GRID_YZ), chunks), (KEY_THREADS, 1),
+           4 * (chunk * per_query + levels), args)
+
+
+def _words(rows):
+    """Packed rows (…, nbytes) as uint32 words when whole words (fewer loads), else bytes."""
+    rows = _c(rows)
+    return rows.view(cp.uint32) if rows.shape[-1] % 4 == 0 else rows
 
 
 @_on_device
@@ -223,7 +231,7 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
     qrot = _c(qrot.astype(cp.float32, copy=False))
     out = _empty((qmap.shape[0], qrot.shape[1], codes.shape[1]), cp.float32)
     head = (qrot,)
-    keys = (_c(qmap), _c(codes), _c(norms))
+    keys = (_c(qmap), _words(codes), _c(norms))
     tail = (_c(kmap), _c(centroids), int(nbits))
     levels = centroids.shape[0]
     if qsketch is None:
@@ -231,7 +239,7 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
     else:
         qsketch = _c(qsketch.astype(cp.float32, copy=False))
         _score_launch(_sc.scores_prod, out, qrot.shape[2] + qsketch.shape[2], levels,
-                      (qrot, qsketch) + keys + (_c(signs), _c(qjl_norms)) + tail
+                      (qrot, qsketch) + keys + (_words(signs), _c(qjl_norms)) + tail
                       + (float(qjl_scale), out))
     return out
 
@@ -253,7 +261,7 @@ def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
     qsketch = _c(qsketch.astype(cp.float32, copy=False))
     out = _empty((qmap.shape[0], qsketch.shape[1], signs.shape[1]), cp.float32)
     _score_launch(_qjl.qjl_scores, out, qsketch.shape[2], 0,
-                  (qsketch, _c(qmap), _c(signs), _c(norms), _c(kmap), float(scale), out))
+                  (qsketch, _c(qmap), _words(signs), _c(norms), _c(kmap), float(scale), out))
     return out
 
 

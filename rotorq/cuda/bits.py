@@ -1,30 +1,18 @@
 """Bit packing on the GPU, the twin of :mod:`rotorq.cpu.bits` (same LSB-first bit streams).
 
-Each packed byte (and each unpacked code) is computed independently, so lanes split a row
-without carrying a bit accumulator: byte ``o`` gathers the codes overlapping bits
-``[8o, 8o+8)``; code ``j`` reads the one or two bytes holding bits ``[j·bits, (j+1)·bits)``.
+Lanes split a row without carrying state across lanes: packing works on chunks of 8 codes,
+which fill exactly ``bits`` whole bytes; unpacking reads code ``j`` from the one or two bytes
+holding bits ``[j·bits, (j+1)·bits)``. Score kernels stream a row with :func:`read_code`,
+one word (uint8 or uint32) at a time.
+
+Loops over a lane's share are ``while`` loops: ``range`` with a runtime step costs a 64-bit
+division per loop on the GPU.
 """
 
 import numpy as np
 
 from ._jit import device, kernel
 from ._threads import row_thread
-
-
-@device
-def pack_byte(idx, bits, o):
-    """Byte ``o`` of the packed stream of the codes ``idx`` (``bits`` ≤ 8 each)."""
-    lo = 8 * o
-    end = min(idx.shape[0], (lo + 7 + bits) // bits)
-    acc = 0
-    for j in range(lo // bits, end):
-        s = j * bits - lo
-        v = np.int64(idx[j])
-        if s >= 0:
-            acc |= v << s
-        else:
-            acc |= v >> -s
-    return np.uint8(acc & 255)
 
 
 @device
@@ -40,23 +28,49 @@ def unpack_value(row, bits, j):
 
 
 @device
+def read_code(row, wbits, bits, w, buf, nbuf):
+    """The next ``bits``-bit code of the packed stream ``row`` of ``wbits``-bit words.
+
+    ``(w, buf, nbuf)`` is the reader state (next word, bit buffer, bits in it), starting at
+    ``(0, 0, 0)``; returns ``(code, w, buf, nbuf)``.
+    """
+    if nbuf < bits:
+        buf |= np.int64(row[w]) << nbuf
+        nbuf += wbits
+        w += 1
+    return buf & ((1 << bits) - 1), w, buf >> bits, nbuf - bits
+
+
+@device
 def pack_row(idx, bits, out, lane, lanes):
-    """Pack the codes ``idx`` of one vector into the byte row ``out``; lanes split the bytes."""
-    for o in range(lane, out.shape[0], lanes):
-        out[o] = pack_byte(idx, bits, o)
+    """Pack the codes ``idx`` of one vector into the byte row ``out``; lanes split chunks of
+    8 codes (``bits`` bytes each)."""
+    count = idx.shape[0]
+    c = lane
+    while 8 * c < count:
+        acc = 0
+        for i in range(8):
+            if 8 * c + i < count:
+                acc |= np.int64(idx[8 * c + i]) << (i * bits)
+        for k in range(8):
+            if k < bits and c * bits + k < out.shape[0]:
+                out[c * bits + k] = np.uint8((acc >> (8 * k)) & 255)
+        c += lanes
 
 
 @device
 def unpack_row(row, bits, count, idx, lane, lanes):
     """Unpack ``count`` codes of the byte row ``row`` into ``idx``; lanes split the codes."""
-    for j in range(lane, count, lanes):
+    j = lane
+    while j < count:
         idx[j] = unpack_value(row, bits, j)
+        j += lanes
 
 
 @kernel
 def unpack_codes(codes, bits, count, out):
     """Unpack every row of ``codes`` (n, nbytes) into ``out`` (n, count) uint8. Row kernel."""
-    lane, lanes, r, rr, active = row_thread(codes.shape[0])
+    lane, lanes, r, _, active = row_thread(codes.shape[0])
     if active:
         unpack_row(codes[r], bits, count, out[r], lane, lanes)
 
@@ -64,6 +78,6 @@ def unpack_codes(codes, bits, count, out):
 @kernel
 def pack_codes(idx, bits, out):
     """Pack every row of ``idx`` (n, count) uint8 into ``out`` (n, nbytes). Row kernel."""
-    lane, lanes, r, rr, active = row_thread(idx.shape[0])
+    lane, lanes, r, _, active = row_thread(idx.shape[0])
     if active:
         pack_row(idx[r], bits, out[r], lane, lanes)

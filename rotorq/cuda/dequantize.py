@@ -13,8 +13,10 @@ from .rotate import unhadamard_row, unrotor_row
 @device
 def dequantize_row(codes_row, w, centroids, bits, out, lane, lanes):
     """``out[j] = w · centroids[code j]`` for the whole of ``out``; lanes split the codes."""
-    for j in range(lane, out.shape[0], lanes):
+    j = lane
+    while j < out.shape[0]:
         out[j] = w * centroids[unpack_value(codes_row, bits, j)]
+        j += lanes
 
 
 @kernel
@@ -33,8 +35,10 @@ def dequantize_hadamard(codes, norms, signs, centroids, bits, out):
     dequantize_row(codes[rr], norms[rr], centroids, bits, buf, lane, lanes)
     unhadamard_row(buf, signs, lane, lanes)
     if active:
-        for j in range(lane, out.shape[1], lanes):
+        j = lane
+        while j < out.shape[1]:
             out[r, j] = buf[j]
+            j += lanes
 
 
 @kernel

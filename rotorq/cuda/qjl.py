@@ -13,18 +13,25 @@ from numba import cuda
 
 from ._jit import device, kernel
 from ._threads import MAX_QUERIES, key_thread, row_scratch, row_sum, row_thread, stage_rows
+from .bits import read_code
 
 
 @device
-def sign_dots(qs, m, count, sign_row, acc):
-    """``acc[i] += Σ_t qs[i·m + t] · (±1)_t`` for ``i < count``, signs packed LSB first.
+def sign_dots(qs, m, count, queries, sign_row, acc):
+    """``acc[i] += Σ_t qs[i·m + t] · (±1)_t`` for ``i < count ≤ queries``, signs packed LSB
+    first in ``sign_row`` (uint8 or uint32 words).
 
     The multi-query form of :func:`rotorq.cpu.qjl.sign_dot`: one pass over a key's signs
-    serves every query row (same summation order per query as the CPU).
+    serves every query row (same summation order per query as the CPU). ``queries`` is a
+    constant at each call site, so the query loop unrolls into registers.
     """
+    wbits = 8 * sign_row.itemsize
+    w = 0
+    buf = 0
+    nbuf = 0
     for t in range(m):
-        bit = (sign_row[t >> 3] >> (t & 7)) & 1
-        for i in range(MAX_QUERIES):
+        bit, w, buf, nbuf = read_code(sign_row, wbits, 1, w, buf, nbuf)
+        for i in range(queries):
             if i < count:
                 q = qs[i * m + t]
                 acc[i] += q if bit else -q
@@ -34,7 +41,8 @@ def sign_dots(qs, m, count, sign_row, acc):
 def sketch_signs_row(x, sketch, out_row, lane, lanes):
     """Pack ``sign(sketch @ x)`` (bit 1 for ``>= 0``) of the float32 row ``x``; lanes split bytes."""
     m, d = sketch.shape
-    for o in range(lane, out_row.shape[0], lanes):
+    o = lane
+    while o < out_row.shape[0]:
         acc = 0
         for bit in range(8):
             i = 8 * o + bit
@@ -45,6 +53,7 @@ def sketch_signs_row(x, sketch, out_row, lane, lanes):
                 if s >= 0:
                     acc |= 1 << bit
         out_row[o] = np.uint8(acc)
+        o += lanes
 
 
 @kernel
@@ -53,10 +62,12 @@ def qjl_quantize(x, sketch, signs, norms):
     lane, lanes, r, rr, active = row_thread(x.shape[0])
     red, buf, _ = row_scratch(x.shape[1])
     part = 0.0
-    for j in range(lane, buf.shape[0], lanes):
+    j = lane
+    while j < buf.shape[0]:
         v = np.float64(x[rr, j])
         buf[j] = np.float32(x[rr, j])
         part += v * v
+        j += lanes
     n = math.sqrt(row_sum(part, red, lane, lanes))
     if active:
         sketch_signs_row(buf, sketch, signs[r], lane, lanes)
@@ -68,21 +79,29 @@ def qjl_quantize(x, sketch, signs, norms):
 def qjl_scores(qsketch, qmap, signs, norms, kmap, scale, out):
     """``out[b, i, j] = scale · norms[kmap[b], j] · ⟨qsketch[qmap[b], i], ±1[kmap[b], j]⟩``.
 
-    Score kernel: shared memory holds ``chunk · m`` float32 (the block's sketched queries).
+    Score kernel: shared memory holds ``chunk · m`` float32 (the block's sketched queries);
+    ``signs`` uint8 or uint32 words.
     """
-    n_m = out.shape[1]
-    tid, threads, b, j, first, count = key_thread(out.shape[2], n_m)
+    n_b, n_m, n_keys = out.shape
+    tid, threads, j, first, count = key_thread(n_keys, n_m)
     m = qsketch.shape[2]
     qs = cuda.shared.array(0, numba.float32)
-    stage_rows(qsketch, qmap[b], first, count, qs, tid, threads)
-    cuda.syncthreads()
-    if j < out.shape[2]:
-        kb = kmap[b]
-        acc = cuda.local.array(MAX_QUERIES, numba.float32)
-        for i in range(MAX_QUERIES):
-            acc[i] = 0.0
-        sign_dots(qs, m, count, signs[kb, j], acc)
-        w = np.float32(scale * norms[kb, j])
-        for i in range(MAX_QUERIES):
-            if i < count:
-                out[b, first + i, j] = w * acc[i]
+    acc = cuda.local.array(MAX_QUERIES, numba.float32)
+    b = cuda.blockIdx.y
+    while b < n_b:
+        stage_rows(qsketch, qmap[b], first, count, qs, tid, threads)
+        cuda.syncthreads()
+        if j < n_keys:
+            kb = kmap[b]
+            for i in range(MAX_QUERIES):
+                acc[i] = 0.0
+            if count == 1:
+                sign_dots(qs, m, 1, 1, signs[kb, j], acc)
+            else:
+                sign_dots(qs, m, count, MAX_QUERIES, signs[kb, j], acc)
+            w = np.float32(scale * norms[kb, j])
+            for i in range(MAX_QUERIES):
+                if i < count:
+                    out[b, first + i, j] = w * acc[i]
+        cuda.syncthreads()
+        b += cuda.gridDim.y

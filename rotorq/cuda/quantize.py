@@ -39,9 +39,11 @@ def encode_value(y, boundaries):
 def row_norm(x, red, lane, lanes):
     """``‖x‖`` in float64 (lanes' partial sums, then a tree). Block barriers."""
     part = 0.0
-    for j in range(lane, x.shape[0], lanes):
+    j = lane
+    while j < x.shape[0]:
         v = np.float64(x[j])
         part += v * v
+        j += lanes
     return math.sqrt(row_sum(part, red, lane, lanes))
 
 
@@ -53,11 +55,13 @@ def encode_codes(y, n, boundaries, centroids, norm_correction, idx, red, lane, l
     """
     cuda.syncthreads()
     part = 0.0
-    for j in range(lane, y.shape[0], lanes):
+    j = lane
+    while j < y.shape[0]:
         k = encode_value(y[j], boundaries)
         idx[j] = k
         c = np.float64(centroids[k])
         part += c * c
+        j += lanes
     if norm_correction:
         cnorm2 = row_sum(part, red, lane, lanes)
         if cnorm2 > 0.0:
@@ -82,10 +86,12 @@ def encode_row(y, n, boundaries, centroids, bits, norm_correction, sketch, idx, 
     if sketch.shape[0] == 0:
         return stored, 0.0
     part = 0.0
-    for j in range(lane, y.shape[0], lanes):
+    j = lane
+    while j < y.shape[0]:
         r = np.float32(n * y[j] - stored * centroids[idx[j]])
         y[j] = r
         part += np.float64(r) * r
+        j += lanes
     rn = math.sqrt(row_sum(part, red, lane, lanes))
     if active:
         sketch_signs_row(y, sketch, qjl_row, lane, lanes)
@@ -111,8 +117,10 @@ def quantize_rotated(y, boundaries, centroids, bits, norm_correction, sketch,
     red, buf, idx = row_scratch(y.shape[1])
     n = row_norm(y[rr], red, lane, lanes)
     inv_n = 1.0 / n if n > 0.0 else 0.0
-    for j in range(lane, buf.shape[0], lanes):
+    j = lane
+    while j < buf.shape[0]:
         buf[j] = np.float32(np.float64(y[rr, j]) * inv_n)
+        j += lanes
     store_row(buf, n, boundaries, centroids, bits, norm_correction, sketch, idx, red,
               codes, norms, qjl_signs, qjl_norms, lane, lanes, r, rr, active)
 

@@ -27,8 +27,10 @@ def rotor_roundtrip(x, mats, boundaries, centroids, norm_correction, out):
     rotor_row(x[rr], mats, inv_n, buf, lane, lanes)
     w = encode_codes(buf, n, boundaries, centroids, norm_correction, idx, red, lane, lanes)
     w32 = np.float32(w)
-    for j in range(lane, buf.shape[0], lanes):
+    j = lane
+    while j < buf.shape[0]:
         buf[j] = w32 * centroids[idx[j]]
+        j += lanes
     cuda.syncthreads()
     if active:
         unrotor_row(buf, mats, out[r], lane, lanes)

@@ -24,17 +24,21 @@ def fwht_row(buf, lane, lanes):
     cuda.syncthreads()
     h = 1
     while h < n:
-        for p in range(lane, n >> 1, lanes):
+        p = lane
+        while p < n >> 1:
             j = ((p & ~(h - 1)) << 1) | (p & (h - 1))
             a = buf[j]
             b = buf[j + h]
             buf[j] = a + b
             buf[j + h] = a - b
+            p += lanes
         cuda.syncthreads()
         h <<= 1
     scale = np.float32(1.0 / math.sqrt(n))
-    for j in range(lane, n, lanes):
+    j = lane
+    while j < n:
         buf[j] *= scale
+        j += lanes
     cuda.syncthreads()
 
 
@@ -46,9 +50,13 @@ def wht(x, out):
     """
     lane, lanes, r, rr, active = row_thread(x.shape[0])
     _, buf, _ = row_scratch(x.shape[1])
-    for j in range(lane, buf.shape[0], lanes):
+    j = lane
+    while j < buf.shape[0]:
         buf[j] = np.float32(x[rr, j])
+        j += lanes
     fwht_row(buf, lane, lanes)
     if active:
-        for j in range(lane, buf.shape[0], lanes):
+        j = lane
+        while j < buf.shape[0]:
             out[r, j] = buf[j]
+            j += lanes

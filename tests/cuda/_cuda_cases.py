@@ -154,27 +154,44 @@ def _qjl_cases(rng, dtype):
 
 
 def _scores_cases(rng):
-    bq, bk, n_m, n_k, big_d, b = 2, 2, 3, 5, 8, 3
-    tq = rotorq.TurboQuant(big_d, b + 1, mode="prod")
-    m = tq.qjl_dim
-    qrot = rng.standard_normal((bq, n_m, big_d)).astype(np.float32)
-    qsk = rng.standard_normal((bq, n_m, m)).astype(np.float32)
-    codes = rng.integers(0, 256, (bk, n_k, (big_d * b + 7) // 8)).astype(np.uint8)
-    norms = rng.random((bk, n_k)).astype(np.float32)
-    signs = rng.integers(0, 256, (bk, n_k, (m + 7) // 8)).astype(np.uint8)
-    qn = rng.random((bk, n_k)).astype(np.float32)
+    """MSE and prod scores; D = 32 rows (12 code bytes, 4 sign bytes) also as uint32 words."""
+    bq, bk, n_m, n_k, b = 2, 2, 3, 5, 3
     qmap, kmap = np.array([0, 1, 1], np.int64), np.array([1, 0, 1], np.int64)
-    out = np.zeros((3, n_m, n_k), np.float32)
-    e_mse, e_prod = np.zeros_like(out), np.zeros_like(out)
-    CPU["scores"].scores_mse(qrot, qmap, codes, norms, kmap, tq.centroids, b, e_mse)
-    CPU["scores"].scores_prod(qrot, qsk, qmap, codes, norms, signs, qn, kmap,
+    for big_d in (8, 32):
+        tq = rotorq.TurboQuant(big_d, b + 1, mode="prod")
+        m = tq.qjl_dim
+        qrot = rng.standard_normal((bq, n_m, big_d)).astype(np.float32)
+        qsk = rng.standard_normal((bq, n_m, m)).astype(np.float32)
+        codes = rng.integers(0, 256, (bk, n_k, (big_d * b + 7) // 8)).astype(np.uint8)
+        norms = rng.random((bk, n_k)).astype(np.float32)
+        signs = rng.integers(0, 256, (bk, n_k, (m + 7) // 8)).astype(np.uint8)
+        qn = rng.random((bk, n_k)).astype(np.float32)
+        out = np.zeros((3, n_m, n_k), np.float32)
+        e_mse, e_prod = np.zeros_like(out), np.zeros_like(out)
+        CPU["scores"].scores_mse(qrot, qmap, codes, norms, kmap, tq.centroids, b, e_mse)
+        CPU["scores"].scores_prod(qrot, qsk, qmap, codes, norms, signs, qn, kmap,
                                   tq.centroids, b, tq.qjl_scale, e_prod)
-    levels = tq.centroids.shape[0]
-    yield Case("scores_mse", "scores", "scores_mse", ("scores", big_d, levels),
-               (qrot, qmap, codes, norms, kmap, tq.centroids, b, out), (7,), (e_mse,))
-    yield Case("scores_prod", "scores", "scores_prod", ("scores", big_d + m, levels),
-               (qrot, qsk, qmap, codes, norms, signs, qn, kmap, tq.centroids, b,
-                tq.qjl_scale, np.zeros_like(out)), (11,), (e_prod,))
+        levels = tq.centroids.shape[0]
+        views = [("bytes", codes, signs)]
+        if big_d == 32:
+            views.append(("words", codes.view(np.uint32), signs.view(np.uint32)))
+        for kind, c, sg in views:
+            yield Case(f"scores_mse-{big_d}-{kind}", "scores", "scores_mse",
+                       ("scores", big_d, levels),
+                       (qrot, qmap, c, norms, kmap, tq.centroids, b, out), (7,), (e_mse,))
+            yield Case(f"scores_prod-{big_d}-{kind}", "scores", "scores_prod",
+                       ("scores", big_d + m, levels),
+                       (qrot, qsk, qmap, c, norms, sg, qn, kmap, tq.centroids, b,
+                        tq.qjl_scale, out), (11,), (e_prod,))
+    qjl = rotorq.QJL(8, 64)
+    qs = rng.standard_normal((bq, n_m, 64)).astype(np.float32)
+    ks = rng.integers(0, 256, (bk, n_k, 8)).astype(np.uint8)
+    kn = rng.random((bk, n_k)).astype(np.float32)
+    exp = np.zeros((3, n_m, n_k), np.float32)
+    CPU["qjl"].qjl_scores(qs, qmap, ks, kn, kmap, qjl.scale, exp)
+    yield Case("qjl_scores-words", "qjl", "qjl_scores", ("scores", 64, 0),
+               (qs, qmap, ks.view(np.uint32), kn, kmap, qjl.scale, np.zeros_like(exp)), (6,),
+               (exp,))
 
 
 def kernel_cases(seed=0, dtypes=(np.float32, np.float16, np.float64)):

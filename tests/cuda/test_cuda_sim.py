@@ -2,8 +2,9 @@
 
 Run in a separate process: ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/cuda``.
 Outputs are poisoned before each launch, so an element a kernel forgets to write fails.
-Launches use small blocks (4 lanes × 2 rows, 4 key threads, 2 query rows per block) so
-that rows, tiles and query chunks all have partial last blocks.
+Launches use small blocks (4 lanes × 2 rows, 4 key threads, 2 query rows per block, 2
+blocks striding over 3 output batches) so that rows, tiles, batches and query chunks all
+have partial last blocks.
 """
 
 import os
@@ -21,7 +22,7 @@ from rotorq.cuda._threads import row_scratch_bytes
 
 pytestmark = pytest.mark.cudasim
 
-LANES, ROWS, KEY_THREADS, CHUNK = 4, 2, 4, 2
+LANES, ROWS, KEY_THREADS, CHUNK, BATCH_BLOCKS = 4, 2, 4, 2, 2
 
 
 def launch(case, args):
@@ -34,7 +35,7 @@ def launch(case, args):
     else:
         _, per_query, levels = case.geometry
         n_b, n_m, n_keys = args[case.outputs[0]].shape
-        grid = (n_b * -(-n_keys // KEY_THREADS), -(-n_m // CHUNK))
+        grid = (-(-n_keys // KEY_THREADS), min(n_b, BATCH_BLOCKS), -(-n_m // CHUNK))
         block, shared = (KEY_THREADS, 1), 4 * (CHUNK * per_query + levels)
     kern[grid, block, 0, shared](*args)
 
@@ -46,7 +47,7 @@ def test_kernel_matches_cpu_twin(case):
     for i in case.outputs:
         args[i] = poisoned(args[i])
     launch(case, args)
-    for i, expected in zip(case.outputs, case.expected):
+    for i, expected in zip(case.outputs, case.expected, strict=True):
         got = args[i]
         if got.dtype.kind == "u":
             np.testing.assert_array_equal(got, expected, err_msg=f"output {i}")
