@@ -9,7 +9,8 @@ Encode: ``N × 128`` float32 Gaussian vectors at 3 bits, for each rotation, agai
 
 Both anchors run over blocks of ``CHUNK`` rows (their ``N × 128 × 8`` distance tensor
 would need 4 GiB at ``N = 2^20``) and produce unpacked uint8 indices, i.e. less work than
-rotorq's packed 3-bit codes.  Throughput is ``N`` / median wall time after a warm-up.
+rotorq's packed 3-bit codes.  Throughput is ``N`` / median wall time after a warm-up
+(at least 5 runs, or 3 for ``N > 2^16``, and at least ``MIN_SECONDS`` of runs).
 
 Score: one query and a GQA group of 8 queries against ``N`` 3-bit keys (MSE mode,
 Hadamard), with rotorq's ``scores`` on the packed codes, against float32 ``q·Kᵀ`` over
@@ -35,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 import rotorq
-from rotorq import reference
 from benchmarks.report import Progress, markdown_table, median_time
+from rotorq import reference
 
 DIM = 128
 BITS = 3
@@ -45,6 +46,7 @@ SIZES = tuple(1 << p for p in (10, 12, 14, 16, 18, 20))
 QUICK_SIZES = tuple(1 << p for p in (10, 12, 14, 16))
 ROTATIONS = ("hadamard", "dense", "rotor")
 GROUP = 8
+MIN_SECONDS = 0.5
 
 _COMPILE_SCRIPT = r"""
 import json, time
@@ -137,7 +139,7 @@ def encode_speed(sizes=SIZES, progress=None) -> list[dict]:
             lambda c: reference.public_reference_quantize(c, rot, dense.centroids), x)
         timed["torch reference (dense, argmin)"] = lambda x=x: _chunked(torch_encode, x)
         for method, fn in timed.items():
-            seconds = median_time(fn, repeats, warmup)
+            seconds = median_time(fn, repeats, warmup, MIN_SECONDS)
             rows.append({"n": n, "method": method, "vectors_per_s": n / seconds})
         progress(f"speed: encode N={n} done")
     return rows
@@ -191,7 +193,8 @@ def score_speed(sizes=SIZES, progress=None) -> list[dict]:
                      "torch fp32 q·Kᵀ (uncompressed)": torch_fp32,
                      "torch dequantize + matmul (reference)": dequantize_matmul}
             for method, fn in timed.items():
-                seconds = median_time(fn, 5 if n <= CHUNK else 3, 1 if i == 0 else 0)
+                seconds = median_time(fn, 5 if n <= CHUNK else 3, 1 if i == 0 else 0,
+                                      MIN_SECONDS)
                 rows.append({"n": n, "queries": m, "method": method, "keys_per_s": n / seconds})
         progress(f"speed: score N={n} done")
     return rows
@@ -233,7 +236,7 @@ def plot(encode_rows, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in dict.fromkeys(r["method"] for r in encode_rows):
         pts = sorted((r["n"], r["vectors_per_s"]) for r in encode_rows if r["method"] == method)
-        ax.plot(*zip(*pts), "o-" if method.startswith("rotorq") else "s--", label=method)
+        ax.plot(*zip(*pts, strict=True), "o-" if method.startswith("rotorq") else "s--", label=method)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("N vectors (d = 128, float32)")

@@ -2,7 +2,7 @@
 
 N = 2^10 … 2^22 vectors of d = 128, 3 bits: fused quantize (hadamard, rotor, dense) of fp16
 input, scores against packed keys (1 query, a GQA group of 8), the standalone WHT-128
-(fp16 in/out); baselines: device-to-device copy, torch fp16 ``q @ Kᵀ``, and the plain torch
+(fp16 in/out); baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
 quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
 back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
 trials, inputs rotated among buffers that together exceed L2. Effective TB/s = bytes the
@@ -95,7 +95,7 @@ def bench_size(n, rng, tqs, add):
     add("torch quantize (matmul+bucketize)", n, secs, n * (2 * D + D + 2),
         "baseline: uint8 codes")
     secs = device_time(lambda x: x.copy(), xs, reps)
-    add("cupy copy fp16 (D2D)", n, secs, n * 4 * D, "baseline: bandwidth")
+    add("cupy x.copy() fp16", n, secs, n * 4 * D, "baseline: cupy's copy kernel")
     # scores
     keys = []
     for x in xs:

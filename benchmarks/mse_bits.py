@@ -117,7 +117,7 @@ def plot(result: dict, path) -> None:
     fig, axes = plt.subplots(1, len(kinds), figsize=(3.2 * len(kinds), 3.4), sharey=True)
     axes = np.atleast_1d(axes)
     bits = result["bits"]
-    for ax, kind in zip(axes, kinds):
+    for ax, kind in zip(axes, kinds, strict=True):
         for r in ROTATIONS:
             ax.plot(bits, result["mse"][(kind, r)], "o-", label=r)
         ax.plot(bits, [GAUSSIAN_MSE[b] for b in bits], "k:", label="Lloyd-Max")

@@ -20,9 +20,9 @@ Methods at 2, 3 and 4 bits per coordinate (code bytes per vector as stored):
 - faiss ``IndexRaBitQ`` with ``nb_bits = b`` (its codes add per-vector factors).
 
 Encode ("indexing") time: for FAISS ``train`` + ``add``; for rotorq building the
-quantizer + ``quantize`` — nothing is trained.  Builds under a second are timed as the
-median of ``REPEATS``; rotorq's first call (Numba compilation) is excluded, see
-:mod:`benchmarks.cpu_speed`.
+quantizer + ``quantize`` — nothing is trained.  Builds under ``SLOW_BUILD_S`` are timed as
+the median of ``REPEATS`` or more; rotorq's first call (Numba compilation) is excluded,
+see :mod:`benchmarks.cpu_speed`.
 
 Run ``python -m benchmarks.nn_search``.
 """
@@ -40,7 +40,8 @@ from benchmarks.report import Progress, markdown_table, median_time
 
 N_QUERIES = 500
 KS = (1, 10, 100)
-REPEATS = 3
+REPEATS = 5
+SLOW_BUILD_S = 5.0
 SEED = 0
 
 
@@ -88,12 +89,13 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 def _timed_build(build):
-    """Build once (timed); cheap builds (< 1 s) are rebuilt ``REPEATS`` times for a median."""
+    """Build once (timed); builds under ``SLOW_BUILD_S`` are timed again as the median of
+    ``REPEATS`` runs (at least half a second of them)."""
     start = time.perf_counter()
     built = build()
     seconds = time.perf_counter() - start
-    if seconds < 1.0:
-        seconds = median_time(build, REPEATS, warmup=0)
+    if seconds < SLOW_BUILD_S:
+        seconds = median_time(build, REPEATS, warmup=0, min_seconds=0.5)
     return built, seconds
 
 

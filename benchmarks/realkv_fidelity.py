@@ -477,7 +477,7 @@ def plot(result: dict, path: Path) -> Path:
     for family, group in families.items():
         group = sorted(group, key=lambda m: m.bits)
         x = [result["results"][m.label]["key_bits"] for m in group]
-        for ax, metric in zip(axes, ("attn_err_k", "cos")):
+        for ax, metric in zip(axes, ("attn_err_k", "cos"), strict=True):
             y = [result["results"][m.label][metric].mean() for m in group]
             ax.plot(x, y, "o-" if "outl." not in family else "s--", label=family)
     axes[0].set_yscale("log")

@@ -47,17 +47,20 @@ class Progress:
         print(f"[{elapsed:7.1f} s] {message}", file=self.stream, flush=True)
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
+def median_time(fn, repeats: int, warmup: int = 1, min_seconds: float = 0.0) -> float:
+    """Median wall time of ``fn()`` in seconds after ``warmup`` untimed runs.
 
     Parameters
     ----------
     fn : callable
         Called without arguments.
     repeats : int
-        Timed runs.
+        Least number of timed runs.
     warmup : int, default 1
         Untimed runs first (JIT compilation, caches, page faults).
+    min_seconds : float, default 0
+        Keep timing (up to 1000 runs) until this much time was spent, so that short
+        calls get many samples and scheduler hiccups do not move the median.
 
     Returns
     -------
@@ -67,7 +70,7 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 1000):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -148,7 +151,7 @@ def environment(packages=("rotorq", "numpy", "numba", "scipy", "torch", "faiss-c
         "memory": _memory_gib(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in packages},
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
@@ -197,7 +200,7 @@ def write_sections(sections: dict[str, str], path: Path = RESULTS) -> Path:
         block = f"{begin}\n{body.rstrip()}\n{end}"
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if pattern.search(text):
-            text = pattern.sub(lambda _: block, text, count=1)
+            text = pattern.sub(lambda _, block=block: block, text, count=1)
         else:
             text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")

@@ -34,8 +34,14 @@ import time
 from pathlib import Path
 
 from benchmarks import cpu_speed, mse_bits, nn_search, realkv_fidelity, realkv_perplexity
-from benchmarks.report import (RESULTS, Progress, environment, environment_markdown,
-                               markdown_table, write_sections)
+from benchmarks.report import (
+    RESULTS,
+    Progress,
+    environment,
+    environment_markdown,
+    markdown_table,
+    write_sections,
+)
 
 PARTS = ("fidelity", "perplexity", "nn", "speed", "mse")
 QUICK_LAYERS = (0, 15, 29)

@@ -132,7 +132,7 @@ def launch(kern, grid, block, shared, args):
             if key not in _functions:
                 _functions[key] = _compile(kern, args, device_id)
         fn = _functions[key]
-    mem, extra = _pack(args)  # mem holds the parameters until the driver has copied them
+    _keepalive, extra = _pack(args)  # the parameter buffer, alive until the driver copied it
     driver.launchKernel(fn[1], grid[0], grid[1], grid[2], block[0], block[1], 1, shared,
                         stream.ptr, 0, extra)
 

@@ -22,7 +22,7 @@ def dequantize_row(codes_row, w, centroids, bits, out, lane, lanes):
 @kernel
 def dequantize_rotated(codes, norms, centroids, bits, out):
     """``out[r] = norms[r] · centroids[codes[r]]`` in the rotated domain, ``out`` (n, D)."""
-    lane, lanes, r, rr, active = row_thread(codes.shape[0])
+    lane, lanes, r, _, active = row_thread(codes.shape[0])
     if active:
         dequantize_row(codes[r], norms[r], centroids, bits, out[r], lane, lanes)
 

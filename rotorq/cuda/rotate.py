@@ -102,7 +102,7 @@ def unrotate_hadamard(y, signs, out):
 @kernel
 def rotate_rotor(x, mats, out):
     """Rotate every row of ``x`` (n, d) by the rotor matrices into ``out`` (n, D). Row kernel."""
-    lane, lanes, r, rr, active = row_thread(x.shape[0])
+    lane, lanes, r, _, active = row_thread(x.shape[0])
     if active:
         rotor_row(x[r], mats, 1.0, out[r], lane, lanes)
 
@@ -110,6 +110,6 @@ def rotate_rotor(x, mats, out):
 @kernel
 def unrotate_rotor(y, mats, out):
     """Inverse-rotate every row of ``y`` (n, D) into ``out`` (n, d) float32. Row kernel."""
-    lane, lanes, r, rr, active = row_thread(y.shape[0])
+    lane, lanes, r, _, active = row_thread(y.shape[0])
     if active:
         unrotor_row(y[r], mats, out[r], lane, lanes)

@@ -100,8 +100,8 @@ def _rotate_cases(rng, dtype):
         efwd, einv = np.zeros_like(fwd), np.zeros_like(inv)
         getattr(CPU["rotate"], f"rotate_{rotation}")(x.astype(np.float32), prm, efwd)
         getattr(CPU["rotate"], f"unrotate_{rotation}")(y, prm, einv)
-        yield Case(f"rotate_{rotation}-{np.dtype(dtype).name}", "rotate", f"rotate_{rotation}", ("rows", n, big_d),
-                   (x, prm, fwd), (2,), (efwd,))
+        yield Case(f"rotate_{rotation}-{np.dtype(dtype).name}", "rotate", f"rotate_{rotation}",
+                   ("rows", n, big_d), (x, prm, fwd), (2,), (efwd,))
         yield Case(f"unrotate_{rotation}", "rotate", f"unrotate_{rotation}",
                    ("rows", n, big_d), (y, prm, inv), (2,), (einv,))
     x = rng.standard_normal((n, 8)).astype(dtype)
@@ -115,9 +115,10 @@ def _rotate_cases(rng, dtype):
     exp = np.zeros_like(out)
     mats = tq.rotation.params(np)["mats"]
     CPU["rotor"].rotor_roundtrip(x.astype(np.float32), mats, tq.boundaries, tq.centroids,
-                                     True, exp)
-    yield Case(f"rotor_roundtrip-{np.dtype(dtype).name}", "rotor", "rotor_roundtrip", ("rows", n, tq.stored_dim),
-               (x, mats, tq.boundaries, tq.centroids, 1, out), (5,), (exp,))
+                                 True, exp)
+    yield Case(f"rotor_roundtrip-{np.dtype(dtype).name}", "rotor", "rotor_roundtrip",
+               ("rows", n, tq.stored_dim), (x, mats, tq.boundaries, tq.centroids, 1, out), (5,),
+               (exp,))
 
 
 def _bits_cases(rng):

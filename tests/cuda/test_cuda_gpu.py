@@ -109,8 +109,11 @@ def assert_quantized_match(tq, gpu, ref, kind, rows_ok=None):
         sf = code_flips(g.qjl_signs[same], ref.qjl_signs[same], 1, tq.qjl_dim)
         _record(kind + " qjl signs", sf.size * tq.qjl_dim, sf.sum())
         assert sf.sum() <= FLIP_LIMIT * sf.size * tq.qjl_dim
-        np.testing.assert_allclose(g.qjl_norms.reshape(-1)[same],
-                                   ref.qjl_norms.reshape(-1)[same], rtol=1e-5, atol=1e-6)
+        # the residual is a difference of float32 values of the vector's scale: compare its
+        # norm at that scale (FMA rounding in the rotation moves it by ~1e-7·‖x‖)
+        got, want = g.qjl_norms.reshape(-1)[same], ref.qjl_norms.reshape(-1)[same]
+        scale = ref.norms.reshape(-1)[same]
+        assert (np.abs(got - want) <= 1e-5 * want + 1e-6 * scale).all()
     return same
 
 
