@@ -15,8 +15,9 @@ from . import dequantize as _dq
 from . import qjl as _qjl
 from . import quantize as _q
 from . import rotate as _rot
+from . import rotor as _rotor
 from . import scores as _sc
-from . import rotor as _rotor, wht as _wht
+from . import wht as _wht
 
 xp = np
 name = "cpu"
@@ -154,6 +155,7 @@ _F32 = np.zeros(1, np.float32)
 
 
 _POOL = None
+_POOL_SIZE = 0
 
 
 def _run_tasks(kernel, n_tasks, args):
@@ -161,13 +163,14 @@ def _run_tasks(kernel, n_tasks, args):
 
     The kernel is ``nogil``, so the ranges run in parallel on a small thread pool.
     """
-    global _POOL
+    global _POOL, _POOL_SIZE
     threads = min(numba.get_num_threads(), n_tasks)
     if threads <= 1:
         kernel(0, n_tasks, *args)
         return
-    if _POOL is None or _POOL._max_workers < threads:
+    if _POOL_SIZE < threads:
         _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rotorq")
+        _POOL_SIZE = threads
     bounds = [n_tasks * i // threads for i in range(threads + 1)]
     futures = [_POOL.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(threads)]
     for f in futures:
