@@ -167,6 +167,9 @@ class KVCache:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.seed = int(seed)
+        for name, bits in (("key_bits", key_bits), ("value_bits", value_bits)):
+            if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+                raise TypeError(f"{name} must be an int, got {type(bits).__name__}")
         nc = self.norm_correction = bool(norm_correction)
         d, heads = self.head_dim, self.num_kv_heads
 
@@ -346,7 +349,7 @@ class KVCache:
                 raise ValueError(f"keys/values are on {k_origin.device}:{k_origin.device_id} "
                                  f"but the cache lives on {o.device}:{o.device_id} (fixed by "
                                  "the first append)")
-            for name, got, want in zip(("keys", "values"), dtypes, self._dtypes):
+            for name, got, want in zip(("keys", "values"), dtypes, self._dtypes, strict=True):
                 if got != want:
                     raise TypeError(f"{name} have dtype {got} but the cache holds {want} "
                                     f"{name} (fixed by the first append)")
@@ -439,7 +442,7 @@ class KVCache:
         """Validate queries; returns ``(q (BH, R, d) float32, origin, lead shape, n_q, squeeze)``."""
         if self._origin is None or len(self) == 0:
             raise ValueError("the cache is empty; append keys and values first")
-        q, origin, be = _backend.float_array(queries, "queries", dim=self.head_dim, min_ndim=2)
+        q, origin, _ = _backend.float_array(queries, "queries", dim=self.head_dim, min_ndim=2)
         if (origin.device, origin.device_id) != (self._origin.device, self._origin.device_id):
             raise ValueError(f"queries are on {origin.device}:{origin.device_id} but the cache "
                              f"lives on {self._origin.device}:{self._origin.device_id}")
@@ -518,13 +521,13 @@ class KVCache:
         """
         q, origin, lead_shape, n_q, squeeze = self._queries(queries)
         xp, be = self._xp, self._be
-        n_bh, n_rows, _ = q.shape
+        n_bh = q.shape[0]
         parts = []
         c = self._compressed
         if c:
             total = None
             bmap = xp.arange(n_bh, dtype=xp.int64)
-            for part, (qrot, qsk) in zip(self._kparts, self._rotated_queries(q, 1.0)):
+            for part, (qrot, qsk) in zip(self._kparts, self._rotated_queries(q, 1.0), strict=True):
                 tq, buf = part.tq, part.buffers
                 k = tq._consts(xp)
                 signs = qn = None
@@ -583,7 +586,7 @@ class KVCache:
         if causal and n_q > total:
             raise ValueError(f"causal=True with n_q={n_q} queries but only {total} cached tokens")
         offset = total - n_q if causal else total
-        n_bh, n_rows, d = q.shape
+        n_bh, n_rows, _ = q.shape
         c, w = self._compressed, self._window
 
         # compressed part: fused kernel → (acc, m, l), acc in the value rotations' domains
@@ -602,7 +605,7 @@ class KVCache:
             accs, m_c, l_c = be.decode_attention(tuple(self._rotated_queries(q, scale)),
                                                  tuple(kargs), tuple(vargs), c, n_q, offset)
             pieces = [be.unrotate(a.reshape(n_bh * n_rows, -1), p.tq.rotation)
-                      .reshape(n_bh, n_rows, p.dim) for a, p in zip(accs, self._vparts)]
+                      .reshape(n_bh, n_rows, p.dim) for a, p in zip(accs, self._vparts, strict=True)]
             acc_c = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces, axis=2)
             if self._vinv is not None:
                 acc_c = xp.take_along_axis(acc_c, self._vinv[:, None, :], axis=2)
