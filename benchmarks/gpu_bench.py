@@ -116,8 +116,7 @@ def bench_size(n, rng, tqs, add):
         secs = device_time(lambda kk16, q16=q16: q16 @ kk16.T, tx, reps)
         add(f"torch fp16 q@K.T, {label}", n, secs, n * (2 * D + 2 * heads), "baseline")
     # WHT
-    pairs = [(x, cp.empty_like(x)) for x in xs]
-    secs = device_time(lambda p: api._row_launch(wht_mod.wht, n, D, p), pairs, reps)
+    secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
     add("WHT-128 fp16 -> fp16", n, secs, n * 4 * D)
     secs = device_time(api.wht, xs, reps)
     add("WHT-128 fp16 -> fp32 (rotorq.wht)", n, secs, n * 6 * D)

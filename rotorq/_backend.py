@@ -63,6 +63,25 @@ def require_finite(xp, arr, name: str):
         raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
 
 
+_MAPS: dict = {}
+
+
+def device_batch_maps(xp, device, q_batch, k_batch):
+    """:func:`batch_maps` with the maps as ``xp`` arrays, cached per (device, shapes) so that
+    a GPU call does not copy them host-to-device each time."""
+    dev = xp.cuda.runtime.getDevice() if hasattr(xp, "cuda") else None
+    key = (xp.__name__, str(device), dev, tuple(q_batch), tuple(k_batch))
+    hit = _MAPS.get(key)
+    if hit is None:
+        shape, qmap, kmap = batch_maps(q_batch, k_batch)
+        if xp is not np:
+            qmap, kmap = xp.asarray(qmap), xp.asarray(kmap)
+        if len(_MAPS) > 256:
+            _MAPS.clear()
+        hit = _MAPS[key] = (shape, qmap, kmap)
+    return hit
+
+
 def batch_maps(q_batch, k_batch, q_name="queries", k_name="codes"):
     """Broadcast two batch shapes; returns ``(shape, qmap, kmap)`` flat index maps (int64)."""
     try:
@@ -80,6 +99,7 @@ def batch_maps(q_batch, k_batch, q_name="queries", k_name="codes"):
 __all__ = [
     "Origin",
     "batch_maps",
+    "device_batch_maps",
     "common_origin",
     "float_array",
     "get",

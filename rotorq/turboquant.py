@@ -221,6 +221,8 @@ class TurboQuant:
         Computed on the packed codes: the queries are rotated once, then each key is a
         gather-dot ``norm · ⟨Π q, c[idx]⟩`` (plus the QJL term in prod mode). Leading
         batch axes broadcast. Returns float32 ``(..., m, n)`` in the queries' framework.
+        NaN/Inf queries raise ``ValueError`` on the CPU; on a GPU they are not checked (that
+        would force a device sync per call) and give NaN scores.
 
         Examples
         --------
@@ -240,23 +242,26 @@ class TurboQuant:
         if origin.device != codes.device:
             raise ValueError(f"queries are on {origin.device} but codes are on {codes.device}; "
                              "move them to the same device")
-        _backend.require_finite(be.xp, q, "queries")
         xp = be.xp
-        shape, qmap, kmap = _backend.batch_maps(q.shape[:-2], codes.shape[:-2])
+        if xp is np:
+            # On a GPU the check would cost a device sync per call (~10× the launch): there,
+            # non-finite queries are not refused; they give NaN scores for those queries.
+            _backend.require_finite(xp, q, "queries")
+        shape, qmap, kmap = _backend.device_batch_maps(xp, origin.device, q.shape[:-2],
+                                                       codes.shape[:-2])
         m_q, n_k = q.shape[-2], codes.shape[-2]
         bq, bk = math.prod(q.shape[:-2]), math.prod(codes.shape[:-2])
         qrot = be.rotate(q.reshape(-1, self.dim), self.rotation).reshape(bq, m_q, self.stored_dim)
         k = self._consts(xp)
         flat = codes.codes.reshape(bk, n_k, codes.codes.shape[-1])
-        norms = codes.norms.reshape(bk, n_k).astype(xp.float32)
-        qmap, kmap = xp.asarray(qmap), xp.asarray(kmap)
+        norms = codes.norms.reshape(bk, n_k).astype(xp.float32, copy=False)
         if self.mode == "mse":
             out = be.scores(qrot, None, qmap, flat, norms, None, None, kmap, k["centroids"],
                             self.mse_bits, 0.0)
         else:
             qsk = xp.ascontiguousarray(qrot @ k["sketch"].T)
             signs = codes.qjl_signs.reshape(bk, n_k, codes.qjl_signs.shape[-1])
-            qn = codes.qjl_norms.reshape(bk, n_k).astype(xp.float32)
+            qn = codes.qjl_norms.reshape(bk, n_k).astype(xp.float32, copy=False)
             out = be.scores(qrot, qsk, qmap, flat, norms, signs, qn, kmap, k["centroids"],
                             self.mse_bits, self.qjl_scale)
         return _backend.to_framework(out.reshape(shape + (m_q, n_k)), origin)

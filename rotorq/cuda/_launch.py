@@ -12,6 +12,7 @@ Numba's kernel ABI flattens a C-contiguous array argument into
 as int64 or float64. :func:`_compile` checks the PTX parameter list against that layout.
 """
 
+import hashlib
 import os
 import re
 import sys
@@ -64,10 +65,57 @@ def _type_key(args):
                  for a in args)
 
 
+_SOURCES = None
+
+
+def _cache_path(kern, sig, cc):
+    """File of ``kern``'s PTX in ``$ROTORQ_PTX_CACHE`` (None without it): keyed by the
+    generated source of :mod:`rotorq.cuda.fast` kernels, else by every source file of this
+    package, plus the signature, the compute capability and the numba-cuda version."""
+    root = os.environ.get("ROTORQ_PTX_CACHE")
+    if not root:
+        return None
+    global _SOURCES
+    ident = getattr(kern, "rotorq_source", None)
+    if ident is None:
+        if _SOURCES is None:
+            here = os.path.dirname(os.path.abspath(__file__))
+            h = hashlib.sha256()
+            for name in sorted(os.listdir(here)):
+                if name.endswith(".py"):
+                    with open(os.path.join(here, name), "rb") as f:
+                        h.update(f.read())
+            _SOURCES = h.hexdigest()
+        ident = _SOURCES + kern.__name__
+    import numba_cuda
+    key = "|".join((ident, repr(sig), repr(cc), getattr(numba_cuda, "__version__", "")))
+    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:32] + ".ptx")
+
+
+def compile_ptx(kern, sig, cc):
+    """PTX of ``kern`` for the Numba types ``sig`` and compute capability ``cc``, through the
+    optional on-disk cache ``$ROTORQ_PTX_CACHE`` (the generated kernels of
+    :mod:`rotorq.cuda.fast` take tens of seconds to compile). Cached PTX declares ISA 8.0 (what
+    sm_90 needs) so that PTX from a newer NVVM loads on an older driver."""
+    path = _cache_path(kern, sig, cc)
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=cc)
+    if path:
+        ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(ptx)
+        os.replace(tmp, path)
+    return ptx
+
+
 def _compile(kern, args, device_id):
     sig = kernel_signature(args)
     major, minor = divmod(int(cp.cuda.Device(device_id).compute_capability), 10)
-    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(major, minor))
+    ptx = compile_ptx(kern, sig, (major, minor))
     entry = _ENTRY.search(ptx)
     params = _PARAM.findall(entry.group(2))
     expected = sum(5 + 2 * t.ndim if isinstance(t, types.Array) else 1 for t in sig)
@@ -76,7 +124,15 @@ def _compile(kern, args, device_id):
             f"{kern.__name__}: unexpected PTX parameters {params} for {sig}; "
             "set ROTORQ_CUDA_LAUNCH=numba")
     with cp.cuda.Device(device_id):
-        module = driver.moduleLoadData(ptx.encode() + b"\0")
+        try:
+            module = driver.moduleLoadData(ptx.encode() + b"\0")
+        except driver.CUDADriverError:
+            if _cache_path(kern, sig, (major, minor)) is None:
+                raise
+            # a cached PTX this driver cannot load (e.g. from another NVVM): compile afresh
+            ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(major, minor))
+            entry = _ENTRY.search(ptx)
+            module = driver.moduleLoadData(ptx.encode() + b"\0")
         return module, driver.moduleGetFunction(module, entry.group(1))
 
 

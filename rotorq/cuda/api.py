@@ -16,6 +16,7 @@ from array_api_compat import is_torch_array
 
 from . import bits as _bits
 from . import dequantize as _dq
+from . import fast as _fast
 from . import qjl as _qjl
 from . import quantize as _q
 from . import rotate as _rot
@@ -131,6 +132,31 @@ def _score_launch(kern, out, per_query, levels, args):
            4 * (chunk * per_query + levels), args)
 
 
+FAST_THREADS = 128
+"""Threads per block of the generated kernels (:mod:`rotorq.cuda.fast`)."""
+FAST_BLOCKS_PER_SM = 16
+"""Resident blocks per SM the persistent score grid aims at."""
+FAST_MIN_ROWS = 8192
+"""Rows from which quantize uses the generated kernels (each shape compiles for tens of
+seconds once; below this size the generic kernels are as fast)."""
+FAST_MIN_KEYS = 8192
+"""Keys from which scoring uses the generated kernels."""
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(device_id):
+    return cp.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def _sm_count():
+    return _sm_count_of(cp.cuda.runtime.getDevice())
+
+
+def codes_words(codes):
+    """Packed code rows (…, nbytes), nbytes a multiple of 4, as uint32 words."""
+    return _c(codes).view(cp.uint32)
+
+
 def _words(rows):
     """Packed rows (…, nbytes) as uint32 words when whole words (fewer loads), else bytes."""
     rows = _c(rows)
@@ -187,6 +213,19 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     tail = (_c(boundaries), _c(centroids), int(nbits), int(norm_correction), sk,
             codes, norms, signs, qjl_norms)
     p = rot.params(cp)
+    if (n >= FAST_MIN_ROWS and x.ndim == 2
+            and _fast.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
+        half = x.dtype == cp.float16
+        word_out = codes.shape[1] % 4 == 0
+        kern = _fast.quantize_kernel(rot.kind, x.shape[1], big_d, int(nbits), half,
+                                     bool(norm_correction), word_out)
+        rarg = p["signs"] if rot.kind == "hadamard" else p["mats"]
+        launch(kern, (-(-n // FAST_THREADS), 1, 1), (FAST_THREADS, 1), 0,
+               (x.view(cp.uint32) if half else x, rarg, _c(boundaries), _c(centroids),
+                codes.view(cp.uint32) if word_out else codes, norms))
+        if m == 0:
+            qjl_norms.fill(0)
+        return codes, norms, signs, qjl_norms
     if rot.kind == "hadamard":
         _row_launch(_q.quantize_hadamard, n, big_d, (x, p["signs"]) + tail)
     elif rot.kind == "rotor":
@@ -234,6 +273,19 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
     keys = (_c(qmap), _words(codes), _c(norms))
     tail = (_c(kmap), _c(centroids), int(nbits))
     levels = centroids.shape[0]
+    n_b, n_m, n_keys = out.shape
+    queries = _fast.score_queries(qrot.shape[2], int(nbits), n_m) if qsketch is None else 0
+    if (queries and n_keys >= FAST_MIN_KEYS and codes.shape[-1] % 4 == 0
+            and codes.shape[-1] * 8 == qrot.shape[2] * int(nbits)):
+        if out.size:
+            kern = _fast.score_kernel(qrot.shape[2], int(nbits), queries)
+            chunks = -(-n_m // queries)
+            per_block = FAST_THREADS * kern.keys_per_thread
+            tiles = -(-n_keys // per_block)
+            gx = max(1, min(tiles, _sm_count() * FAST_BLOCKS_PER_SM // max(1, n_b * chunks)))
+            launch(kern, (gx, min(n_b, MAX_GRID_YZ), chunks), (FAST_THREADS, 1), 0,
+                   head + (keys[0], codes_words(codes), keys[2]) + tail[:2] + (out,))
+        return out
     if qsketch is None:
         _score_launch(_sc.scores_mse, out, qrot.shape[2], levels, head + keys + tail + (out,))
     else:
@@ -266,11 +318,21 @@ def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
 
 
 @_on_device
-def wht(x):
-    """Orthonormal WHT of rows (n, D), D a power of two, float32 out."""
+def wht(x, out_dtype=cp.float32):
+    """Orthonormal WHT of rows (n, D), D a power of two; float32 out (or ``out_dtype``:
+    float16 input may give float16 output, rounded once from the float32 result)."""
     x = _rows(x)
-    out = _empty(x.shape, cp.float32)
-    _row_launch(_wht.wht, x.shape[0], x.shape[1], (x, out))
+    out = _empty(x.shape, out_dtype)
+    n, width = x.shape
+    half_in, half_out = x.dtype == cp.float16, out.dtype == cp.float16
+    if (n >= FAST_MIN_ROWS and width <= _fast.MAX_UNROLL_DIM and width % 2 == 0
+            and width & (width - 1) == 0
+            and x.dtype in (cp.float16, cp.float32) and out.dtype in (cp.float16, cp.float32)):
+        kern = _fast.wht_kernel(width, half_in, half_out)
+        launch(kern, (-(-n // FAST_THREADS), 1, 1), (FAST_THREADS, 1), 0,
+               (x.view(cp.uint32) if half_in else x, out.view(cp.uint32) if half_out else out))
+    else:
+        _row_launch(_wht.wht, n, width, (x, out))
     return out
 
 

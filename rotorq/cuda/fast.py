@@ -91,7 +91,9 @@ def _build(name, lines, env):
            "half_hi": half_hi, "half_bits": half_bits, "U32": np.uint32}
     glb.update(env)
     exec(compile(src, filename, "exec"), glb)
-    return kernel(glb[name])
+    kern = kernel(glb[name])
+    kern.rotorq_source = src
+    return kern
 
 
 def _code_expr(word, p, bits, mask):
@@ -140,14 +142,17 @@ def score_kernel(big_d, bits, queries):
     parts = 4 if one else 1  # accumulators per (key, query)
     L = ["def score_fast(qrot, qmap, codes, norms, kmap, centroids, out):",
          "    n_b, n_m, n_keys = out.shape",
-         "    tab = cuda.shared.array(SIZE, numba.float32, alignment=16)",
+         "    tab = cuda.shared.array(SIZE, numba.float32"
+         + (")" if SIMULATOR else ", alignment=16)"),  # vector loads; no alignment in cudasim
          "    cs = cuda.shared.array(LEVELS, numba.float32)",
          "    tid = cuda.threadIdx.x",
          "    threads = cuda.blockDim.x",
          "    first = cuda.blockIdx.z * Q",
          "    count = min(Q, n_m - first)",
-         "    if tid < LEVELS:",
-         "        cs[tid] = centroids[tid]",
+         "    t = tid",
+         "    while t < LEVELS:",
+         "        cs[t] = centroids[t]",
+         "        t += threads",
          "    b = cuda.blockIdx.y",
          "    while b < n_b:",
          "        qb = qmap[b]",

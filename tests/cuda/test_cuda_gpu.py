@@ -314,3 +314,37 @@ def test_empty_inputs():
     qv = tq.quantize(cp.ones((0, 64), cp.float32))
     assert qv.codes.shape == (0, 24)
     assert tq.dequantize(qv).shape == (0, 64)
+
+
+FAST_N = 16384  # above api.FAST_MIN_ROWS / FAST_MIN_KEYS: the generated kernels (fast.py)
+
+
+@pytest.mark.parametrize("rotation", ("hadamard", "rotor"))
+def test_fast_kernels_match_cpu(rotation):
+    """The benchmark's shapes (d = 128, 3 bits, fp16) through the generated kernels."""
+    assert FAST_N >= api.FAST_MIN_ROWS and FAST_N >= api.FAST_MIN_KEYS
+    rng = np.random.default_rng()
+    tq = rotorq.TurboQuant(128, 3, rotation=rotation, norm_dtype="float32")
+    x = data(rng, (FAST_N, 128)).astype(np.float16)
+    gpu = tq.quantize(cp.asarray(x))
+    ref = tq.quantize(x)
+    same = assert_quantized_match(tq, gpu, ref, f"fast quantize {rotation} fp16")
+    assert same.mean() > 0.99
+    keys = rotorq.QuantizedVectors({k: v.reshape((1, FAST_N) + v.shape[1:])
+                                    for k, v in gpu.parts.items()}, gpu.config, gpu.origin)
+    for heads in (1, 8, 5):
+        q = data(rng, (1, heads, 128))
+        s = host(tq.scores(cp.asarray(q), keys))
+        s_ref = tq.scores(q, host_codes(keys))
+        err = np.abs(s - s_ref).max() / (np.abs(s_ref).max() + 1e-30)
+        _record(f"fast scores {heads} queries", s.size, 0, max_rel_err=err)
+        assert err < 2e-5, (heads, err)
+
+
+@pytest.mark.parametrize("out_dtype", ("float16", "float32"))
+def test_fast_wht_matches_cpu(out_dtype):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((FAST_N, 128)).astype(np.float16)
+    got = host(api.wht(cp.asarray(x), cp.dtype(out_dtype))).astype(np.float32)
+    want = host(rotorq.wht(x.astype(np.float32))).astype(out_dtype).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
