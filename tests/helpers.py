@@ -48,3 +48,15 @@ def expected_nbytes(tq, count):
     if tq.mode == "prod":
         per += (tq.qjl_dim + 7) // 8 + (2 if tq.norm_dtype == "float16" else 4)
     return per * count
+
+
+def unit_vectors(rng, n, d, dtype=np.float64):
+    x = rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(dtype)
+
+
+def outlier_vectors(rng, n, d, channels=4, factor=15.0):
+    """Unit vectors after scaling a few fixed channels by ``factor`` (MATH.md §6)."""
+    x = rng.standard_normal((n, d))
+    x[:, rng.choice(d, channels, replace=False)] *= factor
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 import rotorq
-from conftest import unit_vectors
+from helpers import unit_vectors
 from rotorq import reference
 
 

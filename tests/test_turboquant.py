@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 
 import rotorq
-from conftest import outlier_vectors, unit_vectors
-from helpers import assert_codes_match_reference, expected_nbytes, kernel_encoding
+from helpers import (
+    assert_codes_match_reference,
+    expected_nbytes,
+    kernel_encoding,
+    outlier_vectors,
+    unit_vectors,
+)
 from rotorq import reference
 
 ROTATIONS = ["hadamard", "dense", "rotor"]
