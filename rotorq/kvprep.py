@@ -422,13 +422,14 @@ def allocate_bits(sensitivity, budget, choices=(2, 3, 4), *, ref_bits=None, weig
 
 
 def kv_bits_per_coordinate(n_tokens, head_dim, key_bits, value_bits, *, norm_bits=16,
-                           key_parts=1, value_parts=1, full_tokens=0, full_bits=16,
+                           key_norms=1, value_norms=1, full_tokens=0, full_bits=16,
                            key_side_bits=0, value_side_bits=0):
     """Stored bits per coordinate of a cache, averaged over keys and values.
 
     Counts, per KV head and sequence of ``n_tokens`` tokens: the codes of the quantized
-    tokens (``key_bits``/``value_bits`` per coordinate, fractional for mixed widths), one
-    ``norm_bits`` norm per vector and part (outlier splits have 2 parts), the
+    tokens (``key_bits``/``value_bits`` per coordinate, fractional for mixed widths),
+    ``key_norms``/``value_norms`` norms of ``norm_bits`` per vector (2 with an outlier
+    split, 2 in prod mode: the QJL residual norm, 4 for both), the
     ``full_tokens`` tokens kept at ``full_bits`` (attention sinks, a recent window), and
     per-sequence side information such as a fitted key offset (``key_side_bits`` in
     total, e.g. ``16 · head_dim`` for a float16 μ). Per-model constants (rotation seeds,
@@ -446,9 +447,9 @@ def kv_bits_per_coordinate(n_tokens, head_dim, key_bits, value_bits, *, norm_bit
         raise ValueError(f"full_tokens must be in 0..n_tokens, got {full_tokens}")
     q_tok = n_tokens - full_tokens
     total = 0.0
-    for bits, parts, side in ((key_bits, key_parts, key_side_bits),
-                              (value_bits, value_parts, value_side_bits)):
-        per_tok = bits * head_dim + parts * norm_bits
+    for bits, norms, side in ((key_bits, key_norms, key_side_bits),
+                              (value_bits, value_norms, value_side_bits)):
+        per_tok = bits * head_dim + norms * norm_bits
         total += q_tok * per_tok + full_tokens * full_bits * head_dim + side
     return total / (2 * n_tokens * head_dim)
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 import rotorq
-from rotorq.kvprep import (KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate,
-                           rope, unrope)
+from rotorq.kvprep import KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate, rope, unrope
 
 
 def softmax(s):
@@ -219,12 +218,14 @@ def test_allocate_bits_weights_and_limits(rng):
 
 
 # -- storage accounting -----------------------------------------------------------------
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_bits_per_coordinate_matches_turboquant_storage(rng, bits):
+@pytest.mark.parametrize("mode,bits", [("mse", 2), ("mse", 3), ("mse", 4), ("prod", 3)])
+def test_bits_per_coordinate_matches_turboquant_storage(rng, mode, bits):
     t, d = 96, 64
-    tq = rotorq.TurboQuant(d, bits)
+    tq = rotorq.TurboQuant(d, bits, mode=mode)
     stored = tq.quantize(rng.standard_normal((t, d)).astype(np.float32)).bits_per_coordinate
-    assert kv_bits_per_coordinate(t, d, bits, bits) == pytest.approx(stored)
+    norms = 2 if mode == "prod" else 1
+    assert kv_bits_per_coordinate(t, d, bits, bits, key_norms=norms,
+                                  value_norms=norms) == pytest.approx(stored)
 
 
 def test_bits_per_coordinate_counts_full_tokens_and_side_info():
@@ -234,7 +235,7 @@ def test_bits_per_coordinate_counts_full_tokens_and_side_info():
     assert sinks - base == pytest.approx(4 * 2 * (16 * d - 3 * d - 16) / (2 * t * d))
     side = kv_bits_per_coordinate(t, d, 3, 3, key_side_bits=16 * d)
     assert side - base == pytest.approx(16 * d / (2 * t * d))
-    split = kv_bits_per_coordinate(t, d, 3, 3, key_parts=2, value_parts=2)
+    split = kv_bits_per_coordinate(t, d, 3, 3, key_norms=2, value_norms=2)
     assert split - base == pytest.approx(0.25)
     with pytest.raises(ValueError):
         kv_bits_per_coordinate(t, d, 3, 3, full_tokens=t + 1)
