@@ -190,7 +190,9 @@ def lever_configs(quick=False):
         ("+ 1 sink token", dict(key=stack_key(3), value=stack_value(3), sinks=1)),
     ]
     for label, kw in steps:
-        rows.append(Config(label, group="stack", **kw))
+        args = dict(key=p3, value=p3)
+        args.update(kw)
+        rows.append(Config(label, group="stack", **args))
     if not quick:
         rows += [
             Config("stack, prod (QJL) keys 2+1", stack_key(3, mode="prod"), stack_value(3),

@@ -168,11 +168,69 @@ def overheads():
     return {k_: v * 1e6 for k_, v in out.items()}
 
 
+def _fast_jobs():
+    """The generated kernels (rotorq.cuda.fast) the benchmark launches, with argument specs."""
+    fast = importlib.import_module("rotorq.cuda.fast")
+    f32, i64, u32, u8 = np.float32, np.int64, np.uint32, np.uint8
+    w, lv = D * BITS // 32, 1 << BITS
+
+    def a(*shape, dt=f32):
+        return np.zeros(shape, dt)
+
+    rd = 3 * (-(-D // 3))
+    return {
+        "score1": (lambda: fast.score_kernel(D, BITS, 1),
+                   (a(1, 1, D), a(1, dt=i64), a(1, 4, w, dt=u32), a(1, 4), a(1, dt=i64), a(lv),
+                    a(1, 1, 4))),
+        "score8": (lambda: fast.score_kernel(D, BITS, 8),
+                   (a(1, 8, D), a(1, dt=i64), a(1, 4, w, dt=u32), a(1, 4), a(1, dt=i64), a(lv),
+                    a(1, 8, 4))),
+        "quantize_hadamard": (lambda: fast.quantize_kernel("hadamard", D, D, BITS, True, False,
+                                                           True),
+                              (a(4, D // 2, dt=u32), a(D), a(lv - 1), a(lv), a(4, w, dt=u32),
+                               a(4))),
+        "quantize_rotor": (lambda: fast.quantize_kernel("rotor", D, rd, BITS, True, False,
+                                                        (rd * BITS + 7) // 8 % 4 == 0),
+                           (a(4, D // 2, dt=u32), a(rd // 3, 3, 3), a(lv - 1), a(lv),
+                            a(4, (rd * BITS + 7) // 8, dt=u8), a(4))),
+        "wht16": (lambda: fast.wht_kernel(D, True, True), (a(4, D // 2, dt=u32),) * 2),
+        "wht32": (lambda: fast.wht_kernel(D, True, False), (a(4, D // 2, dt=u32), a(4, D))),
+    }
+
+
+def _compile_job(name):
+    from rotorq.cuda._jit import kernel_signature
+    make, args = _fast_jobs()[name]
+    t0 = time.perf_counter()
+    launch_mod.compile_ptx(make(), kernel_signature(args), (9, 0))
+    return name, time.perf_counter() - t0
+
+
+def precompile():
+    """Compile the generated kernels in parallel processes into ``$ROTORQ_PTX_CACHE`` (set to
+    a fresh directory when unset); returns seconds per kernel (0 for cache hits)."""
+    import concurrent.futures
+    import multiprocessing
+    import tempfile
+    os.environ.setdefault("ROTORQ_PTX_CACHE", tempfile.mkdtemp(prefix="rotorq_ptx_"))
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(_fast_jobs()), mp_context=ctx) as pool:
+        return dict(pool.map(_compile_job, _fast_jobs()))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--max-log2n", type=int, default=22)
+    ap.add_argument("--precompile-only", action="store_true",
+                    help="only fill $ROTORQ_PTX_CACHE with the generated kernels, in parallel")
     args = ap.parse_args()
+    t0 = time.perf_counter()
+    compiled = precompile()
+    print(f"precompiled in {time.perf_counter() - t0:.1f} s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in compiled.items()), flush=True)
+    if args.precompile_only:
+        return
     props = cp.cuda.runtime.getDeviceProperties(0)
     meta = {"card": props["name"].decode(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "python": platform.python_version(), "numpy": np.__version__,

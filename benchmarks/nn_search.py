@@ -22,7 +22,9 @@ Methods at 2, 3 and 4 bits per coordinate (code bytes per vector as stored):
 Encode ("indexing") time: for FAISS ``train`` + ``add``; for rotorq building the
 quantizer + ``quantize`` — nothing is trained.  Builds under ``SLOW_BUILD_S`` are timed as
 the median of ``REPEATS`` or more; rotorq's first call (Numba compilation) is excluded,
-see :mod:`benchmarks.cpu_speed`.
+see :mod:`benchmarks.cpu_speed`.  FAISS's OpenMP threads are told not to spin
+(:func:`benchmarks.report.passive_openmp`): with the default policy its k-means ran 20–100×
+slower on a 2-core machine shared with other processes.
 
 Run ``python -m benchmarks.nn_search``.
 """
@@ -36,7 +38,7 @@ import numpy as np
 
 import rotorq
 from benchmarks import minilm
-from benchmarks.report import Progress, markdown_table, median_time
+from benchmarks.report import Progress, markdown_table, median_time, passive_openmp
 
 N_QUERIES = 500
 KS = (1, 10, 100)
@@ -161,7 +163,7 @@ def run(bits=(2, 3, 4), progress=None) -> dict:
     ip = faiss.METRIC_INNER_PRODUCT
     sq = faiss.ScalarQuantizer
     rows = []
-    for b in bits:
+    for b in bits:  # every rotorq row before the first FAISS call: no thread-pool interplay
         candidates = [
             (f"rotorq mse/{r}", lambda b=b, r=r: rotorq.TurboQuant(dim, b, rotation=r, seed=SEED))
             for r in ("dense", "hadamard", "rotor")]
@@ -170,6 +172,8 @@ def run(bits=(2, 3, 4), progress=None) -> dict:
                                                          seed=SEED)))
         for name, make in candidates:
             rows.append({"bits": b, **_rotorq_row(name, make, db, queries, true_top1, k_max)})
+        progress(f"nn: rotorq {b}-bit done")
+    for b in bits:
         faiss_candidates = [
             (f"faiss PQ{dim // 2}x{2 * b}", lambda b=b: _pq(dim, dim // 2, 2 * b)),
             (f"faiss SQ QT_{b}bit_tqmse",
@@ -181,7 +185,8 @@ def run(bits=(2, 3, 4), progress=None) -> dict:
                 ("faiss SQ QT_4bit", lambda: faiss.IndexScalarQuantizer(dim, sq.QT_4bit, ip)))
         for name, make in faiss_candidates:
             rows.append({"bits": b, **_faiss_row(name, make, db, queries, true_top1, k_max)})
-        progress(f"nn: {b}-bit done")
+        progress(f"nn: faiss {b}-bit done")
+    rows.sort(key=lambda r: r["bits"])  # stable: rotorq rows first within each bit width
     return {"n_db": n_db, "n_queries": len(queries), "dim": dim, "rows": rows}
 
 
@@ -192,7 +197,7 @@ def table(result: dict) -> str:
             + [f"{1e3 * r['encode_s']:.1f}"] for r in result["rows"]]
     return markdown_table(["bits", "method", "code bytes/vector"]
                           + [f"recall@1@{k}" for k in KS]
-                          + [f"encode ms ({result['n_db']} vectors)"], rows, "rllrrrrr")
+                          + [f"encode ms ({result['n_db']} vectors)"], rows, "rlrrrrr")
 
 
 def plot(result: dict, path) -> None:
@@ -231,6 +236,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 bits only")
     args = parser.parse_args(argv)
+    passive_openmp()
     print(table(run(bits=(3,) if args.quick else (2, 3, 4), progress=Progress())))
 
 

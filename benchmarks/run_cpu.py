@@ -40,6 +40,7 @@ from benchmarks.report import (
     environment,
     environment_markdown,
     markdown_table,
+    passive_openmp,
     write_sections,
 )
 
@@ -168,6 +169,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     output = args.output if args.output is not None else (None if args.quick else RESULTS)
     plots = None if output is None else output.parent / "plots"
+    omp_policy = passive_openmp()
     progress = Progress()
     env = environment()
     load_before = os.getloadavg()
@@ -186,7 +188,8 @@ def main(argv=None) -> None:
         "## CPU suite: environment\n\n" + environment_markdown(env)
         + f"- command: `python -m benchmarks.run_cpu {' '.join(sys.argv[1:])}`".rstrip()
         + f"\n- load average (1 min) before / after: {load_before[0]:.2f} / "
-        f"{load_after[0]:.2f} (other processes sharing the cores slow the timings)\n\n"
+        f"{load_after[0]:.2f} (other processes sharing the cores slow the timings)\n"
+        f"- OMP_WAIT_POLICY={omp_policy} (see `benchmarks.report.passive_openmp`)\n\n"
         + markdown_table(["part", "seconds"],
                          [[p, f"{s:.0f}"] for p, s in timings.items()] + [["total",
                                                                            f"{total:.0f}"]]))

@@ -14,6 +14,7 @@ import sys
 import cupy as cp
 from array_api_compat import is_torch_array
 
+from . import attention as _att
 from . import bits as _bits
 from . import dequantize as _dq
 from . import fast as _fast
@@ -357,7 +358,117 @@ def rotor_roundtrip(x, rot, boundaries, centroids, norm_correction):
     return out
 
 
+
+ATTENTION_THREADS = 64
+"""Threads (tokens per tile) of the general decode-attention kernel."""
+ATTENTION_FAST = True
+"""Use the generated tensor-core kernel (:func:`rotorq.cuda.attention.attention_kernel`) where
+it applies (fp16 MMA inputs, fp32 accumulation: outputs within ~1e-3 of the float32 path);
+``False``: always the general float32 kernel."""
+_ATT_PLACEHOLDERS: dict = {}
+
+
+def _att_placeholders(n_bh, n_rows):
+    dev = cp.cuda.runtime.getDevice()
+    ph = _ATT_PLACEHOLDERS.get(dev)
+    if ph is None:
+        ph = _ATT_PLACEHOLDERS[dev] = (cp.zeros((1, 1, 1), cp.uint8), cp.zeros((1, 1), cp.float16),
+                                       cp.zeros(1, cp.float32), {})
+    empty = ph[3].get((n_bh, n_rows))
+    if empty is None:
+        empty = ph[3][(n_bh, n_rows)] = cp.zeros((n_bh, n_rows, 0), cp.float32)
+    return ph[0], ph[1], ph[2], empty
+
+
+def _f16(a):
+    return _c(a if a.dtype == cp.float16 else a.astype(cp.float16))
+
+
+def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
+    """Tokens per split: about ``per_sm`` blocks per SM in all, at least ``min_chunk`` tokens
+    each, a multiple of ``per_block``."""
+    splits = max(1, min(-(-n_keys // min_chunk), -(-per_sm * _sm_count() // max(1, n_bh))))
+    chunk = -(-n_keys // splits)
+    return -(-chunk // per_block) * per_block
+
+
+def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
+    """Fused attention of rotated queries over packed keys and values (split-K, merged on
+    the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays."""
+    q0, qs0 = queries[0]
+    device = q0.device
+    with device, current_stream(device.id):
+        n_bh, n_rows = q0.shape[0], q0.shape[1]
+        u8, f16, f32, empty_q = _att_placeholders(n_bh, n_rows)
+        q1, qs1 = queries[1] if len(queries) > 1 else (empty_q, None)
+
+        def qarr(a):
+            return empty_q if a is None else _c(a.astype(cp.float32, copy=False))
+
+        def kpart(i):
+            if i >= len(keys):
+                return u8, f16, u8, f16, f32, 1, 0.0
+            codes, norms, cent, nbits, signs, qn, scale = keys[i]
+            if signs is None:
+                signs, qn, scale = u8, f16, 0.0
+            else:
+                signs, qn = _words(signs), _f16(qn)
+            return (_words(codes), _f16(norms), signs, qn, _c(cent.astype(cp.float32, copy=False)),
+                    int(nbits), float(scale))
+
+        def vpart(i):
+            if i >= len(values):
+                return u8, f16, f32, 1, 0
+            codes, norms, cent, nbits, big_d = values[i]
+            return _c(codes), _f16(norms), _c(cent.astype(cp.float32, copy=False)), int(nbits), int(big_d)
+
+        v0, v1 = vpart(0), vpart(1)
+        qargs = (qarr(q0), qarr(q1), qarr(qs0), qarr(qs1))
+        k0, k1 = kpart(0), kpart(1)
+        dk0, dk1 = qargs[0].shape[2], qargs[1].shape[2]
+        fast = None
+        if (ATTENTION_FAST and len(keys) == 1 and len(values) == 1 and qs0 is None
+                and n_rows <= _att.FAST_ROWS and n_keys > 0):
+            fast = _att.fast_config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
+                                    values[0][0].shape[-1])
+        if fast is not None:
+            per_block = _att.FAST_WARPS * 16
+            chunk = _att_splits(n_keys, n_bh, per_block, 2 * per_block, _att.FAST_BLOCKS_PER_SM)
+        else:
+            threads = ATTENTION_THREADS
+            chunk = _att_splits(n_keys, n_bh, threads, 256, 4)
+        n_split = max(1, -(-n_keys // chunk))
+        acc0 = _empty((n_bh, n_split, n_rows, v0[4]), cp.float32)
+        acc1 = _empty((n_bh, n_split, n_rows, v1[4]), cp.float32)
+        mx = _empty((n_bh, n_split, n_rows), cp.float32)
+        sm = _empty((n_bh, n_split, n_rows), cp.float32)
+        if fast is not None:
+            kern = _att.attention_kernel(*fast)
+            launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
+                   (qargs[0], _c(k0[0]).view(cp.uint32), k0[1], k0[4],
+                    _c(v0[0]).view(cp.uint16), v0[1], v0[2],
+                    int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
+        else:
+            shared = 4 * _att.shared_floats(threads, dk0, dk1, qargs[2].shape[2],
+                                            qargs[3].shape[2], v0[4], v1[4], 0)
+            if shared > SHARED_LIMIT:
+                raise ValueError("decode_attention: head dimensions too large for the CUDA "
+                                 f"kernel's shared memory ({shared} > {SHARED_LIMIT} bytes)")
+            launch(_att.decode_attention, (n_split, n_bh, 1), (threads, 1), shared,
+                   (*qargs, *k0, *k1, *v0[:4], *v1[:4], int(n_keys), int(n_q),
+                    int(causal_offset), int(chunk), acc0, acc1, mx, sm))
+        out0 = _empty((n_bh, n_rows, v0[4]), cp.float32)
+        out1 = _empty((n_bh, n_rows, v1[4]), cp.float32)
+        m = _empty((n_bh, n_rows), cp.float32)
+        lsum = _empty((n_bh, n_rows), cp.float32)
+        units = n_rows * (v0[4] + v1[4] + 1)
+        launch(_att.merge_splits, (-(-units // 128), n_bh, 1), (128, 1), 0,
+               (mx, sm, acc0, acc1, out0, out1, m, lsum))
+        return [out0, out1][:len(values)], m, lsum
+
+
 __all__ = [
+    "decode_attention",
     "dequantize",
     "dequantize_rotated",
     "name",

@@ -1,0 +1,642 @@
+"""Fused decode attention on packed keys and values on the GPU, the twin of
+:mod:`rotorq.cpu.attention` (flash-decoding, split-K).
+
+:func:`decode_attention` takes the CPU kernel's arguments in the same order (without its
+``task_lo, task_hi``: the grid is the task range) and writes the same per-split partials
+``acc*_out[bh, s]``, ``max_out[bh, s]``, ``sum_out[bh, s]``; :func:`merge_splits` combines
+the splits on the device (the CPU backend's log-sum-exp merge).
+
+Grid of :func:`decode_attention`: ``x`` = split ``s``, ``y`` = batch·KV head ``bh``; 1-D
+blocks of ``TILE`` threads (any count ≥ 1). A block walks its split in tiles of
+``blockDim.x`` tokens and the query rows in chunks of :data:`ROWS` (the rows' code reads are
+shared): thread ``j`` scores token ``j`` of the tile against the chunk's rows (queries staged
+in shared memory), one thread per row runs the online-softmax step, then threads stride over
+the value coordinates and accumulate ``p · ν · c[jdx]`` for the chunk's rows. float32
+throughout, every part (two key parts with scores summed, QJL prod mode, two value parts),
+any dimension and bit width: the general path. Dynamic shared memory (float32):
+:func:`shared_floats`.
+
+:func:`attention_kernel` generates the fast path for the common decode case (one MSE key part,
+one value part, ``D % 128 == 0``, 2–4 bits, at most 8 query rows per KV head): warp-level
+tensor-core MMAs (``mma.sync.m16n8k16``, fp16 inputs, fp32 accumulation), see its docstring.
+"""
+
+import linecache
+import math
+
+import numba
+import numpy as np
+from numba import cuda
+
+from ._jit import SIMULATOR, device, kernel
+from .bits import read_code, unpack_value
+from .qjl import sign_dots
+
+ROWS = 8
+"""Query rows per chunk of the general kernel (one register accumulator each)."""
+
+
+def shared_floats(threads, dk0, dk1, m0, m1, dv0, dv1, levels):
+    """float32 words of dynamic shared memory of :func:`decode_attention`."""
+    return ROWS * (dk0 + dk1 + m0 + m1) + ROWS * threads + ROWS * (dv0 + dv1) + 3 * ROWS \
+        + levels
+
+
+@device
+def _key_scores(q_sh, s_sh, kc, kn, ks, kg, cent, bits, qscale, use_qjl, bh, j, count, dk, m,
+                acc, qacc):
+    """``acc[i] += n_j · ⟨q_i, c[codes_j]⟩ (+ QJL term)`` for the staged rows ``i < count``."""
+    for i in range(ROWS):
+        qacc[i] = 0.0
+    row = kc[bh, j]
+    wbits = 8 * row.itemsize
+    w = 0
+    buf = 0
+    nbuf = 0
+    for k in range(dk):
+        code, w, buf, nbuf = read_code(row, wbits, bits, w, buf, nbuf)
+        c = cent[code]
+        for i in range(ROWS):
+            if i < count:
+                qacc[i] += q_sh[i * dk + k] * c
+    nrm = np.float32(kn[bh, j])
+    for i in range(ROWS):
+        acc[i] += nrm * qacc[i]
+    if use_qjl:
+        for i in range(ROWS):
+            qacc[i] = 0.0
+        sign_dots(s_sh, m, count, ROWS, ks[bh, j], qacc)
+        g = np.float32(qscale * np.float32(kg[bh, j]))
+        for i in range(ROWS):
+            acc[i] += g * qacc[i]
+
+
+@device
+def _stage(src, bh, first, count, dst, tid, threads):
+    w = src.shape[2]
+    n = count * w
+    k = tid
+    while k < n:
+        dst[k] = src[bh, first + k // w, k % w]
+        k += threads
+
+
+@device
+def _values(vc, vn, cent, bits, bh, j0, nt, p_sh, alpha_sh, count, threads, acc_sh, dv,
+            tid, acc):
+    """``acc_sh[i, k] = α_i · acc_sh[i, k] + Σ_j p[i, j] · ν_j · c[jdx_jk]`` for this tile."""
+    k = tid
+    while k < dv:
+        for i in range(ROWS):
+            if i < count:
+                acc[i] = acc_sh[i * dv + k] * alpha_sh[i]
+        for jj in range(nt):
+            row = vc[bh, j0 + jj]
+            val = np.float32(vn[bh, j0 + jj]) * cent[unpack_value(row, bits, k)]
+            for i in range(ROWS):
+                if i < count:
+                    acc[i] += p_sh[i * threads + jj] * val
+        for i in range(ROWS):
+            if i < count:
+                acc_sh[i * dv + k] = acc[i]
+        k += threads
+
+
+@kernel
+def decode_attention(q0, q1, qs0, qs1,
+                     kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
+                     kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
+                     vc0, vn0, vcent0, vbits0,
+                     vc1, vn1, vcent1, vbits1,
+                     n_keys, n_q, causal_offset, chunk,
+                     acc0_out, acc1_out, max_out, sum_out):
+    """Split-K fused attention over packed keys/values (contract: :mod:`rotorq.cpu.attention`).
+
+    Norms ``kn*``, ``kg*``, ``vn*`` are float16 arrays (the CPU twin takes their uint16 bit
+    patterns); code and sign rows are uint8 (or uint32 words). Grid ``(S, BH)``, 1-D blocks; dynamic shared memory
+    ``4 · shared_floats(...)`` bytes.
+    """
+    s = cuda.blockIdx.x
+    bh = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    n_rows = acc0_out.shape[2]
+    dv0 = acc0_out.shape[3]
+    dv1 = acc1_out.shape[3]
+    dk0 = q0.shape[2]
+    dk1 = q1.shape[2]
+    m0 = qs0.shape[2]
+    m1 = qs1.shape[2]
+    neg_inf = np.float32(-math.inf)
+    sh = cuda.shared.array(0, numba.float32)
+    o = 0
+    q0_sh = sh[o:o + ROWS * dk0]
+    o += ROWS * dk0
+    q1_sh = sh[o:o + ROWS * dk1]
+    o += ROWS * dk1
+    s0_sh = sh[o:o + ROWS * m0]
+    o += ROWS * m0
+    s1_sh = sh[o:o + ROWS * m1]
+    o += ROWS * m1
+    p_sh = sh[o:o + ROWS * threads]
+    o += ROWS * threads
+    a0_sh = sh[o:o + ROWS * dv0]
+    o += ROWS * dv0
+    a1_sh = sh[o:o + ROWS * dv1]
+    o += ROWS * dv1
+    m_sh = sh[o:o + ROWS]
+    l_sh = sh[o + ROWS:o + 2 * ROWS]
+    alpha_sh = sh[o + 2 * ROWS:o + 3 * ROWS]
+    acc = cuda.local.array(ROWS, numba.float32)
+    qacc = cuda.local.array(ROWS, numba.float32)
+    t0 = s * chunk
+    t1 = min(n_keys, t0 + chunk, n_q + causal_offset)
+    for first in range(0, n_rows, ROWS):
+        count = min(ROWS, n_rows - first)
+        _stage(q0, bh, first, count, q0_sh, tid, threads)
+        _stage(q1, bh, first, count, q1_sh, tid, threads)
+        _stage(qs0, bh, first, count, s0_sh, tid, threads)
+        _stage(qs1, bh, first, count, s1_sh, tid, threads)
+        k = tid
+        while k < ROWS * dv0:
+            a0_sh[k] = 0.0
+            k += threads
+        k = tid
+        while k < ROWS * dv1:
+            a1_sh[k] = 0.0
+            k += threads
+        k = tid
+        while k < ROWS:
+            m_sh[k] = neg_inf
+            l_sh[k] = 0.0
+            k += threads
+        cuda.syncthreads()
+        j0 = t0
+        while j0 < t1:
+            nt = min(threads, t1 - j0)
+            j = j0 + tid
+            if tid < nt:
+                for i in range(ROWS):
+                    acc[i] = 0.0
+                _key_scores(q0_sh, s0_sh, kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0, m0 > 0,
+                            bh, j, count, dk0, m0, acc, qacc)
+                if dk1 > 0:
+                    _key_scores(q1_sh, s1_sh, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
+                                m1 > 0, bh, j, count, dk1, m1, acc, qacc)
+                for i in range(ROWS):
+                    if i < count:
+                        r = first + i
+                        p_sh[i * threads + tid] = acc[i] if j <= r % n_q + causal_offset \
+                            else neg_inf
+            cuda.syncthreads()
+            i = tid
+            while i < count:  # the online-softmax step of row ``first + i``
+                mt = neg_inf
+                for jj in range(nt):
+                    mt = max(mt, p_sh[i * threads + jj])
+                mo = m_sh[i]
+                mn = max(mo, mt)
+                alpha = np.float32(1.0)
+                if mn != neg_inf:
+                    alpha = np.float32(math.exp(mo - mn))
+                    tot = np.float32(0.0)
+                    for jj in range(nt):
+                        p = np.float32(math.exp(p_sh[i * threads + jj] - mn))
+                        p_sh[i * threads + jj] = p
+                        tot += p
+                    l_sh[i] = l_sh[i] * alpha + tot
+                    m_sh[i] = mn
+                else:
+                    for jj in range(nt):
+                        p_sh[i * threads + jj] = 0.0
+                alpha_sh[i] = alpha
+                i += threads
+            cuda.syncthreads()
+            _values(vc0, vn0, vcent0, vbits0, bh, j0, nt, p_sh, alpha_sh, count, threads,
+                    a0_sh, dv0, tid, acc)
+            if dv1 > 0:
+                _values(vc1, vn1, vcent1, vbits1, bh, j0, nt, p_sh, alpha_sh, count, threads,
+                        a1_sh, dv1, tid, acc)
+            cuda.syncthreads()
+            j0 += threads
+        k = tid
+        while k < count * dv0:
+            acc0_out[bh, s, first + k // dv0, k % dv0] = a0_sh[k]
+            k += threads
+        k = tid
+        while k < count * dv1:
+            acc1_out[bh, s, first + k // dv1, k % dv1] = a1_sh[k]
+            k += threads
+        k = tid
+        while k < count:
+            max_out[bh, s, first + k] = m_sh[k]
+            sum_out[bh, s, first + k] = l_sh[k]
+            k += threads
+        cuda.syncthreads()
+
+
+@kernel
+def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_out):
+    """Log-sum-exp merge of the splits: ``(BH, S, R[, D])`` partials → ``(BH, R[, D])``.
+
+    Grid ``(ceil(R·(Dv0 + Dv1 + 1) / threads), BH)``; thread ``u < R·Dv0`` merges one
+    accumulator of part 0, then part 1, then one ``(m, l)`` per row. Splits that saw no key
+    (``m = -inf``) weigh 0.
+    """
+    bh = cuda.blockIdx.y
+    u = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    n_split = max_in.shape[1]
+    n_rows = max_in.shape[2]
+    dv0 = acc0_in.shape[3]
+    dv1 = acc1_in.shape[3]
+    n0 = n_rows * dv0
+    n1 = n_rows * dv1
+    if u >= n0 + n1 + n_rows:
+        return
+    if u < n0:
+        r = u // dv0
+    elif u < n0 + n1:
+        r = (u - n0) // dv1
+    else:
+        r = u - n0 - n1
+    mx = np.float32(-math.inf)
+    for s in range(n_split):
+        mx = max(mx, max_in[bh, s, r])
+    safe = mx if mx != -math.inf else np.float32(0.0)
+    tot = np.float32(0.0)
+    for s in range(n_split):
+        wgt = np.float32(math.exp(max_in[bh, s, r] - safe))
+        if u < n0:
+            tot += wgt * acc0_in[bh, s, r, u - r * dv0]
+        elif u < n0 + n1:
+            tot += wgt * acc1_in[bh, s, r, u - n0 - r * dv1]
+        else:
+            tot += wgt * sum_in[bh, s, r]
+    if u < n0:
+        acc0_out[bh, r, u - r * dv0] = tot
+    elif u < n0 + n1:
+        acc1_out[bh, r, u - n0 - r * dv1] = tot
+    else:
+        m_out[bh, r] = mx
+        l_out[bh, r] = tot
+
+
+# ------------------------------------------------------------------ tensor-core fast path
+
+FAST_ROWS = 8
+"""Query rows per KV head the tensor-core kernel takes (the MMA's N = 8)."""
+FAST_WARPS = 4
+"""Warps per block of the tensor-core kernel; each takes 16 tokens per step."""
+FAST_BLOCKS_PER_SM = 8
+"""Blocks per SM the split count aims at (the hardware runs what fits)."""
+
+if SIMULATOR:
+    def half_bits(f):
+        """The float16 bits (uint32, round to nearest even) of the float32 ``f``."""
+        return np.uint32(np.array(np.float16(f)).view(np.uint16))
+
+    def _half_of(u):
+        return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
+
+    @device
+    def mma_sim(sa, sb, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """``mma.sync.m16n8k16.row.col.f32.f16.f16.f32`` of one warp, emulated through the
+        block-shared scratch ``sa`` (uint32, 4/lane), ``sb`` (uint32, 2/lane) — every thread of
+        the block calls it (block barriers)."""
+        tid = cuda.threadIdx.x
+        base = tid - (tid & 31)
+        lane = tid & 31
+        sa[4 * tid], sa[4 * tid + 1], sa[4 * tid + 2], sa[4 * tid + 3] = a0, a1, a2, a3
+        sb[2 * tid], sb[2 * tid + 1] = b0, b1
+        cuda.syncthreads()
+        g, t = lane >> 2, lane & 3
+        out = [c0, c1, c2, c3]
+        for i in range(4):
+            row = g + 8 * (i >> 1)
+            col = 2 * t + (i & 1)
+            acc = np.float64(out[i])
+            for k in range(16):
+                ta = base + 4 * (row & 7) + ((k & 7) >> 1)
+                areg = sa[4 * ta + (row >> 3) + 2 * (k >> 3)]
+                tb = base + 4 * col + ((k & 7) >> 1)
+                breg = sb[2 * tb + (k >> 3)]
+                acc += _half_of(int(areg) >> (16 * (k & 1))) * _half_of(int(breg) >> (16 * (k & 1)))
+            out[i] = np.float32(acc)
+        cuda.syncthreads()
+        return out[0], out[1], out[2], out[3]
+
+    @device
+    def lanes_max(sx, x):
+        """Max of ``x`` over the 8 lanes of a warp with this lane's ``lane % 4`` (emulated)."""
+        tid = cuda.threadIdx.x
+        sx[tid] = x
+        cuda.syncthreads()
+        base = tid - (tid & 31) + (tid & 3)
+        v = sx[base]
+        for gg in range(1, 8):
+            v = max(v, sx[base + 4 * gg])
+        cuda.syncthreads()
+        return np.float32(v)
+
+    @device
+    def lanes_sum(sx, x):
+        tid = cuda.threadIdx.x
+        sx[tid] = x
+        cuda.syncthreads()
+        base = tid - (tid & 31) + (tid & 3)
+        v = np.float32(0.0)
+        for gg in range(8):
+            v += sx[base + 4 * gg]
+        cuda.syncthreads()
+        return np.float32(v)
+else:
+    from llvmlite import ir
+    from numba import types
+    from numba.cuda.extending import intrinsic
+
+    @intrinsic
+    def half_bits(typingctx, f):
+        def codegen(context, builder, signature, args):
+            h = builder.fptrunc(args[0], ir.HalfType())
+            return builder.zext(builder.bitcast(h, ir.IntType(16)), ir.IntType(32))
+        return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def mma16816(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` (inline PTX)."""
+        ret = types.UniTuple(types.float32, 4)
+        sig = ret(*([types.uint32] * 6 + [types.float32] * 4))
+
+        def codegen(context, builder, signature, args):
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            fnty = ir.FunctionType(ir.LiteralStructType([f32] * 4), [i32] * 6 + [f32] * 4)
+            asm = ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                   "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+            fn = ir.InlineAsm(fnty, asm, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+            res = builder.call(fn, args)
+            vals = [builder.extract_value(res, i) for i in range(4)]
+            return context.make_tuple(builder, signature.return_type, vals)
+        return sig, codegen
+
+
+_fast_kernels: dict = {}
+_counter = [0]
+
+
+def _build(name, lines, env):
+    src = "\n".join(lines) + "\n"
+    _counter[0] += 1
+    filename = f"<rotorq.cuda.attention:{name}:{_counter[0]}>"
+    linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
+    glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
+           "U32": np.uint32}
+    if SIMULATOR:
+        glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
+    else:
+        glb.update(mma16816=mma16816)
+    glb.update(env)
+    exec(compile(src, filename, "exec"), glb)
+    kern = kernel(glb[name])
+    kern.rotorq_source = src
+    return kern
+
+
+def _field(word, p, bits, wbits=32):
+    """Expression of the ``bits``-bit field at bit ``p`` of the words ``{word}0, {word}1, …``."""
+    w, s = p // wbits, p % wbits
+    mask = (1 << bits) - 1
+    if s + bits <= wbits:
+        return f"(({word}{w} >> U32({s})) & U32({mask}))"
+    return f"((({word}{w} >> U32({s})) | ({word}{w + 1} << U32({wbits - s}))) & U32({mask}))"
+
+
+def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
+    """``(DK, kbits, DV, vbits)`` for :func:`attention_kernel` if it applies, else None."""
+    if dk % 128 or dv % 128 or not (0 < dk <= 512 and 0 < dv <= 512):
+        return None
+    if not (1 <= kbits <= 4 and 1 <= vbits <= 4):
+        return None
+    if k_row_bytes * 8 != dk * kbits or v_row_bytes * 8 != dv * vbits:
+        return None
+    return (int(dk), int(kbits), int(dv), int(vbits))
+
+
+def attention_kernel(big_dk, kbits, big_dv, vbits):
+    """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
+
+    ``(q f32 (BH, R, DK), kc u32 (BH, cap, DK·kbits/32), kn f16 (BH, cap), kcent f32,
+    vc u16 (BH, cap, DV·vbits/16), vn f16 (BH, cap), vcent f32, n_keys, n_q, causal_offset,
+    chunk, acc_out f32 (BH, S, R, DV), max_out, sum_out f32 (BH, S, R))`` — the partials of
+    the general kernel's contract. Grid ``(S, BH)``, :data:`FAST_WARPS` warps per block.
+
+    Each warp takes 16 tokens per step. Scores: ``Sᵀ (16 tok × 8 rows) = K (16 × DK) · Qᵀ``
+    with ``mma.m16n8k16`` (fp16 in, fp32 accumulate); lane ``(g, t) = (lane/4, lane%4)`` owns
+    the contiguous coordinates ``[t·DK/4, (t+1)·DK/4)`` of its tokens ``g`` and ``g+8`` (the
+    MMA's k-index is permuted to match, so every bit offset is a constant) and decodes two
+    adjacent codes at once through a shared table of ``half2(c[a], c[b])`` pairs. The scores
+    times the key norms, masked, go through the online softmax (row max over the 8 lanes of a
+    row by shuffles; the running sum kept per lane and reduced at the end). Values:
+    ``accᵀ (DV × 8 rows) += Vᵀ (DV × 16 tok) · (p·ν)ᵀ`` with the M index permuted so that lane
+    group ``g`` owns coordinates ``[g·DV/8, (g+1)·DV/8)``; ``p·ν`` is transposed to the B
+    layout through a per-warp shared buffer. The block's warps merge in shared memory and
+    write one partial per split.
+    """
+    key = (big_dk, kbits, big_dv, vbits)
+    if key in _fast_kernels:
+        return _fast_kernels[key]
+    kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
+    vw = big_dv * vbits // 128  # uint16 value words per lane group (DV/8 coordinates)
+    nx = (vw + 1) // 2
+    kch = big_dk // 16
+    mtiles = big_dv // 16
+    lk2, lv2 = 1 << (2 * kbits), 1 << (2 * vbits)
+    W = FAST_WARPS
+    sim = SIMULATOR
+    L = ["def attn_fast(q, kc, kn, kcent, vc, vn, vcent, n_keys, n_q, causal_offset, chunk,",
+         "              acc_out, max_out, sum_out):",
+         f"    tabk = cuda.shared.array({lk2}, numba.uint32)",
+         f"    tabv = cuda.shared.array({lv2}, numba.uint32)",
+         f"    pt = cuda.shared.array({W * 128}, numba.float32)",
+         f"    red_m = cuda.shared.array({W * 8}, numba.float32)",
+         f"    red_l = cuda.shared.array({W * 8}, numba.float32)",
+         f"    red_a = cuda.shared.array({W * 8 * big_dv}, numba.float32)"]
+    if sim:
+        L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
+              f"    sb = cuda.shared.array({W * 64}, numba.uint32)",
+              f"    sx = cuda.shared.array({W * 32}, numba.float32)"]
+    L += ["    tid = cuda.threadIdx.x",
+          "    lane = tid & 31",
+          "    warp = tid >> 5",
+          "    g = lane >> 2",
+          "    t = lane & 3",
+          "    s = cuda.blockIdx.x",
+          "    bh = cuda.blockIdx.y",
+          "    n_rows = acc_out.shape[2]",
+          "    neg_inf = np.float32(-math.inf)",
+          "    e = tid",
+          f"    while e < {lk2}:",
+          f"        tabk[e] = half_bits(kcent[e & {(1 << kbits) - 1}]) | "
+          f"(half_bits(kcent[e >> {kbits}]) << U32(16))",
+          f"        e += {32 * W}",
+          "    e = tid",
+          f"    while e < {lv2}:",
+          f"        tabv[e] = half_bits(vcent[e & {(1 << vbits) - 1}]) | "
+          f"(half_bits(vcent[e >> {vbits}]) << U32(16))",
+          f"        e += {32 * W}",
+          "    qr = min(g, n_rows - 1)",
+          "    qz = np.float32(1.0) if g < n_rows else np.float32(0.0)",
+          f"    qo = t * {big_dk // 4}"]
+    for c in range(kch):
+        for h in range(2):
+            o = 4 * c + 2 * h
+            L.append(f"    qb{c}_{h} = half_bits(qz * q[bh, qr, qo + {o}]) | "
+                     f"(half_bits(qz * q[bh, qr, qo + {o + 1}]) << U32(16))")
+    L += ["    ra = 2 * t",
+          "    rb = 2 * t + 1",
+          "    lim_a = ra % n_q + causal_offset if ra < n_rows else -1",
+          "    lim_b = rb % n_q + causal_offset if rb < n_rows else -1",
+          "    m_a = neg_inf",
+          "    m_b = neg_inf",
+          "    l_a = np.float32(0.0)",
+          "    l_b = np.float32(0.0)"]
+    for mt in range(mtiles):
+        for i in range(4):
+            L.append(f"    o{mt}_{i} = np.float32(0.0)")
+    L += ["    t0 = s * chunk",
+          "    t1 = min(n_keys, t0 + chunk, n_q + causal_offset)",
+          f"    ntile = (max(t1 - t0, 0) + {16 * W - 1}) // {16 * W}",
+          "    cuda.syncthreads()",
+          "    pw = warp * 128",
+          f"    kwo = t * {kw}",
+          f"    vwo = g * {vw}",
+          "    for it in range(ntile):"]
+    I = " " * 8
+    L += [f"{I}base = t0 + (it * {W} + warp) * 16",
+          f"{I}ta = base + g",
+          f"{I}tb = ta + 8",
+          f"{I}ja = min(ta, t1 - 1)",
+          f"{I}jb = min(tb, t1 - 1)"]
+    for w in range(kw):
+        L.append(f"{I}ka{w} = kc[bh, ja, kwo + {w}]")
+        L.append(f"{I}kb{w} = kc[bh, jb, kwo + {w}]")
+    # value words of tokens 2t, 2t+1, 2t+8, 2t+9 (x = 0..3)
+    for x, off in enumerate(("2 * t", "2 * t + 1", "2 * t + 8", "2 * t + 9")):
+        L.append(f"{I}jv = min(base + {off}, t1 - 1)")
+        for w in range(vw):
+            L.append(f"{I}u{w} = U32(vc[bh, jv, vwo + {w}])")
+        for i in range(nx):
+            hi = f" | (u{2 * i + 1} << U32(16))" if 2 * i + 1 < vw else ""
+            L.append(f"{I}v{x}_{i} = u{2 * i}{hi}")
+    L.append(f"{I}na = np.float32(kn[bh, ja])")
+    L.append(f"{I}nb = np.float32(kn[bh, jb])")
+    L += [f"{I}s0 = np.float32(0.0)", f"{I}s1 = np.float32(0.0)", f"{I}s2 = np.float32(0.0)",
+          f"{I}s3 = np.float32(0.0)"]
+
+    def mma(a, b, c):
+        call = "mma_sim(sa, sb, " if sim else "mma16816("
+        return f"{I}{c} = {call}{a}, {b}, {c})"
+
+    for c in range(kch):
+        p0, p1 = 4 * c * kbits, (4 * c + 2) * kbits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
+        L += [f"{I}a0 = tabk[{_field('ka', p0, 2 * kbits)}]",
+              f"{I}a1 = tabk[{_field('kb', p0, 2 * kbits)}]",
+              f"{I}a2 = tabk[{_field('ka', p1, 2 * kbits)}]",
+              f"{I}a3 = tabk[{_field('kb', p1, 2 * kbits)}]"]
+        L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", "s0, s1, s2, s3"))
+    L += [f"{I}s0 = s0 * na if ta < t1 and ta <= lim_a else neg_inf",
+          f"{I}s1 = s1 * na if ta < t1 and ta <= lim_b else neg_inf",
+          f"{I}s2 = s2 * nb if tb < t1 and tb <= lim_a else neg_inf",
+          f"{I}s3 = s3 * nb if tb < t1 and tb <= lim_b else neg_inf",
+          f"{I}x_a = max(s0, s2)",
+          f"{I}x_b = max(s1, s3)"]
+    if sim:
+        L += [f"{I}x_a = lanes_max(sx, x_a)", f"{I}x_b = lanes_max(sx, x_b)"]
+    else:
+        for sh in (4, 8, 16):
+            L += [f"{I}x_a = max(x_a, cuda.shfl_xor_sync(0xFFFFFFFF, x_a, {sh}))",
+                  f"{I}x_b = max(x_b, cuda.shfl_xor_sync(0xFFFFFFFF, x_b, {sh}))"]
+    for r in ("a", "b"):
+        L += [f"{I}mn = max(m_{r}, x_{r})",
+              f"{I}al_{r} = np.float32(1.0)",
+              f"{I}ref_{r} = np.float32(0.0)",
+              f"{I}if mn != neg_inf:",
+              f"{I}    al_{r} = np.float32(math.exp(m_{r} - mn))",
+              f"{I}    ref_{r} = mn",
+              f"{I}m_{r} = mn"]
+    L += [f"{I}p0 = np.float32(math.exp(s0 - ref_a))",
+          f"{I}p1 = np.float32(math.exp(s1 - ref_b))",
+          f"{I}p2 = np.float32(math.exp(s2 - ref_a))",
+          f"{I}p3 = np.float32(math.exp(s3 - ref_b))",
+          f"{I}l_a = l_a * al_a + (p0 + p2)",
+          f"{I}l_b = l_b * al_b + (p1 + p3)"]
+    for mt in range(mtiles):
+        L += [f"{I}o{mt}_0 *= al_a", f"{I}o{mt}_1 *= al_b", f"{I}o{mt}_2 *= al_a",
+              f"{I}o{mt}_3 *= al_b"]
+    L += [f"{I}vna = np.float32(vn[bh, ja])",
+          f"{I}vnb = np.float32(vn[bh, jb])",
+          f"{I}pt[pw + g * 8 + ra] = p0 * vna",
+          f"{I}pt[pw + g * 8 + rb] = p1 * vna",
+          f"{I}pt[pw + (g + 8) * 8 + ra] = p2 * vnb",
+          f"{I}pt[pw + (g + 8) * 8 + rb] = p3 * vnb"]
+    sync = "cuda.syncthreads()" if sim else "cuda.syncwarp(0xFFFFFFFF)"
+    L += [f"{I}{sync}",
+          f"{I}pb0 = half_bits(pt[pw + (2 * t) * 8 + g]) | "
+          f"(half_bits(pt[pw + (2 * t + 1) * 8 + g]) << U32(16))",
+          f"{I}pb1 = half_bits(pt[pw + (2 * t + 8) * 8 + g]) | "
+          f"(half_bits(pt[pw + (2 * t + 9) * 8 + g]) << U32(16))",
+          f"{I}{sync}"]
+    for mt in range(mtiles):
+        regs = []
+        for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
+            lo = _field(f"v{x0}_", j * vbits, vbits)
+            hi = _field(f"v{x1}_", j * vbits, vbits)
+            regs.append(f"tabv[{lo} | ({hi} << U32({vbits}))]")
+        L += [f"{I}a0 = {regs[0]}", f"{I}a1 = {regs[1]}", f"{I}a2 = {regs[2]}",
+              f"{I}a3 = {regs[3]}"]
+        L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
+    # finish: per-lane sums over the row's 8 lanes, then the block's warps merge
+    I = " " * 4
+    if sim:
+        L += [f"{I}l_a = lanes_sum(sx, l_a)", f"{I}l_b = lanes_sum(sx, l_b)"]
+    else:
+        for sh in (4, 8, 16):
+            L += [f"{I}l_a += cuda.shfl_xor_sync(0xFFFFFFFF, l_a, {sh})",
+                  f"{I}l_b += cuda.shfl_xor_sync(0xFFFFFFFF, l_b, {sh})"]
+    L += [f"{I}if g == 0:",
+          f"{I}    red_m[warp * 8 + ra] = m_a",
+          f"{I}    red_m[warp * 8 + rb] = m_b",
+          f"{I}    red_l[warp * 8 + ra] = l_a",
+          f"{I}    red_l[warp * 8 + rb] = l_b",
+          f"{I}ob = warp * {8 * big_dv} + g * {big_dv // 8}"]
+    for mt in range(mtiles):
+        L += [f"{I}red_a[ob + ra * {big_dv} + {2 * mt}] = o{mt}_0",
+              f"{I}red_a[ob + rb * {big_dv} + {2 * mt}] = o{mt}_1",
+              f"{I}red_a[ob + ra * {big_dv} + {2 * mt + 1}] = o{mt}_2",
+              f"{I}red_a[ob + rb * {big_dv} + {2 * mt + 1}] = o{mt}_3"]
+    L += [f"{I}cuda.syncthreads()",
+          f"{I}u = tid",
+          f"{I}while u < n_rows * {big_dv + 1}:",
+          f"{I}    if u < n_rows * {big_dv}:",
+          f"{I}        r = u // {big_dv}",
+          f"{I}    else:",
+          f"{I}        r = u - n_rows * {big_dv}",
+          f"{I}    mx = neg_inf"]
+    for w in range(W):
+        L.append(f"{I}    mx = max(mx, red_m[{8 * w} + r])")
+    L += [f"{I}    sf = mx if mx != neg_inf else np.float32(0.0)",
+          f"{I}    tot = np.float32(0.0)",
+          f"{I}    if u < n_rows * {big_dv}:"]
+    for w in range(W):
+        L.append(f"{I}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
+                 f"red_a[{w * 8 * big_dv} + u]")
+    L += [f"{I}        acc_out[bh, s, r, u - r * {big_dv}] = tot",
+          f"{I}    else:"]
+    for w in range(W):
+        L.append(f"{I}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
+                 f"red_l[{8 * w} + r]")
+    L += [f"{I}        max_out[bh, s, r] = mx",
+          f"{I}        sum_out[bh, s, r] = tot",
+          f"{I}    u += {32 * W}"]
+    kern = _build("attn_fast", L, {})
+    _fast_kernels[key] = kern
+    return kern

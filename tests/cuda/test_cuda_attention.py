@@ -1,0 +1,195 @@
+"""Fused decode attention on the GPU (:mod:`rotorq.cuda.attention`) against the CPU kernel.
+
+- ``cudasim``: the general kernel, the split merge and the generated tensor-core kernel (its
+  MMAs and warp exchanges emulated through shared memory) under Numba's simulator, on tiny
+  fresh random inputs, outputs poisoned, against :func:`rotorq.cpu.attention.decode_attention`.
+  Run with ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/cuda``.
+- ``cuda``: :class:`rotorq.KVCache` fed cupy arrays and torch CUDA tensors against the same
+  cache fed numpy (GQA, causal, outliers, prod keys, the residual window), and the kernels at
+  decode size against the CPU kernel.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+CPU_ATT = importlib.import_module("rotorq.cpu.attention")
+
+
+def _pack(codes, bits):
+    """LSB-first packing of uint8 codes (n, …, D) into bytes (n, …, ceil(D·bits/8))."""
+    lead, d = codes.shape[:-1], codes.shape[-1]
+    bitv = ((codes[..., :, None].astype(np.uint16) >> np.arange(bits)) & 1).astype(np.uint8)
+    bitv = bitv.reshape(lead + (d * bits,))
+    pad = (-bitv.shape[-1]) % 8
+    if pad:
+        bitv = np.concatenate([bitv, np.zeros(lead + (pad,), np.uint8)], axis=-1)
+    return np.packbits(bitv, axis=-1, bitorder="little")
+
+
+def make_case(rng, *, n_bh=2, n_rows=3, n_q=1, dk=(16, 0), dv=(16, 0), kbits=(3, 2),
+              vbits=(3, 4), m=(0, 0), n_keys=50, cap=None, causal_offset=None):
+    """Random arguments of the decode-attention contract (CPU dtypes), plus the merged
+    reference ``(accs, m, l)`` computed by the CPU kernel."""
+    cap = cap or n_keys + 3
+    f32 = np.float32
+    scale = f32(0.4)
+
+    def cent(bits):
+        return np.sort(rng.standard_normal(1 << bits)).astype(f32)
+
+    def norms(shape):
+        return (rng.random(shape) * 2 + 0.1).astype(np.float16)
+
+    q, qs, keys, vals = [], [], [], []
+    for p in range(2):
+        d = dk[p]
+        q.append((rng.standard_normal((n_bh, n_rows, d)) * scale).astype(f32))
+        qs.append((rng.standard_normal((n_bh, n_rows, m[p])) * scale).astype(f32))
+        b = kbits[p]
+        codes = rng.integers(0, 1 << b, (n_bh, cap, max(d, 1))).astype(np.uint8)
+        kc = _pack(codes, b)
+        signs = rng.integers(0, 2, (n_bh, cap, max(m[p], 1))).astype(np.uint8)
+        ks = _pack(signs, 1)
+        keys.append((kc, norms((n_bh, cap)), ks, norms((n_bh, cap)), cent(b), b,
+                     float(np.sqrt(np.pi / 2) / max(m[p], 1)) if m[p] else 0.0))
+        b = vbits[p]
+        d = dv[p]
+        codes = rng.integers(0, 1 << b, (n_bh, cap, max(d, 1))).astype(np.uint8)
+        vals.append((_pack(codes, b), norms((n_bh, cap)), cent(b), b))
+    if causal_offset is None:
+        causal_offset = n_keys
+    return dict(q=q, qs=qs, keys=keys, vals=vals, n_keys=n_keys, n_q=n_q,
+                causal_offset=causal_offset, n_rows=n_rows, n_bh=n_bh, dv=dv)
+
+
+def flat_args(case, *, uint16_norms):
+    """The contract's argument list (without outputs)."""
+    out = [case["q"][0], case["q"][1], case["qs"][0], case["qs"][1]]
+    for kc, kn, ks, kg, cent, b, sc in case["keys"]:
+        if uint16_norms:
+            kn, kg = kn.view(np.uint16), kg.view(np.uint16)
+        out += [kc, kn, ks, kg, cent, b, sc]
+    for vc, vn, cent, b in case["vals"]:
+        out += [vc, vn.view(np.uint16) if uint16_norms else vn, cent, b]
+    return out + [case["n_keys"], case["n_q"], case["causal_offset"]]
+
+
+def outputs(case, n_split, fill=0.0):
+    n_bh, n_rows, dv = case["n_bh"], case["n_rows"], case["dv"]
+    return [np.full((n_bh, n_split, n_rows, dv[0]), fill, np.float32),
+            np.full((n_bh, n_split, n_rows, dv[1]), fill, np.float32),
+            np.full((n_bh, n_split, n_rows), fill, np.float32),
+            np.full((n_bh, n_split, n_rows), fill, np.float32)]
+
+
+def cpu_partials(case, chunk):
+    n_split = max(1, -(-case["n_keys"] // chunk))
+    outs = outputs(case, n_split)
+    CPU_ATT.decode_attention(0, case["n_bh"] * n_split, *flat_args(case, uint16_norms=True),
+                             chunk, *outs)
+    return outs
+
+
+def merged(outs):
+    acc0, acc1, mx, sm = outs
+    m = mx.max(axis=1)
+    safe = np.where(np.isfinite(m), m, 0)
+    w = np.exp(mx - safe[:, None, :])
+    return (np.einsum("bsr,bsrd->brd", w, acc0), np.einsum("bsr,bsrd->brd", w, acc1),
+            m, (w * sm).sum(axis=1))
+
+
+def assert_merged_close(got, want, rtol):
+    """Merged outputs ``acc / l`` (and ``m``) within ``rtol`` of the row's accumulator norm."""
+    g0, g1, gm, gl = got
+    w0, w1, wm, wl = want
+    np.testing.assert_array_equal(np.isfinite(gm), np.isfinite(wm))
+    fin = np.isfinite(wm)
+    np.testing.assert_allclose(gm[fin], wm[fin], rtol=rtol, atol=rtol)
+    for g, w in ((g0, w0), (g1, w1)):
+        if w.size == 0:
+            continue
+        go = g / np.where(gl > 0, gl, 1)[..., None]
+        wo = w / np.where(wl > 0, wl, 1)[..., None]
+        scale = np.linalg.norm(wo, axis=-1, keepdims=True) + 1e-30
+        err = np.abs(go - wo) / scale
+        assert err.max() <= rtol, f"max relative error {err.max():.3g} > {rtol}"
+
+
+# ------------------------------------------------------------------------------ simulator
+
+SIM_CASES = {
+    "mse-1part": dict(),
+    "gqa-causal": dict(n_rows=6, n_q=2, causal_offset=37),
+    "rows-over-8": dict(n_rows=11, n_keys=21),
+    "two-parts-prod": dict(dk=(16, 5), dv=(16, 7), m=(8, 4), n_keys=40),
+    "prod-4bit": dict(kbits=(4, 2), vbits=(2, 4), m=(16, 0), dk=(8, 0), dv=(12, 0)),
+    "all-masked-split": dict(n_rows=2, n_q=2, causal_offset=3, n_keys=45),
+}
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+@pytest.mark.parametrize("name", sorted(SIM_CASES))
+def test_sim_general_kernel_matches_cpu(rng, name):
+    att = importlib.import_module("rotorq.cuda.attention")
+    case = make_case(rng, **SIM_CASES[name])
+    chunk, threads = 16, 4
+    want = cpu_partials(case, chunk)
+    n_split = len(range(0, case["n_keys"], chunk))
+    got = outputs(case, n_split, fill=np.nan)
+    dk, m, dv = [a.shape[2] for a in case["q"]], [a.shape[2] for a in case["qs"]], case["dv"]
+    levels = 0
+    shared = 4 * att.shared_floats(threads, *dk, *m, *dv, levels)
+    att.decode_attention[(n_split, case["n_bh"]), threads, 0, shared](
+        *flat_args(case, uint16_norms=False), chunk, *got)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+    # the device merge
+    n_bh, n_rows = case["n_bh"], case["n_rows"]
+    mo = [np.full((n_bh, n_rows, dv[0]), np.nan, np.float32),
+          np.full((n_bh, n_rows, dv[1]), np.nan, np.float32),
+          np.full((n_bh, n_rows), np.nan, np.float32), np.full((n_bh, n_rows), np.nan, np.float32)]
+    units = n_rows * (dv[0] + dv[1] + 1)
+    att.merge_splits[(-(-units // 8), n_bh), 8](got[2], got[3], got[0], got[1], *mo)
+    ref = merged(want)
+    for g, w in zip(mo, ref, strict=True):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+FAST_CASES = {
+    "k3v3-gqa8": dict(n_rows=8, kbits=(3, 2), vbits=(3, 4), n_keys=150),
+    "k4v2-causal": dict(n_rows=6, n_q=3, kbits=(4, 2), vbits=(2, 4), n_keys=140,
+                        causal_offset=97),
+    "k2v4-rows3": dict(n_rows=3, kbits=(2, 2), vbits=(4, 4), n_keys=70),
+}
+FAST_RTOL = 5e-3  # fp16 MMA inputs (queries, centroids, p·ν), fp32 accumulation
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+@pytest.mark.parametrize("name", sorted(FAST_CASES))
+def test_sim_fast_kernel_matches_cpu(rng, name):
+    att = importlib.import_module("rotorq.cuda.attention")
+    case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), **FAST_CASES[name])
+    chunk = 64
+    want = cpu_partials(case, chunk)
+    n_split = len(range(0, case["n_keys"], chunk))
+    got = outputs(case, n_split, fill=np.nan)
+    kc, kn, _, _, kcent, kb, _ = case["keys"][0]
+    vc, vn, vcent, vb = case["vals"][0]
+    cfg = att.fast_config(128, kb, 128, vb, kc.shape[-1], vc.shape[-1])
+    assert cfg is not None
+    kern = att.attention_kernel(*cfg)
+    kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
+        case["q"][0], kc.view(np.uint32), kn, kcent, vc.view(np.uint16), vn, vcent,
+        case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
+    gm = merged([got[0], got[1], got[2], got[3]])
+    wm = merged(want)
+    assert_merged_close(gm, wm, FAST_RTOL)
+    np.testing.assert_allclose(got[3][np.isfinite(want[2])].sum(), want[3][np.isfinite(want[2])].sum(),
+                               rtol=FAST_RTOL)
