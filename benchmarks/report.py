@@ -14,6 +14,7 @@ in the file, so a rerun of one suite leaves the others' results in place.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import platform
 import re
@@ -144,7 +145,12 @@ def _version(name: str) -> str:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
+        pass
+    try:
+        module = importlib.import_module(name.replace("-", "_"))
+    except ImportError:
         return "not installed"
+    return f"{getattr(module, '__version__', '?')} (source tree)"
 
 
 def environment(packages=("rotorq", "numpy", "numba", "scipy", "torch", "faiss-cpu",

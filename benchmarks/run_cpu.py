@@ -172,27 +172,28 @@ def main(argv=None) -> None:
     omp_policy = passive_openmp()
     progress = Progress()
     env = environment()
-    load_before = os.getloadavg()
-    sections, timings = {}, {}
+    load_before = os.getloadavg()[0]
+    sections, timings, loads = {}, {}, {}
     for part in args.only:
         progress(f"=== {part} ===")
         start = time.perf_counter()
         body, table = _RUNNERS[part](args.quick, progress, plots)
         timings[part] = time.perf_counter() - start
+        loads[part] = os.getloadavg()[0]
         sections[f"cpu:{part}"] = (body + f"\n_{env['date']}, {'quick' if args.quick else 'full'}"
                                    f" run, {timings[part]:.0f} s._\n")
         print(f"\n{table}", flush=True)
     total = sum(timings.values())
-    load_after = os.getloadavg()
+    command = " ".join(["python -m benchmarks.run_cpu", *(argv if argv is not None else sys.argv[1:])])
     header = (
         "## CPU suite: environment\n\n" + environment_markdown(env)
-        + f"- command: `python -m benchmarks.run_cpu {' '.join(sys.argv[1:])}`".rstrip()
-        + f"\n- load average (1 min) before / after: {load_before[0]:.2f} / "
-        f"{load_after[0]:.2f} (other processes sharing the cores slow the timings)\n"
-        f"- OMP_WAIT_POLICY={omp_policy} (see `benchmarks.report.passive_openmp`)\n\n"
-        + markdown_table(["part", "seconds"],
-                         [[p, f"{s:.0f}"] for p, s in timings.items()] + [["total",
-                                                                           f"{total:.0f}"]]))
+        + f"- command: `{command}`\n"
+        f"- OMP_WAIT_POLICY={omp_policy} (see `benchmarks.report.passive_openmp`)\n"
+        f"- load average (1 min) at the start: {load_before:.2f}; other processes sharing "
+        "the cores slow every timing below\n\n"
+        + markdown_table(["part", "seconds", "load average at its end"],
+                         [[p, f"{s:.0f}", f"{loads[p]:.2f}"] for p, s in timings.items()]
+                         + [["total", f"{total:.0f}", ""]]))
     sections = {"cpu:environment": header, **sections}
     print(f"\ntotal {total:.0f} s", flush=True)
     if output is not None:

@@ -1,10 +1,10 @@
 """CUDA backend: Numba ``@cuda.jit`` kernels behind the same functions as :mod:`rotorq.cpu`.
 
 The kernel modules mirror :mod:`rotorq.cpu` module by module and function by function
-(``bits``, ``wht``, ``rotate``, ``quantize``, ``dequantize``, ``scores``, ``qjl``, ``rotor``); the
-backend functions (defined in :mod:`rotorq.cuda.api`, re-exported here) take cupy arrays and
-launch the kernels on the caller's current stream. Importing this package imports cupy and
-numba.cuda, which is why :mod:`rotorq` imports it only when a GPU array arrives.
+(``bits``, ``wht``, ``rotate``, ``quantize``, ``dequantize``, ``scores``, ``qjl``, ``rotor``,
+``attention``); the backend functions (defined in :mod:`rotorq.cuda.api`, re-exported here)
+take cupy arrays and launch the kernels on the caller's current stream. Importing this package
+imports cupy and numba.cuda, which is why :mod:`rotorq` imports it only when a GPU array arrives.
 
 Without cupy, or under the Numba simulator (``NUMBA_ENABLE_CUDASIM=1``), only the kernel
 modules are usable (tests: simulator runs, PTX compilation); asking for a backend function

@@ -144,7 +144,7 @@ FAST_MIN_KEYS = 8192
 """Keys from which scoring uses the generated kernels."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count_of(device_id):
     return cp.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
@@ -389,7 +389,7 @@ def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
     each, a multiple of ``per_block``."""
     splits = max(1, min(-(-n_keys // min_chunk), -(-per_sm * _sm_count() // max(1, n_bh))))
     chunk = -(-n_keys // splits)
-    return -(-chunk // per_block) * per_block
+    return max(per_block, -(-chunk // per_block) * per_block)
 
 
 def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
@@ -413,14 +413,15 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
                 signs, qn, scale = u8, f16, 0.0
             else:
                 signs, qn = _words(signs), _f16(qn)
-            return (_words(codes), _f16(norms), signs, qn, _c(cent.astype(cp.float32, copy=False)),
-                    int(nbits), float(scale))
+            cent = _c(cent.astype(cp.float32, copy=False))
+            return _words(codes), _f16(norms), signs, qn, cent, int(nbits), float(scale)
 
         def vpart(i):
             if i >= len(values):
                 return u8, f16, f32, 1, 0
             codes, norms, cent, nbits, big_d = values[i]
-            return _c(codes), _f16(norms), _c(cent.astype(cp.float32, copy=False)), int(nbits), int(big_d)
+            cent = _c(cent.astype(cp.float32, copy=False))
+            return _c(codes), _f16(norms), cent, int(nbits), int(big_d)
 
         v0, v1 = vpart(0), vpart(1)
         qargs = (qarr(q0), qarr(q1), qarr(qs0), qarr(qs1))

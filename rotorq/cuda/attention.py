@@ -113,8 +113,8 @@ def decode_attention(q0, q1, qs0, qs1,
     """Split-K fused attention over packed keys/values (contract: :mod:`rotorq.cpu.attention`).
 
     Norms ``kn*``, ``kg*``, ``vn*`` are float16 arrays (the CPU twin takes their uint16 bit
-    patterns); code and sign rows are uint8 (or uint32 words). Grid ``(S, BH)``, 1-D blocks; dynamic shared memory
-    ``4 · shared_floats(...)`` bytes.
+    patterns); code and sign rows are uint8 (or uint32 words). Grid ``(S, BH)``, 1-D
+    blocks; dynamic shared memory ``4 · shared_floats(...)`` bytes.
     """
     s = cuda.blockIdx.x
     bh = cuda.blockIdx.y
@@ -509,134 +509,148 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
           "    pw = warp * 128",
           f"    kwo = t * {kw}",
           f"    vwo = g * {vw}",
-          "    for it in range(ntile):"]
-    I = " " * 8
-    L += [f"{I}base = t0 + (it * {W} + warp) * 16",
-          f"{I}ta = base + g",
-          f"{I}tb = ta + 8",
-          f"{I}ja = min(ta, t1 - 1)",
-          f"{I}jb = min(tb, t1 - 1)"]
-    for w in range(kw):
-        L.append(f"{I}ka{w} = kc[bh, ja, kwo + {w}]")
-        L.append(f"{I}kb{w} = kc[bh, jb, kwo + {w}]")
-    # value words of tokens 2t, 2t+1, 2t+8, 2t+9 (x = 0..3)
-    for x, off in enumerate(("2 * t", "2 * t + 1", "2 * t + 8", "2 * t + 9")):
-        L.append(f"{I}jv = min(base + {off}, t1 - 1)")
-        for w in range(vw):
-            L.append(f"{I}u{w} = U32(vc[bh, jv, vwo + {w}])")
-        for i in range(nx):
-            hi = f" | (u{2 * i + 1} << U32(16))" if 2 * i + 1 < vw else ""
-            L.append(f"{I}v{x}_{i} = u{2 * i}{hi}")
-    L.append(f"{I}na = np.float32(kn[bh, ja])")
-    L.append(f"{I}nb = np.float32(kn[bh, jb])")
-    L += [f"{I}s0 = np.float32(0.0)", f"{I}s1 = np.float32(0.0)", f"{I}s2 = np.float32(0.0)",
-          f"{I}s3 = np.float32(0.0)"]
+          "    nbase = t0 + warp * 16"]
+
+    def loads(ind, pre, base):
+        """Loads of the tile at ``base`` (indices clamped into the split) into ``{pre}…``."""
+        out = [f"{ind}{pre}ja = max(min({base} + g, t1 - 1), 0)",
+               f"{ind}{pre}jb = max(min({base} + g + 8, t1 - 1), 0)"]
+        for w in range(kw):
+            out.append(f"{ind}{pre}ka{w} = kc[bh, {pre}ja, kwo + {w}]")
+            out.append(f"{ind}{pre}kb{w} = kc[bh, {pre}jb, kwo + {w}]")
+        # value words of tokens 2t, 2t+1, 2t+8, 2t+9 (x = 0..3)
+        for x, off in enumerate(("2 * t", "2 * t + 1", "2 * t + 8", "2 * t + 9")):
+            out.append(f"{ind}jv = max(min({base} + {off}, t1 - 1), 0)")
+            for w in range(vw):
+                out.append(f"{ind}u{w} = U32(vc[bh, jv, vwo + {w}])")
+            for i in range(nx):
+                hi = f" | (u{2 * i + 1} << U32(16))" if 2 * i + 1 < vw else ""
+                out.append(f"{ind}{pre}v{x}_{i} = u{2 * i}{hi}")
+        out += [f"{ind}{pre}na = np.float32(kn[bh, {pre}ja])",
+                f"{ind}{pre}nb = np.float32(kn[bh, {pre}jb])",
+                f"{ind}{pre}vna = np.float32(vn[bh, {pre}ja])",
+                f"{ind}{pre}vnb = np.float32(vn[bh, {pre}jb])"]
+        return out
+
+    names = ([f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
+             + [f"v{x}_{i}" for x in range(4) for i in range(nx)]
+             + ["na", "nb", "vna", "vnb"])
+    # software pipelining: the next tile's codes are in flight while this one is computed
+    L += loads("    ", "n_", "nbase")
+    L.append("    for it in range(ntile):")
+    ind = " " * 8
+    L += [f"{ind}base = nbase",
+          f"{ind}ta = base + g",
+          f"{ind}tb = ta + 8"]
+    L += [f"{ind}{n} = n_{n}" for n in names]
+    L.append(f"{ind}nbase = base + {16 * W}")
+    L += loads(ind, "n_", "nbase")
+    L += [f"{ind}s0 = np.float32(0.0)", f"{ind}s1 = np.float32(0.0)", f"{ind}s2 = np.float32(0.0)",
+          f"{ind}s3 = np.float32(0.0)"]
 
     def mma(a, b, c):
         call = "mma_sim(sa, sb, " if sim else "mma16816("
-        return f"{I}{c} = {call}{a}, {b}, {c})"
+        return f"{ind}{c} = {call}{a}, {b}, {c})"
 
     for c in range(kch):
         p0, p1 = 4 * c * kbits, (4 * c + 2) * kbits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
-        L += [f"{I}a0 = tabk[{_field('ka', p0, 2 * kbits)}]",
-              f"{I}a1 = tabk[{_field('kb', p0, 2 * kbits)}]",
-              f"{I}a2 = tabk[{_field('ka', p1, 2 * kbits)}]",
-              f"{I}a3 = tabk[{_field('kb', p1, 2 * kbits)}]"]
+        L += [f"{ind}a0 = tabk[{_field('ka', p0, 2 * kbits)}]",
+              f"{ind}a1 = tabk[{_field('kb', p0, 2 * kbits)}]",
+              f"{ind}a2 = tabk[{_field('ka', p1, 2 * kbits)}]",
+              f"{ind}a3 = tabk[{_field('kb', p1, 2 * kbits)}]"]
         L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", "s0, s1, s2, s3"))
-    L += [f"{I}s0 = s0 * na if ta < t1 and ta <= lim_a else neg_inf",
-          f"{I}s1 = s1 * na if ta < t1 and ta <= lim_b else neg_inf",
-          f"{I}s2 = s2 * nb if tb < t1 and tb <= lim_a else neg_inf",
-          f"{I}s3 = s3 * nb if tb < t1 and tb <= lim_b else neg_inf",
-          f"{I}x_a = max(s0, s2)",
-          f"{I}x_b = max(s1, s3)"]
+    L += [f"{ind}s0 = s0 * na if ta < t1 and ta <= lim_a else neg_inf",
+          f"{ind}s1 = s1 * na if ta < t1 and ta <= lim_b else neg_inf",
+          f"{ind}s2 = s2 * nb if tb < t1 and tb <= lim_a else neg_inf",
+          f"{ind}s3 = s3 * nb if tb < t1 and tb <= lim_b else neg_inf",
+          f"{ind}x_a = max(s0, s2)",
+          f"{ind}x_b = max(s1, s3)"]
     if sim:
-        L += [f"{I}x_a = lanes_max(sx, x_a)", f"{I}x_b = lanes_max(sx, x_b)"]
+        L += [f"{ind}x_a = lanes_max(sx, x_a)", f"{ind}x_b = lanes_max(sx, x_b)"]
     else:
         for sh in (4, 8, 16):
-            L += [f"{I}x_a = max(x_a, cuda.shfl_xor_sync(0xFFFFFFFF, x_a, {sh}))",
-                  f"{I}x_b = max(x_b, cuda.shfl_xor_sync(0xFFFFFFFF, x_b, {sh}))"]
+            L += [f"{ind}x_a = max(x_a, cuda.shfl_xor_sync(0xFFFFFFFF, x_a, {sh}))",
+                  f"{ind}x_b = max(x_b, cuda.shfl_xor_sync(0xFFFFFFFF, x_b, {sh}))"]
     for r in ("a", "b"):
-        L += [f"{I}mn = max(m_{r}, x_{r})",
-              f"{I}al_{r} = np.float32(1.0)",
-              f"{I}ref_{r} = np.float32(0.0)",
-              f"{I}if mn != neg_inf:",
-              f"{I}    al_{r} = np.float32(math.exp(m_{r} - mn))",
-              f"{I}    ref_{r} = mn",
-              f"{I}m_{r} = mn"]
-    L += [f"{I}p0 = np.float32(math.exp(s0 - ref_a))",
-          f"{I}p1 = np.float32(math.exp(s1 - ref_b))",
-          f"{I}p2 = np.float32(math.exp(s2 - ref_a))",
-          f"{I}p3 = np.float32(math.exp(s3 - ref_b))",
-          f"{I}l_a = l_a * al_a + (p0 + p2)",
-          f"{I}l_b = l_b * al_b + (p1 + p3)"]
+        L += [f"{ind}mn = max(m_{r}, x_{r})",
+              f"{ind}al_{r} = np.float32(1.0)",
+              f"{ind}ref_{r} = np.float32(0.0)",
+              f"{ind}if mn != neg_inf:",
+              f"{ind}    al_{r} = np.float32(math.exp(m_{r} - mn))",
+              f"{ind}    ref_{r} = mn",
+              f"{ind}m_{r} = mn"]
+    L += [f"{ind}p0 = np.float32(math.exp(s0 - ref_a))",
+          f"{ind}p1 = np.float32(math.exp(s1 - ref_b))",
+          f"{ind}p2 = np.float32(math.exp(s2 - ref_a))",
+          f"{ind}p3 = np.float32(math.exp(s3 - ref_b))",
+          f"{ind}l_a = l_a * al_a + (p0 + p2)",
+          f"{ind}l_b = l_b * al_b + (p1 + p3)"]
     for mt in range(mtiles):
-        L += [f"{I}o{mt}_0 *= al_a", f"{I}o{mt}_1 *= al_b", f"{I}o{mt}_2 *= al_a",
-              f"{I}o{mt}_3 *= al_b"]
-    L += [f"{I}vna = np.float32(vn[bh, ja])",
-          f"{I}vnb = np.float32(vn[bh, jb])",
-          f"{I}pt[pw + g * 8 + ra] = p0 * vna",
-          f"{I}pt[pw + g * 8 + rb] = p1 * vna",
-          f"{I}pt[pw + (g + 8) * 8 + ra] = p2 * vnb",
-          f"{I}pt[pw + (g + 8) * 8 + rb] = p3 * vnb"]
+        L += [f"{ind}o{mt}_0 *= al_a", f"{ind}o{mt}_1 *= al_b", f"{ind}o{mt}_2 *= al_a",
+              f"{ind}o{mt}_3 *= al_b"]
+    L += [f"{ind}pt[pw + g * 8 + ra] = p0 * vna",
+          f"{ind}pt[pw + g * 8 + rb] = p1 * vna",
+          f"{ind}pt[pw + (g + 8) * 8 + ra] = p2 * vnb",
+          f"{ind}pt[pw + (g + 8) * 8 + rb] = p3 * vnb"]
     sync = "cuda.syncthreads()" if sim else "cuda.syncwarp(0xFFFFFFFF)"
-    L += [f"{I}{sync}",
-          f"{I}pb0 = half_bits(pt[pw + (2 * t) * 8 + g]) | "
+    L += [f"{ind}{sync}",
+          f"{ind}pb0 = half_bits(pt[pw + (2 * t) * 8 + g]) | "
           f"(half_bits(pt[pw + (2 * t + 1) * 8 + g]) << U32(16))",
-          f"{I}pb1 = half_bits(pt[pw + (2 * t + 8) * 8 + g]) | "
+          f"{ind}pb1 = half_bits(pt[pw + (2 * t + 8) * 8 + g]) | "
           f"(half_bits(pt[pw + (2 * t + 9) * 8 + g]) << U32(16))",
-          f"{I}{sync}"]
+          f"{ind}{sync}"]
     for mt in range(mtiles):
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
             lo = _field(f"v{x0}_", j * vbits, vbits)
             hi = _field(f"v{x1}_", j * vbits, vbits)
             regs.append(f"tabv[{lo} | ({hi} << U32({vbits}))]")
-        L += [f"{I}a0 = {regs[0]}", f"{I}a1 = {regs[1]}", f"{I}a2 = {regs[2]}",
-              f"{I}a3 = {regs[3]}"]
+        L += [f"{ind}a0 = {regs[0]}", f"{ind}a1 = {regs[1]}", f"{ind}a2 = {regs[2]}",
+              f"{ind}a3 = {regs[3]}"]
         L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
     # finish: per-lane sums over the row's 8 lanes, then the block's warps merge
-    I = " " * 4
+    ind = " " * 4
     if sim:
-        L += [f"{I}l_a = lanes_sum(sx, l_a)", f"{I}l_b = lanes_sum(sx, l_b)"]
+        L += [f"{ind}l_a = lanes_sum(sx, l_a)", f"{ind}l_b = lanes_sum(sx, l_b)"]
     else:
         for sh in (4, 8, 16):
-            L += [f"{I}l_a += cuda.shfl_xor_sync(0xFFFFFFFF, l_a, {sh})",
-                  f"{I}l_b += cuda.shfl_xor_sync(0xFFFFFFFF, l_b, {sh})"]
-    L += [f"{I}if g == 0:",
-          f"{I}    red_m[warp * 8 + ra] = m_a",
-          f"{I}    red_m[warp * 8 + rb] = m_b",
-          f"{I}    red_l[warp * 8 + ra] = l_a",
-          f"{I}    red_l[warp * 8 + rb] = l_b",
-          f"{I}ob = warp * {8 * big_dv} + g * {big_dv // 8}"]
+            L += [f"{ind}l_a += cuda.shfl_xor_sync(0xFFFFFFFF, l_a, {sh})",
+                  f"{ind}l_b += cuda.shfl_xor_sync(0xFFFFFFFF, l_b, {sh})"]
+    L += [f"{ind}if g == 0:",
+          f"{ind}    red_m[warp * 8 + ra] = m_a",
+          f"{ind}    red_m[warp * 8 + rb] = m_b",
+          f"{ind}    red_l[warp * 8 + ra] = l_a",
+          f"{ind}    red_l[warp * 8 + rb] = l_b",
+          f"{ind}ob = warp * {8 * big_dv} + g * {big_dv // 8}"]
     for mt in range(mtiles):
-        L += [f"{I}red_a[ob + ra * {big_dv} + {2 * mt}] = o{mt}_0",
-              f"{I}red_a[ob + rb * {big_dv} + {2 * mt}] = o{mt}_1",
-              f"{I}red_a[ob + ra * {big_dv} + {2 * mt + 1}] = o{mt}_2",
-              f"{I}red_a[ob + rb * {big_dv} + {2 * mt + 1}] = o{mt}_3"]
-    L += [f"{I}cuda.syncthreads()",
-          f"{I}u = tid",
-          f"{I}while u < n_rows * {big_dv + 1}:",
-          f"{I}    if u < n_rows * {big_dv}:",
-          f"{I}        r = u // {big_dv}",
-          f"{I}    else:",
-          f"{I}        r = u - n_rows * {big_dv}",
-          f"{I}    mx = neg_inf"]
+        L += [f"{ind}red_a[ob + ra * {big_dv} + {2 * mt}] = o{mt}_0",
+              f"{ind}red_a[ob + rb * {big_dv} + {2 * mt}] = o{mt}_1",
+              f"{ind}red_a[ob + ra * {big_dv} + {2 * mt + 1}] = o{mt}_2",
+              f"{ind}red_a[ob + rb * {big_dv} + {2 * mt + 1}] = o{mt}_3"]
+    L += [f"{ind}cuda.syncthreads()",
+          f"{ind}u = tid",
+          f"{ind}while u < n_rows * {big_dv + 1}:",
+          f"{ind}    if u < n_rows * {big_dv}:",
+          f"{ind}        r = u // {big_dv}",
+          f"{ind}    else:",
+          f"{ind}        r = u - n_rows * {big_dv}",
+          f"{ind}    mx = neg_inf"]
     for w in range(W):
-        L.append(f"{I}    mx = max(mx, red_m[{8 * w} + r])")
-    L += [f"{I}    sf = mx if mx != neg_inf else np.float32(0.0)",
-          f"{I}    tot = np.float32(0.0)",
-          f"{I}    if u < n_rows * {big_dv}:"]
+        L.append(f"{ind}    mx = max(mx, red_m[{8 * w} + r])")
+    L += [f"{ind}    sf = mx if mx != neg_inf else np.float32(0.0)",
+          f"{ind}    tot = np.float32(0.0)",
+          f"{ind}    if u < n_rows * {big_dv}:"]
     for w in range(W):
-        L.append(f"{I}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
+        L.append(f"{ind}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
                  f"red_a[{w * 8 * big_dv} + u]")
-    L += [f"{I}        acc_out[bh, s, r, u - r * {big_dv}] = tot",
-          f"{I}    else:"]
+    L += [f"{ind}        acc_out[bh, s, r, u - r * {big_dv}] = tot",
+          f"{ind}    else:"]
     for w in range(W):
-        L.append(f"{I}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
+        L.append(f"{ind}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
                  f"red_l[{8 * w} + r]")
-    L += [f"{I}        max_out[bh, s, r] = mx",
-          f"{I}        sum_out[bh, s, r] = tot",
-          f"{I}    u += {32 * W}"]
+    L += [f"{ind}        max_out[bh, s, r] = mx",
+          f"{ind}        sum_out[bh, s, r] = tot",
+          f"{ind}    u += {32 * W}"]
     kern = _build("attn_fast", L, {})
     _fast_kernels[key] = kern
     return kern

@@ -20,6 +20,13 @@ Same results as the CPU twins:
   per coordinate and query, the code extracted once per coordinate for all queries. float32
   sums in another order than the CPU's (within the score tests' 2e-5 relative tolerance).
 
+Compile time is the price: the quantize kernel for D = 128 is ~1,800 generated statements and
+takes Numba + NVVM 1–4 minutes (the score and WHT kernels 10–40 s), once per shape and
+process. :mod:`rotorq.cuda.api` therefore uses these kernels only from
+``FAST_MIN_ROWS``/``FAST_MIN_KEYS`` rows, and :func:`rotorq.cuda._launch.compile_ptx` keeps
+their PTX in ``$ROTORQ_PTX_CACHE`` when that is set (``benchmarks/gpu_bench.py
+--precompile-only`` fills it in parallel).
+
 fp16 rows travel as uint32 words (two halves each) and are split with :func:`half_lo` /
 :func:`half_hi`, which avoids Numba's scalar fp16 loads (capped near 1.9 TB/s). Under the CUDA
 simulator those helpers are numpy functions.
@@ -229,28 +236,16 @@ def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
 
 
 def _decide_lines(y, c, bits, ind):
-    """``{c}`` (uint32) = the number of boundaries ``b0 … b{L-2}`` that are ``<= {y}``, by
-    bisection: level ``l`` compares with the boundary picked (a select tree) by the bits above."""
-    out = []
-    decided = []  # names of the decided bits, most significant first
-
-    def pick(prefix_bits, l):
-        # boundary index for the decided prefix: (prefix << (l+1)) + 2^l - 1
-        if len(prefix_bits) == len(decided):
-            prefix = 0
-            for bit in prefix_bits:
-                prefix = 2 * prefix + bit
-            return f"b{(prefix << (l + 1)) + (1 << l) - 1}"
-        name = decided[len(prefix_bits)]
-        return f"({pick(prefix_bits + [1], l)} if {name} else {pick(prefix_bits + [0], l)})"
-
-    for l in range(bits - 1, -1, -1):
-        bit = f"{c}_{l}"
-        out.append(f"{ind}{bit} = {y} >= {pick([], l)}")
-        decided.append(bit)
-    terms = " | ".join(f"(U32({c}_{l}) << U32({l}))" if l else f"U32({c}_{l})"
-                       for l in range(bits - 1, -1, -1))
-    out.append(f"{ind}{c} = {terms}")
+    """``{c}`` (uint32) = the number of boundaries ``bs[0] … bs[L-2]`` that are ``<= {y}``, by
+    bisection: level ``l`` compares with ``bs[prefix·2^(l+1) + 2^l − 1]``, ``prefix`` the bits
+    decided above. Branch-free: the boundaries are indexed in shared memory rather than
+    selected by Python conditionals (each a branch, which costs Numba minutes of compile
+    time over a 128-wide row)."""
+    top = bits - 1
+    out = [f"{ind}{c} = U32({y} >= bs[{(1 << top) - 1}])"]
+    for l in range(top - 1, -1, -1):
+        out.append(f"{ind}{c} = ({c} << U32(1)) | U32({y} >= bs[({c} << U32({l + 1})) + "
+                   f"U32({(1 << l) - 1})])")
     return out
 
 
@@ -309,8 +304,12 @@ def quantize_kernel(kind, d, big_d, bits, half, norm_correction, word_out):
         L.append("        rs[t] = rot[t // 9, (t // 3) % 3, t % 3]")
     L += ["        t += cuda.blockDim.x",
           "    cuda.syncthreads()"]
-    for i in range(levels - 1):
-        L.append(f"    b{i} = boundaries[{i}]")
+    L += ["    bs = cuda.shared.array(LEVELS, numba.float32)",  # boundaries (L-1 used)
+          "    t = tid",
+          "    while t < LEVELS - 1:",
+          "        bs[t] = boundaries[t]",
+          "        t += cuda.blockDim.x",
+          "    cuda.syncthreads()"]
     L += ["    n_rows = norms.shape[0]",
           "    r = cuda.blockIdx.x * cuda.blockDim.x + tid",
           "    while r < n_rows:"]
@@ -367,7 +366,7 @@ def quantize_kernel(kind, d, big_d, bits, half, norm_correction, word_out):
                      f" & U32(255))")
     L += [f"{ind}norms[r] = n",
           f"{ind}r += cuda.gridDim.x * cuda.blockDim.x"]
-    kern = _build("quantize_fast", L, {"RSIZE": rsize})
+    kern = _build("quantize_fast", L, {"RSIZE": rsize, "LEVELS": levels})
     _kernels[key] = kern
     return kern
 

@@ -193,3 +193,142 @@ def test_sim_fast_kernel_matches_cpu(rng, name):
     assert_merged_close(gm, wm, FAST_RTOL)
     np.testing.assert_allclose(got[3][np.isfinite(want[2])].sum(), want[3][np.isfinite(want[2])].sum(),
                                rtol=FAST_RTOL)
+
+
+# ------------------------------------------------------------------------------ real GPU
+
+def _gpu():
+    if SIMULATOR:
+        return None
+    try:
+        import cupy as cp
+        return cp if cp.cuda.runtime.getDeviceCount() else None
+    except Exception:  # no cupy, no driver, no device
+        return None
+
+
+_REPORT: dict = {}
+
+
+@pytest.fixture(scope="module")
+def cp():
+    mod = _gpu()
+    if mod is None:
+        pytest.skip("needs a CUDA GPU and cupy")
+    yield mod
+    path = os.environ.get("ROTORQ_ATTENTION_REPORT")
+    if path and _REPORT:
+        import json
+        with open(path, "w") as f:
+            json.dump(_REPORT, f, indent=1, sort_keys=True)
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "general"])
+def fast_path(request, monkeypatch, cp):
+    api = importlib.import_module("rotorq.cuda.api")
+    monkeypatch.setattr(api, "ATTENTION_FAST", request.param)
+    return request.param
+
+
+def _host(a):
+    if hasattr(a, "get"):
+        return a.get()
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
+
+
+CACHE_CASES = {
+    # name: (KVCache kwargs, q heads, kv heads, d, T, n_q, causal)
+    "gqa8-d128-k3v3": (dict(key_bits=3, value_bits=3, residual_tokens=64), 32, 4, 128, 700, 1,
+                       False),
+    "gqa4-d128-causal": (dict(key_bits=4, value_bits=3, residual_tokens=16), 8, 2, 128, 500, 2,
+                         True),
+    "gqa4-d64": (dict(key_bits=4, value_bits=3, residual_tokens=32), 8, 2, 64, 400, 1, False),
+    "outliers": (dict(key_bits=3, value_bits=2, outlier_channels=4, residual_tokens=32), 8, 2,
+                 68, 300, 3, True),
+    "prod-keys": (dict(key_bits=4, value_bits=3, key_mode="prod", residual_tokens=32), 8, 2,
+                  128, 300, 1, False),
+    "window-only": (dict(key_bits=3, value_bits=3, residual_tokens=128), 8, 2, 128, 100, 1,
+                    False),
+}
+
+
+def _rel_err(got, want):
+    want = np.asarray(want, np.float64)
+    err = np.abs(np.asarray(got, np.float64) - want)
+    return float((err / (np.linalg.norm(want, axis=-1, keepdims=True) + 1e-30)).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("framework", ["cupy", "torch"])
+@pytest.mark.parametrize("name", sorted(CACHE_CASES))
+def test_kvcache_gpu_matches_numpy(rng, cp, fast_path, name, framework):
+    import rotorq
+    kw, hq, hk, d, total, n_q, causal = CACHE_CASES[name]
+    k = rng.standard_normal((hk, total, d)).astype(np.float32)
+    v = rng.standard_normal((hk, total, d)).astype(np.float32)
+    if "outlier" in name:
+        k[:, :, [3, 40]] *= 10.0
+    q = rng.standard_normal((hq, n_q, d)).astype(np.float32)
+    ref = rotorq.KVCache(hk, d, **kw)
+    if framework == "torch":
+        torch = pytest.importorskip("torch")
+
+        def dev(a):
+            return torch.from_numpy(a).cuda()
+    else:
+        def dev(a):
+            return cp.asarray(a)
+    gpu = rotorq.KVCache(hk, d, **kw)
+    split = total - 7
+    for cache, conv in ((ref, np.asarray), (gpu, dev)):
+        cache.append(conv(k[:, :split]), conv(v[:, :split]))
+        for i in range(split, total):  # decode: one token at a time
+            cache.append(conv(k[:, i:i + 1]), conv(v[:, i:i + 1]))
+    assert len(gpu) == len(ref) and gpu.compressed_tokens == ref.compressed_tokens
+    want = ref.attend(q, causal=causal)
+    got = gpu.attend(dev(q), causal=causal)
+    if framework == "torch":
+        assert got.is_cuda
+    else:
+        assert isinstance(got, cp.ndarray)
+    err = _rel_err(_host(got), want)
+    _REPORT[f"{name}-{framework}-{'fast' if fast_path else 'general'}"] = err
+    # GPU quantization may flip rare codes at rounding boundaries (FMA), the fast kernel
+    # rounds its MMA inputs to fp16
+    assert err < (1e-2 if fast_path else 5e-3), err
+    sg = _host(gpu.scores(dev(q)))
+    np.testing.assert_allclose(sg, ref.scores(q), rtol=1e-2, atol=1e-2 * np.abs(sg).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_keys,n_rows,n_q,causal", [(70_001, 8, 1, False), (9_000, 8, 2, True),
+                                                     (3_000, 5, 1, False)])
+def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_q, causal):
+    """The backend's decode_attention on random packed codes at decode sizes vs the CPU's."""
+    import rotorq.cuda as gpu
+    from rotorq import cpu
+    case = make_case(rng, n_bh=4, n_rows=n_rows, n_q=n_q, dk=(128, 0), dv=(128, 0),
+                     kbits=(3, 2), vbits=(3, 4), n_keys=n_keys,
+                     causal_offset=n_keys - n_q if causal else None)
+    kc, kn, _, _, kcent, kb, _ = case["keys"][0]
+    vc, vn, vcent, vb = case["vals"][0]
+    q = case["q"][0]
+    args = (n_keys, n_q, case["causal_offset"])
+    want = cpu.decode_attention(((q, None),), ((kc, kn, kcent, kb, None, None, 0.0),),
+                                ((vc, vn, vcent, vb, 128),), *args)
+    c = cp.asarray
+    got = gpu.decode_attention(((c(q), None),), ((c(kc), c(kn), c(kcent), kb, None, None, 0.0),),
+                               ((c(vc), c(vn), c(vcent), vb, 128),), *args)
+    accs_w, m_w, l_w = want
+    accs_g, m_g, l_g = got
+    # m alone moves with the score rounding (fp16 MMA inputs); m + log l does not
+    np.testing.assert_allclose(m_g.get(), m_w, rtol=1e-2, atol=2e-2)
+    np.testing.assert_allclose(m_g.get() + np.log(l_g.get()), m_w + np.log(l_w),
+                               rtol=2e-3, atol=2e-3)
+    out_w = accs_w[0] / l_w[..., None]
+    out_g = accs_g[0].get() / l_g.get()[..., None]
+    err = _rel_err(out_g, out_w)
+    _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-{'fast' if fast_path else 'general'}"] = err
+    assert err < (FAST_RTOL if fast_path else 1e-4), err
