@@ -462,8 +462,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
         out1 = _empty((n_bh, n_rows, v1[4]), cp.float32)
         m = _empty((n_bh, n_rows), cp.float32)
         lsum = _empty((n_bh, n_rows), cp.float32)
-        units = n_rows * (v0[4] + v1[4] + 1)
-        launch(_att.merge_splits, (-(-units // 128), n_bh, 1), (128, 1), 0,
+        cols, ys = _att.MERGE_COLS, 8
+        launch(_att.merge_splits, (max(1, -(-(v0[4] + v1[4]) // cols)), n_rows, n_bh), (cols, ys),
+               4 * _att.merge_shared_floats(n_split, cols * ys),
                (mx, sm, acc0, acc1, out0, out1, m, lsum))
         return [out0, out1][:len(values)], m, lsum
 

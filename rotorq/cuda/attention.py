@@ -235,50 +235,102 @@ def decode_attention(q0, q1, qs0, qs1,
         cuda.syncthreads()
 
 
+MERGE_COLS = 32
+"""Accumulator columns per block of :func:`merge_splits` (``blockDim.x``)."""
+
+
+def merge_shared_floats(n_split, threads):
+    """float32 words of dynamic shared memory of :func:`merge_splits`."""
+    return n_split + 2 * threads
+
+
 @kernel
 def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_out):
     """Log-sum-exp merge of the splits: ``(BH, S, R[, D])`` partials → ``(BH, R[, D])``.
 
-    Grid ``(ceil(R·(Dv0 + Dv1 + 1) / threads), BH)``; thread ``u < R·Dv0`` merges one
-    accumulator of part 0, then part 1, then one ``(m, l)`` per row. Splits that saw no key
-    (``m = -inf``) weigh 0.
+    Grid ``(ceil((Dv0 + Dv1) / MERGE_COLS), R, BH)``, blocks ``(MERGE_COLS, Y)``: the block
+    computes the row's max and split weights ``exp(m_s − m)`` in shared memory (splits that
+    saw no key weigh 0), then thread ``(x, y)`` sums column ``x`` over the splits
+    ``s ≡ y (mod Y)`` (coalesced rows) and the ``Y`` partial sums are added in shared memory.
+    Dynamic shared memory: ``4 · merge_shared_floats(S, MERGE_COLS · Y)`` bytes.
     """
-    bh = cuda.blockIdx.y
-    u = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    r = cuda.blockIdx.y
+    bh = cuda.blockIdx.z
+    x = cuda.threadIdx.x
+    y = cuda.threadIdx.y
+    nx = cuda.blockDim.x
+    ny = cuda.blockDim.y
+    threads = nx * ny
+    tid = y * nx + x
     n_split = max_in.shape[1]
-    n_rows = max_in.shape[2]
     dv0 = acc0_in.shape[3]
     dv1 = acc1_in.shape[3]
-    n0 = n_rows * dv0
-    n1 = n_rows * dv1
-    if u >= n0 + n1 + n_rows:
-        return
-    if u < n0:
-        r = u // dv0
-    elif u < n0 + n1:
-        r = (u - n0) // dv1
-    else:
-        r = u - n0 - n1
-    mx = np.float32(-math.inf)
-    for s in range(n_split):
+    sh = cuda.shared.array(0, numba.float32)
+    wgt = sh[:n_split]
+    red = sh[n_split:n_split + threads]
+    part = sh[n_split + threads:n_split + 2 * threads]
+    neg_inf = np.float32(-math.inf)
+    mx = neg_inf
+    s = tid
+    while s < n_split:
         mx = max(mx, max_in[bh, s, r])
-    safe = mx if mx != -math.inf else np.float32(0.0)
-    tot = np.float32(0.0)
-    for s in range(n_split):
-        wgt = np.float32(math.exp(max_in[bh, s, r] - safe))
-        if u < n0:
-            tot += wgt * acc0_in[bh, s, r, u - r * dv0]
-        elif u < n0 + n1:
-            tot += wgt * acc1_in[bh, s, r, u - n0 - r * dv1]
-        else:
-            tot += wgt * sum_in[bh, s, r]
-    if u < n0:
-        acc0_out[bh, r, u - r * dv0] = tot
-    elif u < n0 + n1:
-        acc1_out[bh, r, u - n0 - r * dv1] = tot
-    else:
+        s += threads
+    red[tid] = mx
+    cuda.syncthreads()
+    h = 1
+    while h < threads:
+        h <<= 1
+    h >>= 1
+    while h > 0:
+        if tid < h and tid + h < threads:
+            red[tid] = max(red[tid], red[tid + h])
+        cuda.syncthreads()
+        h >>= 1
+    mx = red[0]
+    cuda.syncthreads()
+    safe = mx if mx != neg_inf else np.float32(0.0)
+    lsum = np.float32(0.0)
+    s = tid
+    while s < n_split:
+        w = np.float32(math.exp(max_in[bh, s, r] - safe))
+        wgt[s] = w
+        lsum += w * sum_in[bh, s, r]
+        s += threads
+    red[tid] = lsum
+    cuda.syncthreads()
+    h = 1
+    while h < threads:
+        h <<= 1
+    h >>= 1
+    while h > 0:
+        if tid < h and tid + h < threads:
+            red[tid] += red[tid + h]
+        cuda.syncthreads()
+        h >>= 1
+    if tid == 0 and cuda.blockIdx.x == 0:
         m_out[bh, r] = mx
-        l_out[bh, r] = tot
+        l_out[bh, r] = red[0]
+    col = cuda.blockIdx.x * nx + x
+    tot = np.float32(0.0)
+    if col < dv0:
+        s = y
+        while s < n_split:
+            tot += wgt[s] * acc0_in[bh, s, r, col]
+            s += ny
+    elif col < dv0 + dv1:
+        s = y
+        while s < n_split:
+            tot += wgt[s] * acc1_in[bh, s, r, col - dv0]
+            s += ny
+    part[tid] = tot
+    cuda.syncthreads()
+    if y == 0 and col < dv0 + dv1:
+        for yy in range(1, ny):
+            tot += part[yy * nx + x]
+        if col < dv0:
+            acc0_out[bh, r, col] = tot
+        else:
+            acc1_out[bh, r, col - dv0] = tot
 
 
 # ------------------------------------------------------------------ tensor-core fast path
@@ -379,6 +431,34 @@ else:
         return sig, codegen
 
 
+if SIMULATOR:
+    def shr32(a, s):
+        """32-bit logical ``a >> s`` (uint32)."""
+        return np.uint32(int(a) >> int(s))
+
+    def shl32(a, s):
+        """32-bit ``a << s`` (uint32, truncated)."""
+        return np.uint32((int(a) << int(s)) & 0xFFFFFFFF)
+
+    def and32(a, b):
+        return np.uint32(int(a) & int(b))
+
+    def or32(a, b):
+        return np.uint32(int(a) | int(b))
+else:
+    def _binop32(op):
+        def typer(typingctx, a, b):
+            def codegen(context, builder, signature, args):
+                return getattr(builder, op)(args[0], args[1])
+            return types.uint32(types.uint32, types.uint32), codegen
+        return intrinsic(typer)
+
+    shr32 = _binop32("lshr")
+    shl32 = _binop32("shl")
+    and32 = _binop32("and_")
+    or32 = _binop32("or_")
+
+
 _fast_kernels: dict = {}
 _counter = [0]
 
@@ -389,7 +469,7 @@ def _build(name, lines, env):
     filename = f"<rotorq.cuda.attention:{name}:{_counter[0]}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
-           "U32": np.uint32}
+           "U32": np.uint32, "shr32": shr32, "shl32": shl32, "and32": and32, "or32": or32}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -401,13 +481,21 @@ def _build(name, lines, env):
     return kern
 
 
-def _field(word, p, bits, wbits=32):
-    """Expression of the ``bits``-bit field at bit ``p`` of the words ``{word}0, {word}1, …``."""
-    w, s = p // wbits, p % wbits
-    mask = (1 << bits) - 1
-    if s + bits <= wbits:
-        return f"(({word}{w} >> U32({s})) & U32({mask}))"
-    return f"((({word}{w} >> U32({s})) | ({word}{w + 1} << U32({wbits - s}))) & U32({mask}))"
+def _field(word, p, bits, shift=0):
+    """Expression (32-bit ops) of the ``bits``-bit field at bit ``p`` of the uint32 words
+    ``{word}0, {word}1, …``, shifted left by ``shift``."""
+    w, s = p // 32, p % 32
+    mask = ((1 << bits) - 1) << shift
+    if s + bits <= 32:
+        if s == shift:
+            return f"and32({word}{w}, U32({mask}))"
+        if s > shift:
+            return f"and32(shr32({word}{w}, U32({s - shift})), U32({mask}))"
+        return f"and32(shl32({word}{w}, U32({shift - s})), U32({mask}))"
+    both = f"or32(shr32({word}{w}, U32({s})), shl32({word}{w + 1}, U32({32 - s})))"
+    if shift:
+        both = f"shl32({both}, U32({shift}))"
+    return f"and32({both}, U32({mask}))"
 
 
 def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
@@ -509,27 +597,34 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
           "    pw = warp * 128",
           f"    kwo = t * {kw}",
           f"    vwo = g * {vw}",
-          "    nbase = t0 + warp * 16"]
+          "    nbase = t0 + warp * 16",
+          "    kcb = kc[bh]",
+          "    vcb = vc[bh]",
+          "    knb = kn[bh]",
+          "    vnb_ = vn[bh]"]
 
     def loads(ind, pre, base):
         """Loads of the tile at ``base`` (indices clamped into the split) into ``{pre}…``."""
         out = [f"{ind}{pre}ja = max(min({base} + g, t1 - 1), 0)",
                f"{ind}{pre}jb = max(min({base} + g + 8, t1 - 1), 0)"]
+        out += [f"{ind}kra = kcb[{pre}ja]", f"{ind}krb = kcb[{pre}jb]"]
         for w in range(kw):
-            out.append(f"{ind}{pre}ka{w} = kc[bh, {pre}ja, kwo + {w}]")
-            out.append(f"{ind}{pre}kb{w} = kc[bh, {pre}jb, kwo + {w}]")
+            out.append(f"{ind}{pre}ka{w} = kra[kwo + {w}]")
+            out.append(f"{ind}{pre}kb{w} = krb[kwo + {w}]")
         # value words of tokens 2t, 2t+1, 2t+8, 2t+9 (x = 0..3)
         for x, off in enumerate(("2 * t", "2 * t + 1", "2 * t + 8", "2 * t + 9")):
-            out.append(f"{ind}jv = max(min({base} + {off}, t1 - 1), 0)")
+            out.append(f"{ind}vrow = vcb[max(min({base} + {off}, t1 - 1), 0)]")
             for w in range(vw):
-                out.append(f"{ind}u{w} = U32(vc[bh, jv, vwo + {w}])")
+                out.append(f"{ind}u{w} = U32(vrow[vwo + {w}])")
             for i in range(nx):
-                hi = f" | (u{2 * i + 1} << U32(16))" if 2 * i + 1 < vw else ""
-                out.append(f"{ind}{pre}v{x}_{i} = u{2 * i}{hi}")
-        out += [f"{ind}{pre}na = np.float32(kn[bh, {pre}ja])",
-                f"{ind}{pre}nb = np.float32(kn[bh, {pre}jb])",
-                f"{ind}{pre}vna = np.float32(vn[bh, {pre}ja])",
-                f"{ind}{pre}vnb = np.float32(vn[bh, {pre}jb])"]
+                if 2 * i + 1 < vw:
+                    out.append(f"{ind}{pre}v{x}_{i} = or32(u{2 * i}, shl32(u{2 * i + 1}, U32(16)))")
+                else:
+                    out.append(f"{ind}{pre}v{x}_{i} = u{2 * i}")
+        out += [f"{ind}{pre}na = np.float32(knb[{pre}ja])",
+                f"{ind}{pre}nb = np.float32(knb[{pre}jb])",
+                f"{ind}{pre}vna = np.float32(vnb_[{pre}ja])",
+                f"{ind}{pre}vnb = np.float32(vnb_[{pre}jb])"]
         return out
 
     names = ([f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
@@ -545,8 +640,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
     L += [f"{ind}{n} = n_{n}" for n in names]
     L.append(f"{ind}nbase = base + {16 * W}")
     L += loads(ind, "n_", "nbase")
-    L += [f"{ind}s0 = np.float32(0.0)", f"{ind}s1 = np.float32(0.0)", f"{ind}s2 = np.float32(0.0)",
-          f"{ind}s3 = np.float32(0.0)"]
+    L += [f"{ind}{v}{i} = np.float32(0.0)" for v in "sz" for i in range(4)]
 
     def mma(a, b, c):
         call = "mma_sim(sa, sb, " if sim else "mma16816("
@@ -558,7 +652,10 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
               f"{ind}a1 = tabk[{_field('kb', p0, 2 * kbits)}]",
               f"{ind}a2 = tabk[{_field('ka', p1, 2 * kbits)}]",
               f"{ind}a3 = tabk[{_field('kb', p1, 2 * kbits)}]"]
-        L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", "s0, s1, s2, s3"))
+        acc = "s0, s1, s2, s3" if c % 2 == 0 else "z0, z1, z2, z3"
+        L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", acc))
+    if kch > 1:
+        L += [f"{ind}s{i} = s{i} + z{i}" for i in range(4)]
     L += [f"{ind}s0 = s0 * na if ta < t1 and ta <= lim_a else neg_inf",
           f"{ind}s1 = s1 * na if ta < t1 and ta <= lim_b else neg_inf",
           f"{ind}s2 = s2 * nb if tb < t1 and tb <= lim_a else neg_inf",
@@ -603,8 +700,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
             lo = _field(f"v{x0}_", j * vbits, vbits)
-            hi = _field(f"v{x1}_", j * vbits, vbits)
-            regs.append(f"tabv[{lo} | ({hi} << U32({vbits}))]")
+            hi = _field(f"v{x1}_", j * vbits, vbits, shift=vbits)
+            regs.append(f"tabv[or32({lo}, {hi})]")
         L += [f"{ind}a0 = {regs[0]}", f"{ind}a1 = {regs[1]}", f"{ind}a2 = {regs[2]}",
               f"{ind}a3 = {regs[3]}"]
         L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))

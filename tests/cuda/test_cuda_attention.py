@@ -154,8 +154,10 @@ def test_sim_general_kernel_matches_cpu(rng, name):
     mo = [np.full((n_bh, n_rows, dv[0]), np.nan, np.float32),
           np.full((n_bh, n_rows, dv[1]), np.nan, np.float32),
           np.full((n_bh, n_rows), np.nan, np.float32), np.full((n_bh, n_rows), np.nan, np.float32)]
-    units = n_rows * (dv[0] + dv[1] + 1)
-    att.merge_splits[(-(-units // 8), n_bh), 8](got[2], got[3], got[0], got[1], *mo)
+    nx, ny = 4, 3
+    grid = (max(1, -(-(dv[0] + dv[1]) // nx)), n_rows, n_bh)
+    att.merge_splits[grid, (nx, ny), 0, 4 * att.merge_shared_floats(n_split, nx * ny)](
+        got[2], got[3], got[0], got[1], *mo)
     ref = merged(want)
     for g, w in zip(mo, ref, strict=True):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
