@@ -69,10 +69,16 @@ _SOURCES = None
 
 
 def _cache_path(kern, sig, cc):
-    """File of ``kern``'s PTX in ``$ROTORQ_PTX_CACHE`` (None without it): keyed by the
+    """File of ``kern``'s PTX in the PTX cache (None when disabled): keyed by the
     generated source of :mod:`rotorq.cuda.fast` kernels, else by every source file of this
-    package, plus the signature, the compute capability and the numba-cuda version."""
-    root = os.environ.get("ROTORQ_PTX_CACHE")
+    package, plus the signature, the compute capability and the numba-cuda version.
+
+    The cache is ``$ROTORQ_PTX_CACHE``, by default ``$XDG_CACHE_HOME/rotorq/ptx`` (or
+    ``~/.cache/rotorq/ptx``); ``ROTORQ_PTX_CACHE=""`` disables it. The generated kernels take
+    tens of seconds (quantize: minutes) to compile, once per shape and machine."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                           "rotorq", "ptx")
+    root = os.environ.get("ROTORQ_PTX_CACHE", default)
     if not root:
         return None
     global _SOURCES
@@ -94,7 +100,7 @@ def _cache_path(kern, sig, cc):
 
 def compile_ptx(kern, sig, cc):
     """PTX of ``kern`` for the Numba types ``sig`` and compute capability ``cc``, through the
-    optional on-disk cache ``$ROTORQ_PTX_CACHE`` (the generated kernels of
+    on-disk cache of :func:`_cache_path` (the generated kernels of
     :mod:`rotorq.cuda.fast` take tens of seconds to compile). Cached PTX declares ISA 8.0 (what
     sm_90 needs) so that PTX from a newer NVVM loads on an older driver."""
     path = _cache_path(kern, sig, cc)
