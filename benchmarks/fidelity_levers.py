@@ -111,24 +111,49 @@ class Stream:
 
 @dataclass(frozen=True)
 class Config:
-    """One row: keys, values, full-precision sinks and window."""
+    """One row: keys, values, attention sinks and the recent window.
+
+    Attributes
+    ----------
+    sinks : int
+        First tokens kept at full precision (float16).
+    window : int
+        Most recent tokens (per query) stored better than the rest.
+    window_bits : int
+        ``0``: the window is full precision (float16); ``b > 0``: the window tokens are
+        quantized with the same recipe at ``b`` bits, and a token leaving the window is
+        re-quantized from those codes to the stream's bits (a two-tier cache).
+    """
 
     label: str
     key: Stream
     value: Stream
     sinks: int = 0
     window: int = 0
+    window_bits: int = 0
     group: str = field(default="", compare=False)
 
     def bits(self, n_tokens, n_layers, dim):
         """Honest stored bits per coordinate (see the module docstring)."""
-        full = min(n_tokens, self.sinks + self.window)
+        full = min(n_tokens, self.sinks + (self.window if not self.window_bits else 0))
+        tiered = min(n_tokens - full, self.window) if self.window_bits else 0
         side = NORM_BITS * dim if self.key.mean != "none" else 0
         vside = NORM_BITS * dim if self.value.mean != "none" else 0
+        code = []
+        for st in (self.key, self.value):
+            b = st.code_bits(n_layers, dim)
+            q_tok = n_tokens - full
+            code.append((b * (q_tok - tiered) + self.window_bits * tiered) / max(q_tok, 1))
         return kv_bits_per_coordinate(
-            n_tokens, dim, self.key.code_bits(n_layers, dim), self.value.code_bits(n_layers, dim),
+            n_tokens, dim, code[0], code[1],
             norm_bits=NORM_BITS, key_norms=self.key.norms, value_norms=self.value.norms,
             full_tokens=full, full_bits=FULL_BITS, key_side_bits=side, value_side_bits=vside)
+
+    @property
+    def window_label(self):
+        if not self.window:
+            return ""
+        return f"W{self.window}" + (f"@{self.window_bits}" if self.window_bits else " fp16")
 
 
 def plain(kb, vb, **kw):
@@ -172,12 +197,13 @@ def lever_configs(quick=False):
                                                      value=Stream(3, outliers=True))),
         ("1 attention-sink token", dict(sinks=1)),
         ("4 attention-sink tokens", dict(sinks=4)),
-        ("recent window of 32 tokens", dict(window=32)),
+        ("recent window of 4 tokens (fp16)", dict(window=4)),
+        ("recent window of 32 tokens at 5 bits", dict(window=32, window_bits=5)),
         ("value mean (per-sequence)", dict(value=Stream(3, mean="post"))),
         ("value channel scales (W_o)", dict(value=Stream(3, scale=True))),
     ]
     if quick:
-        alone = alone[1:2] + alone[3:4] + alone[8:9]
+        alone = alone[1:2] + alone[3:4] + alone[8:9] + alone[11:12]
     for label, kw in alone:
         args = dict(key=p3, value=p3)
         args.update(kw)
@@ -188,6 +214,8 @@ def lever_configs(quick=False):
         ("+ key channel scales", dict(key=Stream(3, mean="rope", scale=True))),
         ("+ norm correction (K and V)", dict(key=stack_key(3), value=stack_value(3))),
         ("+ 1 sink token", dict(key=stack_key(3), value=stack_value(3), sinks=1)),
+        ("+ window of 32 tokens at 5 bits", dict(key=stack_key(3), value=stack_value(3),
+                                                 sinks=1, window=32, window_bits=5)),
     ]
     for label, kw in steps:
         args = dict(key=p3, value=p3)
@@ -202,8 +230,14 @@ def lever_configs(quick=False):
                    stack_value(3), sinks=1, group="variants"),
             Config("stack + outlier split K+V", stack_key(3, outliers=True),
                    stack_value(3, outliers=True), sinks=1, group="variants"),
-            Config("stack + window 32", stack_key(3), stack_value(3), sinks=1, window=32,
+            Config("stack + window 4 fp16", stack_key(3), stack_value(3), sinks=1, window=4,
                    group="variants"),
+            Config("stack + window 16 fp16", stack_key(3), stack_value(3), sinks=1,
+                   window=16, group="variants"),
+            Config("stack + window 16 at 5 bits", stack_key(3), stack_value(3), sinks=1,
+                   window=16, window_bits=5, group="variants"),
+            Config("stack + window 64 at 5 bits", stack_key(3), stack_value(3), sinks=1,
+                   window=64, window_bits=5, group="variants"),
             best(4, 4, group="variants"), best(4, 3, group="variants"),
             best(3, 4, group="variants"), best(4, 2, group="variants"),
             best(3, 2, group="variants"), best(2, 2, group="variants"),
@@ -300,35 +334,46 @@ class CacheSim:
     model_config : benchmarks.smollm2.Config
     calib : Calibration
     seed : int
-        Base seed; layer ``l`` uses ``seed·1000 + 4l + i`` for its quantizers.
+        Base seed; layer ``l`` uses ``seed·1000 + 8l + i`` for its quantizers.
     only : tuple, optional
         ``(layer, "k" | "v")``: quantize that stream of that layer only (sensitivities).
     """
 
     def __init__(self, config, model_config, calib, seed=0, only=None):
         self.cfg, self.mc, self.calib, self.only = config, model_config, calib, only
-        d = model_config.head_dim
-        self.tqs = {}
+        self.tqs, self.tqs_hi = {}, {}
         for layer in range(model_config.n_layers):
             for j, (name, st) in enumerate((("k", config.key), ("v", config.value))):
                 b = st.layer_bits(layer)
                 if not b or (only is not None and only != (layer, name)):
                     continue
-                kw = dict(mode=st.mode, rotation=st.rotation, codebook=st.codebook,
-                          norm_correction=st.norm_correction)
-                s = seed * 1000 + 4 * layer + 2 * j
-                if st.outliers:
-                    self.tqs[layer, name] = [rotorq.TurboQuant(d - OUTLIERS, b, seed=s, **kw),
-                                             rotorq.TurboQuant(OUTLIERS, min(8, b + 1),
-                                                               seed=s + 1, **kw)]
-                else:
-                    self.tqs[layer, name] = [rotorq.TurboQuant(d, b, seed=s, **kw)]
+                s = seed * 1000 + 8 * layer + 4 * j
+                self.tqs[layer, name] = self._quantizers(st, b, s)
+                if config.window and config.window_bits:
+                    self.tqs_hi[layer, name] = self._quantizers(st, config.window_bits, s + 2)
+
+    def _quantizers(self, st, bits, seed):
+        d = self.mc.head_dim
+        kw = dict(mode=st.mode, rotation=st.rotation, codebook=st.codebook,
+                  norm_correction=st.norm_correction)
+        if st.outliers:
+            return [rotorq.TurboQuant(d - OUTLIERS, bits, seed=seed, **kw),
+                    rotorq.TurboQuant(OUTLIERS, min(8, bits + 1), seed=seed + 1, **kw)]
+        return [rotorq.TurboQuant(d, bits, seed=seed, **kw)]
+
+    def _tiers(self, x, layer, name, order):
+        """(window tier, older tokens) of the prepared stream ``x``."""
+        lo = self.tqs[layer, name]
+        if (layer, name) in self.tqs_hi:
+            hi = _roundtrip(x, self.tqs_hi[layer, name], order)
+            return hi, _roundtrip(hi, lo, order)   # demoted from the window's codes
+        return x, _roundtrip(x, lo, order)
 
     def keys(self, layer, k):
+        """``(k_window, k_old)``: what the cache returns for recent and older keys."""
         st, mc = self.cfg.key, self.mc
-        tqs = self.tqs.get((layer, "k"))
-        if tqs is None:
-            return k
+        if (layer, "k") not in self.tqs:
+            return k, k
         pos = np.arange(k.shape[1])
         scales = self.calib.key_scales[st.mean][layer] if st.scale else None
         mean = None
@@ -337,28 +382,36 @@ class CacheSim:
             mean = KeyPrep.offset_of(k[:, :MEAN_BLOCK], pos[:MEAN_BLOCK], base)
         prep = KeyPrep(mc.n_kv_heads, mc.head_dim, scales=scales, mean=mean, rope_base=base)
         order = self.calib.key_order[(st.mean, st.scale)][layer]
-        out = prep.restore(_roundtrip(prep.keys(k, pos), tqs, order), pos)
-        return self._sinks(out, k)
+        tiers = self._tiers(prep.keys(k, pos), layer, "k", order)
+        return tuple(self._sinks(prep.restore(t, pos), k) for t in tiers)
 
     def values(self, layer, v):
+        """``(v_window, v_old)``."""
         st = self.cfg.value
-        tqs = self.tqs.get((layer, "v"))
-        if tqs is None:
-            return v
+        if (layer, "v") not in self.tqs:
+            return v, v
         mu = v[:, :MEAN_BLOCK].mean(1, keepdims=True) if st.mean != "none" else 0.0
         s = self.calib.value_scales[layer][:, None, :] if st.scale else 1.0
-        out = _roundtrip((v - mu) * s, tqs, self.calib.value_order[layer]) / s + mu
-        return self._sinks(out, v)
+        tiers = self._tiers((v - mu) * s, layer, "v", self.calib.value_order[layer])
+        return tuple(self._sinks(t / s + mu, v) for t in tiers)
 
     def _sinks(self, out, x):
         n = self.cfg.sinks
+        out = np.array(out, dtype=np.float32)
         if n:
-            out = out.copy()
             out[:, :n] = x[:, :n]
-        return out.astype(np.float32)
+        return out
 
-    def __call__(self, layer, k, v):
-        return self.keys(layer, k), self.values(layer, v)
+    def attend(self, layer, q, k, v):
+        """Causal attention of layer ``layer`` on the simulated cache."""
+        k_win, k_old = self.keys(layer, k)
+        v_win, v_old = self.values(layer, v)
+        if self.cfg.window:
+            return windowed_attention(q, k_win, v_win, k_old, v_old, self.cfg.window)
+        return _EXACT_ATTENTION(q, k_old, v_old)
+
+
+_EXACT_ATTENTION = smollm2._attention
 
 
 def _log_probs(logits):
@@ -367,22 +420,19 @@ def _log_probs(logits):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def evaluate(model, tokens, exact_lp, hook, window=0):
-    """Perplexity and mean KL(exact ‖ quantized) of next-token distributions."""
-    if window:
-        pending = {}
+def evaluate(model, tokens, exact_lp, sim):
+    """Perplexity and mean KL(exact ‖ quantized) of next-token distributions, with every
+    layer's attention computed by ``sim`` (a :class:`CacheSim`)."""
+    layer_of = {}
 
-        def stash(layer, k, v):
-            pending["kv"] = hook(layer, k, v)
-            return k, v
+    def hook(layer, k, v):
+        layer_of["layer"] = layer
+        return k, v
 
-        def attention(q, k, v):
-            k_hat, v_hat = pending.pop("kv")
-            return windowed_attention(q, k, v, k_hat, v_hat, window)
+    def attention(q, k, v):
+        return sim.attend(layer_of.pop("layer"), q, k, v)
 
-        with mock.patch.object(smollm2, "_attention", attention):
-            lp = _log_probs(smollm2.forward(model, tokens, kv_hook=stash))
-    else:
+    with mock.patch.object(smollm2, "_attention", attention):
         lp = _log_probs(smollm2.forward(model, tokens, kv_hook=hook))
     idx = np.arange(len(tokens) - 1)
     ppl = float(np.exp(-lp[idx, tokens[1:]].mean()))
@@ -399,27 +449,38 @@ def sensitivities(model, tokens, calib, ref_bits=2, progress=None):
     sens = np.zeros((mc.n_layers, 2))
     for layer in range(mc.n_layers):
         for j, name in enumerate("kv"):
-            hook = CacheSim(cfg, mc, calib, seed=7, only=(layer, name))
-            sens[layer, j] = max(evaluate(model, tokens, exact_lp, hook)[1], 1e-6)
+            sim = CacheSim(cfg, mc, calib, seed=7, only=(layer, name))
+            sens[layer, j] = max(evaluate(model, tokens, exact_lp, sim)[1], 1e-6)
         if progress:
             progress(f"sensitivity layer {layer}: K {sens[layer, 0]:.4f} V {sens[layer, 1]:.4f}")
     return sens
 
 
-def allocated(budget, sens, n_tokens, mc, choices=(2, 3, 4, 5), label=None):
-    """The stack with per-layer K and V bits that fill ``budget`` honest bits."""
+# Hand-picked two-tier windows per budget: (K bits, V bits, window, window bits).
+TIERED = {4.0: (4, 3, 32, 6), 3.0: (3, 2, 32, 5), 2.5: (2, 2, 24, 5)}
+
+
+def tiered(kb, vb, window, window_bits, label=None, **kw):
+    return best(kb, vb, label or f"stack K{kb}/V{vb} + W{window}@{window_bits}", window=window,
+                window_bits=window_bits, **kw)
+
+
+def allocated(budget, sens, n_tokens, mc, base, choices=(2, 3, 4, 5)):
+    """``base`` (a stack config) with per-layer K and V bits that fill ``budget``."""
     # honest bits are linear in the mean code bits: the code budget that fills ``budget``
-    two, three = (best(b, b).bits(n_tokens, mc.n_layers, mc.head_dim) for b in (2, 3))
+    two, three = (dataclasses.replace(base, key=stack_key(b), value=stack_value(b))
+                  .bits(n_tokens, mc.n_layers, mc.head_dim) for b in (2, 3))
     code_budget = 2 + (budget - two) / (three - two)
     bits = allocate_bits(sens.reshape(-1), code_budget, choices, ref_bits=2).reshape(sens.shape)
     kb, vb = tuple(int(b) for b in bits[:, 0]), tuple(int(b) for b in bits[:, 1])
-    return Config(label or f"stack, per-layer bits (≤ {budget:g})", stack_key(kb),
-                  stack_value(vb), sinks=1, group="budget")
+    label = "stack, per-layer bits" + (f" + {base.window_label}" if base.window else "")
+    return dataclasses.replace(base, label=label, key=stack_key(kb), value=stack_value(vb),
+                               group="budget")
 
 
 def budget_configs(sens, n_tokens, mc, budgets=(4.0, 3.0, 2.5)):
-    """For each honest budget: the best plain TurboQuant and uniform stack that fit, and
-    the stack with per-layer bits."""
+    """For each honest budget: the best-fitting plain TurboQuant and uniform stack, the
+    stack with a two-tier window, and that with per-layer bits from the sensitivities."""
     d, L = mc.head_dim, mc.n_layers
     out = []
     for b in budgets:
@@ -434,8 +495,13 @@ def budget_configs(sens, n_tokens, mc, budgets=(4.0, 3.0, 2.5)):
             if c.bits(n_tokens, L, d) <= b:
                 rows.append(c)
                 break
-        if sens is not None:
-            rows.append(allocated(b, sens, n_tokens, mc))
+        if b in TIERED:
+            kb, vb, w, wb = TIERED[b]
+            c = tiered(kb, vb, max(1, round(w * n_tokens / 512)), wb, group="budget")
+            if c.bits(n_tokens, L, d) <= b:
+                rows.append(c)
+                if sens is not None:
+                    rows.append(allocated(b, sens, n_tokens, mc, c))
         out.append((b, rows))
     return out
 
@@ -457,12 +523,7 @@ def attention_errors(model, tokens, configs, calib, seed=0):
         errs = np.zeros((mc.n_layers, 2))
         for layer in range(mc.n_layers):
             q, k, v = cap["q"][layer], cap["k"][layer], cap["v"][layer]
-            k2, v2 = sim(layer, k, v)
-            if cfg.window:
-                ref = smollm2._attention(q, k, v)
-                got = windowed_attention(q, k, v, k2, v2, cfg.window)
-            else:
-                ref, got = smollm2._attention(q, k, v), smollm2._attention(q, k2, v2)
+            ref, got = _EXACT_ATTENTION(q, k, v), sim.attend(layer, q, k, v)
             per_head = np.sqrt(((got - ref) ** 2).sum((1, 2)) / (ref ** 2).sum((1, 2)))
             errs[layer] = (np.sqrt(((got - ref) ** 2).sum() / (ref ** 2).sum()), per_head.max())
         out[cfg.label] = errs
@@ -495,14 +556,15 @@ def run(n_tokens=512, seeds=(0, 1), quick=False, progress=None):
         start = time.perf_counter()
         r = {}
         for t in tokens:
-            vals = [evaluate(model, tokens[t], exact_lp[t],
-                             CacheSim(cfg, mc, calib, seed=s), cfg.window) for s in seeds]
+            vals = [evaluate(model, tokens[t], exact_lp[t], CacheSim(cfg, mc, calib, seed=s))
+                    for s in seeds]
             r[t] = np.array(vals)
         results[cfg] = r
         progress(f"{cfg.label} [{cfg.bits(n_tokens, mc.n_layers, mc.head_dim):.3f} b]: "
                  + ", ".join(f"{t} ppl {r[t][:, 0].mean():.3f} KL {r[t][:, 1].mean():.4f}"
                              for t in tokens) + f" ({time.perf_counter() - start:.0f} s)")
-    best3 = next(rows[-1] for b, rows in budgets if b == 3.0)
+    rows3 = next(rows for b, rows in budgets if b == 3.0)
+    best3 = min(rows3, key=lambda c: sum(results[c][t][:, 1].mean() for t in tokens))
     err_cfgs = [plain(3, 3), best3]
     errors = {t: attention_errors(model, tokens[t], err_cfgs, calib) for t in tokens}
     progress("per-layer attention-output errors")

@@ -149,6 +149,33 @@ def bench(tokens, rng, reps):
             "rel_err_vs_fp32_exact": rel}
 
 
+def profile_host(rng, path, calls=200):
+    """cProfile of KVCache.attend and of the backend call at T = 4K (host-bound sizes)."""
+    import cProfile
+    import io
+    import pstats
+    cache, _, _ = build_cache(4096, rng)
+    q = cp.asarray(rng.standard_normal((HQ, D), dtype=np.float32))
+    args = fused_args(cache, q)
+    out = io.StringIO()
+    for name, fn in (("KVCache.attend", lambda: cache.attend(q)),
+                     ("cuda.decode_attention", lambda: api.decode_attention(*args))):
+        fn()
+        cp.cuda.runtime.deviceSynchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        cp.cuda.runtime.deviceSynchronize()
+        out.write(f"== {name}: {(time.perf_counter() - t0) / calls * 1e6:.1f} µs per call "
+                  "(profiled)\n")
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(18)
+    with open(path, "w") as f:
+        f.write(out.getvalue())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -171,6 +198,7 @@ def main():
     del warm_cache
     rows = [bench(t, rng, args.reps) for t in args.tokens]
     os.makedirs(args.out, exist_ok=True)
+    profile_host(rng, os.path.join(args.out, "gpu_kv_bench_profile.txt"))
     with open(os.path.join(args.out, "gpu_kv_bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# decode attention, {HQ} q / {HK} KV heads, d={D}, {BITS}-bit K and V, n_q=1",

@@ -19,12 +19,15 @@ Methods at 2, 3 and 4 bits per coordinate (code bytes per vector as stored):
   quantizer, no rotation) at every ``b``, and the classic trained ``QT_4bit`` at 4 bits.
 - faiss ``IndexRaBitQ`` with ``nb_bits = b`` (its codes add per-vector factors).
 
-Encode ("indexing") time: for FAISS ``train`` + ``add``; for rotorq building the
-quantizer + ``quantize`` — nothing is trained.  Builds under ``SLOW_BUILD_S`` are timed as
-the median of ``REPEATS`` or more; rotorq's first call (Numba compilation) is excluded,
-see :mod:`benchmarks.cpu_speed`.  FAISS's OpenMP threads are told not to spin
+Indexing time, in two columns: *setup* is FAISS ``train`` (data-dependent) or building
+rotorq's quantizer (rotation + codebook; data-independent, nothing is trained), *encode*
+is FAISS ``add`` or rotorq ``quantize``.  Builds under ``SLOW_BUILD_S`` are timed as the
+medians of ``REPEATS`` or more; rotorq's first call (Numba compilation) is excluded, see
+:mod:`benchmarks.cpu_speed`.  FAISS's OpenMP threads are told not to spin
 (:func:`benchmarks.report.passive_openmp`): with the default policy its k-means ran 20–100×
-slower on a 2-core machine shared with other processes.
+slower on a 2-core machine shared with other processes.  numpy's multi-threaded OpenBLAS
+has the same problem with the small QR of rotorq's dense rotation (11 ms on one thread,
+up to seconds with two threads on a loaded machine), which shows in its setup column.
 
 Run ``python -m benchmarks.nn_search``.
 """
@@ -32,13 +35,14 @@ Run ``python -m benchmarks.nn_search``.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
 
 import rotorq
 from benchmarks import minilm
-from benchmarks.report import Progress, markdown_table, median_time, passive_openmp
+from benchmarks.report import Progress, markdown_table, passive_openmp
 
 N_QUERIES = 500
 KS = (1, 10, 100)
@@ -90,40 +94,48 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, 1)
 
 
-def _timed_build(build):
-    """Build once (timed); builds under ``SLOW_BUILD_S`` are timed again as the median of
-    ``REPEATS`` runs (at least half a second of them)."""
-    start = time.perf_counter()
-    built = build()
-    seconds = time.perf_counter() - start
-    if seconds < SLOW_BUILD_S:
-        seconds = median_time(build, REPEATS, warmup=0, min_seconds=0.5)
-    return built, seconds
+def _timed_build(setup, encode):
+    """Time ``obj = setup()`` then ``encode(obj)`` separately.
+
+    Builds under ``SLOW_BUILD_S`` are repeated ``REPEATS`` times (and for at least half a
+    second) and the medians kept.
+
+    Returns
+    -------
+    obj, setup_seconds, encode_seconds
+    """
+    runs = []
+    while True:
+        start = time.perf_counter()
+        obj = setup()
+        mid = time.perf_counter()
+        encoded = encode(obj)
+        runs.append((mid - start, time.perf_counter() - mid))
+        total = sum(a + b for a, b in runs)
+        if runs[0][0] + runs[0][1] >= SLOW_BUILD_S or (len(runs) >= REPEATS and total >= 0.5):
+            break
+    return (obj, encoded), statistics.median(a for a, _ in runs), statistics.median(
+        b for _, b in runs)
 
 
 def _rotorq_row(name, make, db, queries, true_top1, k_max):
-    def build():
-        tq = make()
-        return tq, tq.quantize(db)
-
-    build()  # warm-up: Numba compilation or cache load
-    (tq, codes), seconds = _timed_build(build)
+    make().quantize(db)  # warm-up: Numba compilation or cache load
+    (tq, codes), setup_s, encode_s = _timed_build(make, lambda tq: tq.quantize(db))
     ranked = top_k(np.asarray(tq.scores(queries, codes)), k_max)
-    return {"method": name, "bytes": codes.nbytes / len(db), "encode_s": seconds,
-            "recall": recall_at(true_top1, ranked)}
+    return {"method": name, "bytes": codes.nbytes / len(db), "setup_s": setup_s,
+            "encode_s": encode_s, "recall": recall_at(true_top1, ranked)}
 
 
 def _faiss_row(name, make, db, queries, true_top1, k_max):
-    def build():
+    def setup():
         index = make()
         index.train(db)
-        index.add(db)
         return index
 
-    index, seconds = _timed_build(build)
+    (index, _), setup_s, encode_s = _timed_build(setup, lambda index: index.add(db))
     _, ranked = index.search(queries, k_max)
-    return {"method": name, "bytes": float(index.code_size), "encode_s": seconds,
-            "recall": recall_at(true_top1, ranked)}
+    return {"method": name, "bytes": float(index.code_size), "setup_s": setup_s,
+            "encode_s": encode_s, "recall": recall_at(true_top1, ranked)}
 
 
 def _pq(dim, n_sub, nbits):
@@ -150,8 +162,8 @@ def run(bits=(2, 3, 4), progress=None) -> dict:
     -------
     dict
         ``n_db``, ``n_queries``, ``dim`` and ``rows``: list of dicts with ``bits``,
-        ``method``, ``bytes`` (code bytes per vector), ``encode_s`` and ``recall``
-        (k → recall@1@k).
+        ``method``, ``bytes`` (code bytes per vector), ``setup_s``, ``encode_s`` and
+        ``recall`` (k → recall@1@k).
     """
     import faiss
 
@@ -191,13 +203,14 @@ def run(bits=(2, 3, 4), progress=None) -> dict:
 
 
 def table(result: dict) -> str:
-    """Markdown table of recall@1@k, code bytes and encode time."""
+    """Markdown table of recall@1@k, code bytes, setup (training) and encode times."""
     rows = [[r["bits"], r["method"], f"{r['bytes']:.0f}"]
             + [f"{r['recall'][k]:.3f}" for k in KS]
-            + [f"{1e3 * r['encode_s']:.1f}"] for r in result["rows"]]
+            + [f"{1e3 * r['setup_s']:.1f}", f"{1e3 * r['encode_s']:.1f}"] for r in result["rows"]]
     return markdown_table(["bits", "method", "code bytes/vector"]
                           + [f"recall@1@{k}" for k in KS]
-                          + [f"encode ms ({result['n_db']} vectors)"], rows, "rlrrrrr")
+                          + ["setup / train ms", f"encode / add ms ({result['n_db']} vectors)"],
+                          rows, "rlrrrrrr")
 
 
 def plot(result: dict, path) -> None:

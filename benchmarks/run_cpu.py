@@ -112,8 +112,8 @@ def _nn(quick, progress, plots):
         f"{result['n_db']} database passages, {result['n_queries']} held-out query passages "
         f"(paragraphs of `pydoc_data.topics` and the system licence texts), d = {result['dim']}, "
         "unit-norm embeddings, exact inner product as ground truth. Recall@1@k = fraction of "
-        "queries whose true top-1 is in the estimated top-k. Encode = FAISS train + add, "
-        "rotorq quantizer construction + quantize (no training). Produced by "
+        "queries whose true top-1 is in the estimated top-k. Setup = FAISS train or building "
+        "the rotorq quantizer (no training); encode = FAISS add or rotorq quantize. Produced by "
         "`benchmarks/nn_search.py`.\n\n" + table)
     if plots is not None:
         nn_search.plot(result, plots / "recall_vs_bytes.png")

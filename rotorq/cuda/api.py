@@ -381,7 +381,15 @@ def _att_placeholders(n_bh, n_rows):
 
 
 def _f16(a):
-    return _c(a if a.dtype == cp.float16 else a.astype(cp.float16))
+    if a.dtype == cp.float16 and a.flags.c_contiguous:
+        return a
+    return _c(a.astype(cp.float16))
+
+
+def _f32c(a):
+    if a.dtype == cp.float32 and a.flags.c_contiguous:
+        return a
+    return _c(a.astype(cp.float32))
 
 
 def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
@@ -403,7 +411,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
         q1, qs1 = queries[1] if len(queries) > 1 else (empty_q, None)
 
         def qarr(a):
-            return empty_q if a is None else _c(a.astype(cp.float32, copy=False))
+            return empty_q if a is None else _f32c(a)
 
         def kpart(i):
             if i >= len(keys):
@@ -413,15 +421,15 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
                 signs, qn, scale = u8, f16, 0.0
             else:
                 signs, qn = _words(signs), _f16(qn)
-            cent = _c(cent.astype(cp.float32, copy=False))
-            return _words(codes), _f16(norms), signs, qn, cent, int(nbits), float(scale)
+            return _words(codes), _f16(norms), signs, qn, _f32c(cent), int(nbits), float(scale)
 
         def vpart(i):
             if i >= len(values):
                 return u8, f16, f32, 1, 0
             codes, norms, cent, nbits, big_d = values[i]
-            cent = _c(cent.astype(cp.float32, copy=False))
-            return _c(codes), _f16(norms), cent, int(nbits), int(big_d)
+            if not codes.flags.c_contiguous:
+                codes = _c(codes)
+            return codes, _f16(norms), _f32c(cent), int(nbits), int(big_d)
 
         v0, v1 = vpart(0), vpart(1)
         qargs = (qarr(q0), qarr(q1), qarr(qs0), qarr(qs1))
@@ -446,8 +454,8 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
         if fast is not None:
             kern = _att.attention_kernel(*fast)
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
-                   (qargs[0], _c(k0[0]).view(cp.uint32), k0[1], k0[4],
-                    _c(v0[0]).view(cp.uint16), v0[1], v0[2],
+                   (qargs[0], k0[0].view(cp.uint32), k0[1], k0[4], v0[0].view(cp.uint16),
+                    v0[1], v0[2],
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
             shared = 4 * _att.shared_floats(threads, dk0, dk1, qargs[2].shape[2],

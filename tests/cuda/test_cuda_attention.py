@@ -334,3 +334,39 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     err = _rel_err(out_g, out_w)
     _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-{'fast' if fast_path else 'general'}"] = err
     assert err < (FAST_RTOL if fast_path else 1e-4), err
+
+
+# ------------------------------------------------------------------ compile only (NVVM)
+
+@pytest.mark.skipif(SIMULATOR, reason="compile tests need the real numba.cuda")
+@pytest.mark.parametrize("kbits,vbits", [(3, 3), (4, 2)])
+def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits):
+    """The tensor-core kernel (inline-PTX MMA, 32-bit intrinsics) compiles for sm_90."""
+    import types
+
+    import numba.cuda.dispatcher as dispatcher
+    from numba import cuda, float32
+
+    from rotorq.cuda._jit import kernel_signature
+
+    def probe(a):
+        a[0] = 1.0
+
+    try:
+        cuda.compile_ptx(probe, (float32[::1],), cc=(9, 0))
+    except Exception as exc:  # missing NVVM / NVRTC
+        pytest.skip(f"NVVM/NVRTC unavailable ({type(exc).__name__}: {exc})")
+    monkeypatch.setattr(dispatcher, "get_current_device",
+                        lambda: types.SimpleNamespace(compute_capability=(9, 0)))
+    att = importlib.import_module("rotorq.cuda.attention")
+    f32, bh, r, d, cap = np.float32, 2, 8, 128, 4
+    args = (np.zeros((bh, r, d), f32), np.zeros((bh, cap, d * kbits // 32), np.uint32),
+            np.zeros((bh, cap), np.float16), np.zeros(1 << kbits, f32),
+            np.zeros((bh, cap, d * vbits // 16), np.uint16), np.zeros((bh, cap), np.float16),
+            np.zeros(1 << vbits, f32), 1, 1, 1, 1, np.zeros((bh, 1, r, d), f32),
+            np.zeros((bh, 1, r), f32), np.zeros((bh, 1, r), f32))
+    kern = att.attention_kernel(*att.fast_config(d, kbits, d, vbits, d * kbits // 8,
+                                                 d * vbits // 8))
+    ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0))
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16
+    assert ".local" not in ptx  # no local-memory arrays
