@@ -1,0 +1,96 @@
+"""Merge the GPU runs' outputs into ``benchmarks/RESULTS.md`` (sections ``gpu:*``).
+
+The GPU scripts run on the device machine and write their tables under ``$OUT``; the
+device tool brings them back into a folder here. This script takes those files —
+``gpu_bench.md`` and ``parity.json`` from ``benchmarks/gpu_bench.py`` / the ``cuda`` tests,
+``gpu_kv_bench.md`` from ``benchmarks/gpu_kv_bench.py`` — and writes them into the results
+file with the floors and targets of PERFORMANCE.md beside them.
+
+Usage: ``python -m benchmarks.gpu_results --kernels DIR --attention DIR``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from benchmarks.report import markdown_table, write_sections
+
+FLOORS_2_20 = {  # µs at 2.98 TB/s, N = 2^20, d = 128, 3 bits, fp16 in (PERFORMANCE.md)
+    "quantize hadamard fp16": (108, "≤ 180"),
+    "quantize rotor fp16": (108, "≤ the Hadamard path"),
+    "scores 3-bit, 1 query": (19, "≤ 40 and ≥ 2.5× torch"),
+    "scores 3-bit, 8 queries": (29, "≤ 70"),
+    "WHT-128 fp16 -> fp16": (185, "≤ 230"),
+}
+
+
+def _rows(md: str):
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and re.fullmatch(r"2\^\d+", cells[1]):
+            yield cells
+
+
+def kernels_section(folder: Path) -> str:
+    md = (folder / "gpu_bench.md").read_text(encoding="utf-8")
+    times = {(c[0], c[1]): float(c[2]) for c in _rows(md)}
+    summary = []
+    for op, (floor, target) in FLOORS_2_20.items():
+        t = times.get((op, "2^20"))
+        if t is not None:
+            summary.append([op, f"{t:.1f}", str(floor), f"{t / floor:.1f}×", target])
+    for op, base in (("scores 3-bit, 1 query", "torch fp16 q@K.T, 1 query"),
+                     ("scores 3-bit, 8 queries", "torch fp16 q@K.T, 8 queries")):
+        for n in ("2^20", "2^22"):
+            if (op, n) in times and (base, n) in times:
+                summary.append([f"{op} vs {base}", f"N = {n}", "",
+                                f"{times[(base, n)] / times[(op, n)]:.2f}× faster", ""])
+    head = md.split("\n|", 1)[0].strip().lstrip("# ")
+    parts = ["## GPU kernels (H100): time per call against floors and baselines", "",
+             f"Run: `python3 benchmarks/gpu_bench.py` — {head}", "",
+             "At N = 2^20 against PERFORMANCE.md (floor at 2.98 TB/s):", "",
+             markdown_table(["op", "µs", "floor µs", "× floor", "target"], summary), "",
+             "Full table (baselines measured in the same run):", "",
+             md.split("\n", 1)[1].split("\n\n", 1)[1].strip()]
+    parity = folder / "parity.json"
+    if parity.is_file():
+        data = json.loads(parity.read_text(encoding="utf-8"))
+        rows = [[name, str(r["cases"]), str(r["total"]), str(r["flips"]),
+                 f"{r.get('max_rel_err', float('nan')):.2g}"]
+                for name, r in data["results"].items()]
+        parts += ["", "## GPU/CPU parity (H100, `python3 -m pytest -m cuda tests/cuda`)", "",
+                  f"Codes and signs equal to the CPU twin's except flips at rounding "
+                  f"boundaries (limit {data['flip_limit']:g} of codes); float outputs within "
+                  "the max relative error shown.", "",
+                  markdown_table(["check", "cases", "elements", "flips", "max rel. err"], rows)]
+    return "\n".join(parts) + "\n"
+
+
+def attention_section(folder: Path) -> str:
+    md = (folder / "gpu_kv_bench.md").read_text(encoding="utf-8")
+    body = md.split("\n", 1)[1].strip()
+    return ("## Decode attention over compressed K and V (H100)\n\n"
+            "Run: `python3 benchmarks/gpu_kv_bench.py` — 32 query / 4 KV heads, d = 128, "
+            "3-bit K and V, one query token, against torch fp16 SDPA on the uncompressed "
+            "cache in the same run. Target (PERFORMANCE.md): ≥ 3× faster than SDPA at 1M "
+            "tokens.\n\n" + body + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kernels", type=Path, help="folder with gpu_bench.md / parity.json")
+    parser.add_argument("--attention", type=Path, help="folder with gpu_kv_bench.md")
+    args = parser.parse_args(argv)
+    sections = {}
+    if args.kernels:
+        sections["gpu:kernels"] = kernels_section(args.kernels)
+    if args.attention:
+        sections["gpu:attention"] = attention_section(args.attention)
+    print(write_sections(sections))
+
+
+if __name__ == "__main__":
+    main()
