@@ -25,7 +25,6 @@ from importlib import metadata
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-PLOTS = Path(__file__).resolve().parent / "plots"
 _TITLE = "# rotorq benchmark results\n"
 
 

@@ -133,7 +133,10 @@ def _speed(quick, progress, plots):
         "## CPU speed (d = 128, 3 bits)\n\n"
         f"{os.cpu_count()} cores; medians after warm-up, Numba compilation excluded and "
         "listed last. The reference rows run the public approach (dense matmul + argmin "
-        "+ uint8 indices) over 2^16-row blocks. Produced by `benchmarks/cpu_speed.py`.\n\n"
+        "+ uint8 indices) over 2^16-row blocks. On a machine shared with other processes a "
+        "multi-threaded BLAS call of a few µs can wait a scheduler slice (ms) for its second "
+        "thread, so the small-N fp32 baselines jump around; compare at N = 2^20. Produced by "
+        "`benchmarks/cpu_speed.py`.\n\n"
         + tables)
     if plots is not None:
         cpu_speed.plot(encode, plots / "encode_speed.png")
