@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
+import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,7 +320,7 @@ def _roundtrip(x, tqs, order):
     n = tqs[0].dim
     parts = [xp[..., :n], xp[..., n:]]
     out = np.concatenate([tq.dequantize(tq.quantize(np.ascontiguousarray(p, np.float32)))
-                          for tq, p in zip(tqs, parts)], axis=2)
+                          for tq, p in zip(tqs, parts, strict=True)], axis=2)
     inv = np.argsort(order, axis=1)
     return np.take_along_axis(out, inv[:, None, :], axis=2)
 
@@ -442,10 +442,12 @@ def evaluate(model, tokens, exact_lp, sim):
 
 # -- sensitivities and allocation -------------------------------------------------------
 def sensitivities(model, tokens, calib, ref_bits=2, progress=None):
-    """KL of the stack with one layer's keys (or values) alone at ``ref_bits``."""
+    """KL of the stack (with the 3-bit budget's two-tier window) with one layer's keys (or
+    values) alone at ``ref_bits``."""
     mc = model.config
     exact_lp = _log_probs(smollm2.forward(model, tokens))
-    cfg = best(ref_bits, ref_bits, sinks=1)
+    _, _, w, wb = TIERED[3.0]
+    cfg = tiered(ref_bits, ref_bits, max(1, round(w * len(tokens) / 512)), wb)
     sens = np.zeros((mc.n_layers, 2))
     for layer in range(mc.n_layers):
         for j, name in enumerate("kv"):
@@ -465,17 +467,25 @@ def tiered(kb, vb, window, window_bits, label=None, **kw):
                 window_bits=window_bits, **kw)
 
 
-def allocated(budget, sens, n_tokens, mc, base, choices=(2, 3, 4, 5)):
-    """``base`` (a stack config) with per-layer K and V bits that fill ``budget``."""
+def allocated(budget, sens, n_tokens, mc, base):
+    """``base`` (a uniform stack config) with per-layer K and V bits that fill ``budget``.
+
+    The keys' and the values' mean bits each grow by the same amount from the base's
+    (so the keys keep their extra bit); within each stream the bits go, one step of
+    ±1 bit around the base at most, to the layers of largest measured sensitivity.
+    """
     # honest bits are linear in the mean code bits: the code budget that fills ``budget``
     two, three = (dataclasses.replace(base, key=stack_key(b), value=stack_value(b))
                   .bits(n_tokens, mc.n_layers, mc.head_dim) for b in (2, 3))
-    code_budget = 2 + (budget - two) / (three - two)
-    bits = allocate_bits(sens.reshape(-1), code_budget, choices, ref_bits=2).reshape(sens.shape)
-    kb, vb = tuple(int(b) for b in bits[:, 0]), tuple(int(b) for b in bits[:, 1])
+    extra = 2 + (budget - two) / (three - two) - (base.key.bits + base.value.bits) / 2
+    streams = []
+    for j, b0 in enumerate((base.key.bits, base.value.bits)):
+        choices = tuple(range(max(2, b0 - 1), b0 + 2))
+        bits = allocate_bits(sens[:, j], b0 + extra, choices, ref_bits=2)
+        streams.append(tuple(int(b) for b in bits))
     label = "stack, per-layer bits" + (f" + {base.window_label}" if base.window else "")
-    return dataclasses.replace(base, label=label, key=stack_key(kb), value=stack_value(vb),
-                               group="budget")
+    return dataclasses.replace(base, label=label, key=stack_key(streams[0]),
+                               value=stack_value(streams[1]), group="budget")
 
 
 def budget_configs(sens, n_tokens, mc, budgets=(4.0, 3.0, 2.5)):
@@ -551,13 +561,15 @@ def run(n_tokens=512, seeds=(0, 1), quick=False, progress=None):
     budgets = budget_configs(sens, n_tokens, mc, (3.0,) if quick else (4.0, 3.0, 2.5))
     for _, rows in budgets:
         configs += [c for c in rows if c not in configs]
+    headline = {c for _, rows in budgets for c in rows if c.window}
     results = {}
     for cfg in configs:
         start = time.perf_counter()
         r = {}
+        row_seeds = tuple(range(2 * len(seeds))) if cfg in headline else seeds
         for t in tokens:
             vals = [evaluate(model, tokens[t], exact_lp[t], CacheSim(cfg, mc, calib, seed=s))
-                    for s in seeds]
+                    for s in row_seeds]
             r[t] = np.array(vals)
         results[cfg] = r
         progress(f"{cfg.label} [{cfg.bits(n_tokens, mc.n_layers, mc.head_dim):.3f} b]: "
@@ -626,19 +638,19 @@ def tables(out) -> dict:
     # which lever bought what: consecutive steps of the stack at K3/V3
     steps = ([plain(3, 3)] if plain(3, 3) in res else []) + groups.get("stack", [])
     rows = []
-    for prev, cur in zip(steps, steps[1:]):
+    for prev, cur in itertools.pairwise(steps):
         cells = [cur.label.lstrip("+ "),
                  f"{cur.bits(n, mc.n_layers, mc.head_dim) - prev.bits(n, mc.n_layers, mc.head_dim):+.3f}"]
         for t in ex:
             a, b = res[prev][t].mean(0), res[cur][t].mean(0)
             cells += [f"{100 * (b[0] - a[0]) / ex[t]:+.1f} pts", f"{b[1] / a[1]:.2f}×"]
         rows.append(cells)
+    base_bits = plain(3, 3).bits(n, mc.n_layers, mc.head_dim)
     for cfg in groups.get("alone", []):
         if plain(3, 3) not in res:
             break
         base = res[plain(3, 3)]
-        cells = [f"alone: {cfg.label}",
-                 f"{cfg.bits(n, mc.n_layers, mc.head_dim) - plain(3, 3).bits(n, mc.n_layers, mc.head_dim):+.3f}"]
+        cells = [f"alone: {cfg.label}", f"{cfg.bits(n, mc.n_layers, mc.head_dim) - base_bits:+.3f}"]
         for t in ex:
             a, b = base[t].mean(0), res[cfg][t].mean(0)
             cells += [f"{100 * (b[0] - a[0]) / ex[t]:+.1f} pts", f"{b[1] / a[1]:.2f}×"]
@@ -689,7 +701,8 @@ def markdown(out, tabs, elapsed) -> str:
         "",
         f"Produced by `python -m benchmarks.fidelity_levers` in {elapsed / 60:.1f} min. "
         f"First {n} tokens of each text; perplexity and KL(exact ‖ quantized) are means over "
-        f"{len(seeds)} rotation seed(s) (each layer has its own quantizer seeds). Stored bits "
+        f"{len(seeds)} rotation seed(s), {2 * len(seeds)} for the two-tier rows of the budget "
+        "table (each layer has its own quantizer seeds). Stored bits "
         "per coordinate are honest: codes, float16 norms (two per vector with an outlier "
         "split or prod mode), float16 sink/window tokens and the per-sequence key mean μ "
         f"(float16, fitted on the first {MEAN_BLOCK} tokens), averaged over K and V. "
@@ -720,7 +733,7 @@ def markdown(out, tabs, elapsed) -> str:
         "captured q/k/v (no error propagation): all heads / worst query head.",
         "",
         tabs["errors"],
-        "### Sensitivity per layer (calibration text, stack at 2 bits in one layer)",
+        "### Sensitivity per layer (calibration text, stack + two-tier window, 2 bits in one layer)",
         "",
         tabs["sens"],
     ]

@@ -33,10 +33,11 @@ device on use.
 
 from __future__ import annotations
 
-import math
+import itertools
 
 import numpy as np
-from array_api_compat import array_namespace, device as _device
+from array_api_compat import array_namespace
+from array_api_compat import device as _device
 
 __all__ = ["KeyPrep", "allocate_bits", "channel_scales", "kv_bits_per_coordinate", "rope",
            "unrope"]
@@ -402,7 +403,7 @@ def allocate_bits(sensitivity, budget, choices=(2, 3, 4), *, ref_bits=None, weig
     n = sens.size
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
     choices = sorted(int(c) for c in choices)
-    if any(b - a != 1 for a, b in zip(choices, choices[1:])):
+    if any(b - a != 1 for a, b in itertools.pairwise(choices)):
         raise ValueError(f"choices must be consecutive integers, got {choices}")
     lo, hi = choices[0], choices[-1]
     ref = lo if ref_bits is None else ref_bits

@@ -80,7 +80,7 @@ def test_post_rope_mean_leaves_softmax_unchanged(rng):
 @pytest.mark.parametrize("alpha", [0.0, 0.5])
 def test_rope_mean_and_scales_are_exact(rng, alpha):
     heads, group, d, base = 3, 3, 64, 1e5
-    k, pos = rope_keys(rng, heads, 80, d, base)
+    k, _ = rope_keys(rng, heads, 80, d, base)
     q = rng.standard_normal((heads * group, 80, d))
     prep = KeyPrep.fit(k, q, rope_base=base, alpha=alpha)
     later = np.arange(80, 120)                          # new tokens after calibration
