@@ -272,7 +272,7 @@ def tokenizer():
     )
     tok.decoder = decoders.ByteLevel()
     control = 3
-    tok.add_special_tokens([t for t, kind in zip(tokens, token_types) if kind == control])
+    tok.add_special_tokens([t for t, kind in zip(tokens, token_types, strict=True) if kind == control])
     return tok
 
 

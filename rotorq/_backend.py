@@ -99,8 +99,8 @@ def batch_maps(q_batch, k_batch, q_name="queries", k_name="codes"):
 __all__ = [
     "Origin",
     "batch_maps",
-    "device_batch_maps",
     "common_origin",
+    "device_batch_maps",
     "float_array",
     "get",
     "require_finite",

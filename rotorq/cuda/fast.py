@@ -243,9 +243,9 @@ def _decide_lines(y, c, bits, ind):
     time over a 128-wide row)."""
     top = bits - 1
     out = [f"{ind}{c} = U32({y} >= bs[{(1 << top) - 1}])"]
-    for l in range(top - 1, -1, -1):
-        out.append(f"{ind}{c} = ({c} << U32(1)) | U32({y} >= bs[({c} << U32({l + 1})) + "
-                   f"U32({(1 << l) - 1})])")
+    for level in range(top - 1, -1, -1):
+        out.append(f"{ind}{c} = ({c} << U32(1)) | U32({y} >= bs[({c} << U32({level + 1})) + "
+                   f"U32({(1 << level) - 1})])")
     return out
 
 
