@@ -29,9 +29,9 @@ The levers (see :mod:`rotorq.kvprep`):
 - attention sinks (first tokens) and a recent window at full precision;
 - keys at more bits than values, and per-layer bits from measured sensitivity.
 
-Run ``python -m benchmarks.fidelity_levers`` (about 10 minutes on 2 idle cores) or
-``--quick`` (256 tokens, one seed, fewer rows). Results go to stdout and
-``benchmarks/results_fidelity.md``.
+Run ``python -m benchmarks.fidelity_levers`` (about 16 minutes on 2 cores) or
+``--quick`` (256 tokens, one seed, fewer rows; about 4 minutes). Results go to stdout and,
+for a full run, to ``benchmarks/results_fidelity.md``.
 """
 
 from __future__ import annotations
@@ -750,7 +750,8 @@ def main(argv=None):
                         help="256 tokens, one seed, a few rows, the 3-bit budget only")
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None, help="rotation seeds per row")
-    parser.add_argument("--no-write", action="store_true", help="do not write the .md file")
+    parser.add_argument("--no-write", action="store_true",
+                        help=f"do not write {RESULTS_FILE.name} (--quick never writes it)")
     args = parser.parse_args(argv)
     n = args.tokens or (256 if args.quick else 512)
     seeds = tuple(range(args.seeds or (1 if args.quick else 2)))
@@ -760,7 +761,7 @@ def main(argv=None):
     tabs = tables(out)
     text = markdown(out, tabs, time.perf_counter() - start)
     print(text)
-    if not args.no_write:
+    if not (args.no_write or args.quick):   # a quick run never overwrites the full results
         RESULTS_FILE.write_text(text)
         progress(f"wrote {RESULTS_FILE}")
 
