@@ -185,8 +185,10 @@ def test_keyprep_cuts_turboquant_score_error(rng):
                + prep.score_bias(q, pos)) / 8
     s_plain, p_plain = errors(q @ plain.swapaxes(1, 2) / 8)
     s_prep, p_prep = errors(prepped)
-    assert s_prep < 0.5 * s_plain
-    assert p_prep < 0.6 * p_plain
+    # measured ≈0.31× (scores) and ≈0.33× (softmax); a post-RoPE mean instead of the
+    # RoPE-aware one gives ≈0.6×, inverted scales ≈2×
+    assert s_prep < 0.42 * s_plain
+    assert p_prep < 0.45 * p_plain
 
 
 # -- bit allocation ---------------------------------------------------------------------
