@@ -163,32 +163,34 @@ def test_channel_scales_tied_pairs(rng):
 
 
 def test_keyprep_cuts_turboquant_score_error(rng):
-    """Real-key-like data (a large shared offset, outlier channels, queries that weight
-    other channels): the prepared 3-bit keys give far smaller score and attention errors."""
+    """Real-key-like data (a large offset before RoPE, outlier channels, queries that weight
+    other channels): the prepared 3-bit keys give far smaller score and attention errors,
+    and the RoPE-aware offset beats a post-RoPE mean on the same data."""
     heads, group, t, d, base = 2, 3, 512, 64, 1e5
     k, pos = rope_keys(rng, heads, t, d, base, offset=3.0, outlier=8.0)
     qw = np.exp(rng.normal(0, 0.7, d))
     q = rng.standard_normal((heads * group, t, d)) * qw * 0.4
-    prep = KeyPrep.fit(k[:, :128], q[:, :128], positions=pos[:128], rope_base=base)
     tq = rotorq.TurboQuant(d, 3, seed=int(rng.integers(1 << 30)))
-    kg = np.repeat(k, group, 0)
-    exact = q @ kg.swapaxes(1, 2) / 8
+    exact = q @ np.repeat(k, group, 0).swapaxes(1, 2) / 8
 
-    def errors(scores):
-        e_s = np.sqrt(((scores - exact) ** 2).mean() / exact.var())
-        pa, pb = softmax(scores), softmax(exact)
-        return e_s, np.abs(pa - pb).sum(-1).mean()
+    def errors(prep):
+        """(relative score RMSE, mean total-variation distance of the softmax rows)."""
+        kp = prep.keys(k, pos).astype(np.float32)
+        kq = np.repeat(tq.dequantize(tq.quantize(kp)), group, 0)
+        s = (prep.queries(q) @ kq.swapaxes(1, 2) + prep.score_bias(q, pos)) / 8
+        tv = np.abs(softmax(s) - softmax(exact)).sum(-1).mean()
+        return np.sqrt(((s - exact) ** 2).mean() / exact.var()), tv
 
-    plain = np.repeat(tq.dequantize(tq.quantize(k.astype(np.float32))), group, 0)
-    kp = tq.dequantize(tq.quantize(prep.keys(k, pos).astype(np.float32)))
-    prepped = (prep.queries(q) @ np.repeat(kp, group, 0).swapaxes(1, 2)
-               + prep.score_bias(q, pos)) / 8
-    s_plain, p_plain = errors(q @ plain.swapaxes(1, 2) / 8)
-    s_prep, p_prep = errors(prepped)
-    # measured ≈0.31× (scores) and ≈0.33× (softmax); a post-RoPE mean instead of the
-    # RoPE-aware one gives ≈0.6×, inverted scales ≈2×
-    assert s_prep < 0.42 * s_plain
-    assert p_prep < 0.45 * p_plain
+    fit = dict(positions=pos[:128])
+    s_plain, p_plain = errors(KeyPrep(heads, d))
+    s_rope, p_rope = errors(KeyPrep.fit(k[:, :128], q[:, :128], rope_base=base, **fit))
+    s_post, p_post = errors(KeyPrep.fit(k[:, :128], q[:, :128], **fit))
+    # measured over 200 draws: rope/plain ≤ 0.44 (scores) and ≤ 0.53 (softmax), typically
+    # 0.31 and 0.33; rope/post ≤ 0.67 and ≤ 0.74, typically 0.52 and 0.54
+    assert s_rope < 0.55 * s_plain
+    assert p_rope < 0.65 * p_plain
+    assert s_rope < 0.8 * s_post
+    assert p_rope < 0.85 * p_post
 
 
 # -- bit allocation ---------------------------------------------------------------------
