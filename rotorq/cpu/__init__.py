@@ -185,7 +185,7 @@ def _split_chunk(n_keys, n_bh):
     return -(-chunk // _att.TILE) * _att.TILE
 
 
-def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
+def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None):
     """Fused attention of rotated queries over packed keys and values (split-K + merge).
 
     Parameters
@@ -204,6 +204,10 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
         Queries per query head.
     causal_offset : int
         Key ``t`` is visible to row ``r`` iff ``t <= r % n_q + causal_offset``.
+    key_bias : tuple ``(A, B, freqs, pos0)``, optional
+        Adds ``Σ_i A[r, i] cos((pos0 + t) θ_i) + B[r, i] sin((pos0 + t) θ_i)`` to the score
+        of key ``t`` for row ``r``: ``A``, ``B`` float32 (BH, R, h), ``freqs`` (h,) the
+        angles ``θ_i``, ``pos0`` an int (the RoPE-aware key offset of :mod:`rotorq.kvprep`).
 
     Returns
     -------
@@ -236,13 +240,19 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
     chunk = _split_chunk(n_keys, n_bh)
     n_split = max(1, -(-n_keys // chunk))
     v0, v1 = vpart(0), vpart(1)
+    if key_bias is None:
+        bias = (empty_q, empty_q, np.zeros(0, np.float64), 0)
+    else:
+        ba, bb, freqs, pos0 = key_bias
+        bias = (np.ascontiguousarray(ba, np.float32), np.ascontiguousarray(bb, np.float32),
+                np.ascontiguousarray(freqs, np.float64), int(pos0))
     acc0 = np.empty((n_bh, n_split, n_rows, v0[4]), np.float32)
     acc1 = np.empty((n_bh, n_split, n_rows, v1[4]), np.float32)
     mx = np.empty((n_bh, n_split, n_rows), np.float32)
     sm = np.empty((n_bh, n_split, n_rows), np.float32)
     args = (np.ascontiguousarray(q0, np.float32), np.ascontiguousarray(q1, np.float32),
             empty_q if qs0 is None else np.ascontiguousarray(qs0, np.float32),
-            empty_q if qs1 is None else np.ascontiguousarray(qs1, np.float32),
+            empty_q if qs1 is None else np.ascontiguousarray(qs1, np.float32), *bias,
             *kpart(0), *kpart(1), *v0[:4], *v1[:4],
             int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, acc1, mx, sm)
     _run_tasks(_att.decode_attention, n_bh * n_split, args)

@@ -27,6 +27,11 @@ q0, q1 : float32 (BH, R, Dk0), (BH, R, Dk1)
     no part 1 (its other arrays are then 1-element placeholders and never read).
 qs0, qs1 : float32 (BH, R, m0), (BH, R, m1)
     ``q_p @ sketch_pᵀ`` for prod-mode keys; ``m_p = 0`` for MSE keys.
+kba, kbb : float32 (BH, R, h)
+    Per-key score bias ``Σ_i A_ri cos(p_t θ_i) + B_ri sin(p_t θ_i)`` added to every
+    score (already scaled), ``p_t = kpos0 + t``: the term ``q·RoPE_t(μ)`` of a RoPE-aware
+    key offset (:mod:`rotorq.kvprep`). ``h = 0``: no bias.
+kfreq : float64 (h,)                   the angles ``θ_i``;  ``kpos0`` : int
 kc_p : uint8 (BH, cap, nbytes)        packed key codes (``kbits_p`` bits, LSB first)
 kn_p : uint16 (BH, cap)               key norms as IEEE float16 bit patterns
 ks_p : uint8 (BH, cap, ceil(m_p/8))   packed QJL signs (prod mode)
@@ -165,6 +170,36 @@ def _key_tile(q, qs, kc, kn, ks, kg, cent, bits, qscale, bh, j0, j1, idx, vv, kv
 
 
 @jit
+def _bias_tile(kba, kbb, kfreq, kpos0, bh, j0, nt, tcos, tsin, sc):
+    """``sc[r, jj] += Σ_i A_ri cos(p θ_i) + B_ri sin(p θ_i)``, ``p = kpos0 + j0 + jj``.
+
+    The angles are exact (float64) at the tile's first token and advance by one rotation
+    ``e^{iθ_i}`` per token (float64), so the tile costs ``nt·n_freq`` complex products
+    instead of as many sines and cosines.
+    """
+    n_rows = sc.shape[0]
+    for i in range(kfreq.shape[0]):
+        th = kfreq[i]
+        ang = float(kpos0 + j0) * th
+        c = math.cos(ang)
+        sn = math.sin(ang)
+        dc = math.cos(th)
+        ds = math.sin(th)
+        for jj in range(nt):
+            tcos[jj, i] = c
+            tsin[jj, i] = sn
+            c, sn = c * dc - sn * ds, sn * dc + c * ds
+    for r in range(n_rows):
+        a = kba[bh, r]
+        b = kbb[bh, r]
+        for jj in range(nt):
+            tot = np.float32(0.0)
+            for i in range(kfreq.shape[0]):
+                tot += a[i] * tcos[jj, i] + b[i] * tsin[jj, i]
+            sc[r, jj] += tot
+
+
+@jit
 def _value_tile(vc, vn, cent, bits, bh, j0, j1, idx, vv, u32, f32, sc, acc):
     """``acc[r] += Σ_j sc[r, j] · ν_j · c[jdx_j]`` over tokens ``j0..j1``."""
     n_rows = acc.shape[0]
@@ -180,7 +215,7 @@ def _value_tile(vc, vn, cent, bits, bh, j0, j1, idx, vv, u32, f32, sc, acc):
 
 
 @jit
-def _split_task(bh, s, q0, q1, qs0, qs1,
+def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                 kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
                 kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                 vc0, vn0, vcent0, vbits0,
@@ -202,6 +237,9 @@ def _split_task(bh, s, q0, q1, qs0, qs1,
     kvt = np.empty((dmax, TILE), np.float32)
     vv = np.empty(dmax, np.float32)
     sc = np.empty((n_rows, TILE), np.float32)
+    n_freq = kfreq.shape[0]
+    tcos = np.empty((TILE, n_freq), np.float32)
+    tsin = np.empty((TILE, n_freq), np.float32)
     acc0 = acc0_out[bh, s]
     acc1 = acc1_out[bh, s]
     m = max_out[bh, s]
@@ -224,6 +262,8 @@ def _split_task(bh, s, q0, q1, qs0, qs1,
         if dk1 > 0:
             _key_tile(q1, qs1, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1, bh, j0, j1,
                       idx, vv, kvt, u32, f32, sc)
+        if n_freq > 0:
+            _bias_tile(kba, kbb, kfreq, kpos0, bh, j0, nt, tcos, tsin, sc)
         # causal mask, then the online-softmax step of this tile
         for r in range(n_rows):
             limit = r % n_q + causal_offset
@@ -258,7 +298,7 @@ def _split_task(bh, s, q0, q1, qs0, qs1,
 
 
 @jit
-def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1,
+def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                      kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
                      kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                      vc0, vn0, vcent0, vbits0,
@@ -275,7 +315,7 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1,
     n_split = acc0_out.shape[1]
     for task in range(task_lo, task_hi):
         bh = task // n_split
-        _split_task(bh, task - bh * n_split, q0, q1, qs0, qs1,
+        _split_task(bh, task - bh * n_split, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
                     kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                     vc0, vn0, vcent0, vbits0,

@@ -400,9 +400,10 @@ def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
     return max(per_block, -(-chunk // per_block) * per_block)
 
 
-def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
+def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None):
     """Fused attention of rotated queries over packed keys and values (split-K, merged on
-    the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays."""
+    the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays.
+    With ``key_bias`` the general kernel runs (the tensor-core path has no bias term)."""
     q0, qs0 = queries[0]
     device = q0.device
     with device, current_stream(device.id):
@@ -437,7 +438,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
         dk0, dk1 = qargs[0].shape[2], qargs[1].shape[2]
         fast = None
         if (ATTENTION_FAST and len(keys) == 1 and len(values) == 1 and qs0 is None
-                and n_rows <= _att.FAST_ROWS and n_keys > 0):
+                and key_bias is None and n_rows <= _att.FAST_ROWS and n_keys > 0):
             fast = _att.fast_config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
                                     values[0][0].shape[-1])
         if fast is not None:
@@ -463,8 +464,14 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset):
             if shared > SHARED_LIMIT:
                 raise ValueError("decode_attention: head dimensions too large for the CUDA "
                                  f"kernel's shared memory ({shared} > {SHARED_LIMIT} bytes)")
+            if key_bias is None:
+                bias = (empty_q, empty_q, _empty((0,), cp.float64), 0)
+            else:
+                ba, bb, freqs, pos0 = key_bias
+                bias = (_f32c(ba), _f32c(bb), cp.ascontiguousarray(freqs, dtype=cp.float64),
+                        int(pos0))
             launch(_att.decode_attention, (n_split, n_bh, 1), (threads, 1), shared,
-                   (*qargs, *k0, *k1, *v0[:4], *v1[:4], int(n_keys), int(n_q),
+                   (*qargs, *bias, *k0, *k1, *v0[:4], *v1[:4], int(n_keys), int(n_q),
                     int(causal_offset), int(chunk), acc0, acc1, mx, sm))
         out0 = _empty((n_bh, n_rows, v0[4]), cp.float32)
         out1 = _empty((n_bh, n_rows, v1[4]), cp.float32)

@@ -32,6 +32,8 @@ from ._jit import SIMULATOR, device, kernel
 from .bits import read_code, unpack_value
 from .qjl import sign_dots
 
+_TWO_PI = 2.0 * math.pi
+
 ROWS = 8
 """Query rows per chunk of the general kernel (one register accumulator each)."""
 
@@ -72,6 +74,22 @@ def _key_scores(q_sh, s_sh, kc, kn, ks, kg, cent, bits, qscale, use_qjl, bh, j, 
 
 
 @device
+def _key_bias(kba, kbb, kfreq, kpos0, bh, j, first, count, acc):
+    """``acc[i] += Σ_f A cos(p θ_f) + B sin(p θ_f)`` at position ``p = kpos0 + j``; the
+    angle is reduced modulo 2π in float64, then the float32 sine and cosine are taken."""
+    pos = np.float64(kpos0 + j)
+    for f in range(kfreq.shape[0]):
+        ang = pos * kfreq[f]
+        ang -= _TWO_PI * math.floor(ang / _TWO_PI)
+        a32 = np.float32(ang)
+        ca = math.cos(a32)
+        sa = math.sin(a32)
+        for i in range(ROWS):
+            if i < count:
+                acc[i] += kba[bh, first + i, f] * ca + kbb[bh, first + i, f] * sa
+
+
+@device
 def _stage(src, bh, first, count, dst, tid, threads):
     w = src.shape[2]
     n = count * w
@@ -103,7 +121,7 @@ def _values(vc, vn, cent, bits, bh, j0, nt, p_sh, alpha_sh, count, threads, acc_
 
 
 @kernel
-def decode_attention(q0, q1, qs0, qs1,
+def decode_attention(q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                      kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0,
                      kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                      vc0, vn0, vcent0, vbits0,
@@ -183,6 +201,8 @@ def decode_attention(q0, q1, qs0, qs1,
                 if dk1 > 0:
                     _key_scores(q1_sh, s1_sh, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                                 m1 > 0, bh, j, count, dk1, m1, acc, qacc)
+                if kfreq.shape[0] > 0:
+                    _key_bias(kba, kbb, kfreq, kpos0, bh, j, first, count, acc)
                 for i in range(ROWS):
                     if i < count:
                         r = first + i

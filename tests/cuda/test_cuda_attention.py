@@ -31,7 +31,8 @@ def _pack(codes, bits):
 
 
 def make_case(rng, *, n_bh=2, n_rows=3, n_q=1, dk=(16, 0), dv=(16, 0), kbits=(3, 2),
-              vbits=(3, 4), m=(0, 0), n_keys=50, cap=None, causal_offset=None):
+              vbits=(3, 4), m=(0, 0), n_keys=50, cap=None, causal_offset=None, n_freq=0,
+              pos0=0):
     """Random arguments of the decode-attention contract (CPU dtypes), plus the merged
     reference ``(accs, m, l)`` computed by the CPU kernel."""
     cap = cap or n_keys + 3
@@ -62,13 +63,16 @@ def make_case(rng, *, n_bh=2, n_rows=3, n_q=1, dk=(16, 0), dv=(16, 0), kbits=(3,
         vals.append((_pack(codes, b), norms((n_bh, cap)), cent(b), b))
     if causal_offset is None:
         causal_offset = n_keys
+    bias = ((rng.standard_normal((n_bh, n_rows, n_freq)) * scale).astype(f32),
+            (rng.standard_normal((n_bh, n_rows, n_freq)) * scale).astype(f32),
+            10000.0 ** -(np.arange(n_freq) / max(n_freq, 1)), pos0)
     return dict(q=q, qs=qs, keys=keys, vals=vals, n_keys=n_keys, n_q=n_q,
-                causal_offset=causal_offset, n_rows=n_rows, n_bh=n_bh, dv=dv)
+                causal_offset=causal_offset, n_rows=n_rows, n_bh=n_bh, dv=dv, bias=bias)
 
 
 def flat_args(case, *, uint16_norms):
     """The contract's argument list (without outputs)."""
-    out = [case["q"][0], case["q"][1], case["qs"][0], case["qs"][1]]
+    out = [case["q"][0], case["q"][1], case["qs"][0], case["qs"][1], *case["bias"]]
     for kc, kn, ks, kg, cent, b, sc in case["keys"]:
         if uint16_norms:
             kn, kg = kn.view(np.uint16), kg.view(np.uint16)
@@ -129,6 +133,7 @@ SIM_CASES = {
     "two-parts-prod": dict(dk=(16, 5), dv=(16, 7), m=(8, 4), n_keys=40),
     "prod-4bit": dict(kbits=(4, 2), vbits=(2, 4), m=(16, 0), dk=(8, 0), dv=(12, 0)),
     "all-masked-split": dict(n_rows=2, n_q=2, causal_offset=3, n_keys=45),
+    "rope-bias": dict(n_rows=5, n_q=1, n_freq=4, pos0=70001, n_keys=40),
 }
 
 
