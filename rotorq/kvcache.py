@@ -176,7 +176,8 @@ class KVCache:
         Seed of the rotations (and QJL sketches): base quantizers use ``4·seed + i``,
         window quantizers ``4·seed + i + 2**31``.
     block_tokens : int, optional
-        Compression granularity (default ``min(64, residual_tokens)``, at least 1).
+        Compression granularity (default ``min(8, residual_tokens)``, at least 1): the
+        window holds ``residual_tokens`` to ``residual_tokens + block_tokens − 1`` tokens.
     norm_correction : bool
         Store ``‖x‖/‖c[idx]‖`` as the norm (MATH.md §3), so decompressed keys and values
         keep their length.
@@ -233,7 +234,7 @@ class KVCache:
         self.rotation = rotation
         self.residual_tokens = _non_negative_int(residual_tokens, "residual_tokens")
         if block_tokens is None:
-            block_tokens = max(1, min(64, self.residual_tokens))
+            block_tokens = max(1, min(8, self.residual_tokens))
         self.block_tokens = _positive_int(block_tokens, "block_tokens")
         self.sink_tokens = _non_negative_int(sink_tokens, "sink_tokens")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):

@@ -1,0 +1,491 @@
+"""Tiled kernels for the memory-bound row paths: the WHT and the Hadamard quantize.
+
+A block of ``T`` threads owns a tile of ``R = T / P`` rows, ``P = D / 16`` threads per row.
+Each iteration of its grid-stride loop over tiles:
+
+1. stores the tile's input words (prefetched into registers during the previous iteration)
+   into shared memory — consecutive threads load consecutive 4-byte words of the tile, so
+   every warp load is one contiguous 128-byte line — and issues the loads of its next tile;
+2. runs the WHT in phases of up to four butterfly stages (``h = 1…8``, ``16…128``, …): a
+   thread reads 16 coordinates of its row from shared memory into registers (in the first
+   phase 16 consecutive ones, later groups strided by ``2^lo``), applies the stages there and
+   writes them back, one block barrier per phase (no warp shuffles, so the CUDA simulator
+   runs them);
+3. writes the results into a shared output tile, which the block stores with the same
+   coalesced word pattern.
+
+Shared rows are padded (a word after every 16 floats / 8 words, and a row stride picked by
+:func:`_pick_stride`) so that the strided phases hit 32 distinct banks.
+
+Every butterfly pairs the same two coordinates, in the same stage order, as
+:func:`rotorq.cpu.wht.fwht_row`, and the scale by ``1/sqrt(D)`` is the CPU's, so
+:func:`wht_kernel` is bit-identical to the CPU twin. :func:`quantize_kernel` keeps the CPU's
+scaling ``float32(float64(x)·inv_n)·sign``, WHT, decision (number of boundaries ``<= y``) and
+LSB-first packing; only the float64 sums (``‖x‖²`` and, with ``norm_correction``,
+``‖c[idx]‖²``) run in another order: each thread sums its 16 coordinates in order, then the
+``P`` partial sums are added in order. Those sums are exact for fp16 input of moderate range;
+otherwise they can differ from the CPU's in the last bit of a float64, which changes a code
+only when a coordinate lies within ~1e-16 of a boundary (the documented rounding flips).
+
+Compared with :mod:`rotorq.cuda.fast` (one row per thread: 256-byte strided loads, 255
+registers), a thread here holds 16 coordinates, and global memory sees only full lines.
+"""
+
+import math
+
+import numpy as np
+
+from .fast import _build, _decide_lines
+
+E = 16
+"""Coordinates per thread in every phase (a phase is at most log2(E) butterfly stages)."""
+MIN_DIM, MAX_DIM = 16, 512
+"""Stored dimensions handled here (powers of two)."""
+THREADS = 256
+"""Threads per block used by :mod:`rotorq.cuda.api`."""
+
+_kernels: dict = {}
+
+
+def applies(big_d):
+    """Whether the tiled kernels handle rows of stored dimension ``big_d``."""
+    return MIN_DIM <= big_d <= MAX_DIM and big_d & (big_d - 1) == 0
+
+
+def rows_per_tile(big_d, threads):
+    """Rows of a tile: ``threads / (big_d / 16)``."""
+    return threads // (big_d // E)
+
+
+def _phases(big_d):
+    m = big_d.bit_length() - 1
+    return [(lo, min(lo + 4, m)) for lo in range(0, m, 4)]
+
+
+# --------------------------------------------------------------- shared-memory address model
+
+def _fa(r, j, s):
+    """Float tile: row stride ``s``, one pad word after every 16 floats."""
+    return r * s + j + (j >> 4)
+
+
+def _wa(r, c, s):
+    """Word tile (fp16 pairs): row stride ``s``, one pad word after every 8 words."""
+    return r * s + c + (c >> 3)
+
+
+def _group_base(g, lo, hi):
+    """First coordinate of butterfly group ``g`` of the phase of stages ``[lo, hi)``."""
+    return (g & ((1 << lo) - 1)) | ((g >> lo) << hi)
+
+
+def _slots(p, n_threads, lo, hi, paired):
+    """Groups of thread ``p`` in a phase: ``p, p + P, …`` or, ``paired``, pairs ``2q, 2q + 1``
+    (for fp16 output: adjacent coordinates in one thread)."""
+    m = E >> (hi - lo)
+    if paired:
+        return [2 * (p + n_threads * (i // 2)) + (i & 1) for i in range(m)]
+    return [p + n_threads * i for i in range(m)]
+
+
+def _wavefronts(addrs):
+    """Shared-memory wavefronts of one warp access to 4-byte words ``addrs`` (one per lane)."""
+    banks: dict = {}
+    for a in addrs:
+        banks.setdefault(a % 32, set()).add(a)
+    return max(len(v) for v in banks.values())
+
+
+def _cost(big_d, threads, s, half_out_paired, width_words=None, word_tile=False):
+    """Wavefronts of the first warp over every float-tile (or word-tile) access of a tile."""
+    p_n = big_d // E
+    lanes = range(min(32, threads))
+    total = 0
+    if word_tile:  # fp16 input tile: staging writes and the first phase's 8 word reads
+        w = width_words
+        for i in range(-(-rows_per_tile(big_d, threads) * w // threads)):
+            total += _wavefronts([_wa((t + i * threads) // w, (t + i * threads) % w, s)
+                                  for t in lanes])
+        for k in range(E // 2):
+            total += _wavefronts([_wa(t // p_n, 8 * (t % p_n) + k, s) for t in lanes])
+        return total
+    for k in range(E):  # first phase / decision: 16 consecutive coordinates
+        total += _wavefronts([_fa(t // p_n, E * (t % p_n) + k, s) for t in lanes])
+    phases = _phases(big_d)
+    for n, (lo, hi) in enumerate(phases[1:]):
+        paired = half_out_paired and n == len(phases) - 2
+        for i in range(E >> (hi - lo)):
+            for k in range(1 << (hi - lo)):
+                total += _wavefronts([
+                    _fa(t // p_n, _group_base(_slots(t % p_n, p_n, lo, hi, paired)[i], lo, hi)
+                        + (k << lo), s) for t in lanes])
+    for i in range(-(-rows_per_tile(big_d, threads) * big_d // threads)):  # store pass
+        total += _wavefronts([_fa((t + i * threads) // big_d, (t + i * threads) % big_d, s)
+                              for t in lanes])
+    return total
+
+
+def _out_cost(gen, s, paired):
+    """Wavefronts of the first warp writing and reading the fp16 output word tile."""
+    p_n, lanes, total = gen.P, range(min(32, gen.T)), 0
+    lo, hi = _phases(gen.D)[-1]
+    if paired:
+        for i in range(0, E >> (hi - lo), 2):
+            for k in range(1 << (hi - lo)):
+                total += _wavefronts([
+                    _wa(t // p_n, (_group_base(_slots(t % p_n, p_n, lo, hi, True)[i], lo, hi)
+                                   >> 1) + (k << (lo - 1)), s) for t in lanes])
+    w = gen.D // 2
+    for i in range(-(-gen.R * w // gen.T)):
+        total += _wavefronts([_wa((t + i * gen.T) // w, (t + i * gen.T) % w, s) for t in lanes])
+    return total
+
+
+def _pick_stride(base, cost):
+    """Row stride ``base + x`` (x < 32) with the fewest wavefronts under ``cost``."""
+    return min(range(base, base + 32), key=lambda s: (cost(s), s))
+
+
+# ------------------------------------------------------------------------- code generation
+
+class _Gen:
+    """Source lines of a tiled kernel: the loop skeleton shared by WHT and quantize."""
+
+    def __init__(self, big_d, threads, half_in, d):
+        self.D, self.T, self.half_in, self.d = big_d, threads, half_in, d
+        self.P = big_d // E
+        if threads % self.P or threads < self.P:
+            raise ValueError(f"threads ({threads}) must be a multiple of D/16 ({self.P})")
+        self.R = threads // self.P
+        self.w_in = d // 2 if half_in else d  # input words per row
+        self.S = None
+        self.SW = None
+        self.L = []
+
+    def add(self, ind, *lines):
+        self.L += [" " * ind + s for s in lines]
+
+    def prologue(self):
+        """Thread coordinates, tile count and the first tile's prefetch."""
+        tile_words = self.R * self.w_in
+        self.loads = -(-tile_words // self.T)
+        self.add(4, "tid = cuda.threadIdx.x",
+                 f"r = tid // {self.P}",
+                 f"p = tid % {self.P}",
+                 f"rf = r * {self.S}",
+                 "total = x.shape[0]",
+                 f"n_tiles = (total + {tile_words - 1}) // {tile_words}",
+                 "tile = cuda.blockIdx.x")
+        if self.half_in:
+            self.add(4, f"rw = r * {self.SW}")
+        self._fetch(4, "tile")
+
+    def _fetch(self, ind, tile):
+        zero = "U32(0)" if self.half_in else "np.float32(0.0)"
+        self.add(ind, f"g = {tile} * {self.R * self.w_in} + tid")
+        for i in range(self.loads):
+            self.add(ind, f"a{i} = x[g + {i * self.T}] if g + {i * self.T} < total else {zero}")
+
+    def stage(self):
+        """Loop head: prefetched words → shared tile, barrier, prefetch of the next tile."""
+        w = self.w_in
+        self.add(4, "while tile < n_tiles:")
+        for i in range(self.loads):
+            self.add(8, f"w = tid + {i * self.T}")
+            guard = (i + 1) * self.T > self.R * w
+            ind = 8
+            if guard:
+                self.add(8, f"if w < {self.R * w}:")
+                ind = 12
+            self.add(ind, f"rr = w // {w}", f"c = w % {w}")
+            if self.half_in:
+                self.add(ind, f"raw[rr * {self.SW} + c + (c >> 3)] = a{i}")
+            else:
+                self.add(ind, f"ft[rr * {self.S} + c + (c >> 4)] = a{i}")
+        self.add(8, "cuda.syncthreads()", "nxt = tile + cuda.gridDim.x")
+        self._fetch(8, "nxt")
+
+    def first_phase_load(self, var):
+        """``{var}0 … {var}15`` (float32): this thread's 16 consecutive input coordinates (0
+        past ``d``)."""
+        pad = self.d < self.D
+        self.add(8, "fb = rf + 17 * p")
+        if self.half_in:
+            self.add(8, "wb = rw + 9 * p")
+            for k in range(E // 2):
+                src = f"raw[wb + {k}]"
+                if pad:
+                    src = f"({src} if 8 * p + {k} < {self.w_in} else U32(0))"
+                self.add(8, f"u = {src}", f"{var}{2 * k} = half_lo(u)",
+                         f"{var}{2 * k + 1} = half_hi(u)")
+        else:
+            for k in range(E):
+                src = f"ft[fb + {k}]"
+                if pad:
+                    src = f"({src} if 16 * p + {k} < {self.d} else np.float32(0.0))"
+                self.add(8, f"{var}{k} = {src}")
+
+    def butterflies(self, names):
+        """In-register butterflies over ``names`` (a group of 2^s coordinates, stride 1)."""
+        h = 1
+        while h < len(names):
+            for j in range(len(names)):
+                if j & h == 0:
+                    a, b = names[j], names[j + h]
+                    self.add(8, f"{a}, {b} = {a} + {b}, {a} - {b}")
+            h <<= 1
+
+    def scale(self, names):
+        self.add(8, f"sc = np.float32({1.0 / math.sqrt(self.D)!r})")
+        for nm in names:
+            self.add(8, f"{nm} = {nm} * sc")
+
+    def phase_groups(self, lo, hi, paired):
+        """``[(base address expr var, step, [names])]`` of this thread's groups in a phase."""
+        size = 1 << (hi - lo)
+        out = []
+        for i, _ in enumerate(_slots(0, self.P, lo, hi, paired)):
+            if paired:
+                g = f"(2 * (p + {self.P * (i // 2)}) + {i & 1})"
+            else:
+                g = f"(p + {self.P * i})"
+            self.add(8, f"gb{i} = ({g} & {(1 << lo) - 1}) | (({g} >> {lo}) << {hi})",
+                     f"ab{i} = rf + gb{i} + (gb{i} >> 4)")
+            out.append((f"ab{i}", (1 << lo) + ((1 << lo) >> 4), [f"y{i}_{k}" for k in range(size)],
+                        f"gb{i}"))
+        return out
+
+    def run_phases(self, first_names, keep_last):
+        """All WHT phases after the first-phase butterflies on ``first_names``, scale included.
+
+        Returns the last phase's groups (None: single phase, result in ``first_names``); with
+        ``keep_last`` false the last phase is written back to the float tile.
+        """
+        phases = _phases(self.D)
+        self.butterflies(first_names)
+        if len(phases) == 1:
+            self.scale(first_names)
+            return None
+        for k, nm in enumerate(first_names):
+            self.add(8, f"ft[fb + {k}] = {nm}")
+        self.add(8, "cuda.syncthreads()")
+        groups = None
+        for n, (lo, hi) in enumerate(phases[1:]):
+            last = n == len(phases) - 2
+            groups = self.phase_groups(lo, hi, last and keep_last == "paired")
+            for ab, step, names, _ in groups:
+                for k, nm in enumerate(names):
+                    self.add(8, f"{nm} = ft[{ab} + {k * step}]")
+                self.butterflies(names)
+            if last:
+                self.scale([nm for g in groups for nm in g[2]])
+                if keep_last:
+                    break
+            for ab, step, names, _ in groups:
+                for k, nm in enumerate(names):
+                    self.add(8, f"ft[{ab} + {k * step}] = {nm}")
+            self.add(8, "cuda.syncthreads()")
+        return groups
+
+
+def _strides(gen, half_out_paired):
+    gen.S = _pick_stride(gen.D + gen.D // E,
+                         lambda s: _cost(gen.D, gen.T, s, half_out_paired))
+    if gen.half_in:
+        gen.SW = _pick_stride(gen.D // 2 + gen.D // E,
+                              lambda s: _cost(gen.D, gen.T, s, False, gen.w_in, True))
+
+
+def wht_kernel(big_d, half_in, half_out, threads=THREADS):
+    """Tiled orthonormal WHT of rows of length ``big_d``: ``(x, out)``, both flat (rows·words,)
+    — uint32 fp16 pairs when half, else float32. Launch ``threads`` threads per block, any
+    grid (blocks stride over tiles of :func:`rows_per_tile` rows)."""
+    key = ("wht", big_d, half_in, half_out, threads)
+    if key in _kernels:
+        return _kernels[key]
+    gen = _Gen(big_d, threads, half_in, big_d)
+    phases = _phases(big_d)
+    single = len(phases) == 1
+    lo, hi = phases[-1]
+    paired = half_out and not single and E >> (hi - lo) >= 2
+    via_ot = half_out and (single or paired)  # else fp16 pairs are read from the float tile
+    _strides(gen, paired)
+    w_out = big_d // 2 if half_out else big_d
+    if via_ot:
+        gen.SO = _pick_stride(w_out + w_out // 8, lambda s: _out_cost(gen, s, paired))
+    R, T = gen.R, threads
+    L = gen.L
+    L.append("def wht_tiled(x, out):")
+    if half_in:
+        gen.add(4, f"raw = cuda.shared.array({R * gen.SW}, numba.uint32)")
+    gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32)")
+    if via_ot:
+        gen.add(4, f"ot = cuda.shared.array({R * gen.SO}, numba.uint32)")
+    gen.prologue()
+    gen.add(4, "total_out = out.shape[0]")
+    if via_ot:
+        gen.add(4, f"ro = r * {gen.SO}")
+    gen.stage()
+    first = [f"v{k}" for k in range(E)]
+    gen.first_phase_load("v")
+    groups = gen.run_phases(first, "paired" if paired else (single and via_ot))
+    if via_ot and single:  # 16 consecutive coordinates: 8 words
+        gen.add(8, "ob = ro + 9 * p")
+        for k in range(E // 2):
+            gen.add(8, f"ot[ob + {k}] = half_bits(v{2 * k}) | (half_bits(v{2 * k + 1})"
+                       " << U32(16))")
+    elif via_ot:
+        ostep = (1 << (lo - 1)) + (1 << (lo - 4))
+        for i in range(0, len(groups), 2):
+            _, _, a, gb = groups[i]
+            b = groups[i + 1][2]
+            gen.add(8, f"cb = {gb} >> 1", "ob = ro + cb + (cb >> 3)")
+            for k in range(len(a)):
+                gen.add(8, f"ot[ob + {k * ostep}] = half_bits({a[k]}) | "
+                           f"(half_bits({b[k]}) << U32(16))")
+    elif single:
+        for k in range(E):
+            gen.add(8, f"ft[fb + {k}] = v{k}")
+    gen.add(8, "cuda.syncthreads()")
+    # store pass: consecutive threads store consecutive words of the tile
+    tile_out = R * w_out
+    gen.add(8, f"g = tile * {tile_out} + tid")
+    for i in range(-(-tile_out // T)):
+        ind = 8
+        if (i + 1) * T > tile_out:
+            gen.add(8, f"if tid + {i * T} < {tile_out}:")
+            ind = 12
+        gen.add(ind, f"w = tid + {i * T}", f"rr = w // {w_out}", f"c = w % {w_out}",
+                f"if g + {i * T} < total_out:")
+        if via_ot:
+            src = f"ot[rr * {gen.SO} + c + (c >> 3)]"
+        elif half_out:
+            gen.add(ind + 4, f"fa = rr * {gen.S} + 2 * c + (c >> 3)")
+            src = "half_bits(ft[fa]) | (half_bits(ft[fa + 1]) << U32(16))"
+        else:
+            src = f"ft[rr * {gen.S} + c + (c >> 4)]"
+        gen.add(ind + 4, f"out[g + {i * T}] = {src}")
+    if not half_in and not via_ot:
+        gen.add(8, "cuda.syncthreads()")  # the next staging overwrites the float tile
+    gen.add(8, "tile = nxt")
+    kern = _build("wht_tiled", L, {})
+    kern.rows_per_tile = R
+    _kernels[key] = kern
+    return kern
+
+
+def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
+    """Whether :func:`quantize_kernel` handles this call."""
+    if kind != "hadamard" or sketch_rows or not applies(big_d) or not 1 <= bits <= 4:
+        return False
+    return dtype == np.float32 or (dtype == np.float16 and d % 2 == 0)
+
+
+def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THREADS):
+    """Tiled fused Hadamard MSE quantize (fp16 or fp32 rows of ``d`` ≤ ``big_d`` coordinates).
+
+    ``(x, signs, boundaries, centroids, codes, norms)``: ``x`` flat (n·d/2,) uint32 fp16 pairs
+    if ``half`` else (n·d,) float32; ``signs`` (D,) float32 ±1; ``codes`` flat (n·W,) uint32
+    if ``word_out`` else (n·nbytes,) uint8; ``norms`` (n,) float32. Launch ``threads`` threads
+    per block, any grid.
+    """
+    key = ("quantize", d, big_d, bits, half, bool(norm_correction), word_out, threads)
+    if key in _kernels:
+        return _kernels[key]
+    gen = _Gen(big_d, threads, half, d)
+    _strides(gen, False)
+    R, T, P = gen.R, threads, gen.P
+    levels = 1 << bits
+    halves = big_d * bits // 16  # uint16 per row of codes
+    SC = halves
+    nbytes = big_d * bits // 8
+    w_out = nbytes // 4 if word_out else nbytes
+    L = gen.L
+    L.append("def quantize_tiled(x, signs, boundaries, centroids, codes, norms):")
+    if half:
+        gen.add(4, f"raw = cuda.shared.array({R * gen.SW}, numba.uint32)")
+    gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32)",
+            f"part = cuda.shared.array({R * P}, numba.float64)",
+            f"cst = cuda.shared.array({R * SC}, numba.uint16)",
+            f"bs = cuda.shared.array({levels}, numba.float32)")
+    if norm_correction:
+        gen.add(4, f"part2 = cuda.shared.array({R * P}, numba.float64)",
+                f"cs = cuda.shared.array({levels}, numba.float32)")
+    gen.add(4, "t = cuda.threadIdx.x",
+            f"while t < {levels - 1}:",
+            "    bs[t] = boundaries[t]")
+    if norm_correction:
+        gen.add(4, "    cs[t] = centroids[t]",
+                f"    if t == {levels - 2}:",
+                f"        cs[{levels - 1}] = centroids[{levels - 1}]")
+    gen.add(4, f"    t += {T}")
+    gen.prologue()
+    gen.add(4, "n_rows = norms.shape[0]", "total_out = codes.shape[0]")
+    for k in range(E):
+        gen.add(4, f"s{k} = signs[16 * p + {k}]")
+    gen.stage()
+    gen.first_phase_load("v")
+    # ‖x‖: this thread's 16 coordinates in order, then the row's P partials in order
+    gen.add(8, "acc = 0.0")
+    for k in range(E):
+        gen.add(8, f"f = np.float64(v{k})", "acc += f * f")
+    gen.add(8, f"part[r * {P} + p] = acc", "cuda.syncthreads()",
+            f"acc = part[r * {P}]")
+    for q in range(1, P):
+        gen.add(8, f"acc += part[r * {P} + {q}]")
+    gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
+    first = [f"v{k}" for k in range(E)]
+    for k in range(E):
+        gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n) * s{k}")
+    groups = gen.run_phases(first, False)
+    if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
+        for k in range(E):
+            gen.add(8, f"v{k} = ft[fb + {k}]")
+    for k in range(E):
+        gen.L += _decide_lines(f"v{k}", f"c{k}", bits, " " * 8)
+    if norm_correction:
+        gen.add(8, "cn = 0.0")
+        for k in range(E):
+            gen.add(8, f"f = np.float64(cs[c{k}])", "cn += f * f")
+        gen.add(8, f"part2[r * {P} + p] = cn", "cuda.syncthreads()",
+                f"cn = part2[r * {P}]")
+        for q in range(1, P):
+            gen.add(8, f"cn += part2[r * {P} + {q}]")
+        gen.add(8, "if cn > 0.0:", "    n = n / math.sqrt(cn)")
+    # pack this thread's 16 codes (16·bits bits, LSB first) and stage them as uint16
+    nw = (E * bits + 31) // 32
+    for w in range(nw):
+        gen.add(8, f"o{w} = U32(0)")
+    for k in range(E):
+        pos = k * bits
+        w, s = pos >> 5, pos & 31
+        gen.add(8, f"o{w} |= U32(c{k} << U32({s}))" if s else f"o{w} |= c{k}")
+        if s + bits > 32:
+            gen.add(8, f"o{w + 1} |= U32(c{k} >> U32({32 - s}))")
+    gen.add(8, f"hb = r * {SC} + {bits} * p")
+    for h in range(bits):
+        gen.add(8, f"cst[hb + {h}] = np.uint16((o{h >> 1} >> U32({16 * (h & 1)})) & U32(65535))")
+    gen.add(8, f"row = tile * {R} + r",
+            "if p == 0 and row < n_rows:",
+            "    norms[row] = n",
+            "cuda.syncthreads()")
+    tile_out = R * w_out
+    gen.add(8, f"g = tile * {tile_out} + tid")
+    for i in range(-(-tile_out // T)):
+        ind = 8
+        if (i + 1) * T > tile_out:
+            gen.add(8, f"if tid + {i * T} < {tile_out}:")
+            ind = 12
+        gen.add(ind, f"w = tid + {i * T}", f"rr = w // {w_out}", f"c = w % {w_out}")
+        if word_out:
+            gen.add(ind, f"hh = rr * {SC} + 2 * c",
+                    "val = U32(cst[hh]) | (U32(cst[hh + 1]) << U32(16))")
+        else:
+            gen.add(ind, f"hh = cst[rr * {SC} + (c >> 1)]",
+                    "val = np.uint8((U32(hh) >> U32(8 * (c & 1))) & U32(255))")
+        gen.add(ind, f"if g + {i * T} < total_out:", f"    codes[g + {i * T}] = val")
+    gen.add(8, "tile = nxt")
+    kern = _build("quantize_tiled", L, {})
+    kern.rows_per_tile = R
+    _kernels[key] = kern
+    return kern
