@@ -33,8 +33,7 @@ import numpy as np
 import rotorq
 from benchmarks import smollm2
 from benchmarks.fidelity_levers import CALIB_SPAN, _log_probs, calibrate
-from benchmarks.report import (Progress, environment, environment_markdown, markdown_table,
-                               write_sections)
+from benchmarks.report import Progress, environment, environment_markdown, markdown_table, write_sections
 
 PLAIN = dict(residual_tokens=0, residual_bits=None, sink_tokens=0, key_offset=False,
              norm_correction=False)

@@ -166,63 +166,69 @@ class _Gen:
         self.L += [" " * ind + s for s in lines]
 
     def prologue(self):
-        """Thread coordinates, tile count and the first tile's prefetch."""
+        """Thread coordinates, tile count and the first tile's prefetch.
+
+        Indices are uint64 (``U64``) throughout: Numba wraps signed indices around (a select
+        per access), which keeps NVVM from folding constant offsets into one base address.
+        """
         tile_words = self.R * self.w_in
         self.loads = -(-tile_words // self.T)
-        self.add(4, "tid = cuda.threadIdx.x",
-                 f"r = tid // {self.P}",
-                 f"p = tid % {self.P}",
-                 f"rf = r * {self.S}",
-                 "total = x.shape[0]",
-                 f"n_tiles = (total + {tile_words - 1}) // {tile_words}",
-                 "tile = cuda.blockIdx.x")
+        self.add(4, "tid = U64(cuda.threadIdx.x)",
+                 f"r = tid // U64({self.P})",
+                 f"p = tid % U64({self.P})",
+                 f"rf = r * U64({self.S})",
+                 "total = U64(x.shape[0])",
+                 f"n_tiles = (total + U64({tile_words - 1})) // U64({tile_words})",
+                 "tile = U64(cuda.blockIdx.x)",
+                 "grid = U64(cuda.gridDim.x)")
         if self.half_in:
-            self.add(4, f"rw = r * {self.SW}")
+            self.add(4, f"rw = r * U64({self.SW})")
         self._fetch(4, "tile")
 
     def _fetch(self, ind, tile):
         zero = "U32(0)" if self.half_in else "np.float32(0.0)"
-        self.add(ind, f"g = {tile} * {self.R * self.w_in} + tid")
+        self.add(ind, f"g = {tile} * U64({self.R * self.w_in}) + tid")
         for i in range(self.loads):
-            self.add(ind, f"a{i} = x[g + {i * self.T}] if g + {i * self.T} < total else {zero}")
+            gi = f"g + U64({i * self.T})" if i else "g"
+            self.add(ind, f"a{i} = x[{gi}] if {gi} < total else {zero}")
 
     def stage(self):
         """Loop head: prefetched words → shared tile, barrier, prefetch of the next tile."""
         w = self.w_in
         self.add(4, "while tile < n_tiles:")
         for i in range(self.loads):
-            self.add(8, f"w = tid + {i * self.T}")
+            self.add(8, f"w = tid + U64({i * self.T})")
             guard = (i + 1) * self.T > self.R * w
             ind = 8
             if guard:
-                self.add(8, f"if w < {self.R * w}:")
+                self.add(8, f"if w < U64({self.R * w}):")
                 ind = 12
-            self.add(ind, f"rr = w // {w}", f"c = w % {w}")
+            self.add(ind, f"rr = w // U64({w})", f"c = w % U64({w})")
             if self.half_in:
-                self.add(ind, f"raw[rr * {self.SW} + c + (c >> 3)] = a{i}")
+                self.add(ind, f"raw[rr * U64({self.SW}) + c + (c >> U64(3))] = a{i}")
             else:
-                self.add(ind, f"ft[rr * {self.S} + c + (c >> 4)] = a{i}")
-        self.add(8, "cuda.syncthreads()", "nxt = tile + cuda.gridDim.x")
+                self.add(ind, f"ft[rr * U64({self.S}) + c + (c >> U64(4))] = a{i}")
+        self.add(8, "cuda.syncthreads()", "nxt = tile + grid")
         self._fetch(8, "nxt")
 
     def first_phase_load(self, var):
         """``{var}0 … {var}15`` (float32): this thread's 16 consecutive input coordinates (0
         past ``d``)."""
         pad = self.d < self.D
-        self.add(8, "fb = rf + 17 * p")
+        self.add(8, "fb = rf + U64(17) * p")
         if self.half_in:
-            self.add(8, "wb = rw + 9 * p")
+            self.add(8, "wb = rw + U64(9) * p")
             for k in range(E // 2):
-                src = f"raw[wb + {k}]"
+                src = f"raw[wb + U64({k})]"
                 if pad:
-                    src = f"({src} if 8 * p + {k} < {self.w_in} else U32(0))"
+                    src = f"({src} if U64(8) * p + U64({k}) < U64({self.w_in}) else U32(0))"
                 self.add(8, f"u = {src}", f"{var}{2 * k} = half_lo(u)",
                          f"{var}{2 * k + 1} = half_hi(u)")
         else:
             for k in range(E):
-                src = f"ft[fb + {k}]"
+                src = f"ft[fb + U64({k})]"
                 if pad:
-                    src = f"({src} if 16 * p + {k} < {self.d} else np.float32(0.0))"
+                    src = f"({src} if U64(16) * p + U64({k}) < U64({self.d}) else np.float32(0.0))"
                 self.add(8, f"{var}{k} = {src}")
 
     def butterflies(self, names):
@@ -246,11 +252,11 @@ class _Gen:
         out = []
         for i, _ in enumerate(_slots(0, self.P, lo, hi, paired)):
             if paired:
-                g = f"(2 * (p + {self.P * (i // 2)}) + {i & 1})"
+                g = f"(U64(2) * (p + U64({self.P * (i // 2)})) + U64({i & 1}))"
             else:
-                g = f"(p + {self.P * i})"
-            self.add(8, f"gb{i} = ({g} & {(1 << lo) - 1}) | (({g} >> {lo}) << {hi})",
-                     f"ab{i} = rf + gb{i} + (gb{i} >> 4)")
+                g = f"(p + U64({self.P * i}))"
+            self.add(8, f"gb{i} = ({g} & U64({(1 << lo) - 1})) | (({g} >> U64({lo})) << U64({hi}))",
+                     f"ab{i} = rf + gb{i} + (gb{i} >> U64(4))")
             out.append((f"ab{i}", (1 << lo) + ((1 << lo) >> 4), [f"y{i}_{k}" for k in range(size)],
                         f"gb{i}"))
         return out
@@ -267,7 +273,7 @@ class _Gen:
             self.scale(first_names)
             return None
         for k, nm in enumerate(first_names):
-            self.add(8, f"ft[fb + {k}] = {nm}")
+            self.add(8, f"ft[fb + U64({k})] = {nm}")
         self.add(8, "cuda.syncthreads()")
         groups = None
         for n, (lo, hi) in enumerate(phases[1:]):
@@ -275,7 +281,7 @@ class _Gen:
             groups = self.phase_groups(lo, hi, last and keep_last == "paired")
             for ab, step, names, _ in groups:
                 for k, nm in enumerate(names):
-                    self.add(8, f"{nm} = ft[{ab} + {k * step}]")
+                    self.add(8, f"{nm} = ft[{ab} + U64({k * step})]")
                 self.butterflies(names)
             if last:
                 self.scale([nm for g in groups for nm in g[2]])
@@ -283,7 +289,7 @@ class _Gen:
                     break
             for ab, step, names, _ in groups:
                 for k, nm in enumerate(names):
-                    self.add(8, f"ft[{ab} + {k * step}] = {nm}")
+                    self.add(8, f"ft[{ab} + U64({k * step})] = {nm}")
             self.add(8, "cuda.syncthreads()")
         return groups
 
@@ -322,53 +328,53 @@ def wht_kernel(big_d, half_in, half_out, threads=THREADS):
     if via_ot:
         gen.add(4, f"ot = cuda.shared.array({R * gen.SO}, numba.uint32)")
     gen.prologue()
-    gen.add(4, "total_out = out.shape[0]")
+    gen.add(4, "total_out = U64(out.shape[0])")
     if via_ot:
-        gen.add(4, f"ro = r * {gen.SO}")
+        gen.add(4, f"ro = r * U64({gen.SO})")
     gen.stage()
     first = [f"v{k}" for k in range(E)]
     gen.first_phase_load("v")
     groups = gen.run_phases(first, "paired" if paired else (single and via_ot))
     if via_ot and single:  # 16 consecutive coordinates: 8 words
-        gen.add(8, "ob = ro + 9 * p")
+        gen.add(8, "ob = ro + U64(9) * p")
         for k in range(E // 2):
-            gen.add(8, f"ot[ob + {k}] = half_bits(v{2 * k}) | (half_bits(v{2 * k + 1})"
+            gen.add(8, f"ot[ob + U64({k})] = half_bits(v{2 * k}) | (half_bits(v{2 * k + 1})"
                        " << U32(16))")
     elif via_ot:
         ostep = (1 << (lo - 1)) + (1 << (lo - 4))
         for i in range(0, len(groups), 2):
             _, _, a, gb = groups[i]
             b = groups[i + 1][2]
-            gen.add(8, f"cb = {gb} >> 1", "ob = ro + cb + (cb >> 3)")
+            gen.add(8, f"cb = {gb} >> U64(1)", "ob = ro + cb + (cb >> U64(3))")
             for k in range(len(a)):
-                gen.add(8, f"ot[ob + {k * ostep}] = half_bits({a[k]}) | "
+                gen.add(8, f"ot[ob + U64({k * ostep})] = half_bits({a[k]}) | "
                            f"(half_bits({b[k]}) << U32(16))")
     elif single:
         for k in range(E):
-            gen.add(8, f"ft[fb + {k}] = v{k}")
+            gen.add(8, f"ft[fb + U64({k})] = v{k}")
     gen.add(8, "cuda.syncthreads()")
     # store pass: consecutive threads store consecutive words of the tile
     tile_out = R * w_out
-    gen.add(8, f"g = tile * {tile_out} + tid")
+    gen.add(8, f"g = tile * U64({tile_out}) + tid")
     for i in range(-(-tile_out // T)):
         ind = 8
         if (i + 1) * T > tile_out:
-            gen.add(8, f"if tid + {i * T} < {tile_out}:")
+            gen.add(8, f"if tid + U64({i * T}) < U64({tile_out}):")
             ind = 12
-        gen.add(ind, f"w = tid + {i * T}", f"rr = w // {w_out}", f"c = w % {w_out}",
-                f"if g + {i * T} < total_out:")
+        gen.add(ind, f"w = tid + U64({i * T})", f"rr = w // U64({w_out})", f"c = w % U64({w_out})",
+                f"if g + U64({i * T}) < total_out:")
         if via_ot:
-            src = f"ot[rr * {gen.SO} + c + (c >> 3)]"
+            src = f"ot[rr * U64({gen.SO}) + c + (c >> U64(3))]"
         elif half_out:
-            gen.add(ind + 4, f"fa = rr * {gen.S} + 2 * c + (c >> 3)")
-            src = "half_bits(ft[fa]) | (half_bits(ft[fa + 1]) << U32(16))"
+            gen.add(ind + 4, f"fa = rr * U64({gen.S}) + U64(2) * c + (c >> U64(3))")
+            src = "half_bits(ft[fa]) | (half_bits(ft[fa + U64(1)]) << U32(16))"
         else:
-            src = f"ft[rr * {gen.S} + c + (c >> 4)]"
-        gen.add(ind + 4, f"out[g + {i * T}] = {src}")
+            src = f"ft[rr * U64({gen.S}) + c + (c >> U64(4))]"
+        gen.add(ind + 4, f"out[g + U64({i * T})] = {src}")
     if not half_in and not via_ot:
         gen.add(8, "cuda.syncthreads()")  # the next staging overwrites the float tile
     gen.add(8, "tile = nxt")
-    kern = _build("wht_tiled", L, {})
+    kern = _build("wht_tiled", L, {"U64": np.uint64})
     kern.rows_per_tile = R
     _kernels[key] = kern
     return kern
@@ -420,19 +426,19 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                 f"        cs[{levels - 1}] = centroids[{levels - 1}]")
     gen.add(4, f"    t += {T}")
     gen.prologue()
-    gen.add(4, "n_rows = norms.shape[0]", "total_out = codes.shape[0]")
+    gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])")
     for k in range(E):
-        gen.add(4, f"s{k} = signs[16 * p + {k}]")
+        gen.add(4, f"s{k} = signs[U64(16) * p + U64({k})]")
     gen.stage()
     gen.first_phase_load("v")
     # ‖x‖: this thread's 16 coordinates in order, then the row's P partials in order
     gen.add(8, "acc = 0.0")
     for k in range(E):
         gen.add(8, f"f = np.float64(v{k})", "acc += f * f")
-    gen.add(8, f"part[r * {P} + p] = acc", "cuda.syncthreads()",
-            f"acc = part[r * {P}]")
+    gen.add(8, f"pb = r * U64({P})", "part[pb + p] = acc", "cuda.syncthreads()",
+            "acc = part[pb]")
     for q in range(1, P):
-        gen.add(8, f"acc += part[r * {P} + {q}]")
+        gen.add(8, f"acc += part[pb + U64({q})]")
     gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
     first = [f"v{k}" for k in range(E)]
     for k in range(E):
@@ -440,17 +446,16 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     groups = gen.run_phases(first, False)
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
-            gen.add(8, f"v{k} = ft[fb + {k}]")
+            gen.add(8, f"v{k} = ft[fb + U64({k})]")
     for k in range(E):
         gen.L += _decide_lines(f"v{k}", f"c{k}", bits, " " * 8)
     if norm_correction:
         gen.add(8, "cn = 0.0")
         for k in range(E):
             gen.add(8, f"f = np.float64(cs[c{k}])", "cn += f * f")
-        gen.add(8, f"part2[r * {P} + p] = cn", "cuda.syncthreads()",
-                f"cn = part2[r * {P}]")
+        gen.add(8, "part2[pb + p] = cn", "cuda.syncthreads()", "cn = part2[pb]")
         for q in range(1, P):
-            gen.add(8, f"cn += part2[r * {P} + {q}]")
+            gen.add(8, f"cn += part2[pb + U64({q})]")
         gen.add(8, "if cn > 0.0:", "    n = n / math.sqrt(cn)")
     # pack this thread's 16 codes (16·bits bits, LSB first) and stage them as uint16
     nw = (E * bits + 31) // 32
@@ -462,30 +467,30 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
         gen.add(8, f"o{w} |= U32(c{k} << U32({s}))" if s else f"o{w} |= c{k}")
         if s + bits > 32:
             gen.add(8, f"o{w + 1} |= U32(c{k} >> U32({32 - s}))")
-    gen.add(8, f"hb = r * {SC} + {bits} * p")
+    gen.add(8, f"hb = r * U64({SC}) + U64({bits}) * p")
     for h in range(bits):
-        gen.add(8, f"cst[hb + {h}] = np.uint16((o{h >> 1} >> U32({16 * (h & 1)})) & U32(65535))")
-    gen.add(8, f"row = tile * {R} + r",
-            "if p == 0 and row < n_rows:",
+        gen.add(8, f"cst[hb + U64({h})] = np.uint16((o{h >> 1} >> U32({16 * (h & 1)})) & U32(65535))")
+    gen.add(8, f"row = tile * U64({R}) + r",
+            "if p == U64(0) and row < n_rows:",
             "    norms[row] = n",
             "cuda.syncthreads()")
     tile_out = R * w_out
-    gen.add(8, f"g = tile * {tile_out} + tid")
+    gen.add(8, f"g = tile * U64({tile_out}) + tid")
     for i in range(-(-tile_out // T)):
         ind = 8
         if (i + 1) * T > tile_out:
-            gen.add(8, f"if tid + {i * T} < {tile_out}:")
+            gen.add(8, f"if tid + U64({i * T}) < U64({tile_out}):")
             ind = 12
-        gen.add(ind, f"w = tid + {i * T}", f"rr = w // {w_out}", f"c = w % {w_out}")
+        gen.add(ind, f"w = tid + U64({i * T})", f"rr = w // U64({w_out})", f"c = w % U64({w_out})")
         if word_out:
-            gen.add(ind, f"hh = rr * {SC} + 2 * c",
-                    "val = U32(cst[hh]) | (U32(cst[hh + 1]) << U32(16))")
+            gen.add(ind, f"hh = rr * U64({SC}) + U64(2) * c",
+                    "val = U32(cst[hh]) | (U32(cst[hh + U64(1)]) << U32(16))")
         else:
-            gen.add(ind, f"hh = cst[rr * {SC} + (c >> 1)]",
-                    "val = np.uint8((U32(hh) >> U32(8 * (c & 1))) & U32(255))")
-        gen.add(ind, f"if g + {i * T} < total_out:", f"    codes[g + {i * T}] = val")
+            gen.add(ind, f"hw = cst[rr * U64({SC}) + (c >> U64(1))]",
+                    "val = np.uint8((U32(hw) >> U32(U64(8) * (c & U64(1)))) & U32(255))")
+        gen.add(ind, f"if g + U64({i * T}) < total_out:", f"    codes[g + U64({i * T})] = val")
     gen.add(8, "tile = nxt")
-    kern = _build("quantize_tiled", L, {})
+    kern = _build("quantize_tiled", L, {"U64": np.uint64})
     kern.rows_per_tile = R
     _kernels[key] = kern
     return kern

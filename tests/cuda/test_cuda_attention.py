@@ -258,6 +258,11 @@ CACHE_CASES = {
                   128, 300, 1, False),
     "window-only": (dict(key_bits=3, value_bits=3, residual_tokens=128), 8, 2, 128, 100, 1,
                     False),
+    "rope-scales-sinks": (dict(key_bits=3, value_bits=2, rope_base=1e5, sink_tokens=4,
+                               key_scales=np.linspace(0.5, 2.0, 2 * 128).reshape(2, 128)),
+                          8, 2, 128, 900, 2, True),
+    "legacy-float-window": (dict(key_bits=4, value_bits=3, residual_tokens=40, sink_tokens=0,
+                                 key_offset=False, residual_bits=None), 8, 2, 128, 600, 1, False),
 }
 
 
@@ -310,24 +315,30 @@ def test_kvcache_gpu_matches_numpy(rng, cp, fast_path, name, framework):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n_keys,n_rows,n_q,causal", [(70_001, 8, 1, False), (9_000, 8, 2, True),
-                                                     (3_000, 5, 1, False)])
-def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_q, causal):
-    """The backend's decode_attention on random packed codes at decode sizes vs the CPU's."""
+@pytest.mark.parametrize("n_keys,n_rows,n_q,causal,n_freq", [
+    (70_001, 8, 1, False, 0), (9_000, 8, 2, True, 0), (3_000, 5, 1, False, 0),
+    (20_000, 8, 1, False, 64), (5_000, 6, 3, True, 64)])
+def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_q, causal,
+                                          n_freq):
+    """The backend's decode_attention on random packed codes at decode sizes vs the CPU's
+    (``n_freq > 0``: with the RoPE-aware key-offset bias, which takes the general kernel)."""
     import rotorq.cuda as gpu
     from rotorq import cpu
     case = make_case(rng, n_bh=4, n_rows=n_rows, n_q=n_q, dk=(128, 0), dv=(128, 0),
                      kbits=(3, 2), vbits=(3, 4), n_keys=n_keys,
-                     causal_offset=n_keys - n_q if causal else None)
+                     causal_offset=n_keys - n_q if causal else None, n_freq=n_freq, pos0=3)
     kc, kn, _, _, kcent, kb, _ = case["keys"][0]
     vc, vn, vcent, vb = case["vals"][0]
     q = case["q"][0]
     args = (n_keys, n_q, case["causal_offset"])
-    want = cpu.decode_attention(((q, None),), ((kc, kn, kcent, kb, None, None, 0.0),),
-                                ((vc, vn, vcent, vb, 128),), *args)
     c = cp.asarray
+    ba, bb, freqs, pos0 = case["bias"]
+    bias_cpu = (ba, bb, freqs, pos0) if n_freq else None
+    bias_gpu = (c(ba), c(bb), c(freqs), pos0) if n_freq else None
+    want = cpu.decode_attention(((q, None),), ((kc, kn, kcent, kb, None, None, 0.0),),
+                                ((vc, vn, vcent, vb, 128),), *args, key_bias=bias_cpu)
     got = gpu.decode_attention(((c(q), None),), ((c(kc), c(kn), c(kcent), kb, None, None, 0.0),),
-                               ((c(vc), c(vn), c(vcent), vb, 128),), *args)
+                               ((c(vc), c(vn), c(vcent), vb, 128),), *args, key_bias=bias_gpu)
     accs_w, m_w, l_w = want
     accs_g, m_g, l_g = got
     # m alone moves with the score rounding (fp16 MMA inputs); m + log l does not
@@ -337,8 +348,9 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     out_w = accs_w[0] / l_w[..., None]
     out_g = accs_g[0].get() / l_g.get()[..., None]
     err = _rel_err(out_g, out_w)
-    _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-{'fast' if fast_path else 'general'}"] = err
-    assert err < (FAST_RTOL if fast_path else 1e-4), err
+    fast = fast_path and not n_freq
+    _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-{'fast' if fast else 'general'}"] = err
+    assert err < (FAST_RTOL if fast else 1e-4), err
 
 
 # ------------------------------------------------------------------ compile only (NVVM)
