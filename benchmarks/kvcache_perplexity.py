@@ -147,7 +147,10 @@ def table(out) -> str:
     header = ["budget", "configuration", "stored bits/coord"]
     for t in ex:
         header += [f"{t} ppl (Δ)", f"{t} KL"]
-    body = [["—", "exact (float32)", "32"] + sum(([f"{ex[t]:.2f}", "0"] for t in ex), [])]
+    first = ["—", "exact (float32)", "32"]
+    for t in ex:
+        first += [f"{ex[t]:.2f}", "0"]
+    body = [first]
     for row in out["rows"]:
         r = out["results"][row.label]
         bits = np.mean([r[t][:, 2].mean() for t in ex])

@@ -63,6 +63,14 @@ def require_finite(xp, arr, name: str):
         raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
 
 
+def namespace_key(xp):
+    """Cache key of per-device constants: the namespace, plus the current device for cupy
+    (each GPU needs its own copy of a rotation's or codebook's arrays)."""
+    if hasattr(xp, "cuda") and hasattr(xp.cuda, "runtime"):
+        return (xp.__name__, xp.cuda.runtime.getDevice())
+    return (xp.__name__, None)
+
+
 _MAPS: dict = {}
 
 

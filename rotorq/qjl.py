@@ -93,9 +93,10 @@ class QJL:
         return f"QJL(dim={self.dim}, sketch_dim={self.sketch_dim}, seed={self.seed})"
 
     def _sketch(self, xp):
-        if xp.__name__ not in self._device_sketch:
-            self._device_sketch[xp.__name__] = xp.asarray(self.sketch)
-        return self._device_sketch[xp.__name__]
+        key = _backend.namespace_key(xp)
+        if key not in self._device_sketch:
+            self._device_sketch[key] = xp.asarray(self.sketch)
+        return self._device_sketch[key]
 
     def quantize(self, x) -> QuantizedVectors:
         """Sign sketches and norms of ``x (..., dim)``."""

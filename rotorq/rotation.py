@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from . import clifford
+from . import _backend, clifford
 
 ROTATIONS = ("hadamard", "dense", "rotor")
 _STREAM_ROTATION = 0x5EED_0001
@@ -65,8 +65,8 @@ class Rotation:
         raise NotImplementedError
 
     def params(self, xp):
-        """Kernel parameters as arrays of the namespace ``xp`` (cached per namespace)."""
-        key = xp.__name__
+        """Kernel parameters as arrays of the namespace ``xp`` (cached per namespace and GPU)."""
+        key = _backend.namespace_key(xp)
         if key not in self._device_params:
             self._device_params[key] = {k: xp.asarray(v) for k, v in self.host_params().items()}
         return self._device_params[key]

@@ -151,7 +151,7 @@ class TurboQuant:
                 f"rotation={self.rotation.kind!r}, seed={self.seed})")
 
     def _consts(self, xp):
-        key = xp.__name__
+        key = _backend.namespace_key(xp)
         if key not in self._device_consts:
             self._device_consts[key] = {
                 "centroids": xp.asarray(self.centroids),

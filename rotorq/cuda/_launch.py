@@ -98,6 +98,13 @@ def _cache_path(kern, sig, cc):
     return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:32] + ".ptx")
 
 
+def _options(kern):
+    """Extra :func:`numba.cuda.compile_ptx` options of a kernel: ``launch_bounds`` (the
+    kernels of :mod:`rotorq.cuda.tiled` cap their registers this way)."""
+    bounds = getattr(kern, "launch_bounds", None)
+    return {"launch_bounds": bounds} if bounds else {}
+
+
 def compile_ptx(kern, sig, cc):
     """PTX of ``kern`` for the Numba types ``sig`` and compute capability ``cc``, through the
     on-disk cache of :func:`_cache_path` (the generated kernels of
@@ -107,7 +114,7 @@ def compile_ptx(kern, sig, cc):
     if path and os.path.exists(path):
         with open(path) as f:
             return f.read()
-    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=cc)
+    ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=cc, **_options(kern))
     if path:
         ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -136,7 +143,7 @@ def _compile(kern, args, device_id):
             if _cache_path(kern, sig, (major, minor)) is None:
                 raise
             # a cached PTX this driver cannot load (e.g. from another NVVM): compile afresh
-            ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(major, minor))
+            ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(major, minor), **_options(kern))
             entry = _ENTRY.search(ptx)
             module = driver.moduleLoadData(ptx.encode() + b"\0")
         return module, driver.moduleGetFunction(module, entry.group(1))

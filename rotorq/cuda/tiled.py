@@ -302,6 +302,22 @@ def _strides(gen, half_out_paired):
                               lambda s: _cost(gen.D, gen.T, s, False, gen.w_in, True))
 
 
+def _finish(lines, rows, threads, blocks):
+    """Record the launch geometry in the source (the PTX cache is keyed by it)."""
+    lines.append(f"# rows per tile {rows}, launch bounds ({threads}, {blocks})")
+
+
+def _attach(kern, rows, threads, blocks):
+    """Launch attributes: ``rows_per_tile``, ``threads``, ``blocks_per_sm`` and the
+    ``launch_bounds`` passed to :func:`numba.cuda.compile_ptx` (``blocks`` resident blocks of
+    ``threads`` per SM: at most 64 registers per thread at 4 blocks of 256, 48 at 5; ptxas
+    reports no spills for D = 128, 3 bits)."""
+    kern.rows_per_tile = rows
+    kern.threads = threads
+    kern.blocks_per_sm = blocks
+    kern.launch_bounds = (threads, blocks)
+
+
 def wht_kernel(big_d, half_in, half_out, threads=THREADS):
     """Tiled orthonormal WHT of rows of length ``big_d``: ``(x, out)``, both flat (rows·words,)
     — uint32 fp16 pairs when half, else float32. Launch ``threads`` threads per block, any
@@ -374,8 +390,9 @@ def wht_kernel(big_d, half_in, half_out, threads=THREADS):
     if not half_in and not via_ot:
         gen.add(8, "cuda.syncthreads()")  # the next staging overwrites the float tile
     gen.add(8, "tile = nxt")
+    _finish(L, R, threads, 5 if half_in and half_out else 4)
     kern = _build("wht_tiled", L, {"U64": np.uint64})
-    kern.rows_per_tile = R
+    _attach(kern, R, threads, 5 if half_in and half_out else 4)
     _kernels[key] = kern
     return kern
 
@@ -413,7 +430,8 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32)",
             f"part = cuda.shared.array({R * P}, numba.float64)",
             f"cst = cuda.shared.array({R * SC}, numba.uint16)",
-            f"bs = cuda.shared.array({levels}, numba.float32)")
+            f"bs = cuda.shared.array({levels}, numba.float32)",
+            f"sg = cuda.shared.array({big_d + big_d // E}, numba.float32)")
     if norm_correction:
         gen.add(4, f"part2 = cuda.shared.array({R * P}, numba.float64)",
                 f"cs = cuda.shared.array({levels}, numba.float32)")
@@ -427,8 +445,11 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(4, f"    t += {T}")
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])")
-    for k in range(E):
-        gen.add(4, f"s{k} = signs[U64(16) * p + U64({k})]")
+    gen.add(4, "t = tid",
+            f"while t < U64({big_d}):",
+            "    sg[t + (t >> U64(4))] = signs[t]",
+            f"    t += U64({T})",
+            "sb = U64(17) * p")
     gen.stage()
     gen.first_phase_load("v")
     # ‖x‖: this thread's 16 coordinates in order, then the row's P partials in order
@@ -442,7 +463,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
     first = [f"v{k}" for k in range(E)]
     for k in range(E):
-        gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n) * s{k}")
+        gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n) * sg[sb + U64({k})]")
     groups = gen.run_phases(first, False)
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
@@ -490,7 +511,8 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                     "val = np.uint8((U32(hw) >> U32(U64(8) * (c & U64(1)))) & U32(255))")
         gen.add(ind, f"if g + U64({i * T}) < total_out:", f"    codes[g + U64({i * T})] = val")
     gen.add(8, "tile = nxt")
+    _finish(L, R, threads, 4 if half else 3)
     kern = _build("quantize_tiled", L, {"U64": np.uint64})
-    kern.rows_per_tile = R
+    _attach(kern, R, threads, 4 if half else 3)
     _kernels[key] = kern
     return kern
