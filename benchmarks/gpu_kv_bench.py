@@ -65,7 +65,8 @@ def build_cache(tokens, rng):
         grng = cp.random.default_rng(int(rng.integers(1 << 31)))
         k = grng.standard_normal((HK, tokens, D), dtype=cp.float32).astype(cp.float16)
         v = grng.standard_normal((HK, tokens, D), dtype=cp.float32).astype(cp.float16)
-        cache = rotorq.KVCache(HK, D, key_bits=BITS, value_bits=BITS, residual_tokens=128)
+        cache = rotorq.KVCache(HK, D, key_bits=BITS, value_bits=BITS, residual_tokens=128,
+                               residual_bits=None, sink_tokens=0, key_offset=False)
         cache.append(k, v)
     finally:
         api.FAST_MIN_ROWS = saved

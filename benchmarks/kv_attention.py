@@ -103,7 +103,8 @@ def main(argv=None):
         q = (rng.standard_normal((h, g, d), dtype=np.float32) / ch_scale)
         cache = rotorq.KVCache(h, d, key_bits=args.key_bits, value_bits=args.value_bits,
                                key_mode=args.key_mode, outlier_channels=args.outlier_channels,
-                               residual_tokens=args.residual_tokens, seed=args.seed)
+                               residual_tokens=args.residual_tokens, seed=args.seed,
+                               residual_bits=None, sink_tokens=0, key_offset=False)
         t0 = time.perf_counter()
         cache.append(k, v)
         t_compress = time.perf_counter() - t0

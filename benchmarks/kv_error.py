@@ -25,6 +25,9 @@ import rotorq
 
 CONFIGS = [(2, 2), (3, 3), (4, 3), (4, 4)]
 
+LEGACY = dict(residual_bits=None, sink_tokens=0, key_offset=False)
+"""The base quantizers alone: no sinks, no key offset, a float32 window."""
+
 
 def exact(q, k, v, causal=False):
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
@@ -83,7 +86,7 @@ def main(argv=None):
             for mode, n_out in modes:
                 for kb, vb in CONFIGS:
                     c = rotorq.KVCache(2, d, key_bits=kb, value_bits=vb, key_mode=mode,
-                                       outlier_channels=n_out, residual_tokens=64,
+                                       outlier_channels=n_out, residual_tokens=64, **LEGACY,
                                        seed=int(rng.integers(1 << 30)))
                     c.append(k, v)
                     errs.setdefault((mode, n_out, kb, vb), []).append(rel(c.attend(q), ref))
@@ -104,7 +107,7 @@ def main(argv=None):
             e = []
             for layer in range(q.shape[0]):
                 c = rotorq.KVCache(heads, d, key_bits=kb, value_bits=vb, key_mode=mode,
-                                   outlier_channels=n_out, residual_tokens=0)
+                                   outlier_channels=n_out, residual_tokens=0, **LEGACY)
                 c.append(k[layer], v[layer])
                 qs = q[layer, :, -192:]
                 e.append(rel(c.attend(qs, causal=True), exact(qs, k[layer], v[layer], causal=True)))

@@ -9,6 +9,7 @@ arrays. Kernels read float16, float32 and float64 directly; bfloat16 is widened 
 """
 
 import functools
+import os
 import sys
 
 import cupy as cp
@@ -23,6 +24,7 @@ from . import quantize as _q
 from . import rotate as _rot
 from . import rotor as _rotor
 from . import scores as _sc
+from . import tiled as _tiled
 from . import wht as _wht
 from ._launch import SHARED_LIMIT, current_stream, launch
 from ._threads import MAX_QUERIES, row_scratch_bytes
@@ -142,6 +144,11 @@ FAST_MIN_ROWS = 8192
 seconds once; below this size the generic kernels are as fast)."""
 FAST_MIN_KEYS = 8192
 """Keys from which scoring uses the generated kernels."""
+TILED = os.environ.get("ROTORQ_CUDA_TILED", "1") != "0"
+"""From ``FAST_MIN_ROWS`` rows, run the WHT and the Hadamard quantize with the tiled kernels
+of :mod:`rotorq.cuda.tiled` (coalesced, shared-memory butterflies); ``False`` (or
+``ROTORQ_CUDA_TILED=0``): the one-row-per-thread kernels of :mod:`rotorq.cuda.fast`, kept for
+comparison."""
 
 
 @functools.cache
@@ -162,6 +169,14 @@ def _words(rows):
     """Packed rows (…, nbytes) as uint32 words when whole words (fewer loads), else bytes."""
     rows = _c(rows)
     return rows.view(cp.uint32) if rows.shape[-1] % 4 == 0 else rows
+
+
+def _tiled_launch(kern, n, args):
+    """Launch a :mod:`rotorq.cuda.tiled` kernel over ``n`` rows: a persistent grid of the
+    blocks that fit on the device at once (each strides over tiles)."""
+    tiles = -(-n // kern.rows_per_tile)
+    grid = max(1, min(tiles, _sm_count() * kern.blocks_per_sm))
+    launch(kern, (grid, 1, 1), (kern.threads, 1), 0, args)
 
 
 @_on_device
@@ -214,6 +229,18 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     tail = (_c(boundaries), _c(centroids), int(nbits), int(norm_correction), sk,
             codes, norms, signs, qjl_norms)
     p = rot.params(cp)
+    if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
+            and _tiled.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
+        half = x.dtype == cp.float16
+        word_out = codes.shape[1] % 4 == 0
+        kern = _tiled.quantize_kernel(x.shape[1], big_d, int(nbits), half,
+                                      bool(norm_correction), word_out)
+        _tiled_launch(kern, n, ((x.view(cp.uint32) if half else x).reshape(-1), p["signs"],
+                                _c(boundaries), _c(centroids),
+                                (codes.view(cp.uint32) if word_out else codes).reshape(-1),
+                                norms))
+        qjl_norms.fill(0)
+        return codes, norms, signs, qjl_norms
     if (n >= FAST_MIN_ROWS and x.ndim == 2
             and _fast.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
         half = x.dtype == cp.float16
@@ -329,6 +356,11 @@ def wht(x, out_dtype=cp.float32):
     if (n >= FAST_MIN_ROWS and width <= _fast.MAX_UNROLL_DIM and width % 2 == 0
             and width & (width - 1) == 0
             and x.dtype in (cp.float16, cp.float32) and out.dtype in (cp.float16, cp.float32)):
+        if TILED and _tiled.applies(width):
+            kern = _tiled.wht_kernel(width, half_in, half_out)
+            _tiled_launch(kern, n, ((x.view(cp.uint32) if half_in else x).reshape(-1),
+                                    (out.view(cp.uint32) if half_out else out).reshape(-1)))
+            return out
         kern = _fast.wht_kernel(width, half_in, half_out)
         launch(kern, (-(-n // FAST_THREADS), 1, 1), (FAST_THREADS, 1), 0,
                (x.view(cp.uint32) if half_in else x, out.view(cp.uint32) if half_out else out))
