@@ -31,7 +31,7 @@ The levers (see :mod:`rotorq.kvprep`):
 
 Run ``python -m benchmarks.fidelity_levers`` (about 16 minutes on 2 cores) or
 ``--quick`` (256 tokens, one seed, fewer rows; about 4 minutes). Results go to stdout and,
-for a full run, to ``benchmarks/results_fidelity.md``.
+for a full run, to the ``cpu:fidelity-levers`` section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import dataclasses
 import itertools
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -49,10 +48,10 @@ import numpy as np
 import rotorq
 from benchmarks import smollm2
 from benchmarks.realkv_perplexity import windowed_attention
-from benchmarks.report import Progress, environment, environment_markdown, markdown_table
+from benchmarks.report import Progress, environment, environment_markdown, markdown_table, write_sections
 from rotorq.kvprep import KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate
 
-RESULTS_FILE = Path(__file__).resolve().parent / "results_fidelity.md"
+RESULTS_SECTION = "cpu:fidelity-levers"   # the section of benchmarks/RESULTS.md it writes
 CALIB_SPAN = (512, 1024)     # GPL-3 tokens used for calibration (disjoint from the eval span)
 SENS_TOKENS = 256            # tokens of the calibration span used for the sensitivities
 MEAN_BLOCK = 128             # the key offset μ is fitted on the first tokens of a sequence
@@ -751,7 +750,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None, help="rotation seeds per row")
     parser.add_argument("--no-write", action="store_true",
-                        help=f"do not write {RESULTS_FILE.name} (--quick never writes it)")
+                        help="do not write benchmarks/RESULTS.md (--quick never writes it)")
     args = parser.parse_args(argv)
     n = args.tokens or (256 if args.quick else 512)
     seeds = tuple(range(args.seeds or (1 if args.quick else 2)))
@@ -762,8 +761,7 @@ def main(argv=None):
     text = markdown(out, tabs, time.perf_counter() - start)
     print(text)
     if not (args.no_write or args.quick):   # a quick run never overwrites the full results
-        RESULTS_FILE.write_text(text)
-        progress(f"wrote {RESULTS_FILE}")
+        progress(f"wrote {write_sections({RESULTS_SECTION: text})}")
 
 
 if __name__ == "__main__":

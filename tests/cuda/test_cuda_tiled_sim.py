@@ -1,0 +1,87 @@
+"""The tiled kernels of :mod:`rotorq.cuda.tiled` under Numba's simulator against the CPU twins.
+
+Tiny shapes and blocks (2–16 threads: tiles of 1–3 rows) launched on 2 blocks over more tiles
+than blocks, with a partial last tile, so that the grid-stride loop, the prefetch of the next
+tile, padded rows (d < D) and every WHT phase layout (one phase for D = 16, a strided second
+phase for D = 32, 128, 256, a third for D = 512) run.
+Run with ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/cuda``.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("simulator tests: run with NUMBA_ENABLE_CUDASIM=1 -m cudasim",
+                allow_module_level=True)
+
+import rotorq
+
+tiled = importlib.import_module("rotorq.cuda.tiled")
+CPU_WHT = importlib.import_module("rotorq.cpu.wht")
+
+pytestmark = pytest.mark.cudasim
+
+
+@pytest.mark.parametrize("half_in,half_out", ((True, True), (True, False), (False, False),
+                                              (False, True)))
+@pytest.mark.parametrize("big_d,threads", ((16, 3), (32, 4), (128, 16), (256, 32), (512, 64)))
+def test_tiled_wht_matches_cpu(big_d, threads, half_in, half_out):
+    """Bit-identical to the CPU's WHT (fp16 output: the CPU's float32 result rounded once)."""
+    rng = np.random.default_rng(big_d + 2 * half_in + half_out)
+    n = 7
+    x = rng.standard_normal((n, big_d)).astype(np.float16 if half_in else np.float32)
+    ref = np.empty((n, big_d), np.float32)
+    CPU_WHT.wht(x.astype(np.float32), ref)
+    out = np.full((n, big_d // 2) if half_out else (n, big_d), 0xFFFF,
+                  np.uint32 if half_out else np.float32)
+    kern = tiled.wht_kernel(big_d, half_in, half_out, threads=threads)
+    assert kern.rows_per_tile * 2 < n  # more tiles than blocks, partial last tile
+    kern[2, threads]((x.view(np.uint32) if half_in else x).reshape(-1), out.reshape(-1))
+    got = out.view(np.float16).astype(np.float32) if half_out else out
+    expected = ref.astype(np.float16).astype(np.float32) if half_out else ref
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("d,bits,threads", ((16, 3, 2), (12, 2, 3), (32, 4, 4), (32, 1, 2),
+                                            (96, 3, 16)))
+@pytest.mark.parametrize("half", (True, False))
+@pytest.mark.parametrize("norm_correction", (False, True))
+def test_tiled_quantize_matches_cpu(d, bits, threads, half, norm_correction):
+    """Same packed codes and norms as the CPU's Hadamard quantize (zero row included)."""
+    rng = np.random.default_rng(d * 10 + bits)
+    tq = rotorq.TurboQuant(d, bits, rotation="hadamard", norm_dtype="float32",
+                           norm_correction=norm_correction)
+    n = 11
+    x = (rng.standard_normal((n, d)) * 3).astype(np.float16 if half else np.float32)
+    x[3] = 0
+    q = tq.quantize(x)
+    codes_ref, norms_ref = np.asarray(q.codes), np.asarray(q.norms)
+    nbytes = codes_ref.shape[1]
+    word_out = nbytes % 4 == 0
+    codes = np.full((n, nbytes // 4) if word_out else (n, nbytes), 0xAB,
+                    np.uint32 if word_out else np.uint8)
+    norms = np.full(n, np.nan, np.float32)
+    kern = tiled.quantize_kernel(d, tq.stored_dim, bits, half, norm_correction, word_out,
+                                 threads=threads)
+    signs = np.ascontiguousarray(tq.rotation.params(np)["signs"], np.float32)
+    kern[2, threads]((x.view(np.uint32) if half else x).reshape(-1), signs, tq.boundaries,
+                     tq.centroids, codes.reshape(-1), norms)
+    np.testing.assert_array_equal(codes.view(np.uint8).reshape(n, -1), codes_ref)
+    np.testing.assert_allclose(norms, norms_ref, rtol=1e-6)
+    assert norms[3] == 0
+
+
+def test_shared_layout_is_conflict_free():
+    """The padded row strides give one wavefront per warp access in every WHT phase of the
+    benchmark shape (D = 128, 256 threads), fp16 words and floats alike."""
+    kern = tiled.wht_kernel(128, True, True)
+    src = kern.rotorq_source
+    gen = tiled._Gen(128, tiled.THREADS, True, 128)
+    tiled._strides(gen, True)
+    assert f"r * U64({gen.S})" in src and f"r * U64({gen.SW})" in src
+    float_accesses = 16 + 2 * 8 + 2 * 8 // 2  # phase 1, phase 2 (2 groups of 8), store pass
+    assert tiled._cost(128, tiled.THREADS, gen.S, True) <= float_accesses + 8
+    assert tiled._cost(128, tiled.THREADS, gen.SW, False, 64, True) == 8 + 8
