@@ -193,7 +193,8 @@ class KVCache:
     without an ``n_q`` axis in the queries there is none in the result.
 
     On a GPU a RoPE-aware offset runs the general attention kernel (the tensor-core path
-    has no per-key bias term).
+    has no per-key bias term), and non-finite queries are not refused (that check would
+    cost a device sync per call): they give NaN outputs.
 
     Examples
     --------
@@ -744,7 +745,8 @@ class KVCache:
                              f"{self._batch} sequences")
         squeeze = q.ndim == lead + 2
         xp = self._xp
-        _backend.require_finite(xp, q, "queries")
+        if xp is np:  # on a GPU the check would cost a device sync per call: NaN in, NaN out
+            _backend.require_finite(xp, q, "queries")
         n_qh = q.shape[lead]
         if n_qh % self.num_kv_heads:
             raise ValueError(f"queries have {n_qh} heads (num_q_heads), not a multiple of "

@@ -14,8 +14,10 @@ Each iteration of its grid-stride loop over tiles:
 3. writes the results into a shared output tile, which the block stores with the same
    coalesced word pattern.
 
-Shared rows are padded (a word after every 16 floats / 8 words, and a row stride picked by
-:func:`_pick_stride`) so that the strided phases hit 32 distinct banks.
+Rows are spread over consecutive threads (``r = tid % R``, ``p = tid // R``) and shared rows
+are padded (a word after every ``2^sh`` words, and a row stride, both picked by
+:func:`_pick_layout` from a bank model of the accesses): for D = 128 every warp access to
+shared memory is one wavefront.
 
 Every butterfly pairs the same two coordinates, in the same stage order, as
 :func:`rotorq.cpu.wht.fwht_row`, and the scale by ``1/sqrt(D)`` is the CPU's, so
@@ -64,14 +66,16 @@ def _phases(big_d):
 
 # --------------------------------------------------------------- shared-memory address model
 
-def _fa(r, j, s):
-    """Float tile: row stride ``s``, one pad word after every 16 floats."""
-    return r * s + j + (j >> 4)
+def _addr(r, j, lay):
+    """Word address of element ``j`` of row ``r`` in a tile of layout ``lay = (stride, sh)``:
+    one pad word after every ``2^sh`` elements."""
+    s, sh = lay
+    return r * s + j + (j >> sh)
 
 
-def _wa(r, c, s):
-    """Word tile (fp16 pairs): row stride ``s``, one pad word after every 8 words."""
-    return r * s + c + (c >> 3)
+def _off(k, sh):
+    """``_addr`` of element ``base + k`` minus that of ``base`` when their bits are disjoint."""
+    return k + (k >> sh)
 
 
 def _group_base(g, lo, hi):
@@ -96,36 +100,43 @@ def _wavefronts(addrs):
     return max(len(v) for v in banks.values())
 
 
-def _cost(big_d, threads, s, half_out_paired, width_words=None, word_tile=False):
+def _rp(t, rows, width, base, k):
+    """(row, element) of thread ``t``'s ``k``-th of ``width`` consecutive elements: rows are
+    spread over consecutive threads (``r = t % rows``, ``p = t // rows``)."""
+    return t % rows, width * (t // rows) + base + k
+
+
+def _cost(big_d, threads, lay, half_out_paired, width_words=None, word_tile=False):
     """Wavefronts of the first warp over every float-tile (or word-tile) access of a tile."""
     p_n = big_d // E
+    rows = rows_per_tile(big_d, threads)
     lanes = range(min(32, threads))
     total = 0
     if word_tile:  # fp16 input tile: staging writes and the first phase's 8 word reads
         w = width_words
-        for i in range(-(-rows_per_tile(big_d, threads) * w // threads)):
-            total += _wavefronts([_wa((t + i * threads) // w, (t + i * threads) % w, s)
+        for i in range(-(-rows * w // threads)):
+            total += _wavefronts([_addr((t + i * threads) // w, (t + i * threads) % w, lay)
                                   for t in lanes])
         for k in range(E // 2):
-            total += _wavefronts([_wa(t // p_n, 8 * (t % p_n) + k, s) for t in lanes])
+            total += _wavefronts([_addr(*_rp(t, rows, 8, 0, k), lay) for t in lanes])
         return total
     for k in range(E):  # first phase / decision: 16 consecutive coordinates
-        total += _wavefronts([_fa(t // p_n, E * (t % p_n) + k, s) for t in lanes])
+        total += _wavefronts([_addr(*_rp(t, rows, E, 0, k), lay) for t in lanes])
     phases = _phases(big_d)
     for n, (lo, hi) in enumerate(phases[1:]):
         paired = half_out_paired and n == len(phases) - 2
         for i in range(E >> (hi - lo)):
             for k in range(1 << (hi - lo)):
                 total += _wavefronts([
-                    _fa(t // p_n, _group_base(_slots(t % p_n, p_n, lo, hi, paired)[i], lo, hi)
-                        + (k << lo), s) for t in lanes])
+                    _addr(t % rows, _group_base(_slots(t // rows, p_n, lo, hi, paired)[i], lo, hi)
+                          + (k << lo), lay) for t in lanes])
     for i in range(-(-rows_per_tile(big_d, threads) * big_d // threads)):  # store pass
-        total += _wavefronts([_fa((t + i * threads) // big_d, (t + i * threads) % big_d, s)
+        total += _wavefronts([_addr((t + i * threads) // big_d, (t + i * threads) % big_d, lay)
                               for t in lanes])
     return total
 
 
-def _out_cost(gen, s, paired):
+def _out_cost(gen, lay, paired):
     """Wavefronts of the first warp writing and reading the fp16 output word tile."""
     p_n, lanes, total = gen.P, range(min(32, gen.T)), 0
     lo, hi = _phases(gen.D)[-1]
@@ -133,17 +144,24 @@ def _out_cost(gen, s, paired):
         for i in range(0, E >> (hi - lo), 2):
             for k in range(1 << (hi - lo)):
                 total += _wavefronts([
-                    _wa(t // p_n, (_group_base(_slots(t % p_n, p_n, lo, hi, True)[i], lo, hi)
-                                   >> 1) + (k << (lo - 1)), s) for t in lanes])
+                    _addr(t % gen.R, (_group_base(_slots(t // gen.R, p_n, lo, hi, True)[i], lo, hi)
+                                       >> 1) + (k << (lo - 1)), lay) for t in lanes])
     w = gen.D // 2
     for i in range(-(-gen.R * w // gen.T)):
-        total += _wavefronts([_wa((t + i * gen.T) // w, (t + i * gen.T) % w, s) for t in lanes])
+        total += _wavefronts([_addr((t + i * gen.T) // w, (t + i * gen.T) % w, lay)
+                              for t in lanes])
     return total
 
 
-def _pick_stride(base, cost):
-    """Row stride ``base + x`` (x < 32) with the fewest wavefronts under ``cost``."""
-    return min(range(base, base + 32), key=lambda s: (cost(s), s))
+def _pick_layout(width, cost):
+    """Tile layout ``(stride, sh)`` of rows of ``width`` words with the fewest wavefronts under
+    ``cost`` (then the least memory): a pad word every ``2^sh`` words, stride padded further
+    by up to 31 words."""
+    options = []
+    for sh in (3, 4, 5, 6):
+        base = width + (width >> sh)
+        options += [(s, sh) for s in range(base, base + 32)]
+    return min(options, key=lambda lay: (cost(lay), lay[0], -lay[1]))
 
 
 # ------------------------------------------------------------------------- code generation
@@ -174,8 +192,8 @@ class _Gen:
         tile_words = self.R * self.w_in
         self.loads = -(-tile_words // self.T)
         self.add(4, "tid = U64(cuda.threadIdx.x)",
-                 f"r = tid // U64({self.P})",
-                 f"p = tid % U64({self.P})",
+                 f"r = tid % U64({self.R})",
+                 f"p = tid // U64({self.R})",
                  f"rf = r * U64({self.S})",
                  "total = U64(x.shape[0])",
                  f"n_tiles = (total + U64({tile_words - 1})) // U64({tile_words})",
@@ -205,9 +223,9 @@ class _Gen:
                 ind = 12
             self.add(ind, f"rr = w // U64({w})", f"c = w % U64({w})")
             if self.half_in:
-                self.add(ind, f"raw[rr * U64({self.SW}) + c + (c >> U64(3))] = a{i}")
+                self.add(ind, f"raw[rr * U64({self.SW}) + c + (c >> U64({self.SHW}))] = a{i}")
             else:
-                self.add(ind, f"ft[rr * U64({self.S}) + c + (c >> U64(4))] = a{i}")
+                self.add(ind, f"ft[rr * U64({self.S}) + c + (c >> U64({self.SH}))] = a{i}")
         self.add(8, "cuda.syncthreads()", "nxt = tile + grid")
         self._fetch(8, "nxt")
 
@@ -215,18 +233,18 @@ class _Gen:
         """``{var}0 … {var}15`` (float32): this thread's 16 consecutive input coordinates (0
         past ``d``)."""
         pad = self.d < self.D
-        self.add(8, "fb = rf + U64(17) * p")
+        self.add(8, "q16 = U64(16) * p", f"fb = rf + q16 + (q16 >> U64({self.SH}))")
         if self.half_in:
-            self.add(8, "wb = rw + U64(9) * p")
+            self.add(8, "q8 = U64(8) * p", f"wb = rw + q8 + (q8 >> U64({self.SHW}))")
             for k in range(E // 2):
-                src = f"raw[wb + U64({k})]"
+                src = f"raw[wb + U64({_off(k, self.SHW)})]"
                 if pad:
                     src = f"({src} if U64(8) * p + U64({k}) < U64({self.w_in}) else U32(0))"
                 self.add(8, f"u = {src}", f"{var}{2 * k} = half_lo(u)",
                          f"{var}{2 * k + 1} = half_hi(u)")
         else:
             for k in range(E):
-                src = f"ft[fb + U64({k})]"
+                src = f"ft[fb + U64({_off(k, self.SH)})]"
                 if pad:
                     src = f"({src} if U64(16) * p + U64({k}) < U64({self.d}) else np.float32(0.0))"
                 self.add(8, f"{var}{k} = {src}")
@@ -247,7 +265,8 @@ class _Gen:
             self.add(8, f"{nm} = {nm} * sc")
 
     def phase_groups(self, lo, hi, paired):
-        """``[(base address expr var, step, [names])]`` of this thread's groups in a phase."""
+        """``[(base address var, offsets, names, group base var)]`` of this thread's groups in
+        the phase of stages ``[lo, hi)``."""
         size = 1 << (hi - lo)
         out = []
         for i, _ in enumerate(_slots(0, self.P, lo, hi, paired)):
@@ -256,9 +275,9 @@ class _Gen:
             else:
                 g = f"(p + U64({self.P * i}))"
             self.add(8, f"gb{i} = ({g} & U64({(1 << lo) - 1})) | (({g} >> U64({lo})) << U64({hi}))",
-                     f"ab{i} = rf + gb{i} + (gb{i} >> U64(4))")
-            out.append((f"ab{i}", (1 << lo) + ((1 << lo) >> 4), [f"y{i}_{k}" for k in range(size)],
-                        f"gb{i}"))
+                     f"ab{i} = rf + gb{i} + (gb{i} >> U64({self.SH}))")
+            out.append((f"ab{i}", [_off(k << lo, self.SH) for k in range(size)],
+                        [f"y{i}_{k}" for k in range(size)], f"gb{i}"))
         return out
 
     def run_phases(self, first_names, keep_last):
@@ -273,33 +292,32 @@ class _Gen:
             self.scale(first_names)
             return None
         for k, nm in enumerate(first_names):
-            self.add(8, f"ft[fb + U64({k})] = {nm}")
+            self.add(8, f"ft[fb + U64({_off(k, self.SH)})] = {nm}")
         self.add(8, "cuda.syncthreads()")
         groups = None
         for n, (lo, hi) in enumerate(phases[1:]):
             last = n == len(phases) - 2
             groups = self.phase_groups(lo, hi, last and keep_last == "paired")
-            for ab, step, names, _ in groups:
+            for ab, offs, names, _ in groups:
                 for k, nm in enumerate(names):
-                    self.add(8, f"{nm} = ft[{ab} + U64({k * step})]")
+                    self.add(8, f"{nm} = ft[{ab} + U64({offs[k]})]")
                 self.butterflies(names)
             if last:
                 self.scale([nm for g in groups for nm in g[2]])
                 if keep_last:
                     break
-            for ab, step, names, _ in groups:
+            for ab, offs, names, _ in groups:
                 for k, nm in enumerate(names):
-                    self.add(8, f"ft[{ab} + U64({k * step})] = {nm}")
+                    self.add(8, f"ft[{ab} + U64({offs[k]})] = {nm}")
             self.add(8, "cuda.syncthreads()")
         return groups
 
 
 def _strides(gen, half_out_paired):
-    gen.S = _pick_stride(gen.D + gen.D // E,
-                         lambda s: _cost(gen.D, gen.T, s, half_out_paired))
+    gen.S, gen.SH = _pick_layout(gen.D, lambda lay: _cost(gen.D, gen.T, lay, half_out_paired))
     if gen.half_in:
-        gen.SW = _pick_stride(gen.D // 2 + gen.D // E,
-                              lambda s: _cost(gen.D, gen.T, s, False, gen.w_in, True))
+        gen.SW, gen.SHW = _pick_layout(
+            gen.D // 2, lambda lay: _cost(gen.D, gen.T, lay, False, gen.w_in, True))
 
 
 def _finish(lines, rows, threads, blocks):
@@ -334,7 +352,7 @@ def wht_kernel(big_d, half_in, half_out, threads=THREADS):
     _strides(gen, paired)
     w_out = big_d // 2 if half_out else big_d
     if via_ot:
-        gen.SO = _pick_stride(w_out + w_out // 8, lambda s: _out_cost(gen, s, paired))
+        gen.SO, gen.SHO = _pick_layout(w_out, lambda lay: _out_cost(gen, lay, paired))
     R, T = gen.R, threads
     L = gen.L
     L.append("def wht_tiled(x, out):")
@@ -352,18 +370,17 @@ def wht_kernel(big_d, half_in, half_out, threads=THREADS):
     gen.first_phase_load("v")
     groups = gen.run_phases(first, "paired" if paired else (single and via_ot))
     if via_ot and single:  # 16 consecutive coordinates: 8 words
-        gen.add(8, "ob = ro + U64(9) * p")
+        gen.add(8, "q8 = U64(8) * p", f"ob = ro + q8 + (q8 >> U64({gen.SHO}))")
         for k in range(E // 2):
-            gen.add(8, f"ot[ob + U64({k})] = half_bits(v{2 * k}) | (half_bits(v{2 * k + 1})"
+            gen.add(8, f"ot[ob + U64({_off(k, gen.SHO)})] = half_bits(v{2 * k}) | (half_bits(v{2 * k + 1})"
                        " << U32(16))")
     elif via_ot:
-        ostep = (1 << (lo - 1)) + (1 << (lo - 4))
         for i in range(0, len(groups), 2):
             _, _, a, gb = groups[i]
             b = groups[i + 1][2]
-            gen.add(8, f"cb = {gb} >> U64(1)", "ob = ro + cb + (cb >> U64(3))")
+            gen.add(8, f"cb = {gb} >> U64(1)", f"ob = ro + cb + (cb >> U64({gen.SHO}))")
             for k in range(len(a)):
-                gen.add(8, f"ot[ob + U64({k * ostep})] = half_bits({a[k]}) | "
+                gen.add(8, f"ot[ob + U64({_off(k << (lo - 1), gen.SHO)})] = half_bits({a[k]}) | "
                            f"(half_bits({b[k]}) << U32(16))")
     elif single:
         for k in range(E):
@@ -380,19 +397,20 @@ def wht_kernel(big_d, half_in, half_out, threads=THREADS):
         gen.add(ind, f"w = tid + U64({i * T})", f"rr = w // U64({w_out})", f"c = w % U64({w_out})",
                 f"if g + U64({i * T}) < total_out:")
         if via_ot:
-            src = f"ot[rr * U64({gen.SO}) + c + (c >> U64(3))]"
+            src = f"ot[rr * U64({gen.SO}) + c + (c >> U64({gen.SHO}))]"
         elif half_out:
-            gen.add(ind + 4, f"fa = rr * U64({gen.S}) + U64(2) * c + (c >> U64(3))")
+            gen.add(ind + 4, f"fa = rr * U64({gen.S}) + U64(2) * c + ((U64(2) * c) >> U64({gen.SH}))")
             src = "half_bits(ft[fa]) | (half_bits(ft[fa + U64(1)]) << U32(16))"
         else:
-            src = f"ft[rr * U64({gen.S}) + c + (c >> U64(4))]"
+            src = f"ft[rr * U64({gen.S}) + c + (c >> U64({gen.SH}))]"
         gen.add(ind + 4, f"out[g + U64({i * T})] = {src}")
     if not half_in and not via_ot:
         gen.add(8, "cuda.syncthreads()")  # the next staging overwrites the float tile
     gen.add(8, "tile = nxt")
-    _finish(L, R, threads, 5 if half_in and half_out else 4)
+    blocks = (5 if half_out else 4) if half_in else 3  # fp32 input: 16 prefetched words
+    _finish(L, R, threads, blocks)
     kern = _build("wht_tiled", L, {"U64": np.uint64})
-    _attach(kern, R, threads, 5 if half_in and half_out else 4)
+    _attach(kern, R, threads, blocks)
     _kernels[key] = kern
     return kern
 
@@ -420,7 +438,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     R, T, P = gen.R, threads, gen.P
     levels = 1 << bits
     halves = big_d * bits // 16  # uint16 per row of codes
-    SC = halves
+    SC = halves + 2 if halves % 4 == 0 else halves  # an odd number of words per row
     nbytes = big_d * bits // 8
     w_out = nbytes // 4 if word_out else nbytes
     L = gen.L
@@ -467,7 +485,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     groups = gen.run_phases(first, False)
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
-            gen.add(8, f"v{k} = ft[fb + U64({k})]")
+            gen.add(8, f"v{k} = ft[fb + U64({_off(k, gen.SH)})]")
     for k in range(E):
         gen.L += _decide_lines(f"v{k}", f"c{k}", bits, " " * 8)
     if norm_correction:
@@ -511,8 +529,9 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                     "val = np.uint8((U32(hw) >> U32(U64(8) * (c & U64(1)))) & U32(255))")
         gen.add(ind, f"if g + U64({i * T}) < total_out:", f"    codes[g + U64({i * T})] = val")
     gen.add(8, "tile = nxt")
-    _finish(L, R, threads, 4 if half else 3)
+    blocks = 4 if half and not norm_correction else 3  # 64 registers spill otherwise
+    _finish(L, R, threads, blocks)
     kern = _build("quantize_tiled", L, {"U64": np.uint64})
-    _attach(kern, R, threads, 4 if half else 3)
+    _attach(kern, R, threads, blocks)
     _kernels[key] = kern
     return kern

@@ -62,3 +62,59 @@ def test_kernel_compiles_for_sm90(compiler, case):
 
     ptx, _ = compiler(case.get_kernel().py_func, kernel_signature(case.args), cc=CC)
     assert ".entry" in ptx and ".target sm_90" in ptx
+
+
+def _tiled_cases():
+    """The tiled kernels (rotorq.cuda.tiled) at the benchmark shape, D = 128, 3 bits."""
+    import importlib
+
+    tiled = importlib.import_module("rotorq.cuda.tiled")
+    u32, f32 = np.uint32, np.float32
+
+    def a(n, dt=f32):
+        return np.zeros(n, dt)
+
+    q_args = (a(7), a(8), a(12, u32), a(4))
+    return [
+        ("wht-f16-f16", lambda: tiled.wht_kernel(128, True, True), (a(64, u32), a(64, u32))),
+        ("wht-f16-f32", lambda: tiled.wht_kernel(128, True, False), (a(64, u32), a(128))),
+        ("wht-f32-f32", lambda: tiled.wht_kernel(128, False, False), (a(128), a(128))),
+        ("wht-f32-f16", lambda: tiled.wht_kernel(128, False, True), (a(128), a(64, u32))),
+        ("quantize-f16", lambda: tiled.quantize_kernel(128, 128, 3, True, False, True),
+         (a(64, u32), a(128)) + q_args),
+        ("quantize-f16-nc", lambda: tiled.quantize_kernel(128, 128, 3, True, True, True),
+         (a(64, u32), a(128)) + q_args),
+        ("quantize-f32", lambda: tiled.quantize_kernel(128, 128, 3, False, False, True),
+         (a(128), a(128)) + q_args),
+        ("quantize-f16-d96-bytes", lambda: tiled.quantize_kernel(96, 128, 2, True, False, False),
+         (a(48, u32), a(128), a(3), a(4), a(32, np.uint8), a(4))),
+    ]
+
+
+@pytest.mark.parametrize("case", _tiled_cases(), ids=lambda c: c[0])
+def test_tiled_kernel_compiles_for_sm90(compiler, case, tmp_path):
+    """PTX for sm_90 with the kernel's launch bounds; where ``ptxas`` is on the PATH, also
+    assembled: no spills, and registers within the launch bounds."""
+    import re
+    import shutil
+    import subprocess
+
+    from rotorq.cuda._jit import kernel_signature
+
+    _, make, args = case
+    kern = make()
+    ptx, _ = compiler(kern.py_func, kernel_signature(args), cc=CC,
+                      launch_bounds=kern.launch_bounds)
+    assert ".entry" in ptx and ".target sm_90" in ptx and ".maxntid" in ptx
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        return
+    src = tmp_path / "k.ptx"
+    src.write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M))
+    res = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
+    threads, blocks = kern.launch_bounds
+    assert regs <= 65536 // (threads * blocks), res.stderr
+    assert "0 bytes spill stores" in res.stderr, res.stderr

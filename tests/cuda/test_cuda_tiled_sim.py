@@ -74,14 +74,16 @@ def test_tiled_quantize_matches_cpu(d, bits, threads, half, norm_correction):
     assert norms[3] == 0
 
 
-def test_shared_layout_is_conflict_free():
-    """The padded row strides give one wavefront per warp access in every WHT phase of the
-    benchmark shape (D = 128, 256 threads), fp16 words and floats alike."""
-    kern = tiled.wht_kernel(128, True, True)
-    src = kern.rotorq_source
+@pytest.mark.parametrize("paired", (True, False))
+def test_shared_layout_is_conflict_free(paired):
+    """For the benchmark shape (D = 128, 256 threads) the chosen layouts make every warp access
+    to shared memory one wavefront: float tile (16 first-phase, 16 second-phase, 16 store-pass
+    accesses), fp16 word tile (8 staging stores, 8 first-phase loads), fp16 output tile."""
     gen = tiled._Gen(128, tiled.THREADS, True, 128)
-    tiled._strides(gen, True)
-    assert f"r * U64({gen.S})" in src and f"r * U64({gen.SW})" in src
-    float_accesses = 16 + 2 * 8 + 2 * 8 // 2  # phase 1, phase 2 (2 groups of 8), store pass
-    assert tiled._cost(128, tiled.THREADS, gen.S, True) <= float_accesses + 8
-    assert tiled._cost(128, tiled.THREADS, gen.SW, False, 64, True) == 8 + 8
+    tiled._strides(gen, paired)
+    assert tiled._cost(128, tiled.THREADS, (gen.S, gen.SH), paired) == 48
+    assert tiled._cost(128, tiled.THREADS, (gen.SW, gen.SHW), False, 64, True) == 16
+    out = tiled._pick_layout(64, lambda lay: tiled._out_cost(gen, lay, paired))
+    assert tiled._out_cost(gen, out, paired) == (16 if paired else 8)
+    src = tiled.wht_kernel(128, True, True).rotorq_source
+    assert f"r = tid % U64({gen.R})" in src and f"rw = r * U64({gen.SW})" in src
