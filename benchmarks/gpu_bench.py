@@ -2,7 +2,10 @@
 
 N = 2^10 … 2^22 vectors of d = 128, 3 bits: fused quantize (hadamard, rotor, dense) of fp16
 input, scores against packed keys (1 query, a GQA group of 8), the standalone WHT-128
-(fp16 in/out); baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
+(fp16 in/out). The Hadamard quantize and the WHT run twice: with the tiled kernels of
+``rotorq.cuda.tiled`` (the default) and, marked "(row per thread)", with those of
+``rotorq.cuda.fast`` (``api.TILED = False``; below ``api.FAST_MIN_ROWS`` rows both use the
+generic kernels). Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
 quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
 back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
 trials, inputs rotated among buffers that together exceed L2. Effective TB/s = bytes the
@@ -79,9 +82,13 @@ def bench_size(n, rng, tqs, add):
     # quantize
     for name, t in tqs.items():
         kk = t._consts(cp)
-        secs = device_time(lambda x, t=t, kk=kk: api.quantize(
-            x, t.rotation, kk["boundaries"], kk["centroids"], BITS, False, None), xs, reps)
-        add(f"quantize {name} fp16", n, secs, n * (2 * D + D * BITS // 8 + 2))
+        for tiled in (True, False) if name == "hadamard" else (api.TILED,):
+            api.TILED = tiled
+            secs = device_time(lambda x, t=t, kk=kk: api.quantize(
+                x, t.rotation, kk["boundaries"], kk["centroids"], BITS, False, None), xs, reps)
+            add(f"quantize {name} fp16{'' if tiled else ' (row per thread)'}", n, secs,
+                n * (2 * D + D * BITS // 8 + 2))
+        api.TILED = True
     pi = torch.as_tensor(tqs["dense"].rotation.q, dtype=torch.float32, device="cuda")
     bnd = torch.as_tensor(tq.boundaries, device="cuda")
     tx = [torch.from_dlpack(x) for x in xs]
@@ -116,10 +123,14 @@ def bench_size(n, rng, tqs, add):
         secs = device_time(lambda kk16, q16=q16: q16 @ kk16.T, tx, reps)
         add(f"torch fp16 q@K.T, {label}", n, secs, n * (2 * D + 2 * heads), "baseline")
     # WHT
-    secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
-    add("WHT-128 fp16 -> fp16", n, secs, n * 4 * D)
-    secs = device_time(api.wht, xs, reps)
-    add("WHT-128 fp16 -> fp32 (rotorq.wht)", n, secs, n * 6 * D)
+    for tiled in (True, False):
+        api.TILED = tiled
+        tag = "" if tiled else " (row per thread)"
+        secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
+        add(f"WHT-128 fp16 -> fp16{tag}", n, secs, n * 4 * D)
+        secs = device_time(api.wht, xs, reps)
+        add(f"WHT-128 fp16 -> fp32 (rotorq.wht){tag}", n, secs, n * 6 * D)
+    api.TILED = True
 
 
 def bench(max_log2n):
@@ -171,6 +182,7 @@ def overheads():
 def _fast_jobs():
     """The generated kernels (rotorq.cuda.fast) the benchmark launches, with argument specs."""
     fast = importlib.import_module("rotorq.cuda.fast")
+    tiled = importlib.import_module("rotorq.cuda.tiled")
     f32, i64, u32, u8 = np.float32, np.int64, np.uint32, np.uint8
     w, lv = D * BITS // 32, 1 << BITS
 
@@ -195,6 +207,11 @@ def _fast_jobs():
                             a(4, (rd * BITS + 7) // 8, dt=u8), a(4))),
         "wht16": (lambda: fast.wht_kernel(D, True, True), (a(4, D // 2, dt=u32),) * 2),
         "wht32": (lambda: fast.wht_kernel(D, True, False), (a(4, D // 2, dt=u32), a(4, D))),
+        # the tiled kernels take flat arrays (rotorq.cuda.api._tiled_launch)
+        "tiled_quantize": (lambda: tiled.quantize_kernel(D, D, BITS, True, False, True),
+                           (a(2 * D, dt=u32), a(D), a(lv - 1), a(lv), a(4 * w, dt=u32), a(4))),
+        "tiled_wht16": (lambda: tiled.wht_kernel(D, True, True), (a(2 * D, dt=u32),) * 2),
+        "tiled_wht32": (lambda: tiled.wht_kernel(D, True, False), (a(2 * D, dt=u32), a(4 * D))),
     }
 
 
