@@ -114,6 +114,16 @@ def bench(tokens, rng, reps):
         return api.decode_attention(rq, b[0], b[1], n_c, n_q, off)
 
     t_fused = events_time(fused, cbufs, reps)
+    # the same with the RoPE-aware key-offset bias (KVCache(rope_base=...)): general kernel
+    half = D // 2
+    bias = (cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
+            cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
+            cp.asarray(100000.0 ** (-np.arange(0, D, 2) / D)), 1)
+
+    def fused_bias(b):
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, key_bias=bias)
+
+    t_bias = events_time(fused_bias, cbufs, reps)
     # end to end through the cache (its own buffers; rotate the queries)
     t_attend = events_time(lambda q: cache.attend(q), qs, reps)
     cp.cuda.runtime.deviceSynchronize()
@@ -142,7 +152,7 @@ def bench(tokens, rng, reps):
     cp.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
     return {"tokens": tokens, "compressed_bytes": comp_bytes, "fp16_bytes": fp16_bytes,
-            "fused_us": t_fused * 1e6, "attend_us": t_attend * 1e6,
+            "fused_us": t_fused * 1e6, "fused_rope_bias_us": t_bias * 1e6, "attend_us": t_attend * 1e6,
             "attend_wall_us": t_attend_wall * 1e6, "sdpa_us": t_sdpa * 1e6,
             "fused_tbs": comp_bytes / t_fused / 1e12, "sdpa_tbs": fp16_bytes / t_sdpa / 1e12,
             "floor_us": comp_bytes / (FLOOR_TBS * 1e12) * 1e6,
@@ -204,12 +214,14 @@ def main():
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# decode attention, {HQ} q / {HK} KV heads, d={D}, {BITS}-bit K and V, n_q=1",
              "", ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
-             "| T | fused µs | TB/s | floor µs | KVCache.attend µs (events / wall) | "
+             "| T | fused µs | TB/s | floor µs | fused + RoPE bias µs (general kernel) | "
+             "KVCache.attend µs (events / wall) | "
              "torch SDPA fp16 µs | TB/s | SDPA / fused | SDPA / attend | rel. err vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['fused_us']:.1f} | {r['fused_tbs']:.2f} | "
-                     f"{r['floor_us']:.1f} | {r['attend_us']:.1f} / {r['attend_wall_us']:.1f} | "
+                     f"{r['floor_us']:.1f} | {r['fused_rope_bias_us']:.1f} | "
+                     f"{r['attend_us']:.1f} / {r['attend_wall_us']:.1f} | "
                      f"{r['sdpa_us']:.1f} | {r['sdpa_tbs']:.2f} | {r['speedup_fused']:.2f}× | "
                      f"{r['speedup_attend']:.2f}× | {r['rel_err_vs_fp32_exact']:.3f} |")
     text = "\n".join(lines) + "\n"
