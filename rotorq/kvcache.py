@@ -202,11 +202,12 @@ class KVCache:
     >>> rng = np.random.default_rng(0)
     >>> cache = rotorq.KVCache(2, 64, key_bits=4, value_bits=4)
     >>> k = rng.standard_normal((2, 500, 64), dtype=np.float32) + 3.0   # keys share an offset
-    >>> v = rng.standard_normal((2, 500, 64), dtype=np.float32)
+    >>> v = rng.standard_normal((2, 500, 64), dtype=np.float32) + rng.standard_normal(
+    ...     (2, 1, 64), dtype=np.float32)
     >>> cache.append(k[:, :499], v[:, :499])      # prefill
     >>> cache.append(k[:, 499:], v[:, 499:])      # decode: one token at a time
     >>> len(cache), cache.sink_count, cache.compressed_tokens, cache.window_tokens
-    (500, 1, 448, 51)
+    (500, 1, 464, 35)
     >>> q = rng.standard_normal((8, 64), dtype=np.float32)   # 8 query heads (GQA 4:1)
     >>> out = cache.attend(q)
     >>> out.shape, cache.scores(q).shape
@@ -214,10 +215,10 @@ class KVCache:
     >>> s = np.einsum("hd,htd->ht", q, k.repeat(4, 0)) / 8.0   # exact attention
     >>> p = np.exp(s - s.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
     >>> exact = np.einsum("ht,htd->hd", p, v.repeat(4, 0))
-    >>> bool(np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.05)
+    >>> bool(np.linalg.norm(out - exact) / np.linalg.norm(exact) < 0.03)
     True
     >>> round(cache.bits_per_coordinate, 3)   # codes, norms, window, sink and offset
-    4.542
+    4.429
     """
 
     def __init__(self, num_kv_heads, head_dim, *, key_bits=4, value_bits=3, key_mode="mse",
