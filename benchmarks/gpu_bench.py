@@ -5,7 +5,10 @@ input, scores against packed keys (1 query, a GQA group of 8), the standalone WH
 (fp16 in/out). The Hadamard quantize and the WHT run twice: with the tiled kernels of
 ``rotorq.cuda.tiled`` (the default) and, marked "(row per thread)", with those of
 ``rotorq.cuda.fast`` (``api.TILED = False``; below ``api.FAST_MIN_ROWS`` rows both use the
-generic kernels). Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
+generic kernels). Scores (1 query, 8 queries) run twice too: with ``rotorq.cuda.tiled_scores``
+(``api.TILED_SCORES``, the default: codes staged through shared memory; float32 pair tables
+for 1 query, tensor cores for 8) and, marked "(fast.py, untiled)", with
+``rotorq.cuda.fast``. Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
 quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
 back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
 trials, inputs rotated among buffers that together exceed L2. Effective TB/s = bytes the
@@ -114,10 +117,16 @@ def bench_size(n, rng, tqs, add):
         label = "1 query" if heads == 1 else f"{heads} queries"
         qrot = api.rotate(cp.asarray(rng.standard_normal((heads, D)), cp.float32),
                           tq.rotation).reshape(1, heads, D)
-        secs = device_time(lambda kn, qrot=qrot: api.scores(
-            qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], BITS, 0.0),
-            keys, reps)
-        add(f"scores 3-bit, {label}", n, secs, n * (D * BITS // 8 + 4 + 4 * heads))
+        for tiled in (True, False):
+            api.TILED_SCORES = tiled
+            secs = device_time(lambda kn, qrot=qrot: api.scores(
+                qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], BITS, 0.0),
+                keys, reps)
+            add(f"scores 3-bit, {label}{'' if tiled else ' (fast.py, untiled)'}", n, secs,
+                n * (D * BITS // 8 + 4 + 4 * heads),
+                ("tiled_scores: " + ("float32 pair table" if heads == 1 else "tensor cores"))
+                if tiled else "")
+        api.TILED_SCORES = True
         q16 = torch.as_tensor(rng.standard_normal((heads, D)), dtype=torch.float16,
                               device="cuda")
         secs = device_time(lambda kk16, q16=q16: q16 @ kk16.T, tx, reps)
@@ -183,6 +192,7 @@ def _fast_jobs():
     """The generated kernels (rotorq.cuda.fast) the benchmark launches, with argument specs."""
     fast = importlib.import_module("rotorq.cuda.fast")
     tiled = importlib.import_module("rotorq.cuda.tiled")
+    tscores = importlib.import_module("rotorq.cuda.tiled_scores")
     f32, i64, u32, u8 = np.float32, np.int64, np.uint32, np.uint8
     w, lv = D * BITS // 32, 1 << BITS
 
@@ -207,6 +217,12 @@ def _fast_jobs():
                             a(4, (rd * BITS + 7) // 8, dt=u8), a(4))),
         "wht16": (lambda: fast.wht_kernel(D, True, True), (a(4, D // 2, dt=u32),) * 2),
         "wht32": (lambda: fast.wht_kernel(D, True, False), (a(4, D // 2, dt=u32), a(4, D))),
+        "tiled_score1": (lambda: tscores.one_query_kernel(D, BITS),
+                         (a(1, 1, D), a(1, dt=i64), a(4 * w, dt=u32), a(1, 4), a(1, dt=i64),
+                          a(lv), a(1, 1, 4))),
+        "tiled_score8": (lambda: tscores.group_kernel(D, BITS),
+                         (a(1, 8, D), a(1, dt=i64), a(4 * w, dt=u32), a(1, 4), a(1, dt=i64),
+                          a(lv), a(1, 8, 4))),
         # the tiled kernels take flat arrays (rotorq.cuda.api._tiled_launch)
         "tiled_quantize": (lambda: tiled.quantize_kernel(D, D, BITS, True, False, True),
                            (a(2 * D, dt=u32), a(D), a(lv - 1), a(lv), a(4 * w, dt=u32), a(4))),

@@ -291,6 +291,31 @@ def dequantize_rotated(codes, norms, big_d, centroids, nbits):
     return out
 
 
+from . import tiled_scores as _tscores  # noqa: E402
+
+TILED_SCORES = os.environ.get("ROTORQ_CUDA_TILED_SCORES", "1") != "0"
+"""From ``FAST_MIN_KEYS`` keys, score MSE keys with the kernels of
+:mod:`rotorq.cuda.tiled_scores` (codes staged through shared memory with coalesced loads; one
+query row: float32 pair tables, 2–8 rows per pass: tensor cores, scores within ~1e-3 of the
+float32 path relative to the largest score); ``False`` (or ``ROTORQ_CUDA_TILED_SCORES=0``): the
+kernels of :mod:`rotorq.cuda.fast`, kept for comparison."""
+
+
+def _tiled_scores(qrot, qmap, codes, norms, kmap, centroids, nbits, out):
+    """Launch :mod:`rotorq.cuda.tiled_scores` on a persistent grid (blocks stride over tiles)."""
+    n_b, n_m, n_keys = out.shape
+    big_d = qrot.shape[2]
+    if n_m == 1:
+        kern, chunks = _tscores.one_query_kernel(big_d, nbits), 1
+    else:
+        kern, chunks = _tscores.group_kernel(big_d, nbits), -(-n_m // _tscores.MAX_ROWS)
+    tiles = -(-n_keys // kern.keys_per_tile)
+    gx = max(1, min(tiles, _sm_count() * kern.launch_bounds[1] // max(1, n_b * chunks)))
+    launch(kern, (gx, min(n_b, MAX_GRID_YZ), chunks), (kern.threads, 1), 0,
+           (qrot, _c(qmap), codes_words(codes).reshape(-1), _c(norms), _c(kmap), _c(centroids),
+            out))
+
+
 @_on_device
 def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits,
            qjl_scale):
@@ -302,9 +327,14 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
     tail = (_c(kmap), _c(centroids), int(nbits))
     levels = centroids.shape[0]
     n_b, n_m, n_keys = out.shape
+    words_ok = (codes.shape[-1] % 4 == 0 and codes.shape[-1] * 8 == qrot.shape[2] * int(nbits))
+    if (TILED_SCORES and qsketch is None and n_keys >= FAST_MIN_KEYS and words_ok
+            and _tscores.applies(qrot.shape[2], int(nbits), n_m)):
+        if out.size:
+            _tiled_scores(qrot, qmap, codes, norms, kmap, centroids, int(nbits), out)
+        return out
     queries = _fast.score_queries(qrot.shape[2], int(nbits), n_m) if qsketch is None else 0
-    if (queries and n_keys >= FAST_MIN_KEYS and codes.shape[-1] % 4 == 0
-            and codes.shape[-1] * 8 == qrot.shape[2] * int(nbits)):
+    if queries and n_keys >= FAST_MIN_KEYS and words_ok:
         if out.size:
             kern = _fast.score_kernel(qrot.shape[2], int(nbits), queries)
             chunks = -(-n_m // queries)

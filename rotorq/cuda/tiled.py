@@ -45,6 +45,10 @@ MIN_DIM, MAX_DIM = 16, 512
 """Stored dimensions handled here (powers of two)."""
 THREADS = 256
 """Threads per block used by :mod:`rotorq.cuda.api`."""
+REG_BITS = 3
+"""Up to this many bits the quantize kernel keeps its ``2^bits − 1`` decision boundaries in
+registers and counts the boundaries ``<= y`` with branch-free compares; above (15 boundaries
+would not fit the register cap), a bisection over boundaries in shared memory."""
 
 _kernels: dict = {}
 
@@ -204,28 +208,51 @@ class _Gen:
         self._fetch(4, "tile")
 
     def _fetch(self, ind, tile):
+        """Loads of tile ``{tile}``: unguarded when the whole tile lies inside ``x`` (every tile
+        but the last), else each word guarded by the bound."""
         zero = "U32(0)" if self.half_in else "np.float32(0.0)"
-        self.add(ind, f"g = {tile} * U64({self.R * self.w_in}) + tid")
+        tw = self.R * self.w_in
+        self.add(ind, f"g = {tile} * U64({tw}) + tid", f"if {tile} * U64({tw}) + U64({tw}) <= total:")
         for i in range(self.loads):
             gi = f"g + U64({i * self.T})" if i else "g"
-            self.add(ind, f"a{i} = x[{gi}] if {gi} < total else {zero}")
+            if (i + 1) * self.T > tw:
+                self.add(ind + 4, f"a{i} = x[{gi}] if tid + U64({i * self.T}) < U64({tw}) else {zero}")
+            else:
+                self.add(ind + 4, f"a{i} = x[{gi}]")
+        self.add(ind, "else:")
+        for i in range(self.loads):
+            gi = f"g + U64({i * self.T})" if i else "g"
+            self.add(ind + 4, f"a{i} = x[{gi}] if {gi} < total else {zero}")
 
-    def stage(self):
-        """Loop head: prefetched words → shared tile, barrier, prefetch of the next tile."""
+    def uniform_column(self):
+        """Whether every staged word of a thread lies in one column (``T`` a multiple of the
+        input words per row): then its shared address is one base plus constants."""
+        return self.T % self.w_in == 0
+
+    def stage(self, sign=None):
+        """Loop head: prefetched words → shared tile, barrier, prefetch of the next tile.
+
+        ``sign``: the expression applying this thread's column sign to a staged word ``{a}``
+        (only with :meth:`uniform_column`), or None.
+        """
         w = self.w_in
+        tile_s, sw, shw = ("raw", self.SW, self.SHW) if self.half_in else ("ft", self.S, self.SH)
+        if self.uniform_column():
+            self.add(4, f"sc0 = tid % U64({w})",
+                     f"sa = (tid // U64({w})) * U64({sw}) + sc0 + (sc0 >> U64({shw}))")
         self.add(4, "while tile < n_tiles:")
         for i in range(self.loads):
-            self.add(8, f"w = tid + U64({i * self.T})")
+            val = sign.format(a=f"a{i}") if sign else f"a{i}"
             guard = (i + 1) * self.T > self.R * w
             ind = 8
             if guard:
-                self.add(8, f"if w < U64({self.R * w}):")
+                self.add(8, f"if tid + U64({i * self.T}) < U64({self.R * w}):")
                 ind = 12
-            self.add(ind, f"rr = w // U64({w})", f"c = w % U64({w})")
-            if self.half_in:
-                self.add(ind, f"raw[rr * U64({self.SW}) + c + (c >> U64({self.SHW}))] = a{i}")
-            else:
-                self.add(ind, f"ft[rr * U64({self.S}) + c + (c >> U64({self.SH}))] = a{i}")
+            if self.uniform_column():
+                self.add(ind, f"{tile_s}[sa + U64({i * self.T // w * sw})] = {val}")
+                continue
+            self.add(ind, f"w = tid + U64({i * self.T})", f"rr = w // U64({w})", f"c = w % U64({w})",
+                     f"{tile_s}[rr * U64({sw}) + c + (c >> U64({shw}))] = {val}")
         self.add(8, "cuda.syncthreads()", "nxt = tile + grid")
         self._fetch(8, "nxt")
 
@@ -415,6 +442,25 @@ def wht_kernel(big_d, half_in, half_out, threads=THREADS):
     return kern
 
 
+def _reg_decide(y, c, bits):
+    """``{c}`` (uint32) = the number of boundaries ``bd0 … bd{L-2}`` (registers) that are
+    ``<= {y}``, by bisection: level ``l`` compares with ``bd[prefix·2^(l+1) + 2^l − 1]``, the
+    boundary picked by selects on the decided bits ``prefix`` (no shared memory, no branch
+    after NVVM). Over sorted boundaries this is the CPU's count, ties (``y`` equal to a
+    boundary counts it) and NaN (code 0) included."""
+    out, preds = [], []
+    for level in range(bits - 1, -1, -1):
+        def pick(prefix, depth):
+            if depth == len(preds):
+                return f"bd{(prefix << (level + 1)) + (1 << level) - 1}"
+            hi, lo = pick(2 * prefix + 1, depth + 1), pick(2 * prefix, depth + 1)
+            return f"({hi} if {preds[depth]} else {lo})"
+        out.append(f"{c}_{level} = {y} >= {pick(0, 0)}")
+        preds.append(f"{c}_{level}")
+    out.append(f"{c} = " + " | ".join(f"(U32({c}_{lv}) << U32({lv}))" for lv in range(bits)))
+    return out
+
+
 def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
     """Whether :func:`quantize_kernel` handles this call."""
     if kind != "hadamard" or sketch_rows or not applies(big_d) or not 1 <= bits <= 4:
@@ -447,28 +493,46 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
         gen.add(4, f"raw = cuda.shared.array({R * gen.SW}, numba.uint32)")
     gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32)",
             f"part = cuda.shared.array({R * P}, numba.float64)",
-            f"cst = cuda.shared.array({R * SC}, numba.uint16)",
-            f"bs = cuda.shared.array({levels}, numba.float32)",
-            f"sg = cuda.shared.array({big_d + big_d // E}, numba.float32)")
+            f"cst = cuda.shared.array({R * SC}, numba.uint16)")
+    in_regs = bits <= REG_BITS
+    col_sign = gen.uniform_column()
+    if not in_regs:
+        gen.add(4, f"bs = cuda.shared.array({levels}, numba.float32)")
+    if not col_sign:
+        gen.add(4, f"sg = cuda.shared.array({big_d + big_d // E}, numba.float32)")
     if norm_correction:
         gen.add(4, f"part2 = cuda.shared.array({R * P}, numba.float64)",
                 f"cs = cuda.shared.array({levels}, numba.float32)")
-    gen.add(4, "t = cuda.threadIdx.x",
-            f"while t < {levels - 1}:",
-            "    bs[t] = boundaries[t]")
-    if norm_correction:
-        gen.add(4, "    cs[t] = centroids[t]",
-                f"    if t == {levels - 2}:",
-                f"        cs[{levels - 1}] = centroids[{levels - 1}]")
-    gen.add(4, f"    t += {T}")
+    if norm_correction or not in_regs:
+        gen.add(4, "t = cuda.threadIdx.x", f"while t < {levels - 1}:")
+        if not in_regs:
+            gen.add(4, "    bs[t] = boundaries[t]")
+        if norm_correction:
+            gen.add(4, "    cs[t] = centroids[t]",
+                    f"    if t == {levels - 2}:",
+                    f"        cs[{levels - 1}] = centroids[{levels - 1}]")
+        gen.add(4, f"    t += {T}")
+    if in_regs:  # the decision boundaries live in registers for the whole kernel
+        gen.add(4, *[f"bd{i} = boundaries[{i}]" for i in range(levels - 1)])
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])")
-    gen.add(4, "t = tid",
-            f"while t < U64({big_d}):",
-            "    sg[t + (t >> U64(4))] = signs[t]",
-            f"    t += U64({T})",
-            "sb = U64(17) * p")
-    gen.stage()
+    sign = None
+    if col_sign:  # every word this thread stages is of column tid % w_in: one sign (pair)
+        gen.add(4, f"col = tid % U64({gen.w_in})")
+        if half:
+            gen.add(4, "sm = U32(U32(signs[U64(2) * col] < np.float32(0.0)) << U32(15)) | "
+                       "U32(U32(signs[U64(2) * col + U64(1)] < np.float32(0.0)) << U32(31))")
+            sign = "({a} ^ sm)"
+        else:
+            gen.add(4, "sgn = signs[col]")
+            sign = "({a} * sgn)"
+    else:
+        gen.add(4, "t = tid",
+                f"while t < U64({big_d}):",
+                "    sg[t + (t >> U64(4))] = signs[t]",
+                f"    t += U64({T})",
+                "sb = U64(17) * p")
+    gen.stage(sign)
     gen.first_phase_load("v")
     # ‖x‖: this thread's 16 coordinates in order, then the row's P partials in order
     gen.add(8, "acc = 0.0")
@@ -481,13 +545,17 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
     first = [f"v{k}" for k in range(E)]
     for k in range(E):
-        gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n) * sg[sb + U64({k})]")
+        sg = "" if col_sign else f" * sg[sb + U64({k})]"
+        gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n){sg}")
     groups = gen.run_phases(first, False)
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
             gen.add(8, f"v{k} = ft[fb + U64({_off(k, gen.SH)})]")
     for k in range(E):
-        gen.L += _decide_lines(f"v{k}", f"c{k}", bits, " " * 8)
+        if in_regs:
+            gen.add(8, *_reg_decide(f"v{k}", f"c{k}", bits))
+        else:
+            gen.L += _decide_lines(f"v{k}", f"c{k}", bits, " " * 8)
     if norm_correction:
         gen.add(8, "cn = 0.0")
         for k in range(E):
@@ -529,7 +597,8 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                     "val = np.uint8((U32(hw) >> U32(U64(8) * (c & U64(1)))) & U32(255))")
         gen.add(ind, f"if g + U64({i * T}) < total_out:", f"    codes[g + U64({i * T})] = val")
     gen.add(8, "tile = nxt")
-    blocks = 4 if half and not norm_correction else 3  # 64 registers spill otherwise
+    # 64 registers spill otherwise (fp32: 16 prefetched words; norm correction; d = 96 rows)
+    blocks = 4 if half and not norm_correction and col_sign else 3
     _finish(L, R, threads, blocks)
     kern = _build("quantize_tiled", L, {"U64": np.uint64})
     _attach(kern, R, threads, blocks)

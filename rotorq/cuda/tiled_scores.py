@@ -1,0 +1,327 @@
+"""Tiled MSE score kernels: codes staged through shared memory with coalesced loads.
+
+Both kernels run a persistent grid over tiles of ``K`` keys of one key batch. The tile's code
+words are one contiguous range of the flat (Bk·N·W,) uint32 code array: consecutive threads load
+consecutive words (each warp load is a full 128-byte line), prefetched into registers one
+tile ahead, and stored into a shared tile whose rows are padded (stride ``S`` words, picked by
+a bank model) so that the reads of the scoring phase are conflict-free.
+
+* :func:`one_query_kernel` (one query row): a per-block float32 table of sums over groups of
+  ``G`` adjacent coordinates, ``T[p][e] = Σ_j q[G·p + j]·c[(e >> j·bits) & (L−1)]`` (``G`` = 2
+  for 3 bits: a 64-entry table per coordinate pair, 16 KB for D = 128; 4 for 2 bits; 1 for 4
+  bits). The ``G·bits``-bit field of adjacent codes is the table index, so a thread (one key)
+  costs per group one field extraction, one shared load and one add: ~2.5 instructions per
+  coordinate instead of ~5–7. float32 throughout: the sums run in another order than the CPU's
+  (within the score tests' 2e-5 relative tolerance).
+* :func:`group_kernel` (2–8 query rows, e.g. a GQA group of 8 heads sharing one KV head):
+  tensor cores. Each warp takes 16 keys per step: ``Sᵀ (16 keys × 8 rows) = K (16 × D) · Qᵀ``
+  with ``mma.m16n8k16`` (fp16 inputs, fp32 accumulation), as in
+  :func:`rotorq.cuda.attention.attention_kernel`: lane ``(g, t)`` owns the contiguous
+  coordinates ``[t·D/4, (t+1)·D/4)`` of keys ``g`` and ``g+8`` (the MMA's k-index is permuted to
+  match) and builds its A fragment from a shared table of ``half2(c[a], c[b])`` pairs — one
+  field extraction and one shared load per two coordinates for all 8 query rows, ~0.25
+  instructions per (key, coordinate, row) instead of ~1.75. Query rows are scaled by ``1/max|q|``
+  before rounding to fp16 (and the scores scaled back), so neither range nor subnormals limit
+  precision. Error: fp16 rounding of the centroids and of the scaled queries (relative 2^-12
+  each, summed in float32), measured max |Δ| / max |score| ≈ 2–4e-4 for D = 128 (tests allow
+  1e-3). Without warp shuffles; under the simulator the MMA is emulated through shared memory
+  (:func:`rotorq.cuda.attention.mma_sim`).
+
+:mod:`rotorq.cuda.api` uses these kernels from ``FAST_MIN_KEYS`` keys when ``TILED_SCORES`` is
+on (default; ``ROTORQ_CUDA_TILED_SCORES=0`` selects the kernels of :mod:`rotorq.cuda.fast`).
+"""
+
+import numpy as np
+
+from ._jit import SIMULATOR
+from .attention import _field, and32, half_bits, or32, shl32, shr32
+from .fast import _build, _code_expr
+
+if SIMULATOR:
+    from .attention import mma_sim as _mma
+else:
+    from .attention import mma16816 as _mma
+
+THREADS = 128
+"""Threads per block of both kernels."""
+WARPS = THREADS // 32
+"""Warps per block of :func:`group_kernel`."""
+STEPS = 2
+"""16-key steps per warp and tile of :func:`group_kernel` (independent MMA chains)."""
+BLOCKS_PER_SM = 6
+"""Resident blocks per SM the launch bounds of :func:`one_query_kernel` allow (at most 80
+registers at 128 threads; ptxas: no spills for D = 128, 2–4 bits)."""
+GROUP_BLOCKS_PER_SM = 5
+"""Same for :func:`group_kernel` (at most 96 registers: the 16 query fragment registers, 2×4
+accumulators and the prefetched words fit without spills)."""
+TABLE_BYTES = 32 * 1024
+"""Largest shared table of :func:`one_query_kernel`."""
+MAX_ROWS = 8
+"""Query rows per pass of :func:`group_kernel` (the MMA's N)."""
+
+_kernels: dict = {}
+
+
+def group_size(big_d, bits):
+    """Coordinates per table lookup of :func:`one_query_kernel` (4, 2 or 1)."""
+    for g in (4, 2, 1):
+        if g * bits <= 8 and big_d % g == 0 and (big_d // g) * (4 << (g * bits)) <= TABLE_BYTES:
+            return g
+    return 0
+
+
+def applies(big_d, bits, n_m):
+    """Whether a tiled kernel scores ``n_m`` query rows of stored dimension ``big_d``."""
+    if not 2 <= bits <= 4 or big_d > 512 or big_d * bits % 32:
+        return False
+    if n_m == 1:
+        return group_size(big_d, bits) > 0
+    return n_m >= 2 and big_d % 16 == 0 and big_d * bits % 128 == 0
+
+
+def _wavefronts(addrs):
+    banks: dict = {}
+    for a in addrs:
+        banks.setdefault(a % 32, set()).add(a)
+    return max(len(v) for v in banks.values())
+
+
+def _pick_stride(words, lane_addrs):
+    """Row stride (words, ≥ ``words``) of the shared code tile with the fewest wavefronts of
+    the reads ``lane_addrs(stride)`` (a list of warp accesses), then the smallest."""
+    return min(range(words, words + 16),
+               key=lambda s: (sum(_wavefronts(a) for a in lane_addrs(s)), s))
+
+
+def _stage_lines(gen_w, threads, keys, stride):
+    """Source of the tile prologue / staging (``cw``: the key batch's flat code words)."""
+    tile_words = keys * gen_w
+    loads = -(-tile_words // threads)
+
+    def fetch(ind, tile):
+        # unsigned indices: Numba's signed ones wrap negative values (a select per load)
+        out = [f"{ind}g0 = cb + U64({tile}) * U64({tile_words}) + U64(tid)"]
+        for i in range(loads):
+            gi = f"g0 + U64({i * threads})" if i else "g0"
+            out.append(f"{ind}a{i} = cw[{gi}] if {gi} < lim else U32(0)")
+        return out
+
+    def store(ind):
+        out = []
+        for i in range(loads):
+            sub = ind
+            if (i + 1) * threads > tile_words:
+                out.append(f"{ind}if tid + {i * threads} < {tile_words}:")
+                sub = ind + "    "
+            out += [f"{sub}w = tid + {i * threads}",
+                    f"{sub}ct[(w // {gen_w}) * {stride} + w % {gen_w}] = a{i}"]
+        return out
+    return fetch, store
+
+
+def one_query_kernel(big_d, bits, threads=THREADS):
+    """Score kernel of one query row: ``(qrot f32 (Bq, M, D), qmap i64 (B,), cw u32 (Bk·N·W,),
+    norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32 (B, 1, N))``.
+
+    Grid: x strides over tiles of ``threads`` keys (one key per thread), y over output
+    batches. See the module docstring.
+    """
+    key = ("one", big_d, bits, threads)
+    if key in _kernels:
+        return _kernels[key]
+    G = group_size(big_d, bits)
+    gb = G * bits
+    groups = big_d // G
+    size = groups << gb
+    levels = 1 << bits
+    W = big_d * bits // 32
+    S = _pick_stride(W, lambda s: [[t * s + w for t in range(32)] for w in range(W)])
+    parts = 4
+    fetch, store = _stage_lines(W, threads, threads, S)
+    L = ["def score_one_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
+         f"    tab = cuda.shared.array({size}, numba.float32)",
+         f"    ct = cuda.shared.array({threads * S}, numba.uint32)",
+         f"    cs = cuda.shared.array({levels}, numba.float32)",
+         "    tid = cuda.threadIdx.x",
+         "    n_b = out.shape[0]",
+         "    n_keys = out.shape[2]",
+         f"    total = n_keys * {W}",
+         f"    n_tiles = (n_keys + {threads - 1}) // {threads}",
+         "    t = tid",
+         f"    while t < {levels}:",
+         "        cs[t] = centroids[t]",
+         f"        t += {threads}",
+         "    b = cuda.blockIdx.y",
+         "    while b < n_b:",
+         "        qb = qmap[b]",
+         "        kb = kmap[b]",
+         "        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
+         "        e = tid",
+         f"        while e < {size}:",
+         f"            p = e >> {gb}",
+         f"            v = qrot[qb, 0, {G} * p] * cs[e & {levels - 1}]"]
+    for j in range(1, G):
+        L.append(f"            v += qrot[qb, 0, {G} * p + {j}] * cs[(e >> {j * bits}) & {levels - 1}]")
+    L += ["            tab[e] = v",
+          f"            e += {threads}",
+          "        tile = cuda.blockIdx.x"]
+    L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
+    L += fetch("        ", "tile")
+    L += ["        while tile < n_tiles:"]
+    L += store("            ")
+    L += ["            cuda.syncthreads()",
+          "            nxt = tile + cuda.gridDim.x"]
+    L += fetch("            ", "nxt")
+    L += [f"            j = tile * {threads} + tid",
+          "            if j < n_keys:",
+          f"                rb = tid * {S}"]
+    ind = " " * 16
+    for w in range(W):
+        L.append(f"{ind}r{w} = ct[rb + {w}]")
+    for p in range(parts):
+        L.append(f"{ind}s{p} = np.float32(0.0)")
+    for p in range(groups):
+        L.append(f"{ind}s{p % parts} += tab[U32({p << gb}) + {_code_expr('r', p * gb, gb, (1 << gb) - 1)}]")
+    L += [f"{ind}out[b, 0, j] = np.float32(norms[kb, j]) * ((s0 + s1) + (s2 + s3))",
+          "            cuda.syncthreads()",
+          "            tile = nxt",
+          "        b += cuda.gridDim.y",
+          f"# launch bounds ({threads}, {BLOCKS_PER_SM})"]
+    kern = _build("score_one_tiled", L, {"U64": np.uint64})
+    kern.keys_per_tile = threads
+    kern.threads = threads
+    kern.launch_bounds = (threads, BLOCKS_PER_SM)
+    kern.table_group = G
+    _kernels[key] = kern
+    return kern
+
+
+def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
+    """Tensor-core score kernel of 2–8 query rows per pass: ``(qrot f32 (Bq, M, D), qmap i64
+    (B,), cw u32 (Bk·N·W,), norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32
+    (B, M, N))``.
+
+    Grid: x strides over tiles of ``16·warps·steps`` keys, y over output batches, z over
+    chunks of 8 query rows; ``32·warps`` threads. See the module docstring.
+    """
+    key = ("group", big_d, bits, warps, steps)
+    if key in _kernels:
+        return _kernels[key]
+    threads = 32 * warps
+    keys = 16 * warps * steps
+    W = big_d * bits // 32
+    KW = W // 4  # words per lane and key
+    chunks = big_d // 16
+    l2 = 1 << (2 * bits)
+    lmask = (1 << bits) - 1
+
+    def reads(s):
+        out = []
+        for w in range(KW):
+            for half in (0, 8):
+                out.append([(ln // 4 + half) * s + (ln % 4) * KW + w for ln in range(32)])
+        return out
+
+    S = _pick_stride(W, reads)
+    fetch, store = _stage_lines(W, threads, keys, S)
+    sim = SIMULATOR
+    L = ["def score_group_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
+         f"    tabk = cuda.shared.array({l2}, numba.uint32)",
+         f"    ct = cuda.shared.array({keys * S}, numba.uint32)",
+         f"    qm = cuda.shared.array({MAX_ROWS}, numba.float32)"]
+    if sim:
+        L += [f"    sa = cuda.shared.array({threads * 4}, numba.uint32)",
+              f"    sb = cuda.shared.array({threads * 2}, numba.uint32)"]
+    L += ["    tid = cuda.threadIdx.x",
+          "    lane = tid & 31",
+          "    warp = tid >> 5",
+          "    g = lane >> 2",
+          "    t = lane & 3",
+          "    n_b, n_m, n_keys = out.shape",
+          f"    total = n_keys * {W}",
+          f"    n_tiles = (n_keys + {keys - 1}) // {keys}",
+          f"    first = cuda.blockIdx.z * {MAX_ROWS}",
+          f"    count = min({MAX_ROWS}, n_m - first)",
+          "    e = tid",
+          f"    while e < {l2}:",
+          f"        tabk[e] = half_bits(centroids[e & {lmask}]) | "
+          f"(half_bits(centroids[e >> {bits}]) << U32(16))",
+          f"        e += {threads}",
+          "    b = cuda.blockIdx.y",
+          "    while b < n_b:",
+          "        qb = qmap[b]",
+          "        kb = kmap[b]",
+          "        cuda.syncthreads()",
+          f"        if tid < {MAX_ROWS}:",
+          "            m = np.float32(0.0)",
+          "            if tid < count:",
+          f"                for k in range({big_d}):",
+          "                    m = max(m, abs(qrot[qb, first + tid, k]))",
+          "            qm[tid] = m",
+          "        cuda.syncthreads()",
+          "        mg = qm[g]",
+          "        sg = np.float32(1.0) / mg if mg > np.float32(0.0) else np.float32(0.0)",
+          "        qr = first + min(g, count - 1)",
+          f"        qo = t * {big_d // 4}",
+          "        ma = qm[2 * t]",
+          "        mb = qm[2 * t + 1]",
+          "        ra = first + 2 * t",
+          "        rb_ = ra + 1"]
+    for c in range(chunks):
+        for h in range(2):
+            o = 4 * c + 2 * h
+            L.append(f"        qb{c}_{h} = half_bits(sg * qrot[qb, qr, qo + {o}]) | "
+                     f"(half_bits(sg * qrot[qb, qr, qo + {o + 1}]) << U32(16))")
+    L += ["        tile = cuda.blockIdx.x"]
+    L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
+    L += fetch("        ", "tile")
+    L += ["        while tile < n_tiles:"]
+    L += store("            ")
+    L += ["            cuda.syncthreads()",
+          "            nxt = tile + cuda.gridDim.x"]
+    L += fetch("            ", "nxt")
+    ind = " " * 12
+    for st in range(steps):
+        L += [f"{ind}kr = warp * {16 * steps} + {16 * st} + g",
+              f"{ind}ba = kr * {S} + t * {KW}",
+              f"{ind}bb = ba + {8 * S}"]
+        for w in range(KW):
+            L += [f"{ind}ka{st}_{w} = ct[ba + {w}]", f"{ind}kb{st}_{w} = ct[bb + {w}]"]
+        L += [f"{ind}c{st}_{i} = np.float32(0.0)" for i in range(4)]
+    for c in range(chunks):
+        p0, p1 = 4 * c * bits, (4 * c + 2) * bits
+        for st in range(steps):
+            a = [f"tabk[{_field(f'ka{st}_', p0, 2 * bits)}]",
+                 f"tabk[{_field(f'kb{st}_', p0, 2 * bits)}]",
+                 f"tabk[{_field(f'ka{st}_', p1, 2 * bits)}]",
+                 f"tabk[{_field(f'kb{st}_', p1, 2 * bits)}]"]
+            acc = ", ".join(f"c{st}_{i}" for i in range(4))
+            call = "mma_k(sa, sb, " if sim else "mma_k("
+            L.append(f"{ind}{acc} = {call}{', '.join(a)}, qb{c}_0, qb{c}_1, {acc})")
+    for st in range(steps):
+        L += [f"{ind}ja = tile * {keys} + warp * {16 * steps} + {16 * st} + g",
+              f"{ind}jb = ja + 8",
+              f"{ind}if ja < n_keys:",
+              f"{ind}    na = np.float32(norms[kb, ja])",
+              f"{ind}    if 2 * t < count:",
+              f"{ind}        out[b, ra, ja] = c{st}_0 * (na * ma)",
+              f"{ind}    if 2 * t + 1 < count:",
+              f"{ind}        out[b, rb_, ja] = c{st}_1 * (na * mb)",
+              f"{ind}if jb < n_keys:",
+              f"{ind}    nb = np.float32(norms[kb, jb])",
+              f"{ind}    if 2 * t < count:",
+              f"{ind}        out[b, ra, jb] = c{st}_2 * (nb * ma)",
+              f"{ind}    if 2 * t + 1 < count:",
+              f"{ind}        out[b, rb_, jb] = c{st}_3 * (nb * mb)"]
+    L += ["            cuda.syncthreads()",
+          "            tile = nxt",
+          "        b += cuda.gridDim.y",
+          f"# launch bounds ({threads}, {GROUP_BLOCKS_PER_SM})"]
+    kern = _build("score_group_tiled", L, {"mma_k": _mma, "half_bits": half_bits,
+                                            "shr32": shr32, "shl32": shl32, "and32": and32,
+                                            "or32": or32, "U64": np.uint64})
+    kern.keys_per_tile = keys
+    kern.threads = threads
+    kern.launch_bounds = (threads, GROUP_BLOCKS_PER_SM)
+    _kernels[key] = kern
+    return kern

@@ -1,0 +1,102 @@
+"""The tiled score kernels of :mod:`rotorq.cuda.tiled_scores` under Numba's simulator against
+the CPU twin (:func:`rotorq.cpu.scores.scores_mse`).
+
+Tiny shapes: 37 keys in tiles of 4 (one query) or 16–32 keys (query groups) on 2 blocks, so
+that the grid-stride loop over tiles, the prefetch of the next tile, the partial last tile,
+the loop over output batches (3 batches on 2 blocks, two sharing one key batch) and, for more
+than 8 query rows, a second chunk of rows all run. One query: float32 tables (2e-5 relative
+tolerance, as :mod:`rotorq.cuda.fast`); query groups: fp16 tensor-core inputs, error at most
+1e-3 of the largest score (measured ~3e-4).
+Run with ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/cuda``.
+"""
+
+import importlib
+import os
+
+import numpy as np
+import pytest
+
+if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+    pytest.skip("simulator tests: run with NUMBA_ENABLE_CUDASIM=1 -m cudasim",
+                allow_module_level=True)
+
+import rotorq
+
+ts = importlib.import_module("rotorq.cuda.tiled_scores")
+CPU_SCORES = importlib.import_module("rotorq.cpu.scores")
+
+pytestmark = pytest.mark.cudasim
+N_KEYS = 37
+
+
+def _case(big_d, bits, n_m, seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    tq = rotorq.TurboQuant(big_d, bits, norm_dtype="float32")
+    keys = tq.quantize(rng.standard_normal((2, N_KEYS, big_d)).astype(np.float32))
+    q = (rng.standard_normal((3, n_m, big_d)) * scale).astype(np.float32)
+    qrot = np.asarray(tq.rotate(q)).reshape(3, n_m, big_d).astype(np.float32)
+    qmap = np.array([0, 1, 2], np.int64)
+    kmap = np.array([0, 1, 1], np.int64)
+    codes = np.ascontiguousarray(np.asarray(keys.codes).reshape(2, N_KEYS, -1))
+    norms = np.asarray(keys.norms).reshape(2, N_KEYS).astype(np.float32)
+    expected = np.empty((3, n_m, N_KEYS), np.float32)
+    CPU_SCORES.scores_mse(qrot, qmap, codes, norms, kmap, tq.centroids, bits, expected)
+    out = np.full((3, n_m, N_KEYS), np.nan, np.float32)
+    args = (qrot, qmap, codes.view(np.uint32).reshape(-1), norms, kmap, tq.centroids, out)
+    return args, expected
+
+
+@pytest.mark.parametrize("big_d,bits", ((32, 3), (64, 2), (32, 4), (64, 4), (128, 3), (128, 4)))
+def test_one_query_matches_cpu(big_d, bits):
+    """Pair (3 bits, 4 bits at D ≤ 64) and quad (2 bits) tables (single-coordinate: 4 bits at
+    D = 128)."""
+    threads = 4
+    args, expected = _case(big_d, bits, 1, big_d + bits)
+    kern = ts.one_query_kernel(big_d, bits, threads)
+    assert kern.table_group == ts.group_size(big_d, bits) == {2: 4, 3: 2, 4: 2 if big_d <= 64 else 1}[bits]
+    assert -(-N_KEYS // kern.keys_per_tile) > 2  # more tiles than blocks
+    kern[(2, 2), threads](*args)
+    out = args[-1]
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("big_d,bits,n_m,steps", ((32, 4, 3, 1), (64, 2, 8, 2), (64, 4, 2, 1),
+                                                  (128, 3, 8, 1), (64, 2, 11, 1)))
+def test_group_matches_cpu(big_d, bits, n_m, steps):
+    """Tensor-core kernel (MMA emulated): 2–11 rows (11: two row chunks), 1 warp."""
+    args, expected = _case(big_d, bits, n_m, 7 * big_d + n_m)
+    kern = ts.group_kernel(big_d, bits, warps=1, steps=steps)
+    kern[(2, 2, -(-n_m // ts.MAX_ROWS)), 32](*args)
+    out = args[-1]
+    err = np.abs(out - expected).max() / np.abs(expected).max()
+    assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("scale", (1e-6, 1e4))
+def test_group_query_scaling(scale):
+    """Rows are scaled by 1/max|q| before fp16 rounding: tiny and large queries keep the
+    same relative error (no fp16 subnormals or overflow); a zero row scores 0."""
+    args, expected = _case(64, 4, 4, 3, scale)
+    args[0][1, 2] = 0
+    expected[1, 2] = 0
+    kern = ts.group_kernel(64, 4, warps=1, steps=1)
+    kern[(2, 2, 1), 32](*args)
+    out = args[-1]
+    err = np.abs(out - expected).max() / np.abs(expected).max()
+    assert err < 1e-3, err
+    assert (out[1, 2] == 0).all()
+
+
+def test_applies_and_strides():
+    """Which shapes the tiled kernels take; code-tile reads of the benchmark shape are
+    conflict-free (one wavefront per warp access)."""
+    assert ts.applies(128, 3, 1) and ts.applies(128, 3, 8) and ts.applies(128, 2, 5)
+    assert ts.applies(128, 4, 1) and not ts.applies(128, 1, 1)
+    assert not ts.applies(96, 3, 8)  # D·bits not a multiple of 128: lanes' words not aligned
+    assert ts.group_size(128, 3) == 2 and ts.group_size(128, 2) == 4
+    assert ts.group_size(128, 4) == 1
+    w = 12
+    s = ts._pick_stride(w, lambda s: [[t * s + k for t in range(32)] for k in range(w)])
+    assert s == 13
+    src = ts.one_query_kernel(128, 3).rotorq_source
+    assert "ct[rb + 11]" in src and "rb = tid * 13" in src
