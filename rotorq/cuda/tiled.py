@@ -29,6 +29,14 @@ LSB-first packing; only the float64 sums (``‖x‖²`` and, with ``norm_correct
 otherwise they can differ from the CPU's in the last bit of a float64, which changes a code
 only when a coordinate lies within ~1e-16 of a boundary (the documented rounding flips).
 
+Instruction count of :func:`quantize_kernel`: up to :data:`REG_BITS` bits the boundaries are
+loaded once into registers and each code is a register bisection (compares and selects, no
+shared-memory lookups); when ``threads`` is a multiple of the input words per row, a thread
+stages words of one column only, so its staging address is one hoisted base plus constants and
+the rotation's signs are applied there (an XOR of the fp16 sign bits, a multiply for fp32),
+which equals the CPU's ``float32(float64(x)·inv_n)·sign`` because rounding is sign-symmetric;
+and every tile but the last is prefetched without bound checks.
+
 Compared with :mod:`rotorq.cuda.fast` (one row per thread: 256-byte strided loads, 255
 registers), a thread here holds 16 coordinates, and global memory sees only full lines.
 """
@@ -449,13 +457,14 @@ def _reg_decide(y, c, bits):
     after NVVM). Over sorted boundaries this is the CPU's count, ties (``y`` equal to a
     boundary counts it) and NaN (code 0) included."""
     out, preds = [], []
+    def pick(level, prefix, depth):
+        if depth == len(preds):
+            return f"bd{(prefix << (level + 1)) + (1 << level) - 1}"
+        hi, lo = pick(level, 2 * prefix + 1, depth + 1), pick(level, 2 * prefix, depth + 1)
+        return f"({hi} if {preds[depth]} else {lo})"
+
     for level in range(bits - 1, -1, -1):
-        def pick(prefix, depth):
-            if depth == len(preds):
-                return f"bd{(prefix << (level + 1)) + (1 << level) - 1}"
-            hi, lo = pick(2 * prefix + 1, depth + 1), pick(2 * prefix, depth + 1)
-            return f"({hi} if {preds[depth]} else {lo})"
-        out.append(f"{c}_{level} = {y} >= {pick(0, 0)}")
+        out.append(f"{c}_{level} = {y} >= {pick(level, 0, 0)}")
         preds.append(f"{c}_{level}")
     out.append(f"{c} = " + " | ".join(f"(U32({c}_{lv}) << U32({lv}))" for lv in range(bits)))
     return out

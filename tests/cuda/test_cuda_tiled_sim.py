@@ -87,3 +87,22 @@ def test_shared_layout_is_conflict_free(paired):
     assert tiled._out_cost(gen, out, paired) == (16 if paired else 8)
     src = tiled.wht_kernel(128, True, True).rotorq_source
     assert f"r = tid % U64({gen.R})" in src and f"rw = r * U64({gen.SW})" in src
+
+
+@pytest.mark.parametrize("bits", (1, 2, 3))
+def test_register_decision_matches_cpu_count(bits):
+    """The register bisection of the quantize kernel gives the CPU's code (the number of
+    boundaries ``<= y``) for every ``y``, values exactly on a boundary, ±0 and NaN included."""
+    cpu_q = importlib.import_module("rotorq.cpu.quantize")
+    tq = rotorq.TurboQuant(32, bits, rotation="hadamard", norm_dtype="float32")
+    bd = np.asarray(tq.boundaries, np.float32)
+    src = "\n".join(["def decide(y, bd):"]
+                    + [f"    bd{i} = bd[{i}]" for i in range(bd.shape[0])]
+                    + ["    " + line for line in tiled._reg_decide("y", "c", bits)] + ["    return c"])
+    env = {"U32": np.uint32}
+    exec(src, env)
+    ys = np.concatenate([bd, np.nextafter(bd, np.float32(-np.inf)), np.nextafter(bd, np.float32(np.inf)),
+                         np.float32([0.0, -0.0, np.nan, np.inf, -np.inf, 1.0, -1.0]),
+                         np.random.default_rng(bits).standard_normal(200).astype(np.float32) * 0.3])
+    for y in ys.astype(np.float32):
+        assert env["decide"](y, bd) == cpu_q.encode_value(y, bd), y

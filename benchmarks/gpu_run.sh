@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU session: CUDA tests, kernel benchmarks, decode-attention benchmark -> $OUT.
+#
+# Usage (repository root, on the GPU machine; see ../shared/reference/GPU.md for the wheels):
+#   bash benchmarks/gpu_run.sh [tests|bench|kv|all] [pytest -k expression]
+# Precompile the generated kernels first where there is no GPU (the PTX cache travels):
+#   ROTORQ_PTX_CACHE=$PWD/.whl/ptxcache python3 benchmarks/gpu_bench.py --precompile-only
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+what=${1:-all}
+sel=${2:-}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/device.txt"
+if [[ $what == tests || $what == all ]]; then
+    args=(-m cuda tests/cuda -q -p no:cacheprovider -rfE)
+    [[ -n $sel ]] && args+=(-k "$sel")
+    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest "${args[@]}" > "$OUT/tests.txt" 2>&1
+    echo "tests rc=$?" >> "$OUT/tests.txt"
+    tail -25 "$OUT/tests.txt"
+fi
+if [[ $what == bench || $what == all ]]; then
+    timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/gpu_bench.py --out "$OUT" \
+        --max-log2n "${MAX_LOG2N:-20}" > "$OUT/gpu_bench.log" 2>&1
+    echo "gpu_bench rc=$?"
+fi
+if [[ $what == kv || $what == all ]]; then
+    timeout "${KV_TIMEOUT:-180}" python3 benchmarks/gpu_kv_bench.py --out "$OUT" \
+        > "$OUT/gpu_kv_bench.log" 2>&1
+    echo "gpu_kv_bench rc=$?"
+fi
