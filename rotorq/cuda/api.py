@@ -521,17 +521,18 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
                     v0[1], v0[2],
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
-            shared = 4 * _att.shared_floats(threads, dk0, dk1, qargs[2].shape[2],
-                                            qargs[3].shape[2], v0[4], v1[4], 0)
-            if shared > SHARED_LIMIT:
-                raise ValueError("decode_attention: head dimensions too large for the CUDA "
-                                 f"kernel's shared memory ({shared} > {SHARED_LIMIT} bytes)")
             if key_bias is None:
                 bias = (empty_q, empty_q, _empty((0,), cp.float64), 0)
             else:
                 ba, bb, freqs, pos0 = key_bias
                 bias = (_f32c(ba), _f32c(bb), cp.ascontiguousarray(freqs, dtype=cp.float64),
                         int(pos0))
+            shared = 4 * _att.shared_floats(threads, dk0, dk1, qargs[2].shape[2],
+                                            qargs[3].shape[2], v0[4], v1[4], 0,
+                                            bias[2].shape[0])
+            if shared > SHARED_LIMIT:
+                raise ValueError("decode_attention: head dimensions too large for the CUDA "
+                                 f"kernel's shared memory ({shared} > {SHARED_LIMIT} bytes)")
             launch(_att.decode_attention, (n_split, n_bh, 1), (threads, 1), shared,
                    (*qargs, *bias, *k0, *k1, *v0[:4], *v1[:4], int(n_keys), int(n_q),
                     int(causal_offset), int(chunk), acc0, acc1, mx, sm))

@@ -33,15 +33,17 @@ from .bits import read_code, unpack_value
 from .qjl import sign_dots
 
 _TWO_PI = 2.0 * math.pi
+_INV_TWO_PI = 1.0 / _TWO_PI
 
 ROWS = 8
 """Query rows per chunk of the general kernel (one register accumulator each)."""
 
 
-def shared_floats(threads, dk0, dk1, m0, m1, dv0, dv1, levels):
-    """float32 words of dynamic shared memory of :func:`decode_attention`."""
+def shared_floats(threads, dk0, dk1, m0, m1, dv0, dv1, levels, n_freq=0):
+    """float32 words of dynamic shared memory of :func:`decode_attention` (``n_freq``: the
+    length of the key-bias coefficient rows, staged like the queries)."""
     return ROWS * (dk0 + dk1 + m0 + m1) + ROWS * threads + ROWS * (dv0 + dv1) + 3 * ROWS \
-        + levels
+        + levels + 2 * ROWS * n_freq
 
 
 @device
@@ -74,19 +76,21 @@ def _key_scores(q_sh, s_sh, kc, kn, ks, kg, cent, bits, qscale, use_qjl, bh, j, 
 
 
 @device
-def _key_bias(kba, kbb, kfreq, kpos0, bh, j, first, count, acc):
-    """``acc[i] += Σ_f A cos(p θ_f) + B sin(p θ_f)`` at position ``p = kpos0 + j``; the
-    angle is reduced modulo 2π in float64, then the float32 sine and cosine are taken."""
+def _key_bias(ba_sh, bb_sh, kfreq, kpos0, j, count, acc):
+    """``acc[i] += Σ_f A cos(p θ_f) + B sin(p θ_f)`` at position ``p = kpos0 + j``, with the
+    staged coefficient rows ``A``, ``B``; the angle is reduced modulo 2π in float64, then the
+    float32 sine and cosine are taken."""
     pos = np.float64(kpos0 + j)
-    for f in range(kfreq.shape[0]):
+    nf = kfreq.shape[0]
+    for f in range(nf):
         ang = pos * kfreq[f]
-        ang -= _TWO_PI * math.floor(ang / _TWO_PI)
+        ang -= _TWO_PI * math.floor(ang * _INV_TWO_PI)
         a32 = np.float32(ang)
         ca = math.cos(a32)
         sa = math.sin(a32)
         for i in range(ROWS):
             if i < count:
-                acc[i] += kba[bh, first + i, f] * ca + kbb[bh, first + i, f] * sa
+                acc[i] += ba_sh[i * nf + f] * ca + bb_sh[i * nf + f] * sa
 
 
 @device
@@ -165,6 +169,10 @@ def decode_attention(q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
     m_sh = sh[o:o + ROWS]
     l_sh = sh[o + ROWS:o + 2 * ROWS]
     alpha_sh = sh[o + 2 * ROWS:o + 3 * ROWS]
+    o += 3 * ROWS
+    nf = kfreq.shape[0]
+    ba_sh = sh[o:o + ROWS * nf]
+    bb_sh = sh[o + ROWS * nf:o + 2 * ROWS * nf]
     acc = cuda.local.array(ROWS, numba.float32)
     qacc = cuda.local.array(ROWS, numba.float32)
     t0 = s * chunk
@@ -175,6 +183,8 @@ def decode_attention(q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
         _stage(q1, bh, first, count, q1_sh, tid, threads)
         _stage(qs0, bh, first, count, s0_sh, tid, threads)
         _stage(qs1, bh, first, count, s1_sh, tid, threads)
+        _stage(kba, bh, first, count, ba_sh, tid, threads)
+        _stage(kbb, bh, first, count, bb_sh, tid, threads)
         k = tid
         while k < ROWS * dv0:
             a0_sh[k] = 0.0
@@ -201,8 +211,8 @@ def decode_attention(q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                 if dk1 > 0:
                     _key_scores(q1_sh, s1_sh, kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1,
                                 m1 > 0, bh, j, count, dk1, m1, acc, qacc)
-                if kfreq.shape[0] > 0:
-                    _key_bias(kba, kbb, kfreq, kpos0, bh, j, first, count, acc)
+                if nf > 0:
+                    _key_bias(ba_sh, bb_sh, kfreq, kpos0, j, count, acc)
                 for i in range(ROWS):
                     if i < count:
                         r = first + i

@@ -149,7 +149,7 @@ def test_sim_general_kernel_matches_cpu(rng, name):
     got = outputs(case, n_split, fill=np.nan)
     dk, m, dv = [a.shape[2] for a in case["q"]], [a.shape[2] for a in case["qs"]], case["dv"]
     levels = 0
-    shared = 4 * att.shared_floats(threads, *dk, *m, *dv, levels)
+    shared = 4 * att.shared_floats(threads, *dk, *m, *dv, levels, case["bias"][0].shape[2])
     att.decode_attention[(n_split, case["n_bh"]), threads, 0, shared](
         *flat_args(case, uint16_norms=False), chunk, *got)
     for g, w in zip(got, want, strict=True):
