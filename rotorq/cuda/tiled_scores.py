@@ -35,7 +35,7 @@ import numpy as np
 
 from ._jit import SIMULATOR
 from .attention import _field, and32, half_bits, or32, shl32, shr32
-from .fast import _build, _code_expr
+from .fast import _build
 
 if SIMULATOR:
     from .attention import mma_sim as _mma
@@ -100,10 +100,13 @@ def _stage_lines(gen_w, threads, keys, stride):
 
     def fetch(ind, tile):
         # unsigned indices: Numba's signed ones wrap negative values (a select per load)
-        out = [f"{ind}g0 = cb + U64({tile}) * U64({tile_words}) + U64(tid)"]
+        # words of this thread left in the batch, clamped to the tile: one 32-bit compare
+        # per load instead of a 64-bit add and compare
+        out = [f"{ind}g0 = cb + U64({tile}) * U64({tile_words}) + U64(tid)",
+               f"{ind}rm = U32(min(lim - g0, U64({tile_words}))) if g0 < lim else U32(0)"]
         for i in range(loads):
             gi = f"g0 + U64({i * threads})" if i else "g0"
-            out.append(f"{ind}a{i} = cw[{gi}] if {gi} < lim else U32(0)")
+            out.append(f"{ind}a{i} = cw[{gi}] if U32({i * threads}) < rm else U32(0)")
         return out
 
     def store(ind):
@@ -139,7 +142,7 @@ def one_query_kernel(big_d, bits, threads=THREADS):
     parts = 4
     fetch, store = _stage_lines(W, threads, threads, S)
     L = ["def score_one_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
-         f"    tab = cuda.shared.array({size}, numba.float32)",
+         f"    tab = cuda.shared.array(({groups}, {1 << gb}), numba.float32)",
          f"    ct = cuda.shared.array({threads * S}, numba.uint32)",
          f"    cs = cuda.shared.array({levels}, numba.float32)",
          "    tid = cuda.threadIdx.x",
@@ -162,7 +165,7 @@ def one_query_kernel(big_d, bits, threads=THREADS):
          f"            v = qrot[qb, 0, {G} * p] * cs[e & {levels - 1}]"]
     for j in range(1, G):
         L.append(f"            v += qrot[qb, 0, {G} * p + {j}] * cs[(e >> {j * bits}) & {levels - 1}]")
-    L += ["            tab[e] = v",
+    L += [f"            tab[p, e & {(1 << gb) - 1}] = v",
           f"            e += {threads}",
           "        tile = cuda.blockIdx.x"]
     L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
@@ -174,14 +177,25 @@ def one_query_kernel(big_d, bits, threads=THREADS):
     L += fetch("            ", "nxt")
     L += [f"            j = tile * {threads} + tid",
           "            if j < n_keys:",
-          f"                rb = tid * {S}"]
+          f"                rb = U32(tid) * U32({S})"]
     ind = " " * 16
     for w in range(W):
-        L.append(f"{ind}r{w} = ct[rb + {w}]")
+        L.append(f"{ind}r{w} = ct[rb + U32({w})]")
     for p in range(parts):
         L.append(f"{ind}s{p} = np.float32(0.0)")
+    # 64-bit words: every field is one funnel shift and one AND, and the table row's offset
+    # (a constant) folds into the shared load's immediate address
+    for k in range(W // 2):
+        L.append(f"{ind}q{k} = U64(r{2 * k}) | (U64(r{2 * k + 1}) << U64(32))")
+    if W % 2:
+        L.append(f"{ind}q{W // 2} = U64(r{W - 1})")
+    fmask = (1 << gb) - 1
     for p in range(groups):
-        L.append(f"{ind}s{p % parts} += tab[U32({p << gb}) + {_code_expr('r', p * gb, gb, (1 << gb) - 1)}]")
+        k, sh = divmod(p * gb, 64)
+        f = f"(q{k} >> U64({sh}))"
+        if sh + gb > 64:
+            f = f"({f} | (q{k + 1} << U64({64 - sh})))"
+        L.append(f"{ind}s{p % parts} += tab[{p}, {f} & U64({fmask})]")
     L += [f"{ind}out[b, 0, j] = np.float32(norms[kb, j]) * ((s0 + s1) + (s2 + s3))",
           "            cuda.syncthreads()",
           "            tile = nxt",

@@ -99,4 +99,7 @@ def test_applies_and_strides():
     s = ts._pick_stride(w, lambda s: [[t * s + k for t in range(32)] for k in range(w)])
     assert s == 13
     src = ts.one_query_kernel(128, 3).rotorq_source
-    assert "ct[rb + 11]" in src and "rb = tid * 13" in src
+    assert "ct[rb + U32(11)]" in src and "rb = U32(tid) * U32(13)" in src
+    # constant table row per pair (folds into the shared load's address), 64-bit code words
+    assert "tab[63, (q5 >> U64(58)) & U64(63)]" in src
+    assert "tab[10, ((q0 >> U64(60)) | (q1 << U64(4))) & U64(63)]" in src
