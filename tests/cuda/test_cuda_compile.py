@@ -91,24 +91,21 @@ def _tiled_cases():
     ]
 
 
-@pytest.mark.parametrize("case", _tiled_cases(), ids=lambda c: c[0])
-def test_tiled_kernel_compiles_for_sm90(compiler, case, tmp_path):
-    """PTX for sm_90 with the kernel's launch bounds; where ``ptxas`` is on the PATH, also
-    assembled: no spills, and registers within the launch bounds."""
+def _compile_and_assemble(compiler, kern, args, tmp_path):
+    """PTX for sm_90 with ``kern``'s launch bounds; where ``ptxas`` is on the PATH, also
+    assembled: no spills, and registers within the launch bounds. Returns the PTX."""
     import re
     import shutil
     import subprocess
 
     from rotorq.cuda._jit import kernel_signature
 
-    _, make, args = case
-    kern = make()
     ptx, _ = compiler(kern.py_func, kernel_signature(args), cc=CC,
                       launch_bounds=kern.launch_bounds)
     assert ".entry" in ptx and ".target sm_90" in ptx and ".maxntid" in ptx
     ptxas = shutil.which("ptxas")
     if ptxas is None:
-        return
+        return ptx
     src = tmp_path / "k.ptx"
     src.write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M))
     res = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
@@ -118,6 +115,15 @@ def test_tiled_kernel_compiles_for_sm90(compiler, case, tmp_path):
     threads, blocks = kern.launch_bounds
     assert regs <= 65536 // (threads * blocks), res.stderr
     assert re.search(r"\b0 bytes spill stores", res.stderr), res.stderr  # not "20 bytes …"
+    return ptx
+
+
+@pytest.mark.parametrize("case", _tiled_cases(), ids=lambda c: c[0])
+def test_tiled_kernel_compiles_for_sm90(compiler, case, tmp_path):
+    """PTX for sm_90 with the kernel's launch bounds; where ``ptxas`` is on the PATH, also
+    assembled: no spills, and registers within the launch bounds."""
+    _, make, args = case
+    _compile_and_assemble(compiler, make(), args, tmp_path)
 
 
 def _tiled_score_cases():
@@ -145,27 +151,6 @@ def test_tiled_score_kernel_compiles_for_sm90(compiler, case, tmp_path):
     """PTX for sm_90 with the launch bounds (the group kernel with ``mma.sync.m16n8k16``);
     where ``ptxas`` is on the PATH: assembled without spills, registers within the bounds
     (measured: 79–80 at 6 blocks of 128 threads, 95–96 at 5)."""
-    import re
-    import shutil
-    import subprocess
-
-    from rotorq.cuda._jit import kernel_signature
-
     name, make, args = case
-    kern = make()
-    ptx, _ = compiler(kern.py_func, kernel_signature(args), cc=CC,
-                      launch_bounds=kern.launch_bounds)
-    assert ".entry" in ptx and ".target sm_90" in ptx and ".maxntid" in ptx
+    ptx = _compile_and_assemble(compiler, make(), args, tmp_path)
     assert ("mma.sync.aligned.m16n8k16" in ptx) == name.startswith("group")
-    ptxas = shutil.which("ptxas")
-    if ptxas is None:
-        return
-    src = tmp_path / "k.ptx"
-    src.write_text(re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M))
-    res = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
-    threads, blocks = kern.launch_bounds
-    assert regs <= 65536 // (threads * blocks), res.stderr
-    assert re.search(r"\b0 bytes spill stores", res.stderr), res.stderr  # not "20 bytes …"
