@@ -347,6 +347,7 @@ class KVCache:
         self._compressed = 0
         self._window = 0
         self._win_k = self._win_v = None  # float32 window (residual_bits=None)
+        self._exact = None  # cached _exact_part()
 
     # -- properties -------------------------------------------------------------------
     def __len__(self):
@@ -523,6 +524,7 @@ class KVCache:
         if t == 0:
             return
         xp = be.xp
+        self._exact = None  # the decoded window of the last attend is stale from here on
         _backend.require_finite(xp, k, "keys")
         _backend.require_finite(xp, v, "values")
         n_bh = (1 if batch is None else batch) * self.num_kv_heads
@@ -699,7 +701,13 @@ class KVCache:
 
     def _exact_part(self):
         """Keys, values (BH, E, d) float32 and positions (E,) of the tokens not in codes of
-        the base tier: pending, sinks and the window (dequantized and restored)."""
+        the base tier: pending, sinks and the window (dequantized and restored); kept until
+        the next append, so repeated queries decode the window once."""
+        if self._exact is None:
+            self._exact = self._build_exact_part()
+        return self._exact
+
+    def _build_exact_part(self):
         xp = self._xp
         if self._pending:
             p = self._pending
