@@ -1,0 +1,94 @@
+"""The tiled GPU kernels at other shapes: head_dim 64/128/256 at 3 bits, 2 and 4 bits at 128.
+
+For each (d, bits), at N = 2^20 fp16 vectors: Hadamard quantize, scores for 1 query and for
+a GQA group of 8, and the standalone WHT (fp16 in and out), each with its bytes, the floor at
+2.98 TB/s (PERFORMANCE.md) and the time as a multiple of it. Only the default kernels run
+(no row-per-thread comparisons: their compile takes minutes per shape).
+
+Run on the GPU machine: ``python3 benchmarks/gpu_shapes.py --out DIR`` (writes
+``gpu_shapes.md``).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+
+import rotorq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import api, buffers, device_time
+
+from rotorq.cuda import tiled, tiled_scores
+
+FLOOR_TBS = 2.98
+SHAPES = ((64, 3), (128, 3), (256, 3), (128, 2), (128, 4))
+
+
+def rows_for(d, bits, n, rng):
+    tq = rotorq.TurboQuant(d, bits)
+    k = tq._consts(cp)
+    reps = max(3, min(200, (1 << 24) // n))
+    xs = buffers(lambda: cp.asarray(rng.standard_normal((n, d)), dtype=cp.float16), n * d * 2)
+    out = []
+
+    def add(op, secs, nbytes):
+        floor = nbytes / (FLOOR_TBS * 1e12)
+        out.append((d, bits, op, secs * 1e6, nbytes / secs / 1e12, floor * 1e6, secs / floor))
+
+    assert tiled.quantize_applies("hadamard", d, d, bits, np.dtype("float16"), 0)
+    assert tiled.applies(d)
+    secs = device_time(lambda x: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"],
+                                              bits, False, None), xs, reps)
+    add("quantize hadamard fp16", secs, n * (2 * d + d * bits // 8 + 2))
+    keys = []
+    for x in xs:
+        c, nr, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], bits,
+                                   False, None)
+        keys.append((c.reshape(1, n, -1), nr.reshape(1, n)))
+    zero = cp.zeros(1, cp.int64)
+    for heads in (1, 8):
+        if not tiled_scores.applies(d, bits, heads):  # the untiled kernel compiles for minutes
+            continue
+        qrot = api.rotate(cp.asarray(rng.standard_normal((heads, d)), cp.float32),
+                          tq.rotation).reshape(1, heads, d)
+        secs = device_time(lambda kn, qrot=qrot: api.scores(
+            qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], bits, 0.0),
+            keys, reps)
+        add(f"scores, {heads} quer{'y' if heads == 1 else 'ies'}", secs,
+            n * (d * bits // 8 + 2))
+    secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
+    add("WHT fp16 -> fp16", secs, n * 4 * d)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--log2n", type=int, default=20)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    rows = []
+    for d, bits in SHAPES:
+        rows += rows_for(d, bits, 1 << args.log2n, rng)
+        cp.get_default_memory_pool().free_all_blocks()
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    lines = [f"# tiled kernels at other shapes — {name}, N = 2^{args.log2n}, fp16 in, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{time.perf_counter() - t0:.0f} s (compiles included)", "",
+             "| d | bits | op | µs | TB/s | floor µs | × floor |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {d} | {b} | {op} | {us:.1f} | {tbs:.2f} | {fl:.1f} | {x:.2f} |"
+              for d, b, op, us, tbs, fl, x in rows]
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_shapes.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
