@@ -20,7 +20,7 @@ import numpy as np
 import rotorq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import api, buffers, device_time
+from gpu_bench import api, buffers, code_buffers, device_time
 
 from rotorq.cuda import tiled, tiled_scores
 
@@ -44,11 +44,7 @@ def rows_for(d, bits, n, rng):
     secs = device_time(lambda x: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"],
                                               bits, False, None), xs, reps)
     add("quantize hadamard fp16", secs, n * (2 * d + d * bits // 8 + 2))
-    keys = []
-    for x in xs:
-        c, nr, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], bits,
-                                   False, None)
-        keys.append((c.reshape(1, n, -1), nr.reshape(1, n)))
+    keys = code_buffers(xs, tq, bits)
     zero = cp.zeros(1, cp.int64)
     for heads in (1, 8):
         if not tiled_scores.applies(d, bits, heads):  # the untiled kernel compiles for minutes
