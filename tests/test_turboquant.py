@@ -96,11 +96,16 @@ def test_prod_mode_is_unbiased_where_mse_mode_shrinks(rng, bits):
 
 
 def test_outlier_channels_separate_dense_hadamard_from_rotor(rng):
-    x = outlier_vectors(rng, 6000, 128).astype(np.float32)
+    # A dense rotation maps the few outlier channels to a few fixed directions, so one draw's
+    # MSE varies by ~3% (sd 0.0009): average over rotation seeds, not only over vectors.
+    x = outlier_vectors(rng, 2000, 128).astype(np.float32)
     mse = {}
     for rotation in ROTATIONS:
-        tq = rotorq.TurboQuant(128, 3, rotation=rotation, seed=int(rng.integers(1 << 30)))
-        mse[rotation] = np.sum((x - tq.dequantize(tq.quantize(x))) ** 2, axis=1).mean()
+        draws = []
+        for _ in range(8 if rotation != "rotor" else 1):
+            tq = rotorq.TurboQuant(128, 3, rotation=rotation, seed=int(rng.integers(1 << 30)))
+            draws.append(np.sum((x - tq.dequantize(tq.quantize(x))) ** 2, axis=1).mean())
+        mse[rotation] = np.mean(draws)
     assert 0.027 < mse["dense"] < 0.037
     assert 0.027 < mse["hadamard"] < 0.037
     assert mse["rotor"] > 0.15  # block rotations cannot spread an outlier channel
