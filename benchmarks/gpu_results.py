@@ -3,10 +3,11 @@
 The GPU scripts run on the device machine and write their tables under ``$OUT``; the
 device tool brings them back into a folder here. This script takes those files —
 ``gpu_bench.md`` and ``parity.json`` from ``benchmarks/gpu_bench.py`` / the ``cuda`` tests,
-``gpu_kv_bench.md`` from ``benchmarks/gpu_kv_bench.py`` — and writes them into the results
+``gpu_kv_bench.md`` from ``benchmarks/gpu_kv_bench.py``, ``gpu_shapes.md`` from
+``benchmarks/gpu_shapes.py`` — and writes them into the results
 file with the floors and targets of PERFORMANCE.md beside them.
 
-Usage: ``python -m benchmarks.gpu_results --kernels DIR --attention DIR``
+Usage: ``python -m benchmarks.gpu_results --kernels DIR --attention DIR --shapes DIR``
 """
 
 from __future__ import annotations
@@ -79,16 +80,30 @@ def attention_section(folder: Path) -> str:
             "tokens.\n\n" + body + "\n")
 
 
+def shapes_section(folder: Path) -> str:
+    md = (folder / "gpu_shapes.md").read_text(encoding="utf-8")
+    title, body = md.split("\n", 1)
+    return ("## Tiled kernels at other head dims and bit widths (H100)\n\n"
+            "Run: `python3 benchmarks/gpu_shapes.py` — the default (tiled) kernels at N = 2^20, "
+            "fp16 in; scores read keys from enough code buffers to leave L2 (a single 52 MB "
+            "buffer stays partly resident and gave 43–95 µs for the same kernel). Floor: bytes "
+            "at 2.98 TB/s (PERFORMANCE.md).\n\n"
+            f"Run header: {title.lstrip('# ').strip()}\n\n" + body.strip() + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kernels", type=Path, help="folder with gpu_bench.md / parity.json")
     parser.add_argument("--attention", type=Path, help="folder with gpu_kv_bench.md")
+    parser.add_argument("--shapes", type=Path, help="folder with gpu_shapes.md")
     args = parser.parse_args(argv)
     sections = {}
     if args.kernels:
         sections["gpu:kernels"] = kernels_section(args.kernels)
     if args.attention:
         sections["gpu:attention"] = attention_section(args.attention)
+    if args.shapes:
+        sections["gpu:shapes"] = shapes_section(args.shapes)
     print(write_sections(sections))
 
 
