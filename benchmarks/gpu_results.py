@@ -87,7 +87,8 @@ def shapes_section(folder: Path) -> str:
             "Run: `python3 benchmarks/gpu_shapes.py` — the default (tiled) kernels at N = 2^20, "
             "fp16 in; scores read keys from enough code buffers to leave L2 (a single 52 MB "
             "buffer stays partly resident and gave 43–95 µs for the same kernel). Floor: bytes "
-            "at 2.98 TB/s (PERFORMANCE.md).\n\n"
+            "at 2.98 TB/s (PERFORMANCE.md); for scores the bytes are the codes and norms read "
+            "and the float32 scores written.\n\n"
             f"Run header: {title.lstrip('# ').strip()}\n\n" + body.strip() + "\n")
 
 

@@ -55,7 +55,7 @@ def rows_for(d, bits, n, rng):
             qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], bits, 0.0),
             keys, reps)
         add(f"scores, {heads} quer{'y' if heads == 1 else 'ies'}", secs,
-            n * (d * bits // 8 + 2))
+            n * (d * bits // 8 + 2 + 4 * heads))  # codes + fp16 norm read, fp32 scores written
     secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
     add("WHT fp16 -> fp16", secs, n * 4 * d)
     return out
