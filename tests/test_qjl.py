@@ -39,6 +39,24 @@ def test_unbiased_over_sketches(rng, orthogonal):
     assert abs(means.mean()) < 5 * means.std() / np.sqrt(seeds)
 
 
+def test_orthogonal_sketch_unbiased_at_small_dim(rng):
+    # Rows of norm √d would overestimate by ≈ 1 + 1/(4d) (3.2% at d = 8, > 10σ here); the
+    # rescaled rows of orthogonal_row_norm are exact.
+    d, pairs, seeds = 8, 50, 200
+    x = unit_vectors(rng, pairs, d)
+    q = x + rng.standard_normal((pairs, d)) * 0.3
+    true = np.sum(q * x, axis=1)
+    first = int(rng.integers(1 << 30))
+    ratios = []
+    for seed in range(first, first + seeds):
+        qjl = rotorq.QJL(d, d, seed=seed, orthogonal=True, norm_dtype="float32")
+        est = qjl.scores(q[:, None, :], qjl.quantize(x[:, None, :]))[:, 0, 0]
+        ratios.append(np.sum(est) / np.sum(true))
+    ratios = np.array(ratios)
+    assert abs(ratios.mean() - 1) < 4 * ratios.std() / np.sqrt(seeds)
+    assert abs(ratios.mean() - 1) < 0.01
+
+
 @pytest.mark.slow
 def test_error_matches_published_and_variance_bound(rng):
     n, d = 20000, 128

@@ -1,0 +1,117 @@
+"""SASS instruction counts of the tiled kernels, without a GPU.
+
+Compiles a kernel of :mod:`rotorq.cuda.tiled` / :mod:`rotorq.cuda.tiled_scores` to PTX for
+sm_90 (:func:`numba.cuda.compile_ptx`), assembles it with ``ptxas`` and disassembles it with
+``cuobjdump -sass`` (pip ``nvidia-cuda-cuobjdump``), then prints the registers and the
+instructions of the largest loop body (the grid-stride loop over tiles) by opcode family.
+
+    python -m benchmarks.sass_count quantize --bits 3
+    python -m benchmarks.sass_count one --bits 3
+"""
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+
+def _tool(name):
+    path = shutil.which(name)
+    if path:
+        return path
+    import nvidia
+    for root in nvidia.__path__:
+        for sub in ("cu13", "cu12", "cuda_cuobjdump"):
+            cand = os.path.join(root, sub, "bin", name)
+            if os.path.exists(cand):
+                return cand
+    sys.exit(f"{name} not found (pip install nvidia-cuda-cuobjdump; ptxas from the CUDA toolkit)")
+
+
+def _kernel(which, d, bits, half):
+    from rotorq.cuda import tiled, tiled_scores
+    u32, f32, i64 = np.uint32, np.float32, np.int64
+    if which == "quantize":
+        kern = tiled.quantize_kernel(d, d, bits, half, False, True)
+        xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
+        args = (xin, np.zeros(d, f32), np.zeros((1 << bits) - 1, f32),
+                np.zeros(1 << bits, f32), np.zeros(d * bits // 32, u32), np.zeros(1, f32))
+    elif which == "wht":
+        kern = tiled.wht_kernel(d, half, half)
+        a = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
+        args = (a, a)
+    else:
+        m = 1 if which == "one" else 8
+        kern = (tiled_scores.one_query_kernel(d, bits) if m == 1
+                else tiled_scores.group_kernel(d, bits))
+        args = (np.zeros((1, m, d), f32), np.zeros(1, i64), np.zeros(d * bits // 32, u32),
+                np.zeros((1, 4), f32), np.zeros(1, i64), np.zeros(1 << bits, f32),
+                np.zeros((1, m, 4), f32))
+    return kern, args
+
+
+def sass(kern, args):
+    """(registers, SASS text) of ``kern`` for ``args`` on sm_90."""
+    from numba import cuda
+
+    from rotorq.cuda._jit import kernel_signature
+    ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0),
+                              launch_bounds=kern.launch_bounds)
+    ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([_tool("ptxas"), "-arch=sm_90", "-v", src, "-o", obj],
+                             capture_output=True, text=True, check=True)
+        regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
+        text = subprocess.run([_tool("cuobjdump"), "-sass", obj], capture_output=True,
+                              text=True, check=True).stdout
+    return regs, text
+
+
+def loop_body(text):
+    """Instructions ``(address, opcode)`` of the largest backward-branch loop."""
+    ins = []
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    best = []
+    for i, (addr, op, rest) in enumerate(ins):
+        t = re.search(r"0x([0-9a-f]+)", rest)
+        if op.startswith("BRA") and t and int(t.group(1), 16) < addr:
+            body = [x for x in ins if int(t.group(1), 16) <= x[0] <= addr]
+            if len(body) > len(best):
+                best = body
+    return [(a, op) for a, op, _ in best]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kernel", choices=["quantize", "wht", "one", "group"])
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")
+    ap.add_argument("--dump", help="write the SASS here")
+    a = ap.parse_args(argv)
+    kern, args = _kernel(a.kernel, a.d, a.bits, not a.fp32)
+    regs, text = sass(kern, args)
+    if a.dump:
+        with open(a.dump, "w") as f:
+            f.write(text)
+    body = loop_body(text)
+    fam = collections.Counter(op.split(".")[0] for _, op in body)
+    print(f"{a.kernel} d={a.d} bits={a.bits}: {regs} registers, loop body {len(body)} "
+          f"instructions")
+    print("  " + ", ".join(f"{k} {v}" for k, v in fam.most_common()))
+
+
+if __name__ == "__main__":
+    main()
