@@ -84,7 +84,7 @@ def loop_body(text):
         if m:
             ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
     best = []
-    for i, (addr, op, rest) in enumerate(ins):
+    for addr, op, rest in ins:
         t = re.search(r"0x([0-9a-f]+)", rest)
         if op.startswith("BRA") and t and int(t.group(1), 16) < addr:
             body = [x for x in ins if int(t.group(1), 16) <= x[0] <= addr]

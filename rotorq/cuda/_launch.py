@@ -12,15 +12,16 @@ Numba's kernel ABI flattens a C-contiguous array argument into
 as int64 or float64. :func:`_compile` checks the PTX parameter list against that layout.
 """
 
+import array
 import hashlib
 import os
 import re
+import struct
 import sys
 import threading
 import warnings
 
 import cupy as cp
-import numpy as np
 from cupy.cuda import driver
 from numba import cuda, types
 
@@ -42,27 +43,32 @@ _streams: dict = {}
 _lock = threading.Lock()
 
 
-def current_stream(device_id):
-    """The stream to issue work on: cupy's current stream, unless it is the legacy default
-    stream while torch has made another stream current on that device — then torch's."""
-    stream = cp.cuda.get_current_stream()
-    if stream.ptr == 0:
-        torch = sys.modules.get("torch")
-        if torch is not None and torch.cuda.is_initialized():
-            ptr = torch.cuda.current_stream(device_id).cuda_stream
-            if ptr:
-                key = (device_id, ptr)
-                if key not in _streams:
-                    with warnings.catch_warnings():  # cupy 14 deprecates it; still the
-                        warnings.simplefilter("ignore", DeprecationWarning)  # plain wrapper
-                        _streams[key] = cp.cuda.ExternalStream(ptr, device_id)
-                return _streams[key]
+def torch_stream(device_id):
+    """Torch's current stream on ``device_id`` as a cupy stream, when work must go there:
+    cupy's current stream is the legacy default stream and torch (imported and initialized)
+    has made another stream current. Else None (cupy's current stream is the one)."""
+    if cp.cuda.get_current_stream().ptr != 0:
+        return None
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # no Stream object per call
+    ptr = raw(device_id) if raw is not None else torch.cuda.current_stream(device_id).cuda_stream
+    if not ptr:
+        return None
+    key = (device_id, ptr)
+    stream = _streams.get(key)
+    if stream is None:
+        with warnings.catch_warnings():  # cupy 14 deprecates it; still the plain wrapper
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = _streams[key] = cp.cuda.ExternalStream(ptr, device_id)
     return stream
 
 
-def _type_key(args):
-    return tuple((a.dtype.char, a.ndim) if type(a) is cp.ndarray else isinstance(a, float)
-                 for a in args)
+def current_stream(device_id):
+    """The stream to issue work on: cupy's current stream, unless it is the legacy default
+    stream while torch has made another stream current on that device — then torch's."""
+    return torch_stream(device_id) or cp.cuda.get_current_stream()
 
 
 _SOURCES = None
@@ -149,24 +155,31 @@ def _compile(kern, args, device_id):
         return module, driver.moduleGetFunction(module, entry.group(1))
 
 
+_F64, _I64 = struct.Struct("<d"), struct.Struct("<q")
+
+
 def _pack(args):
-    """Parameter buffer followed by its size and the driver's ``extra`` list (int64)."""
-    vals = []
+    """One pass over ``args``: their type key (which compiled function), the parameter
+    buffer followed by its size and the driver's ``extra`` list (int64), and ``extra``'s
+    address."""
+    vals, key = [], []
     for a in args:
         if type(a) is cp.ndarray:
-            vals += (0, 0, a.size, a.itemsize, a.data.ptr)
-            vals += a.shape
-            vals += a.strides
+            vals += (0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides)
+            key.append((a.dtype.char, a.ndim))
         elif isinstance(a, float):
-            vals.append(int(np.float64(a).view(np.int64)))
+            vals.append(_I64.unpack(_F64.pack(a))[0])
+            key.append(True)
         else:
             vals.append(int(a))
+            key.append(False)
     k = len(vals)
-    mem = np.empty(k + 6, np.int64)
-    mem[:k] = vals
-    base = mem.ctypes.data
-    mem[k:] = (8 * k, _PARAM_BUFFER_POINTER, base, _PARAM_BUFFER_SIZE, base + 8 * k, _PARAM_END)
-    return mem, base + 8 * (k + 1)
+    vals += (8 * k, _PARAM_BUFFER_POINTER, 0, _PARAM_BUFFER_SIZE, 0, _PARAM_END)
+    mem = array.array("q", vals)
+    base = mem.buffer_info()[0]
+    mem[k + 2] = base
+    mem[k + 4] = base + 8 * k
+    return tuple(key), mem, base + 8 * (k + 1)
 
 
 def launch(kern, grid, block, shared, args):
@@ -193,15 +206,15 @@ def launch(kern, grid, block, shared, args):
         kern[grid, block, _streams[ptr], shared](
             *(int(a) if type(a) is bool else a for a in args))
         return
+    types_, _keepalive, extra = _pack(args)  # the buffer lives until the driver copied it
     device_id = cp.cuda.runtime.getDevice()
-    key = (kern, device_id, _type_key(args))
+    key = (kern, device_id, types_)
     fn = _functions.get(key)
     if fn is None:
         with _lock:
             if key not in _functions:
                 _functions[key] = _compile(kern, args, device_id)
         fn = _functions[key]
-    _keepalive, extra = _pack(args)  # the parameter buffer, alive until the driver copied it
     driver.launchKernel(fn[1], grid[0], grid[1], grid[2], block[0], block[1], 1, shared,
                         stream.ptr, 0, extra)
 

@@ -26,7 +26,7 @@ from . import rotor as _rotor
 from . import scores as _sc
 from . import tiled as _tiled
 from . import wht as _wht
-from ._launch import SHARED_LIMIT, current_stream, launch
+from ._launch import SHARED_LIMIT, current_stream, launch, torch_stream
 from ._threads import MAX_QUERIES, row_scratch_bytes
 
 xp = cp
@@ -74,8 +74,14 @@ def _on_device(fn):
     """Run a backend function on its first argument's device and the caller's stream."""
     @functools.wraps(fn)
     def run(first, *args, **kwargs):
-        device = first.device
-        with device, current_stream(device.id):
+        device_id = first.device.id
+        if device_id != cp.cuda.runtime.getDevice():
+            with cp.cuda.Device(device_id), current_stream(device_id):
+                return fn(first, *args, **kwargs)
+        stream = torch_stream(device_id)
+        if stream is None:  # the common case: no context to enter
+            return fn(first, *args, **kwargs)
+        with stream:
             return fn(first, *args, **kwargs)
     return run
 
@@ -88,11 +94,12 @@ def _empty(shape, dtype):
 def _rows(x):
     if x.dtype not in _FLOATS:
         x = x.astype(cp.float32)
-    return cp.ascontiguousarray(x)
+    return _c(x)
 
 
 def _c(a):
-    return cp.ascontiguousarray(a)
+    """``a`` C-contiguous (itself when it is: a flag test costs less than the cupy call)."""
+    return a if a.flags.c_contiguous else cp.ascontiguousarray(a)
 
 
 def _pow2(n):
