@@ -38,7 +38,15 @@ launch_mod = importlib.import_module("rotorq.cuda._launch")
 wht_mod = importlib.import_module("rotorq.cuda.wht")
 
 D, BITS = 128, 3
-L2_BYTES = 50 << 20
+L2_FALLBACK = 50 << 20
+
+
+def l2_bytes():
+    """The current device's L2 size (H100 50 MB, H200 60 MB); 50 MB without a device."""
+    try:
+        return int(cp.cuda.Device().attributes["L2CacheSize"])
+    except Exception:  # e.g. --precompile-only on a machine without a GPU
+        return L2_FALLBACK
 
 
 def device_time(fn, bufs, reps, trials=5):
@@ -73,7 +81,7 @@ def host_time(fn, reps=2000):
 
 def buffers(make, nbytes):
     """Enough independent inputs that cycling through them streams from HBM, not L2."""
-    return [make() for _ in range(max(1, min(32, -(-2 * L2_BYTES // max(nbytes, 1)))))]
+    return [make() for _ in range(max(1, min(32, -(-2 * l2_bytes() // max(nbytes, 1)))))]
 
 
 def code_buffers(xs, tq, bits):
@@ -88,7 +96,7 @@ def code_buffers(xs, tq, bits):
         one.append((c.reshape(1, x.shape[0], -1), nr.reshape(1, x.shape[0])))
     nbytes = one[0][0].nbytes + one[0][1].nbytes
     keys = list(one)
-    while len(keys) < max(2, -(-2 * L2_BYTES // nbytes)):
+    while len(keys) < max(2, -(-2 * l2_bytes() // nbytes)):
         c, nr = one[len(keys) % len(one)]
         keys.append((c.copy(), nr.copy()))
     return keys
