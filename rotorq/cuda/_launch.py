@@ -165,8 +165,9 @@ def _pack(args):
     vals, key = [], []
     for a in args:
         if type(a) is cp.ndarray:
-            vals += (0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides)
-            key.append((a.dtype.char, a.ndim))
+            shape = a.shape
+            vals += (0, 0, a.size, a.itemsize, a.data.ptr, *shape, *a.strides)
+            key.append((a.dtype, len(shape)))
         elif isinstance(a, float):
             vals.append(_I64.unpack(_F64.pack(a))[0])
             key.append(True)
