@@ -1,6 +1,7 @@
 """Host overhead per call on the GPU, split into its pieces.
 
-Times (median wall µs per call over 5 × ``reps`` synchronized calls) of the backend and
+Times (the least of 7 averages over ``reps`` synchronized calls: on a shared virtual
+machine, noise only ever adds time, and it moved medians by up to 50% between runs) of the backend and
 public calls at tiny sizes (1 query × 1024 keys, 1024 × 128 fp16 rows) and of the pieces a
 backend call is made of: argument packing, the bare driver launch, output allocation,
 device and stream lookups — once with torch not initialized and once with it (then the
@@ -14,7 +15,6 @@ Writes ``DIR/overhead_<label>.json`` and prints a table.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -29,18 +29,18 @@ from rotorq.cuda import api
 D, BITS, N = 128, 3, 1024
 
 
-def host_us(fn, reps=2000):
-    """Median wall µs per call (5 repetitions of ``reps`` calls, synchronized after each)."""
+def host_us(fn, reps=1000):
+    """Wall µs per call: the least of 7 averages over ``reps`` calls, synchronized after each."""
     fn()
     cp.cuda.runtime.deviceSynchronize()
     times = []
-    for _ in range(5):
+    for _ in range(7):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
         cp.cuda.runtime.deviceSynchronize()
         times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times) * 1e6
+    return min(times) * 1e6
 
 
 def measure(torch_init):

@@ -92,11 +92,64 @@ def shapes_section(folder: Path) -> str:
             f"Run header: {title.lstrip('# ').strip()}\n\n" + body.strip() + "\n")
 
 
+def _overhead_table(folder: Path):
+    """Rows ``[piece, old (torch off), new (torch off), old (torch on), new (torch on)]`` from
+    ``overhead_old.json`` / ``overhead_new.json`` of :mod:`benchmarks.gpu_overhead`."""
+    runs = {}
+    for label in ("old", "new"):
+        f = folder / f"overhead_{label}.json"
+        if f.is_file():
+            runs[label] = json.loads(f.read_text(encoding="utf-8"))["results"]
+    if len(runs) < 2:
+        return None
+    off, on = "torch not initialized", "torch initialized"
+    rows = []
+    for name in runs["new"][on]:
+        cells = [name]
+        for mode in (off, on):
+            for label in ("old", "new"):
+                v = runs[label][mode].get(name)
+                cells.append("—" if v is None else f"{v:.1f}")
+        rows.append(cells)
+    return rows
+
+
+def card_section(folder: Path, card: str) -> str:
+    """The kernel benchmark (and host-overhead pieces, when present) of one run on another
+    card, with the ratios to the baselines of the same run."""
+    md = (folder / "gpu_bench.md").read_text(encoding="utf-8")
+    times = {(c[0], c[1]): float(c[2]) for c in _rows(md)}
+    ratios = []
+    for op, base in (("scores 3-bit, 1 query", "torch fp16 q@K.T, 1 query"),
+                     ("scores 3-bit, 8 queries", "torch fp16 q@K.T, 8 queries"),
+                     ("quantize hadamard fp16", "torch quantize (matmul+bucketize)")):
+        if (op, "2^20") in times and (base, "2^20") in times:
+            ratios.append([op, f"{times[(op, '2^20')]:.1f}", base,
+                           f"{times[(base, '2^20')]:.1f}",
+                           f"{times[(base, '2^20')] / times[(op, '2^20')]:.2f}×"])
+    head = md.split("\n|", 1)[0].strip().lstrip("# ")
+    parts = [f"## GPU kernels on an {card}: the same benchmark on another card", "",
+             f"Run: `python3 benchmarks/gpu_bench.py` — {head}", "",
+             "Against the baselines of the same run, N = 2^20:", "",
+             markdown_table(["op", "µs", "baseline", "baseline µs", "speed-up"], ratios), "",
+             "Full table:", "", md.split("\n", 1)[1].split("\n\n", 1)[1].strip()]
+    over = _overhead_table(folder)
+    if over:
+        parts += ["", f"Host time per call on the {card} machine's host, before "
+                  "(`overhead_old`) and after (`overhead_new`) the launch-path changes, "
+                  "same run (`python3 benchmarks/gpu_overhead.py`, µs, least of 7 averages):",
+                  "", markdown_table(["call or piece", "old, torch off", "new, torch off",
+                                      "old, torch on", "new, torch on"], over)]
+    return "\n".join(parts) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kernels", type=Path, help="folder with gpu_bench.md / parity.json")
     parser.add_argument("--attention", type=Path, help="folder with gpu_kv_bench.md")
     parser.add_argument("--shapes", type=Path, help="folder with gpu_shapes.md")
+    parser.add_argument("--other-card", nargs=2, metavar=("DIR", "CARD"),
+                        help="folder with gpu_bench.md (+ overhead_*.json) of a run on CARD")
     args = parser.parse_args(argv)
     sections = {}
     if args.kernels:
@@ -105,6 +158,9 @@ def main(argv=None):
         sections["gpu:attention"] = attention_section(args.attention)
     if args.shapes:
         sections["gpu:shapes"] = shapes_section(args.shapes)
+    if args.other_card:
+        folder, card = args.other_card
+        sections[f"gpu:{card.split()[-1].lower()}"] = card_section(Path(folder), card)
     print(write_sections(sections))
 
 

@@ -203,14 +203,14 @@ class _Gen:
         """
         tile_words = self.R * self.w_in
         self.loads = -(-tile_words // self.T)
-        self.add(4, "tid = U64(cuda.threadIdx.x)",
+        self.add(4, "tid = U64(U32(cuda.threadIdx.x))",
                  f"r = tid % U64({self.R})",
                  f"p = tid // U64({self.R})",
                  f"rf = r * U64({self.S})",
                  "total = U64(x.shape[0])",
                  f"n_tiles = (total + U64({tile_words - 1})) // U64({tile_words})",
-                 "tile = U64(cuda.blockIdx.x)",
-                 "grid = U64(cuda.gridDim.x)")
+                 "tile = U64(U32(cuda.blockIdx.x))",
+                 "grid = U64(U32(cuda.gridDim.x))")
         if self.half_in:
             self.add(4, f"rw = r * U64({self.SW})")
         self._fetch(4, "tile")
@@ -578,11 +578,15 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     for w in range(nw):
         gen.add(8, f"o{w} = U32(0)")
     for k in range(E):
-        pos = k * bits
-        w, s = pos >> 5, pos & 31
-        gen.add(8, f"o{w} |= U32(c{k} << U32({s}))" if s else f"o{w} |= c{k}")
-        if s + bits > 32:
-            gen.add(8, f"o{w + 1} |= U32(c{k} >> U32({32 - s}))")
+        for lv in range(bits):
+            pos = k * bits + lv
+            w, s = pos >> 5, pos & 31
+            if in_regs:  # each decided bit straight into its word: a select of 1 << s
+                gen.add(8, f"o{w} |= (U32({1 << s}) if c{k}_{lv} else U32(0))")
+            elif lv == 0:
+                gen.add(8, f"o{w} |= U32(c{k} << U32({s}))" if s else f"o{w} |= c{k}")
+                if s + bits > 32:
+                    gen.add(8, f"o{w + 1} |= U32(c{k} >> U32({32 - s}))")
     gen.add(8, f"hb = r * U64({SC}) + U64({bits}) * p")
     for h in range(bits):
         gen.add(8, f"cst[hb + U64({h})] = np.uint16((o{h >> 1} >> U32({16 * (h & 1)})) & U32(65535))")
