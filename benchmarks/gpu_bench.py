@@ -11,8 +11,12 @@ for 1 query, tensor cores for 8) and, marked "(fast.py, untiled)", with
 ``rotorq.cuda.fast``. Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
 quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
 back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
-trials, inputs rotated among buffers that together exceed L2. Effective TB/s = bytes the
-operation must move / time. Also measures host overhead per call at small N.
+trials, inputs rotated among buffers that together exceed L2. Rows marked "(kernel)" time
+the same calls' kernels alone: each call's launches are recorded once and replayed with their
+prepared arguments (``kernel_time``), because a backend call's host work (30–60 µs on the
+GPU machines' hosts) exceeds some kernels' time, and back-to-back calls then measure the host.
+Effective TB/s = bytes the operation must move / time. Also measures host overhead per call at
+small N.
 
 Usage: ``python benchmarks/gpu_bench.py [--out DIR] [--max-log2n 22]``; writes
 ``gpu_bench.json`` and ``gpu_bench.md`` to DIR (default ``$OUT`` or ``.``).
@@ -30,6 +34,7 @@ import time
 import cupy as cp
 import numpy as np
 import torch
+from cupy.cuda import driver
 
 import rotorq
 
@@ -39,6 +44,7 @@ wht_mod = importlib.import_module("rotorq.cuda.wht")
 
 D, BITS = 128, 3
 L2_FALLBACK = 50 << 20
+KERNEL_NOTE = "kernels replayed: no host work"
 
 
 def l2_bytes():
@@ -59,6 +65,42 @@ def device_time(fn, bufs, reps, trials=5):
         start.record()
         for i in range(reps):
             fn(bufs[i % len(bufs)])
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def kernel_time(fn, bufs, reps, trials=5):
+    """Median seconds per call of the kernels that ``fn(buf)`` launches, cycling over
+    ``bufs``: each call's launches are recorded once (``rotorq.cuda._launch.RECORDER``) and
+    replayed with their prepared parameter buffers, so the time is the GPU's, not the host's
+    (a backend call costs 30–60 µs of host time, more than some kernels at N = 2^20)."""
+    launch_mod.RECORDER = rec = []
+    calls = []
+    try:
+        for b in bufs:
+            first = len(rec)
+            out = fn(b)
+            calls.append((rec[first:], out))  # keep the outputs the launches write alive
+    finally:
+        launch_mod.RECORDER = None
+    stream = cp.cuda.get_current_stream()
+    if any(r[4] != stream.ptr for c in calls for r in c[0]):
+        raise RuntimeError("recorded launches ran on another stream")
+
+    def replay(i):
+        for f, g, blk, sh, st, _, ex in calls[i % len(calls)][0]:
+            driver.launchKernel(f, g[0], g[1], g[2], blk[0], blk[1], 1, sh, st, 0, ex)
+
+    for i in range(3):
+        replay(i)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(trials):
+        start.record()
+        for i in range(reps):
+            replay(i)
         stop.record()
         stop.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
@@ -113,10 +155,15 @@ def bench_size(n, rng, tqs, add):
         kk = t._consts(cp)
         for tiled in (True, False) if name == "hadamard" else (api.TILED,):
             api.TILED = tiled
-            secs = device_time(lambda x, t=t, kk=kk: api.quantize(
-                x, t.rotation, kk["boundaries"], kk["centroids"], BITS, False, None), xs, reps)
+            def call(x, t=t, kk=kk):
+                return api.quantize(x, t.rotation, kk["boundaries"], kk["centroids"], BITS,
+                                    False, None)
+            secs = device_time(call, xs, reps)
             add(f"quantize {name} fp16{'' if tiled else ' (row per thread)'}", n, secs,
                 n * (2 * D + D * BITS // 8 + 2))
+            if tiled and name != "dense":
+                add(f"quantize {name} fp16 (kernel)", n, kernel_time(call, xs, reps),
+                    n * (2 * D + D * BITS // 8 + 2), KERNEL_NOTE)
         api.TILED = True
     pi = torch.as_tensor(tqs["dense"].rotation.q, dtype=torch.float32, device="cuda")
     bnd = torch.as_tensor(tq.boundaries, device="cuda")
@@ -132,6 +179,9 @@ def bench_size(n, rng, tqs, add):
         "baseline: uint8 codes")
     secs = device_time(lambda x: x.copy(), xs, reps)
     add("cupy x.copy() fp16", n, secs, n * 4 * D, "baseline: cupy's copy kernel")
+    dst = cp.empty_like(xs[0])
+    secs = device_time(lambda x: cp.copyto(dst, x), xs, reps)
+    add("cupy copyto (preallocated) fp16", n, secs, n * 4 * D, "bandwidth reference")
     # scores
     keys = code_buffers(xs, tq, BITS)
     zero = cp.zeros(1, cp.int64)
@@ -141,13 +191,17 @@ def bench_size(n, rng, tqs, add):
                           tq.rotation).reshape(1, heads, D)
         for tiled in (True, False):
             api.TILED_SCORES = tiled
-            secs = device_time(lambda kn, qrot=qrot: api.scores(
-                qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], BITS, 0.0),
-                keys, reps)
+            def call(kn, qrot=qrot):
+                return api.scores(qrot, None, zero, kn[0], kn[1], None, None, zero,
+                                  k["centroids"], BITS, 0.0)
+            secs = device_time(call, keys, reps)
             add(f"scores 3-bit, {label}{'' if tiled else ' (fast.py, untiled)'}", n, secs,
                 n * (D * BITS // 8 + 4 + 4 * heads),
                 ("tiled_scores: " + ("float32 pair table" if heads == 1 else "tensor cores"))
                 if tiled else "")
+            if tiled:
+                add(f"scores 3-bit, {label} (kernel)", n, kernel_time(call, keys, reps),
+                    n * (D * BITS // 8 + 4 + 4 * heads), KERNEL_NOTE)
         api.TILED_SCORES = True
         q16 = torch.as_tensor(rng.standard_normal((heads, D)), dtype=torch.float16,
                               device="cuda")
@@ -159,6 +213,9 @@ def bench_size(n, rng, tqs, add):
         tag = "" if tiled else " (row per thread)"
         secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
         add(f"WHT-128 fp16 -> fp16{tag}", n, secs, n * 4 * D)
+        if tiled:
+            add("WHT-128 fp16 -> fp16 (kernel)", n,
+                kernel_time(lambda x: api.wht(x, cp.float16), xs, reps), n * 4 * D, KERNEL_NOTE)
         secs = device_time(api.wht, xs, reps)
         add(f"WHT-128 fp16 -> fp32 (rotorq.wht){tag}", n, secs, n * 6 * D)
     api.TILED = True

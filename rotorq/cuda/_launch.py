@@ -38,6 +38,11 @@ _ENTRY = re.compile(r"\.entry\s+([\w$]+)\s*\(([^)]*)\)", re.S)
 _PARAM = re.compile(r"\.param\s+\.(\w+)\s")
 _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
 
+RECORDER = None
+"""None, or a list to which every launch through the PTX route is also appended as
+``(function, grid, block, shared, stream pointer, parameter buffer, extra pointer)``:
+``benchmarks/gpu_bench.py`` replays these to time kernels without the host work of a call."""
+
 _functions: dict = {}
 _streams: dict = {}
 _lock = threading.Lock()
@@ -218,6 +223,8 @@ def launch(kern, grid, block, shared, args):
         fn = _functions[key]
     driver.launchKernel(fn[1], grid[0], grid[1], grid[2], block[0], block[1], 1, shared,
                         stream.ptr, 0, extra)
+    if RECORDER is not None:
+        RECORDER.append((fn[1], grid, block, shared, stream.ptr, _keepalive, extra))
 
 
 def registers():
