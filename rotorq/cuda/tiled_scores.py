@@ -145,6 +145,7 @@ def one_query_kernel(big_d, bits, threads=THREADS):
          f"    tab = cuda.shared.array(({groups}, {1 << gb}), numba.float32)",
          f"    ct = cuda.shared.array({threads * S}, numba.uint32)",
          f"    cs = cuda.shared.array({levels}, numba.float32)",
+         f"    qs = cuda.shared.array({big_d}, numba.float32)",
          "    tid = cuda.threadIdx.x",
          "    n_b = out.shape[0]",
          "    n_keys = out.shape[2]",
@@ -159,12 +160,18 @@ def one_query_kernel(big_d, bits, threads=THREADS):
          "        qb = qmap[b]",
          "        kb = kmap[b]",
          "        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
+         # the query row in shared memory first: the table loop then waits on no global load
+         "        t = tid",
+         f"        while t < {big_d}:",
+         "            qs[t] = qrot[qb, 0, t]",
+         f"            t += {threads}",
+         "        cuda.syncthreads()",
          "        e = tid",
          f"        while e < {size}:",
          f"            p = e >> {gb}",
-         f"            v = qrot[qb, 0, {G} * p] * cs[e & {levels - 1}]"]
+         f"            v = qs[{G} * p] * cs[e & {levels - 1}]"]
     for j in range(1, G):
-        L.append(f"            v += qrot[qb, 0, {G} * p + {j}] * cs[(e >> {j * bits}) & {levels - 1}]")
+        L.append(f"            v += qs[{G} * p + {j}] * cs[(e >> {j * bits}) & {levels - 1}]")
     L += [f"            tab[p, e & {(1 << gb) - 1}] = v",
           f"            e += {threads}",
           "        tile = cuda.blockIdx.x"]
@@ -242,7 +249,9 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
     L = ["def score_group_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
          f"    tabk = cuda.shared.array({l2}, numba.uint32)",
          f"    ct = cuda.shared.array({keys * S}, numba.uint32)",
-         f"    qm = cuda.shared.array({MAX_ROWS}, numba.float32)"]
+         f"    qm = cuda.shared.array({MAX_ROWS}, numba.float32)",
+         f"    qsh = cuda.shared.array(({MAX_ROWS}, {big_d}), numba.float32)",
+         f"    part = cuda.shared.array(({MAX_ROWS}, 16), numba.float32)"]
     if sim:
         L += [f"    sa = cuda.shared.array({threads * 4}, numba.uint32)",
               f"    sb = cuda.shared.array({threads * 2}, numba.uint32)"]
@@ -266,16 +275,33 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
           "        qb = qmap[b]",
           "        kb = kmap[b]",
           "        cuda.syncthreads()",
+          # the chunk's query rows in shared memory (coalesced, zeros past count), then
+          # max|q| per row in 16 partial maxima: no serial chain of global loads per launch
+          "        e = tid",
+          f"        while e < {MAX_ROWS * big_d}:",
+          f"            r = e // {big_d}",
+          f"            k = e % {big_d}",
+          "            qsh[r, k] = qrot[qb, first + r, k] if r < count else np.float32(0.0)",
+          f"            e += {threads}",
+          "        cuda.syncthreads()",
+          "        e = tid",
+          f"        while e < {MAX_ROWS * 16}:",
+          "            r = e >> 4",
+          "            m = np.float32(0.0)",
+          f"            for k in range(e & 15, {big_d}, 16):",
+          "                m = max(m, abs(qsh[r, k]))",
+          "            part[r, e & 15] = m",
+          f"            e += {threads}",
+          "        cuda.syncthreads()",
           f"        if tid < {MAX_ROWS}:",
           "            m = np.float32(0.0)",
-          "            if tid < count:",
-          f"                for k in range({big_d}):",
-          "                    m = max(m, abs(qrot[qb, first + tid, k]))",
+          "            for k in range(16):",
+          "                m = max(m, part[tid, k])",
           "            qm[tid] = m",
           "        cuda.syncthreads()",
           "        mg = qm[g]",
           "        sg = np.float32(1.0) / mg if mg > np.float32(0.0) else np.float32(0.0)",
-          "        qr = first + min(g, count - 1)",
+          "        qr = min(g, count - 1)",
           f"        qo = t * {big_d // 4}",
           "        ma = qm[2 * t]",
           "        mb = qm[2 * t + 1]",
@@ -284,8 +310,8 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
     for c in range(chunks):
         for h in range(2):
             o = 4 * c + 2 * h
-            L.append(f"        qb{c}_{h} = half_bits(sg * qrot[qb, qr, qo + {o}]) | "
-                     f"(half_bits(sg * qrot[qb, qr, qo + {o + 1}]) << U32(16))")
+            L.append(f"        qb{c}_{h} = half_bits(sg * qsh[qr, qo + {o}]) | "
+                     f"(half_bits(sg * qsh[qr, qo + {o + 1}]) << U32(16))")
     L += ["        tile = cuda.blockIdx.x"]
     L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
     L += fetch("        ", "tile")
