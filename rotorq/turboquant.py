@@ -64,7 +64,10 @@ class TurboQuant:
     norm_correction : bool
         Store ``‖x‖/‖c[idx]‖`` so reconstructions keep the input's length.
     norm_dtype : {"float16", "float32"}
-        Storage of norms; float16 overflow above 65504 raises.
+        Storage of norms; float16 overflow above 65504 raises. float16 keeps a relative
+        precision of 2^-11 from 6.1e-5 up; smaller norms are float16 subnormals with an
+        absolute precision of 6e-8 (under 3e-8 they store as 0): use ``"float32"`` for
+        vectors of such tiny length.
 
     Examples
     --------
