@@ -146,6 +146,11 @@ def card_section(folder: Path, card: str) -> str:
              "H100's). Speed-ups against torch in the same run:",
              "", markdown_table(SUMMARY_HEAD, _summary(times, scale)), "",
              "Full table:", "", md.split("\n", 1)[1].split("\n\n", 1)[1].strip()]
+    kv = folder / "gpu_kv_bench.md"
+    if kv.is_file():
+        parts += ["", f"Decode attention on the {card} (`python3 benchmarks/gpu_kv_bench.py`, "
+                  "32 query / 4 KV heads, d = 128, 3-bit K and V, against torch fp16 SDPA in "
+                  "the same run):", "", kv.read_text(encoding="utf-8").split("\n", 1)[1].strip()]
     over = _overhead_table(folder)
     if over:
         parts += ["", f"Host time per call on the {card} machine's host, before "
