@@ -14,10 +14,16 @@ Each iteration of its grid-stride loop over tiles:
 3. writes the results into a shared output tile, which the block stores with the same
    coalesced word pattern.
 
-Rows are spread over consecutive threads (``r = tid % R``, ``p = tid // R``) and shared rows
-are padded (a word after every ``2^sh`` words, and a row stride, both picked by
-:func:`_pick_layout` from a bank model of the accesses): for D = 128 every warp access to
-shared memory is one wavefront.
+In :func:`wht_kernel` rows are spread over consecutive threads (``r = tid % R``,
+``p = tid // R``) and shared rows are padded (a word after every ``2^sh`` words, and a row
+stride, both picked by :func:`_pick_layout` from a bank model of the accesses): for D = 128
+every warp access to shared memory is one wavefront. :func:`quantize_kernel` (when ``R`` is a
+multiple of 8 and ``P`` of 4) gives each warp 8 rows × 4 parts instead and keeps rows unpadded,
+their stride 4 words past a multiple of 32 (float tile) or of 8 (fp16 word tile,
+:func:`_vec_strides`): a thread's 16 consecutive coordinates are 16-byte aligned, so the first
+phase's fp16 reads and float writes and the decision's reads are 128-bit accesses, and its last
+WHT phase takes the groups ``2q, 2q + 1`` (adjacent coordinates: 64-bit reads and writes);
+every such warp access still costs the minimum, one wavefront per 128 bytes.
 
 Every butterfly pairs the same two coordinates, in the same stage order, as
 :func:`rotorq.cpu.wht.fwht_row`, and the scale by ``1/sqrt(D)`` is the CPU's, so
@@ -31,11 +37,16 @@ only when a coordinate lies within ~1e-16 of a boundary (the documented rounding
 
 Instruction count of :func:`quantize_kernel`: up to :data:`REG_BITS` bits the boundaries are
 loaded once into registers and each code is a register bisection (compares and selects, no
-shared-memory lookups); when ``threads`` is a multiple of the input words per row, a thread
-stages words of one column only, so its staging address is one hoisted base plus constants and
-the rotation's signs are applied there (an XOR of the fp16 sign bits, a multiply for fp32),
+shared-memory lookups) whose decided bits go straight into the packed words, one select of
+``1 << s`` per bit (without ``norm_correction``, which needs the code itself); the row's norm
+is stored as soon as it is known (with ``norm_correction``: after the correction), which frees
+its registers for the decision; when ``threads`` is a multiple of the input words per row, a
+thread stages words of one column only, so its staging address is one hoisted base plus
+constants and the rotation's signs are applied there (an XOR of the fp16 sign bits, a multiply for fp32),
 which equals the CPU's ``float32(float64(x)·inv_n)·sign`` because rounding is sign-symmetric;
-and every tile but the last is prefetched without bound checks.
+and every tile but the last is prefetched without bound checks (the last one: a thread's
+first ``nl`` loads, one 32-bit compare each). Thread and tile indices are zero-extended 32-bit
+values, so most of the uint64 index arithmetic compiles to 32-bit instructions.
 
 Compared with :mod:`rotorq.cuda.fast` (one row per thread: 256-byte strided loads, 255
 registers), a thread here holds 16 coordinates, and global memory sees only full lines.
@@ -45,7 +56,8 @@ import math
 
 import numpy as np
 
-from .fast import _build, _decide_lines
+from ._jit import SIMULATOR
+from .fast import _build
 
 E = 16
 """Coordinates per thread in every phase (a phase is at most log2(E) butterfly stages)."""
@@ -56,7 +68,8 @@ THREADS = 256
 REG_BITS = 3
 """Up to this many bits the quantize kernel keeps its ``2^bits − 1`` decision boundaries in
 registers and counts the boundaries ``<= y`` with branch-free compares; above (15 boundaries
-would not fit the register cap), a bisection over boundaries in shared memory."""
+would not fit the register cap), a bisection over boundaries in shared memory, stored in heap
+order (:func:`_heap_decide`)."""
 
 _kernels: dict = {}
 
@@ -86,8 +99,14 @@ def _addr(r, j, lay):
 
 
 def _off(k, sh):
-    """``_addr`` of element ``base + k`` minus that of ``base`` when their bits are disjoint."""
-    return k + (k >> sh)
+    """``_addr`` of element ``base + k`` minus that of ``base`` when their bits are disjoint
+    (``sh`` None: rows without pad words)."""
+    return k if sh is None else k + (k >> sh)
+
+
+def _padded(var, sh):
+    """Source of the word offset of element ``{var}`` of a row (pad words every ``2^sh``)."""
+    return var if sh is None else f"{var} + ({var} >> U64({sh}))"
 
 
 def _group_base(g, lo, hi):
@@ -181,12 +200,16 @@ def _pick_layout(width, cost):
 class _Gen:
     """Source lines of a tiled kernel: the loop skeleton shared by WHT and quantize."""
 
-    def __init__(self, big_d, threads, half_in, d):
+    def __init__(self, big_d, threads, half_in, d, vec=False):
         self.D, self.T, self.half_in, self.d = big_d, threads, half_in, d
         self.P = big_d // E
         if threads % self.P or threads < self.P:
             raise ValueError(f"threads ({threads}) must be a multiple of D/16 ({self.P})")
         self.R = threads // self.P
+        # thread → (row, part): lanes of A rows × B parts (vec), else rows over consecutive threads
+        # (powers of two: R = T / P is one when T is)
+        self.A, self.B = (8, 4) if vec and self.R % 8 == 0 and self.P % 4 == 0 and threads & (
+            threads - 1) == 0 else (self.R, 1)
         self.w_in = d // 2 if half_in else d  # input words per row
         self.S = None
         self.SW = None
@@ -203,10 +226,17 @@ class _Gen:
         """
         tile_words = self.R * self.w_in
         self.loads = -(-tile_words // self.T)
-        self.add(4, "tid = U64(U32(cuda.threadIdx.x))",
-                 f"r = tid % U64({self.R})",
-                 f"p = tid // U64({self.R})",
-                 f"rf = r * U64({self.S})",
+        self.add(4, "tid = U64(U32(cuda.threadIdx.x))")
+        A, B, R = self.A, self.B, self.R
+        if A == R:
+            self.add(4, f"r = tid % U64({R})", f"p = tid // U64({R})")
+        else:
+            la, lb = A.bit_length() - 1, B.bit_length() - 1
+            lab, lrb = (A * B).bit_length() - 1, (R * B).bit_length() - 1
+            self.add(4, f"r = (tid & U64({A - 1})) | (((tid >> U64({lab})) & U64({R // A - 1}))"
+                        f" << U64({la}))",
+                     f"p = ((tid >> U64({la})) & U64({B - 1})) | ((tid >> U64({lrb})) << U64({lb}))")
+        self.add(4, f"rf = r * U64({self.S})",
                  "total = U64(x.shape[0])",
                  f"n_tiles = (total + U64({tile_words - 1})) // U64({tile_words})",
                  "tile = U64(U32(cuda.blockIdx.x))",
@@ -227,10 +257,13 @@ class _Gen:
                 self.add(ind + 4, f"a{i} = x[{gi}] if tid + U64({i * self.T}) < U64({tw}) else {zero}")
             else:
                 self.add(ind + 4, f"a{i} = x[{gi}]")
+        # the last tile: fewer than tw words left, this thread's first nl loads are inside x
         self.add(ind, "else:")
+        self.add(ind + 4, f"lim = U64(U32(total - {tile} * U64({tw})) if {tile} * U64({tw}) < total"
+                          " else U32(0))", f"nl = U32((lim + U64({self.T - 1}) - tid) // U64({self.T}))")
         for i in range(self.loads):
             gi = f"g + U64({i * self.T})" if i else "g"
-            self.add(ind + 4, f"a{i} = x[{gi}] if {gi} < total else {zero}")
+            self.add(ind + 4, f"a{i} = x[{gi}] if nl > U32({i}) else {zero}")
 
     def uniform_column(self):
         """Whether every staged word of a thread lies in one column (``T`` a multiple of the
@@ -247,20 +280,20 @@ class _Gen:
         tile_s, sw, shw = ("raw", self.SW, self.SHW) if self.half_in else ("ft", self.S, self.SH)
         if self.uniform_column():
             self.add(4, f"sc0 = tid % U64({w})",
-                     f"sa = (tid // U64({w})) * U64({sw}) + sc0 + (sc0 >> U64({shw}))")
+                     f"sa = (tid // U64({w})) * U64({sw}) + {_padded('sc0', shw)}")
         self.add(4, "while tile < n_tiles:")
         for i in range(self.loads):
             val = sign.format(a=f"a{i}") if sign else f"a{i}"
             guard = (i + 1) * self.T > self.R * w
             ind = 8
             if guard:
-                self.add(8, f"if tid + U64({i * self.T}) < U64({self.R * w}):")
+                self.add(8, f"if tid < U64({self.R * w - i * self.T}):")
                 ind = 12
             if self.uniform_column():
                 self.add(ind, f"{tile_s}[sa + U64({i * self.T // w * sw})] = {val}")
                 continue
             self.add(ind, f"w = tid + U64({i * self.T})", f"rr = w // U64({w})", f"c = w % U64({w})",
-                     f"{tile_s}[rr * U64({sw}) + c + (c >> U64({shw}))] = {val}")
+                     f"{tile_s}[rr * U64({sw}) + {_padded('c', shw)}] = {val}")
         self.add(8, "cuda.syncthreads()", "nxt = tile + grid")
         self._fetch(8, "nxt")
 
@@ -268,9 +301,9 @@ class _Gen:
         """``{var}0 … {var}15`` (float32): this thread's 16 consecutive input coordinates (0
         past ``d``)."""
         pad = self.d < self.D
-        self.add(8, "q16 = U64(16) * p", f"fb = rf + q16 + (q16 >> U64({self.SH}))")
+        self.add(8, "q16 = U64(16) * p", f"fb = rf + {_padded('q16', self.SH)}")
         if self.half_in:
-            self.add(8, "q8 = U64(8) * p", f"wb = rw + q8 + (q8 >> U64({self.SHW}))")
+            self.add(8, "q8 = U64(8) * p", f"wb = rw + {_padded('q8', self.SHW)}")
             for k in range(E // 2):
                 src = f"raw[wb + U64({_off(k, self.SHW)})]"
                 if pad:
@@ -309,17 +342,21 @@ class _Gen:
                 g = f"(U64(2) * (p + U64({self.P * (i // 2)})) + U64({i & 1}))"
             else:
                 g = f"(p + U64({self.P * i}))"
-            self.add(8, f"gb{i} = ({g} & U64({(1 << lo) - 1})) | (({g} >> U64({lo})) << U64({hi}))",
-                     f"ab{i} = rf + gb{i} + (gb{i} >> U64({self.SH}))")
+            if paired and i & 1:  # the odd group of a pair: its even partner's coordinates + 1
+                self.add(8, f"gb{i} = gb{i - 1} + U64(1)", f"ab{i} = ab{i - 1} + U64(1)")
+            else:
+                self.add(8, f"gb{i} = ({g} & U64({(1 << lo) - 1})) | (({g} >> U64({lo})) << U64({hi}))",
+                         f"ab{i} = rf + {_padded(f'gb{i}', self.SH)}")
             out.append((f"ab{i}", [_off(k << lo, self.SH) for k in range(size)],
                         [f"y{i}_{k}" for k in range(size)], f"gb{i}"))
         return out
 
-    def run_phases(self, first_names, keep_last):
+    def run_phases(self, first_names, keep_last, pair_last=False):
         """All WHT phases after the first-phase butterflies on ``first_names``, scale included.
 
         Returns the last phase's groups (None: single phase, result in ``first_names``); with
-        ``keep_last`` false the last phase is written back to the float tile.
+        ``keep_last`` false the last phase is written back to the float tile (``pair_last``:
+        by groups ``2q, 2q + 1``, adjacent coordinates in one thread).
         """
         phases = _phases(self.D)
         self.butterflies(first_names)
@@ -332,7 +369,8 @@ class _Gen:
         groups = None
         for n, (lo, hi) in enumerate(phases[1:]):
             last = n == len(phases) - 2
-            groups = self.phase_groups(lo, hi, last and keep_last == "paired")
+            groups = self.phase_groups(lo, hi, last and (keep_last == "paired" or (
+                pair_last and E >> (hi - lo) >= 2)))
             for ab, offs, names, _ in groups:
                 for k, nm in enumerate(names):
                     self.add(8, f"{nm} = ft[{ab} + U64({offs[k]})]")
@@ -341,9 +379,11 @@ class _Gen:
                 self.scale([nm for g in groups for nm in g[2]])
                 if keep_last:
                     break
-            for ab, offs, names, _ in groups:
-                for k, nm in enumerate(names):
-                    self.add(8, f"ft[{ab} + U64({offs[k]})] = {nm}")
+            # coordinate by coordinate across groups: a pair's two stores are adjacent (one
+            # vector store when paired)
+            for k in range(len(groups[0][2])):
+                for ab, offs, names, _ in groups:
+                    self.add(8, f"ft[{ab} + U64({offs[k]})] = {names[k]}")
             self.add(8, "cuda.syncthreads()")
         return groups
 
@@ -353,6 +393,16 @@ def _strides(gen, half_out_paired):
     if gen.half_in:
         gen.SW, gen.SHW = _pick_layout(
             gen.D // 2, lambda lay: _cost(gen.D, gen.T, lay, False, gen.w_in, True))
+
+
+def _vec_strides(gen):
+    """Unpadded rows whose stride is 4 words past a multiple of 32 (float tile) or of 8 (fp16
+    word tile): a thread's 16 consecutive coordinates are 16-byte aligned (vector accesses),
+    and with lanes of 8 rows × 4 parts (:class:`_Gen` ``vec``) every warp access is one
+    wavefront per 128 bytes."""
+    gen.S, gen.SH = gen.D + (4 - gen.D) % 32, None
+    if gen.half_in:
+        gen.SW, gen.SHW = gen.w_in + (4 - gen.w_in) % 8, None
 
 
 def _finish(lines, rows, threads, blocks):
@@ -470,6 +520,30 @@ def _reg_decide(y, c, bits):
     return out
 
 
+def _heap_order(bits):
+    """Boundary index of each node ``j = 1 … 2^bits − 1`` of the bisection tree in heap order
+    (children ``2j, 2j + 1``): node ``2^depth + prefix`` is the boundary
+    ``prefix·2^(l+1) + 2^l − 1`` that level ``l = bits − 1 − depth`` compares with."""
+    out = []
+    for j in range(1, 1 << bits):
+        depth = j.bit_length() - 1
+        lv = bits - 1 - depth
+        out.append(((j - (1 << depth)) << (lv + 1)) + (1 << lv) - 1)
+    return tuple(out)
+
+
+def _heap_decide(y, c, bits):
+    """``{c}`` (uint32) = the number of boundaries ``<= {y}``, by the bisection of
+    :func:`_reg_decide` over boundaries in shared memory in heap order (``bs[j]``, node
+    ``j`` as :func:`_heap_order`): per level one load, one compare and ``j = 2j + (y >= bs[j])``
+    (no index arithmetic beyond that). NaN compares false at every level: code 0."""
+    out = [f"{c} = U32(2) | U32({y} >= bs[1])"]
+    for _ in range(bits - 1):
+        out.append(f"{c} = U32({c} + {c} + U32({y} >= bs[{c}]))")
+    out.append(f"{c} = {c} & U32({(1 << bits) - 1})")
+    return out
+
+
 def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
     """Whether :func:`quantize_kernel` handles this call."""
     if kind != "hadamard" or sketch_rows or not applies(big_d) or not 1 <= bits <= 4:
@@ -488,9 +562,10 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     key = ("quantize", d, big_d, bits, half, bool(norm_correction), word_out, threads)
     if key in _kernels:
         return _kernels[key]
-    gen = _Gen(big_d, threads, half, d)
-    _strides(gen, False)
+    gen = _Gen(big_d, threads, half, d, vec=True)
+    _vec_strides(gen)
     R, T, P = gen.R, threads, gen.P
+    PP = P + 2 if P % 2 == 0 and P >= 4 else P  # row stride of the float64 partials
     levels = 1 << bits
     halves = big_d * bits // 16  # uint16 per row of codes
     SC = halves + 2 if halves % 4 == 0 else halves  # an odd number of words per row
@@ -498,10 +573,11 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     w_out = nbytes // 4 if word_out else nbytes
     L = gen.L
     L.append("def quantize_tiled(x, signs, boundaries, centroids, codes, norms):")
+    al = "" if SIMULATOR else ", alignment=16"  # vector accesses; no alignment in cudasim
     if half:
-        gen.add(4, f"raw = cuda.shared.array({R * gen.SW}, numba.uint32)")
-    gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32)",
-            f"part = cuda.shared.array({R * P}, numba.float64)",
+        gen.add(4, f"raw = cuda.shared.array({R * gen.SW}, numba.uint32{al})")
+    gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32{al})",
+            f"part = cuda.shared.array({R * PP}, numba.float64)",
             f"cst = cuda.shared.array({R * SC}, numba.uint16)")
     in_regs = bits <= REG_BITS
     col_sign = gen.uniform_column()
@@ -510,12 +586,12 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     if not col_sign:
         gen.add(4, f"sg = cuda.shared.array({big_d + big_d // E}, numba.float32)")
     if norm_correction:
-        gen.add(4, f"part2 = cuda.shared.array({R * P}, numba.float64)",
+        gen.add(4, f"part2 = cuda.shared.array({R * PP}, numba.float64)",
                 f"cs = cuda.shared.array({levels}, numba.float32)")
     if norm_correction or not in_regs:
         gen.add(4, "t = cuda.threadIdx.x", f"while t < {levels - 1}:")
         if not in_regs:
-            gen.add(4, "    bs[t] = boundaries[t]")
+            gen.add(4, "    bs[t + 1] = boundaries[HEAP[t]]")  # heap order
         if norm_correction:
             gen.add(4, "    cs[t] = centroids[t]",
                     f"    if t == {levels - 2}:",
@@ -547,16 +623,20 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(8, "acc = 0.0")
     for k in range(E):
         gen.add(8, f"f = np.float64(v{k})", "acc += f * f")
-    gen.add(8, f"pb = r * U64({P})", "part[pb + p] = acc", "cuda.syncthreads()",
+    gen.add(8, f"pb = r * U64({PP})", "part[pb + p] = acc", "cuda.syncthreads()",
             "acc = part[pb]")
     for q in range(1, P):
         gen.add(8, f"acc += part[pb + U64({q})]")
     gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
+    if not norm_correction:  # final norm: store it now (frees its registers for the decision)
+        gen.add(8, f"row = tile * U64({R}) + r",
+                "if p == U64(0) and row < n_rows:",
+                "    norms[row] = n")
     first = [f"v{k}" for k in range(E)]
     for k in range(E):
         sg = "" if col_sign else f" * sg[sb + U64({k})]"
         gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n){sg}")
-    groups = gen.run_phases(first, False)
+    groups = gen.run_phases(first, False, pair_last=True)
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
             gen.add(8, f"v{k} = ft[fb + U64({_off(k, gen.SH)})]")
@@ -564,7 +644,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
         if in_regs:
             gen.add(8, *_reg_decide(f"v{k}", f"c{k}", bits))
         else:
-            gen.L += _decide_lines(f"v{k}", f"c{k}", bits, " " * 8)
+            gen.add(8, *_heap_decide(f"v{k}", f"c{k}", bits))
     if norm_correction:
         gen.add(8, "cn = 0.0")
         for k in range(E):
@@ -581,7 +661,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
         for lv in range(bits):
             pos = k * bits + lv
             w, s = pos >> 5, pos & 31
-            if in_regs:  # each decided bit straight into its word: a select of 1 << s
+            if in_regs and not norm_correction:  # each decided bit straight into its word
                 gen.add(8, f"o{w} |= (U32({1 << s}) if c{k}_{lv} else U32(0))")
             elif lv == 0:
                 gen.add(8, f"o{w} |= U32(c{k} << U32({s}))" if s else f"o{w} |= c{k}")
@@ -590,16 +670,17 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(8, f"hb = r * U64({SC}) + U64({bits}) * p")
     for h in range(bits):
         gen.add(8, f"cst[hb + U64({h})] = np.uint16((o{h >> 1} >> U32({16 * (h & 1)})) & U32(65535))")
-    gen.add(8, f"row = tile * U64({R}) + r",
-            "if p == U64(0) and row < n_rows:",
-            "    norms[row] = n",
-            "cuda.syncthreads()")
+    if norm_correction:
+        gen.add(8, f"row = tile * U64({R}) + r",
+                "if p == U64(0) and row < n_rows:",
+                "    norms[row] = n")
+    gen.add(8, "cuda.syncthreads()")
     tile_out = R * w_out
     gen.add(8, f"g = tile * U64({tile_out}) + tid")
     for i in range(-(-tile_out // T)):
         ind = 8
         if (i + 1) * T > tile_out:
-            gen.add(8, f"if tid + U64({i * T}) < U64({tile_out}):")
+            gen.add(8, f"if tid < U64({tile_out - i * T}):")
             ind = 12
         gen.add(ind, f"w = tid + U64({i * T})", f"rr = w // U64({w_out})", f"c = w % U64({w_out})")
         if word_out:
@@ -613,7 +694,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     # 64 registers spill otherwise (fp32: 16 prefetched words; norm correction; d = 96 rows)
     blocks = 4 if half and not norm_correction and col_sign else 3
     _finish(L, R, threads, blocks)
-    kern = _build("quantize_tiled", L, {"U64": np.uint64})
+    kern = _build("quantize_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
     _attach(kern, R, threads, blocks)
     _kernels[key] = kern
     return kern

@@ -51,10 +51,24 @@ def test_tiled_wht_matches_cpu(big_d, threads, half_in, half_out):
 @pytest.mark.parametrize("norm_correction", (False, True))
 def test_tiled_quantize_matches_cpu(d, bits, threads, half, norm_correction):
     """Same packed codes and norms as the CPU's Hadamard quantize (zero row included)."""
+    _check_quantize(d, bits, threads, half, norm_correction, 11)
+
+
+@pytest.mark.parametrize("d,bits,threads,n", ((64, 3, 32, 37), (96, 2, 64, 19), (128, 3, 256, 70),
+                                              (128, 4, 256, 70), (512, 3, 256, 20)))
+@pytest.mark.parametrize("half", (True, False))
+@pytest.mark.parametrize("norm_correction", (False, True))
+def test_tiled_quantize_lane_mapping_matches_cpu(d, bits, threads, n, half, norm_correction):
+    """Tiles of a multiple of 8 rows (lanes of 8 rows × 4 parts, unpadded vector-aligned rows),
+    the benchmark block of 256 threads included, over more tiles than blocks."""
+    assert tiled._Gen(1 << (d - 1).bit_length(), threads, half, d, vec=True).A == 8
+    _check_quantize(d, bits, threads, half, norm_correction, n)
+
+
+def _check_quantize(d, bits, threads, half, norm_correction, n):
     rng = np.random.default_rng(d * 10 + bits)
     tq = rotorq.TurboQuant(d, bits, rotation="hadamard", norm_dtype="float32",
                            norm_correction=norm_correction)
-    n = 11
     x = (rng.standard_normal((n, d)) * 3).astype(np.float16 if half else np.float32)
     x[3] = 0
     q = tq.quantize(x)
@@ -106,3 +120,37 @@ def test_register_decision_matches_cpu_count(bits):
                          np.random.default_rng(bits).standard_normal(200).astype(np.float32) * 0.3])
     for y in ys.astype(np.float32):
         assert env["decide"](y, bd) == cpu_q.encode_value(y, bd), y
+
+
+def test_quantize_lane_layout_is_conflict_free():
+    """Benchmark shape (D = 128, 256 threads, fp16): with lanes of 8 rows × 4 parts and the
+    unpadded rows of ``_vec_strides``, every shared access of the quantize kernel's first warp
+    takes the minimum wavefronts (one per 128 bytes): 16-byte first-phase stores / decision
+    loads and fp16 word loads, 8-byte paired second-phase accesses, 4-byte staging stores."""
+    gen = tiled._Gen(128, tiled.THREADS, True, 128, vec=True)
+    tiled._vec_strides(gen)
+    assert (gen.A, gen.B) == (8, 4)
+
+    def rp(t):  # the kernel's (row, part) of thread t
+        return (t % 8) | (((t >> 5) & (gen.R // 8 - 1)) << 3), ((t >> 3) & 3) | (t // (4 * gen.R) << 2)
+
+    def wavefronts(words, width):  # lanes in groups of 128 bytes; words: first word per lane
+        total = 0
+        for g in range(0, 32, 32 // width):
+            banks: dict = {}
+            for a in words[g:g + 32 // width]:
+                assert a % width == 0  # aligned vector access
+                for k in range(width):
+                    banks.setdefault((a + k) % 32, set()).add(a + k)
+            total += max(len(v) for v in banks.values())
+        return total
+
+    lanes = range(32)
+    for k in range(0, 16, 4):  # first phase / decision: 16 consecutive floats
+        assert wavefronts([rp(t)[0] * gen.S + 16 * rp(t)[1] + k for t in lanes], 4) == 4
+    for k in range(0, 8, 4):  # first phase: 8 consecutive fp16 words
+        assert wavefronts([rp(t)[0] * gen.SW + 8 * rp(t)[1] + k for t in lanes], 4) == 4
+    for k in range(8):  # second phase, paired groups 2p, 2p + 1: coordinates 2p + 16k, + 1
+        assert wavefronts([rp(t)[0] * gen.S + 2 * rp(t)[1] + 16 * k for t in lanes], 2) == 2
+    for i in range(8):  # staging stores: consecutive words of the tile
+        assert wavefronts([(t + 256 * i) // 64 * gen.SW + (t + 256 * i) % 64 for t in lanes], 1) == 1
