@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -37,6 +36,7 @@ import torch
 import rotorq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import device_time as events_time
 from gpu_bench import kernel_time
 
 api = importlib.import_module("rotorq.cuda.api")
@@ -52,22 +52,6 @@ def l2_bytes():
     except Exception:  # e.g. --precompile-only on a machine without a GPU
         return L2_FALLBACK
 FLOOR_TBS = 2.98
-
-
-def events_time(fn, bufs, reps, trials=5, warm=3):
-    """Median seconds per call of ``fn(buf)`` cycling over ``bufs`` (CUDA events)."""
-    for i in range(warm):
-        fn(bufs[i % len(bufs)])
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(trials):
-        start.record()
-        for i in range(reps):
-            fn(bufs[i % len(bufs)])
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
-    return statistics.median(times)
 
 
 def build_cache(tokens, rng):
