@@ -94,12 +94,11 @@ def _empty(shape, dtype):
 def _rows(x):
     if x.dtype not in _FLOATS:
         x = x.astype(cp.float32)
-    return _c(x)
+    return cp.ascontiguousarray(x)
 
 
 def _c(a):
-    """``a`` C-contiguous (itself when it is: a flag test costs less than the cupy call)."""
-    return a if a.flags.c_contiguous else cp.ascontiguousarray(a)
+    return cp.ascontiguousarray(a)
 
 
 def _pow2(n):
