@@ -377,6 +377,10 @@ if SIMULATOR:
         """The float16 bits (uint32, round to nearest even) of the float32 ``f``."""
         return np.uint32(np.array(np.float16(f)).view(np.uint16))
 
+    def half_float(u):
+        """The float32 value of the float16 bits in the low 16 bits of ``u``."""
+        return np.float32(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
+
     def _half_of(u):
         return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
 
@@ -442,6 +446,17 @@ else:
             h = builder.fptrunc(args[0], ir.HalfType())
             return builder.zext(builder.bitcast(h, ir.IntType(16)), ir.IntType(32))
         return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def half_float(typingctx, u):
+        """The float32 value of the float16 bits ``u`` (uint16: a 16-bit load, one
+        conversion)."""
+        def codegen(context, builder, signature, args):
+            h = builder.bitcast(args[0], ir.HalfType())
+            return builder.fpext(h, ir.FloatType())
+        if not isinstance(u, types.Integer) or u.bitwidth != 16:
+            return None
+        return types.float32(u), codegen
 
     @intrinsic
     def mma16816(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):

@@ -6,13 +6,18 @@ consecutive words (each warp load is a full 128-byte line), prefetched into regi
 tile ahead, and stored into a shared tile whose rows are padded (stride ``S`` words, picked by
 a bank model) so that the reads of the scoring phase are conflict-free.
 
-* :func:`one_query_kernel` (one query row): a per-block float32 table of sums over groups of
-  ``G`` adjacent coordinates, ``T[p][e] = Σ_j q[G·p + j]·c[(e >> j·bits) & (L−1)]`` (``G`` = 2
-  for 3 bits: a 64-entry table per coordinate pair, 16 KB for D = 128; 4 for 2 bits; 1 for 4
-  bits). The ``G·bits``-bit field of adjacent codes is the table index, so a thread (one key)
-  costs per group one field extraction, one shared load and one add: ~2.5 instructions per
-  coordinate instead of ~5–7. float32 throughout: the sums run in another order than the CPU's
-  (within the score tests' 2e-5 relative tolerance).
+* :func:`one_query_kernel` (one query row): a per-block table of sums over groups of ``G``
+  adjacent coordinates, ``T[p][e] = Σ_j q[G·p + j]·c[(e >> j·bits) & (L−1)]``. The
+  ``G·bits``-bit field of adjacent codes is the table index, so a thread (one key) costs per
+  group one field extraction, one shared load and one add. The lookups are random, so a
+  group's table is kept within 128 bytes (the 32 banks' width): then a warp's lookup is one
+  shared-memory wavefront; a 64-entry float32 table spans each bank twice and costs two, and
+  these lookups, not the code bytes, bound the kernel (:func:`table_plan`). 2 bits: float32
+  tables of coordinate pairs (16 entries); 4 bits: float32 per coordinate (16 entries); 3 bits:
+  **float16** tables of coordinate pairs (64 entries, read with 16-bit loads) of the query
+  scaled by ``1/max|q|`` — scores within ~1e-3 of the float32 path relative to the largest
+  score (as :func:`group_kernel`); float32 tables are within 2e-5 (sums in another order than
+  the CPU's). :func:`tolerance` says which.
 * :func:`group_kernel` (2–8 query rows, e.g. a GQA group of 8 heads sharing one KV head):
   tensor cores. Each warp takes 16 keys per step: ``Sᵀ (16 keys × 8 rows) = K (16 × D) · Qᵀ``
   with ``mma.m16n8k16`` (fp16 inputs, fp32 accumulation), as in
@@ -34,7 +39,7 @@ on (default; ``ROTORQ_CUDA_TILED_SCORES=0`` selects the kernels of :mod:`rotorq.
 import numpy as np
 
 from ._jit import SIMULATOR
-from .attention import _field, and32, half_bits, or32, shl32, shr32
+from .attention import _field, and32, half_bits, half_float, or32, shl32, shr32
 from .fast import _build
 
 if SIMULATOR:
@@ -54,20 +59,42 @@ registers at 128 threads; ptxas: no spills for D = 128, 2–4 bits)."""
 GROUP_BLOCKS_PER_SM = 5
 """Same for :func:`group_kernel` (at most 96 registers: the 16 query fragment registers, 2×4
 accumulators and the prefetched words fit without spills)."""
-TABLE_BYTES = 32 * 1024
-"""Largest shared table of :func:`one_query_kernel`."""
+TABLE_ROW_BYTES = 128
+"""Largest table of one coordinate group of :func:`one_query_kernel`: random lookups into it
+are one shared-memory wavefront per warp (32 banks × 4 bytes)."""
 MAX_ROWS = 8
 """Query rows per pass of :func:`group_kernel` (the MMA's N)."""
 
 _kernels: dict = {}
 
 
+def table_plan(big_d, bits):
+    """``(G, half)`` of :func:`one_query_kernel`: coordinates per table lookup and whether its
+    tables are float16. The largest ``G`` (dividing ``big_d``) whose group table fits 128 bytes
+    in float32 (one wavefront per warp lookup), unless float16 entries fit a larger ``G``
+    there: 2 bits → (2, False), 3 bits → (2, True), 4 bits → (1, False). (0, False) where none
+    fits."""
+    best = (0, False)
+    for half, size in ((False, 4), (True, 2)):
+        for g in (4, 3, 2, 1):
+            if g * bits <= 8 and big_d % g == 0 and (size << (g * bits)) <= TABLE_ROW_BYTES:
+                if g > best[0]:
+                    best = (g, half)
+                break
+    return best
+
+
 def group_size(big_d, bits):
-    """Coordinates per table lookup of :func:`one_query_kernel` (4, 2 or 1)."""
-    for g in (4, 2, 1):
-        if g * bits <= 8 and big_d % g == 0 and (big_d // g) * (4 << (g * bits)) <= TABLE_BYTES:
-            return g
-    return 0
+    """Coordinates per table lookup of :func:`one_query_kernel` (4, 3, 2 or 1; 0: none)."""
+    return table_plan(big_d, bits)[0]
+
+
+def tolerance(big_d, bits, n_m):
+    """Largest error of the tiled kernels' scores, relative to the largest score, against the
+    float32 CPU path: 2e-5 for float32 tables, 1e-3 for float16 ones and tensor cores."""
+    if n_m == 1 and not table_plan(big_d, bits)[1]:
+        return 2e-5
+    return 1e-3
 
 
 def applies(big_d, bits, n_m):
@@ -122,17 +149,18 @@ def _stage_lines(gen_w, threads, keys, stride):
     return fetch, store
 
 
-def one_query_kernel(big_d, bits, threads=THREADS):
+def one_query_kernel(big_d, bits, threads=THREADS, plan=None):
     """Score kernel of one query row: ``(qrot f32 (Bq, M, D), qmap i64 (B,), cw u32 (Bk·N·W,),
     norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32 (B, 1, N))``.
 
     Grid: x strides over tiles of ``threads`` keys (one key per thread), y over output
-    batches. See the module docstring.
+    batches. ``plan``: ``(G, half)`` instead of :func:`table_plan`'s (benchmarks compare
+    them). See the module docstring.
     """
-    key = ("one", big_d, bits, threads)
+    G, half = plan or table_plan(big_d, bits)
+    key = ("one", big_d, bits, threads, G, half)
     if key in _kernels:
         return _kernels[key]
-    G = group_size(big_d, bits)
     gb = G * bits
     groups = big_d // G
     size = groups << gb
@@ -140,41 +168,74 @@ def one_query_kernel(big_d, bits, threads=THREADS):
     W = big_d * bits // 32
     S = _pick_stride(W, lambda s: [[t * s + w for t in range(32)] for w in range(W)])
     parts = 4
+    red = min(32, threads)
     fetch, store = _stage_lines(W, threads, threads, S)
     L = ["def score_one_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
-         f"    tab = cuda.shared.array(({groups}, {1 << gb}), numba.float32)",
+         f"    tab = cuda.shared.array(({groups}, {1 << gb}), "
+         f"numba.{'uint16' if half else 'float32'})",
          f"    ct = cuda.shared.array({threads * S}, numba.uint32)",
          f"    cs = cuda.shared.array({levels}, numba.float32)",
-         f"    qs = cuda.shared.array({big_d}, numba.float32)",
-         "    tid = cuda.threadIdx.x",
-         "    n_b = out.shape[0]",
-         "    n_keys = out.shape[2]",
-         f"    total = n_keys * {W}",
-         f"    n_tiles = (n_keys + {threads - 1}) // {threads}",
-         "    t = tid",
-         f"    while t < {levels}:",
-         "        cs[t] = centroids[t]",
-         f"        t += {threads}",
-         "    b = cuda.blockIdx.y",
-         "    while b < n_b:",
-         "        qb = qmap[b]",
-         "        kb = kmap[b]",
-         "        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
-         # the query row in shared memory first: the table loop then waits on no global load
-         "        t = tid",
-         f"        while t < {big_d}:",
-         "            qs[t] = qrot[qb, 0, t]",
-         f"            t += {threads}",
-         "        cuda.syncthreads()",
-         "        e = tid",
-         f"        while e < {size}:",
-         f"            p = e >> {gb}",
-         f"            v = qs[{G} * p] * cs[e & {levels - 1}]"]
+         f"    qs = cuda.shared.array({big_d}, numba.float32)"]
+    if half:
+        L += [f"    part = cuda.shared.array({threads}, numba.float32)",
+              f"    part2 = cuda.shared.array({red}, numba.float32)"]
+    L += ["    tid = cuda.threadIdx.x",
+          "    n_b = out.shape[0]",
+          "    n_keys = out.shape[2]",
+          f"    total = n_keys * {W}",
+          f"    n_tiles = (n_keys + {threads - 1}) // {threads}",
+          "    t = tid",
+          f"    while t < {levels}:",
+          "        cs[t] = centroids[t]",
+          f"        t += {threads}",
+          "    b = cuda.blockIdx.y",
+          "    while b < n_b:",
+          "        qb = qmap[b]",
+          "        kb = kmap[b]",
+          "        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
+          # the query row in shared memory first: the table loop then waits on no global load
+          "        t = tid",
+          "        m = np.float32(0.0)",
+          f"        while t < {big_d}:",
+          "            v = qrot[qb, 0, t]",
+          "            qs[t] = v",
+          "            m = max(m, abs(v))",
+          f"            t += {threads}"]
+    if half:
+        # max|q| of the row (two shared stages), so that the float16 entries are at most G
+        # in magnitude (|c| ≤ 1) whatever the query's scale
+        L += ["        part[tid] = m",
+              "        cuda.syncthreads()",
+              f"        if tid < {red}:",
+              "            m = part[tid]",
+              f"            for k in range(tid + {red}, {threads}, {red}):",
+              "                m = max(m, part[k])",
+              "            part2[tid] = m",
+              "        cuda.syncthreads()",
+              "        m = part2[0]",
+              f"        for k in range(1, {red}):",
+              "            m = max(m, part2[k])",
+              "        sq = np.float32(1.0) / m if m > np.float32(0.0) else np.float32(0.0)"]
+    else:
+        L += ["        cuda.syncthreads()"]
+
+    def qv(j):
+        return f"(qs[{G} * p + {j}] * sq)" if half else f"qs[{G} * p + {j}]"
+
+    L += ["        e = tid",
+          f"        while e < {size}:",
+          f"            p = e >> {gb}",
+          f"            v = {qv(0)} * cs[e & {levels - 1}]"]
     for j in range(1, G):
-        L.append(f"            v += qs[{G} * p + {j}] * cs[(e >> {j * bits}) & {levels - 1}]")
-    L += [f"            tab[p, e & {(1 << gb) - 1}] = v",
-          f"            e += {threads}",
-          "        tile = cuda.blockIdx.x"]
+        L.append(f"            v += {qv(j)} * cs[(e >> {j * bits}) & {levels - 1}]")
+    if half:
+        L += [f"            tab[p, e & {(1 << gb) - 1}] = U16(half_bits(v))",
+              f"            e += {threads}",
+              "        tile = cuda.blockIdx.x"]
+    else:
+        L += [f"            tab[p, e & {(1 << gb) - 1}] = v",
+              f"            e += {threads}",
+              "        tile = cuda.blockIdx.x"]
     L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
     L += fetch("        ", "tile")
     L += ["        while tile < n_tiles:"]
@@ -202,17 +263,21 @@ def one_query_kernel(big_d, bits, threads=THREADS):
         f = f"(q{k} >> U64({sh}))"
         if sh + gb > 64:
             f = f"({f} | (q{k + 1} << U64({64 - sh})))"
-        L.append(f"{ind}s{p % parts} += tab[{p}, {f} & U64({fmask})]")
-    L += [f"{ind}out[b, 0, j] = np.float32(norms[kb, j]) * ((s0 + s1) + (s2 + s3))",
+        look = f"tab[{p}, {f} & U64({fmask})]"
+        L.append(f"{ind}s{p % parts} += {f'half_float({look})' if half else look}")
+    scale = " * m" if half else ""
+    L += [f"{ind}out[b, 0, j] = (np.float32(norms[kb, j]){scale}) * ((s0 + s1) + (s2 + s3))",
           "            cuda.syncthreads()",
           "            tile = nxt",
           "        b += cuda.gridDim.y",
           f"# launch bounds ({threads}, {BLOCKS_PER_SM})"]
-    kern = _build("score_one_tiled", L, {"U64": np.uint64})
+    kern = _build("score_one_tiled", L, {"U64": np.uint64, "U16": np.uint16,
+                                          "half_bits": half_bits, "half_float": half_float})
     kern.keys_per_tile = threads
     kern.threads = threads
     kern.launch_bounds = (threads, BLOCKS_PER_SM)
     kern.table_group = G
+    kern.table_half = half
     _kernels[key] = kern
     return kern
 

@@ -4,9 +4,9 @@ the CPU twin (:func:`rotorq.cpu.scores.scores_mse`).
 Tiny shapes: 37 keys in tiles of 4 (one query) or 16–32 keys (query groups) on 2 blocks, so
 that the grid-stride loop over tiles, the prefetch of the next tile, the partial last tile,
 the loop over output batches (3 batches on 2 blocks, two sharing one key batch) and, for more
-than 8 query rows, a second chunk of rows all run. One query: float32 tables (2e-5 relative
-tolerance, as :mod:`rotorq.cuda.fast`); query groups: fp16 tensor-core inputs, error at most
-1e-3 of the largest score (measured ~3e-4).
+than 8 query rows, a second chunk of rows all run. One query: float32 tables at 2 and 4 bits
+(2e-5 relative tolerance, as :mod:`rotorq.cuda.fast`), float16 tables at 3 bits; query groups:
+fp16 tensor-core inputs; float16 paths err at most 1e-3 of the largest score (measured ~3e-4).
 Run with ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/cuda``.
 """
 
@@ -31,7 +31,8 @@ N_KEYS = 37
 
 def _case(big_d, bits, n_m, seed, scale=1.0):
     rng = np.random.default_rng(seed)
-    tq = rotorq.TurboQuant(big_d, bits, norm_dtype="float32")
+    rotation = "hadamard" if big_d & (big_d - 1) == 0 else "dense"  # stored dimension big_d
+    tq = rotorq.TurboQuant(big_d, bits, rotation=rotation, norm_dtype="float32")
     keys = tq.quantize(rng.standard_normal((2, N_KEYS, big_d)).astype(np.float32))
     q = (rng.standard_normal((3, n_m, big_d)) * scale).astype(np.float32)
     qrot = np.asarray(tq.rotate(q)).reshape(3, n_m, big_d).astype(np.float32)
@@ -46,18 +47,53 @@ def _case(big_d, bits, n_m, seed, scale=1.0):
     return args, expected
 
 
-@pytest.mark.parametrize("big_d,bits", ((32, 3), (64, 2), (32, 4), (64, 4), (128, 3), (128, 4)))
+@pytest.mark.parametrize("big_d,bits", ((32, 3), (64, 2), (32, 4), (64, 4), (128, 3), (128, 4),
+                                         (96, 2)))
 def test_one_query_matches_cpu(big_d, bits):
-    """Pair (3 bits, 4 bits at D ≤ 64) and quad (2 bits) tables (single-coordinate: 4 bits at
-    D = 128)."""
+    """Pair tables (2 bits: float32, 3 bits: float16), triple tables (2 bits at D = 96:
+    float16), single-coordinate float32 tables (4 bits)."""
     threads = 4
     args, expected = _case(big_d, bits, 1, big_d + bits)
     kern = ts.one_query_kernel(big_d, bits, threads)
-    assert kern.table_group == ts.group_size(big_d, bits) == {2: 4, 3: 2, 4: 2 if big_d <= 64 else 1}[bits]
+    plan = {2: (3, True) if big_d % 3 == 0 else (2, False), 3: (2, True), 4: (1, False)}[bits]
+    assert (kern.table_group, kern.table_half) == ts.table_plan(big_d, bits) == plan
     assert -(-N_KEYS // kern.keys_per_tile) > 2  # more tiles than blocks
     kern[(2, 2), threads](*args)
     out = args[-1]
-    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+    err = np.abs(out - expected).max() / np.abs(expected).max()
+    assert err < ts.tolerance(big_d, bits, 1), err
+    if plan[1]:
+        assert err > 1e-6  # float16 entries really were used
+    else:
+        np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("scale", (1e-6, 1e4))
+def test_one_query_half_table_scaling(scale):
+    """Float16 tables hold the query scaled by 1/max|q|: tiny and large queries keep the same
+    relative error (no float16 subnormals or overflow); a zero query scores 0; 5 threads (the
+    max|q| reduction over a block that is not a multiple of 32 wide)."""
+    args, expected = _case(64, 3, 1, 5, scale)
+    args[0][1] = 0
+    expected[1] = 0
+    kern = ts.one_query_kernel(64, 3, 5)
+    assert kern.table_half
+    kern[(2, 2), 5](*args)
+    out = args[-1]
+    err = np.abs(out - expected).max() / np.abs(expected).max()
+    assert err < 1e-3, err
+    assert (out[1] == 0).all()
+
+
+def test_one_query_plans_agree():
+    """Every table plan of one shape scores the same keys (float32 ones within 2e-5)."""
+    args, expected = _case(64, 2, 1, 11)
+    for plan in ((4, False), (2, False), (1, False), (2, True)):
+        out = args[-1]
+        out[:] = np.nan
+        ts.one_query_kernel(64, 2, 4, plan)[(2, 2), 4](*args)
+        err = np.abs(out - expected).max() / np.abs(expected).max()
+        assert err < (1e-3 if plan[1] else 2e-5), (plan, err)
 
 
 @pytest.mark.parametrize("big_d,bits,n_m,steps", ((32, 4, 3, 1), (64, 2, 8, 2), (64, 4, 2, 1),
@@ -93,13 +129,17 @@ def test_applies_and_strides():
     assert ts.applies(128, 3, 1) and ts.applies(128, 3, 8) and ts.applies(128, 2, 5)
     assert ts.applies(128, 4, 1) and not ts.applies(128, 1, 1)
     assert not ts.applies(96, 3, 8)  # D·bits not a multiple of 128: lanes' words not aligned
-    assert ts.group_size(128, 3) == 2 and ts.group_size(128, 2) == 4
+    assert ts.group_size(128, 3) == 2 and ts.group_size(128, 2) == 2
     assert ts.group_size(128, 4) == 1
+    # a group's table within the 32 banks' 128 bytes: one wavefront per random warp lookup
+    for d, bits in ((128, 2), (128, 3), (128, 4), (96, 2), (256, 3)):
+        g, half = ts.table_plan(d, bits)
+        assert (2 if half else 4) << (g * bits) <= 128 and d % g == 0
     w = 12
     s = ts._pick_stride(w, lambda s: [[t * s + k for t in range(32)] for k in range(w)])
     assert s == 13
     src = ts.one_query_kernel(128, 3).rotorq_source
     assert "ct[rb + U32(11)]" in src and "rb = U32(tid) * U32(13)" in src
     # constant table row per pair (folds into the shared load's address), 64-bit code words
-    assert "tab[63, (q5 >> U64(58)) & U64(63)]" in src
+    assert "half_float(tab[63, (q5 >> U64(58)) & U64(63)])" in src
     assert "tab[10, ((q0 >> U64(60)) | (q1 << U64(4))) & U64(63)]" in src

@@ -1,0 +1,175 @@
+"""The one-query score kernel's table plans, measured against the shared-memory model.
+
+:func:`rotorq.cuda.tiled_scores.one_query_kernel` scores each key by table lookups at random
+entries; a warp's lookup costs one shared-memory wavefront per distinct 32-bit word a bank is
+asked for. The model: expected wavefronts per 32 keys = lookups × E[max distinct words per
+bank] (Monte Carlo over uniform codes) + 2 × code words (staged through shared memory), at one
+wavefront per SM clock. For each plan ``(G coordinates per lookup, float16 entries?)`` this
+prints that count and the kernel time at N = 2^20 and 2^22 (d = 128; launches recorded once and
+replayed: no host work), the effective TB/s and the speed-up over torch's fp16 ``q @ K.T`` on
+the uncompressed keys, and the largest score difference from the float32 plan of the same bits.
+
+    python3 benchmarks/gpu_score_tables.py --out DIR      # on the GPU machine
+    python3 benchmarks/gpu_score_tables.py --precompile-only   # fill $ROTORQ_PTX_CACHE
+"""
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+import numpy as np
+
+D = 128
+PLANS = {2: ((4, False), (2, False), (4, True)),
+         3: ((2, False), (2, True), (1, False)),
+         4: ((1, False), (2, True))}
+"""Plans per bit width; the first is the previous default."""
+
+
+def wavefronts(bits, plan, trials=4000, seed=0):
+    """Modelled shared-memory wavefronts per warp of 32 keys (see the module docstring)."""
+    g, half = plan
+    rng = np.random.default_rng(seed)
+    word = rng.integers(0, 1 << (g * bits), (trials, 32)) * (2 if half else 4) // 4
+    bank = word % 32
+    worst = np.zeros(trials)
+    for b in range(32):
+        distinct = np.array([len(set(w[m])) for w, m in zip(word, bank == b, strict=True)])
+        worst = np.maximum(worst, distinct)
+    return D // g * worst.mean() + 2 * (D * bits // 32)
+
+
+def _args(bits, n=4):
+    f32, i64, u32 = np.float32, np.int64, np.uint32
+    return (np.zeros((1, 1, D), f32), np.zeros(1, i64), np.zeros(n * D * bits // 32, u32),
+            np.zeros((1, n), f32), np.zeros(1, i64), np.zeros(1 << bits, f32),
+            np.zeros((1, 1, n), f32))
+
+
+def _compile(job):
+    bits, plan = job
+    launch = importlib.import_module("rotorq.cuda._launch")
+    ts = importlib.import_module("rotorq.cuda.tiled_scores")
+    from rotorq.cuda._jit import kernel_signature
+    t0 = time.perf_counter()
+    kern = ts.one_query_kernel(D, bits, plan=plan)
+    launch.compile_ptx(kern, kernel_signature(_args(bits)), (9, 0))
+    return f"{bits}-bit {plan}", time.perf_counter() - t0
+
+
+def precompile():
+    import concurrent.futures
+    import multiprocessing
+    jobs = [(b, p) for b, plans in PLANS.items() for p in plans]
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(8, len(jobs)), mp_context=ctx) as pool:
+        return dict(pool.map(_compile, jobs))
+
+
+def measure(log2ns, rng):
+    import cupy as cp
+    import torch
+
+    import rotorq
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_bench import buffers, code_buffers, kernel_time
+    api = importlib.import_module("rotorq.cuda.api")
+    launch = importlib.import_module("rotorq.cuda._launch")
+    ts = importlib.import_module("rotorq.cuda.tiled_scores")
+    rows = []
+    for bits, plans in PLANS.items():
+        tq = rotorq.TurboQuant(D, bits)
+        k = tq._consts(cp)
+        cent = k["centroids"]
+        qrot = api.rotate(cp.asarray(rng.standard_normal((1, D)), cp.float32),
+                          tq.rotation).reshape(1, 1, D)
+        zero = cp.zeros(1, cp.int64)
+        for log2n in log2ns:
+            n = 1 << log2n
+            reps = max(20, min(400, (1 << 26) // n))
+            xs = buffers(lambda n=n: cp.asarray(rng.standard_normal((n, D)), dtype=cp.float16),
+                         n * D * 2)
+            keys = [(api.codes_words(c).reshape(-1), nr.astype(cp.float32))
+                    for c, nr in code_buffers(xs, tq, bits)]  # enough buffers to miss L2
+            del xs
+            tx = [torch.randn((n, D), dtype=torch.float16, device="cuda")
+                  for _ in range(max(2, len(keys) // 4))]
+            q16 = torch.randn((1, D), dtype=torch.float16, device="cuda")
+            base = kernel_time_torch(lambda kk, q16=q16: q16 @ kk.T, tx, reps)
+            del tx
+            ref = None
+            for plan in plans:
+                kern = ts.one_query_kernel(D, bits, plan=plan)
+                tiles = -(-n // kern.keys_per_tile)
+                gx = max(1, min(tiles, api._sm_count() * kern.launch_bounds[1]))
+
+                def call(kn, kern=kern, gx=gx, n=n, head=(qrot, zero), tail=(zero, cent)):
+                    out = cp.empty((1, 1, n), cp.float32)
+                    launch.launch(kern, (gx, 1, 1), (kern.threads, 1), 0,
+                                  head + kn + tail + (out,))
+                    return out
+                secs = kernel_time(call, keys, reps)
+                got = call(keys[0])
+                if ref is None:
+                    ref = got
+                diff = float(cp.abs(got - ref).max() / cp.abs(ref).max())
+                nbytes = n * (D * bits // 8 + 4 + 4)
+                rows.append((bits, plan, log2n, wavefronts(bits, plan), secs * 1e6,
+                             nbytes / secs / 1e12, base * 1e6, base / secs, diff))
+            del keys
+            print(*rows[-len(plans):], sep="\n", flush=True)
+    return rows
+
+
+def kernel_time_torch(fn, bufs, reps, trials=5):
+    import statistics
+
+    import cupy as cp
+    for b in bufs[:3]:
+        fn(b)
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(trials):
+        start.record()
+        for i in range(reps):
+            fn(bufs[i % len(bufs)])
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--log2n", type=int, nargs="+", default=[20, 22])
+    ap.add_argument("--precompile-only", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    done = precompile()
+    print(f"precompiled in {time.perf_counter() - t0:.1f} s: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in done.items()), flush=True)
+    if args.precompile_only:
+        return
+    import cupy as cp
+    rows = measure(args.log2n, np.random.default_rng())
+    card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    lines = [f"Run: `python3 benchmarks/gpu_score_tables.py` — {card}, "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
+             "| bits | plan (G, fp16) | N | model wavefronts / 32 keys | µs (kernel) | TB/s "
+             "| torch fp16 q·Kᵀ µs | × torch | max Δ / max score vs first plan |",
+             "| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for bits, plan, log2n, wf, us, tbs, base, ratio, diff in rows:
+        lines.append(f"| {bits} | {plan} | 2^{log2n} | {wf:.0f} | {us:.1f} | {tbs:.2f} | "
+                     f"{base:.1f} | {ratio:.2f} | {diff:.1e} |")
+    text = "\n".join(lines) + "\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_score_tables.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
