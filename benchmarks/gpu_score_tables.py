@@ -25,12 +25,30 @@ D = 128
 PLANS = {2: ((4, False), (2, False), (4, True)),
          3: ((2, False), (2, True), (1, False)),
          4: ((1, False), (2, True))}
-"""Plans per bit width; the first is the previous default."""
+"""Plans per bit width; the first is the previous default. Each runs with the first tile's
+loads issued after the table build (``late``, as before) and, for the new default plan and
+the 8-row tensor-core kernel, also before it (``early``, the new default)."""
 
 
-def wavefronts(bits, plan, trials=4000, seed=0):
-    """Modelled shared-memory wavefronts per warp of 32 keys (see the module docstring)."""
-    g, half = plan
+def variants(bits):
+    """``(label, kernel factory, query rows)`` measured at ``bits``."""
+    from rotorq.cuda import tiled_scores as ts
+    out = [(f"{p} late", lambda p=p: ts.one_query_kernel(D, bits, plan=p, early=False), 1)
+           for p in PLANS[bits]]
+    plan = ts.table_plan(D, bits)
+    out.append((f"{plan} early", lambda: ts.one_query_kernel(D, bits, plan=plan), 1))
+    out.append(("8 rows, tensor cores, late",
+                lambda: ts.group_kernel(D, bits, early=False), 8))
+    out.append(("8 rows, tensor cores, early", lambda: ts.group_kernel(D, bits), 8))
+    return out
+
+
+def wavefronts(bits, label, trials=4000, seed=0):
+    """Modelled shared-memory wavefronts per warp of 32 keys of a one-query plan (see the
+    module docstring; NaN for the tensor-core kernel)."""
+    if not label.startswith("("):
+        return float("nan")
+    g, half = (int(label[1]), "True" in label)
     rng = np.random.default_rng(seed)
     word = rng.integers(0, 1 << (g * bits), (trials, 32)) * (2 if half else 4) // 4
     bank = word % 32
@@ -41,28 +59,27 @@ def wavefronts(bits, plan, trials=4000, seed=0):
     return D // g * worst.mean() + 2 * (D * bits // 32)
 
 
-def _args(bits, n=4):
+def _args(bits, m, n=4):
     f32, i64, u32 = np.float32, np.int64, np.uint32
-    return (np.zeros((1, 1, D), f32), np.zeros(1, i64), np.zeros(n * D * bits // 32, u32),
+    return (np.zeros((1, m, D), f32), np.zeros(1, i64), np.zeros(n * D * bits // 32, u32),
             np.zeros((1, n), f32), np.zeros(1, i64), np.zeros(1 << bits, f32),
-            np.zeros((1, 1, n), f32))
+            np.zeros((1, m, n), f32))
 
 
 def _compile(job):
-    bits, plan = job
+    bits, i = job
     launch = importlib.import_module("rotorq.cuda._launch")
-    ts = importlib.import_module("rotorq.cuda.tiled_scores")
     from rotorq.cuda._jit import kernel_signature
     t0 = time.perf_counter()
-    kern = ts.one_query_kernel(D, bits, plan=plan)
-    launch.compile_ptx(kern, kernel_signature(_args(bits)), (9, 0))
-    return f"{bits}-bit {plan}", time.perf_counter() - t0
+    label, make, m = variants(bits)[i]
+    launch.compile_ptx(make(), kernel_signature(_args(bits, m)), (9, 0))
+    return f"{bits}-bit {label}", time.perf_counter() - t0
 
 
 def precompile():
     import concurrent.futures
     import multiprocessing
-    jobs = [(b, p) for b, plans in PLANS.items() for p in plans]
+    jobs = [(b, i) for b in PLANS for i in range(len(variants(b)))]
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(min(8, len(jobs)), mp_context=ctx) as pool:
         return dict(pool.map(_compile, jobs))
@@ -77,14 +94,11 @@ def measure(log2ns, rng):
     from gpu_bench import buffers, code_buffers, kernel_time
     api = importlib.import_module("rotorq.cuda.api")
     launch = importlib.import_module("rotorq.cuda._launch")
-    ts = importlib.import_module("rotorq.cuda.tiled_scores")
     rows = []
-    for bits, plans in PLANS.items():
+    for bits in PLANS:
         tq = rotorq.TurboQuant(D, bits)
         k = tq._consts(cp)
         cent = k["centroids"]
-        qrot = api.rotate(cp.asarray(rng.standard_normal((1, D)), cp.float32),
-                          tq.rotation).reshape(1, 1, D)
         zero = cp.zeros(1, cp.int64)
         for log2n in log2ns:
             n = 1 << log2n
@@ -96,30 +110,35 @@ def measure(log2ns, rng):
             del xs
             tx = [torch.randn((n, D), dtype=torch.float16, device="cuda")
                   for _ in range(max(2, len(keys) // 4))]
-            q16 = torch.randn((1, D), dtype=torch.float16, device="cuda")
-            base = kernel_time_torch(lambda kk, q16=q16: q16 @ kk.T, tx, reps)
+            base = {}
+            for m in (1, 8):
+                q16 = torch.randn((m, D), dtype=torch.float16, device="cuda")
+                base[m] = kernel_time_torch(lambda kk, q16=q16: q16 @ kk.T, tx, reps)
             del tx
-            ref = None
-            for plan in plans:
-                kern = ts.one_query_kernel(D, bits, plan=plan)
+            refs = {}
+            for label, make, m in variants(bits):
+                kern = make()
+                qrot = api.rotate(cp.asarray(rng.standard_normal((m, D)), cp.float32),
+                                  tq.rotation).reshape(1, m, D) if m not in refs else refs[m][0]
                 tiles = -(-n // kern.keys_per_tile)
                 gx = max(1, min(tiles, api._sm_count() * kern.launch_bounds[1]))
 
-                def call(kn, kern=kern, gx=gx, n=n, head=(qrot, zero), tail=(zero, cent)):
-                    out = cp.empty((1, 1, n), cp.float32)
+                def call(kn, kern=kern, gx=gx, n=n, m=m, head=(qrot, zero), tail=(zero, cent)):
+                    out = cp.empty((1, m, n), cp.float32)
                     launch.launch(kern, (gx, 1, 1), (kern.threads, 1), 0,
                                   head + kn + tail + (out,))
                     return out
                 secs = kernel_time(call, keys, reps)
                 got = call(keys[0])
-                if ref is None:
-                    ref = got
+                if m not in refs:
+                    refs[m] = (qrot, got)
+                ref = refs[m][1]
                 diff = float(cp.abs(got - ref).max() / cp.abs(ref).max())
-                nbytes = n * (D * bits // 8 + 4 + 4)
-                rows.append((bits, plan, log2n, wavefronts(bits, plan), secs * 1e6,
-                             nbytes / secs / 1e12, base * 1e6, base / secs, diff))
+                nbytes = n * (D * bits // 8 + 4 + 4 * m)
+                rows.append((bits, label, log2n, wavefronts(bits, label), secs * 1e6,
+                             nbytes / secs / 1e12, base[m] * 1e6, base[m] / secs, diff))
+                print(*rows[-1], flush=True)
             del keys
-            print(*rows[-len(plans):], sep="\n", flush=True)
     return rows
 
 
@@ -158,11 +177,12 @@ def main():
     card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     lines = [f"Run: `python3 benchmarks/gpu_score_tables.py` — {card}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
-             "| bits | plan (G, fp16) | N | model wavefronts / 32 keys | µs (kernel) | TB/s "
-             "| torch fp16 q·Kᵀ µs | × torch | max Δ / max score vs first plan |",
+             "| bits | kernel: plan (G, fp16), first tile's loads | N "
+             "| model wavefronts / 32 keys | µs (kernel) | TB/s "
+             "| torch fp16 q·Kᵀ µs (same rows) | × torch | max Δ / max score vs first row |",
              "| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for bits, plan, log2n, wf, us, tbs, base, ratio, diff in rows:
-        lines.append(f"| {bits} | {plan} | 2^{log2n} | {wf:.0f} | {us:.1f} | {tbs:.2f} | "
+    for bits, label, log2n, wf, us, tbs, base, ratio, diff in rows:
+        lines.append(f"| {bits} | {label} | 2^{log2n} | {wf:.0f} | {us:.1f} | {tbs:.2f} | "
                      f"{base:.1f} | {ratio:.2f} | {diff:.1e} |")
     text = "\n".join(lines) + "\n"
     os.makedirs(args.out, exist_ok=True)

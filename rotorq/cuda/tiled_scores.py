@@ -149,16 +149,17 @@ def _stage_lines(gen_w, threads, keys, stride):
     return fetch, store
 
 
-def one_query_kernel(big_d, bits, threads=THREADS, plan=None):
+def one_query_kernel(big_d, bits, threads=THREADS, plan=None, early=True):
     """Score kernel of one query row: ``(qrot f32 (Bq, M, D), qmap i64 (B,), cw u32 (Bk·N·W,),
     norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32 (B, 1, N))``.
 
     Grid: x strides over tiles of ``threads`` keys (one key per thread), y over output
-    batches. ``plan``: ``(G, half)`` instead of :func:`table_plan`'s (benchmarks compare
-    them). See the module docstring.
+    batches. ``plan``: ``(G, half)`` instead of :func:`table_plan`'s; ``early``: issue the
+    loads of the block's first code tile before the table build, which then hides their
+    latency (benchmarks compare both). See the module docstring.
     """
     G, half = plan or table_plan(big_d, bits)
-    key = ("one", big_d, bits, threads, G, half)
+    key = ("one", big_d, bits, threads, G, half, early)
     if key in _kernels:
         return _kernels[key]
     gb = G * bits
@@ -191,8 +192,13 @@ def one_query_kernel(big_d, bits, threads=THREADS, plan=None):
           "    b = cuda.blockIdx.y",
           "    while b < n_b:",
           "        qb = qmap[b]",
-          "        kb = kmap[b]",
-          "        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
+          "        kb = kmap[b]"]
+    first_tile = ["        tile = cuda.blockIdx.x",
+             "        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
+    first_tile += fetch("        ", "tile")
+    if early:
+        L += first_tile
+    L += ["        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
           # the query row in shared memory first: the table loop then waits on no global load
           "        t = tid",
           "        m = np.float32(0.0)",
@@ -228,16 +234,11 @@ def one_query_kernel(big_d, bits, threads=THREADS, plan=None):
           f"            v = {qv(0)} * cs[e & {levels - 1}]"]
     for j in range(1, G):
         L.append(f"            v += {qv(j)} * cs[(e >> {j * bits}) & {levels - 1}]")
-    if half:
-        L += [f"            tab[p, e & {(1 << gb) - 1}] = U16(half_bits(v))",
-              f"            e += {threads}",
-              "        tile = cuda.blockIdx.x"]
-    else:
-        L += [f"            tab[p, e & {(1 << gb) - 1}] = v",
-              f"            e += {threads}",
-              "        tile = cuda.blockIdx.x"]
-    L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
-    L += fetch("        ", "tile")
+    entry = "U16(half_bits(v))" if half else "v"
+    L += [f"            tab[p, e & {(1 << gb) - 1}] = {entry}",
+          f"            e += {threads}"]
+    if not early:
+        L += first_tile
     L += ["        while tile < n_tiles:"]
     L += store("            ")
     L += ["            cuda.syncthreads()",
@@ -282,15 +283,16 @@ def one_query_kernel(big_d, bits, threads=THREADS, plan=None):
     return kern
 
 
-def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
+def group_kernel(big_d, bits, warps=WARPS, steps=STEPS, early=True):
     """Tensor-core score kernel of 2–8 query rows per pass: ``(qrot f32 (Bq, M, D), qmap i64
     (B,), cw u32 (Bk·N·W,), norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32
     (B, M, N))``.
 
     Grid: x strides over tiles of ``16·warps·steps`` keys, y over output batches, z over
-    chunks of 8 query rows; ``32·warps`` threads. See the module docstring.
+    chunks of 8 query rows; ``32·warps`` threads; ``early`` as in :func:`one_query_kernel`.
+    See the module docstring.
     """
-    key = ("group", big_d, bits, warps, steps)
+    key = ("group", big_d, bits, warps, steps, early)
     if key in _kernels:
         return _kernels[key]
     threads = 32 * warps
@@ -338,8 +340,13 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
           "    b = cuda.blockIdx.y",
           "    while b < n_b:",
           "        qb = qmap[b]",
-          "        kb = kmap[b]",
-          "        cuda.syncthreads()",
+          "        kb = kmap[b]"]
+    first_tile = ["        tile = cuda.blockIdx.x",
+             "        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
+    first_tile += fetch("        ", "tile")
+    if early:
+        L += first_tile
+    L += ["        cuda.syncthreads()",
           # the chunk's query rows in shared memory (coalesced, zeros past count), then
           # max|q| per row in 16 partial maxima: no serial chain of global loads per launch
           "        e = tid",
@@ -377,9 +384,8 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS):
             o = 4 * c + 2 * h
             L.append(f"        qb{c}_{h} = half_bits(sg * qsh[qr, qo + {o}]) | "
                      f"(half_bits(sg * qsh[qr, qo + {o + 1}]) << U32(16))")
-    L += ["        tile = cuda.blockIdx.x"]
-    L += ["        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
-    L += fetch("        ", "tile")
+    if not early:
+        L += first_tile
     L += ["        while tile < n_tiles:"]
     L += store("            ")
     L += ["            cuda.syncthreads()",
