@@ -31,15 +31,23 @@ the 8-row tensor-core kernel, also before it (``early``, the new default)."""
 
 
 def variants(bits):
-    """``(label, kernel factory, query rows)`` measured at ``bits``."""
+    """``(label, kernel factory, query rows, blocks per SM)`` measured at ``bits``."""
     from rotorq.cuda import tiled_scores as ts
-    out = [(f"{p} late", lambda p=p: ts.one_query_kernel(D, bits, plan=p, early=False), 1)
-           for p in PLANS[bits]]
+    per_sm = ts.BLOCKS_PER_SM
+    out = [(f"{p} late", lambda p=p: ts.one_query_kernel(D, bits, plan=p, early=False), 1,
+            per_sm) for p in PLANS[bits]]
     plan = ts.table_plan(D, bits)
-    out.append((f"{plan} early", lambda: ts.one_query_kernel(D, bits, plan=plan), 1))
+    out.append((f"{plan} early", lambda: ts.one_query_kernel(D, bits, plan=plan), 1, per_sm))
+    if bits == 3:  # fewer blocks per SM: fewer table builds, fewer loads in flight
+        for k in (4, 5):
+            out.append((f"{plan} early, {k} blocks/SM",
+                        lambda: ts.one_query_kernel(D, bits, plan=plan), 1, k))
+        out.append((f"{plan} early, 256 threads × 3 blocks/SM",
+                    lambda: ts.one_query_kernel(D, bits, 256, plan=plan), 1, 3))
     out.append(("8 rows, tensor cores, late",
-                lambda: ts.group_kernel(D, bits, early=False), 8))
-    out.append(("8 rows, tensor cores, early", lambda: ts.group_kernel(D, bits), 8))
+                lambda: ts.group_kernel(D, bits, early=False), 8, ts.GROUP_BLOCKS_PER_SM))
+    out.append(("8 rows, tensor cores, early", lambda: ts.group_kernel(D, bits), 8,
+                ts.GROUP_BLOCKS_PER_SM))
     return out
 
 
@@ -71,7 +79,7 @@ def _compile(job):
     launch = importlib.import_module("rotorq.cuda._launch")
     from rotorq.cuda._jit import kernel_signature
     t0 = time.perf_counter()
-    label, make, m = variants(bits)[i]
+    label, make, m, _ = variants(bits)[i]
     launch.compile_ptx(make(), kernel_signature(_args(bits, m)), (9, 0))
     return f"{bits}-bit {label}", time.perf_counter() - t0
 
@@ -116,12 +124,12 @@ def measure(log2ns, rng):
                 base[m] = kernel_time_torch(lambda kk, q16=q16: q16 @ kk.T, tx, reps)
             del tx
             refs = {}
-            for label, make, m in variants(bits):
+            for label, make, m, per_sm in variants(bits):
                 kern = make()
                 qrot = api.rotate(cp.asarray(rng.standard_normal((m, D)), cp.float32),
                                   tq.rotation).reshape(1, m, D) if m not in refs else refs[m][0]
                 tiles = -(-n // kern.keys_per_tile)
-                gx = max(1, min(tiles, api._sm_count() * kern.launch_bounds[1]))
+                gx = max(1, min(tiles, api._sm_count() * per_sm))
 
                 def call(kn, kern=kern, gx=gx, n=n, m=m, head=(qrot, zero), tail=(zero, cent)):
                     out = cp.empty((1, m, n), cp.float32)

@@ -170,6 +170,7 @@ def one_query_kernel(big_d, bits, threads=THREADS, plan=None, early=True):
     S = _pick_stride(W, lambda s: [[t * s + w for t in range(32)] for w in range(W)])
     parts = 4
     red = min(32, threads)
+    blocks = max(1, min(32, BLOCKS_PER_SM * THREADS // threads))  # same registers per thread
     fetch, store = _stage_lines(W, threads, threads, S)
     L = ["def score_one_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
          f"    tab = cuda.shared.array(({groups}, {1 << gb}), "
@@ -228,15 +229,30 @@ def one_query_kernel(big_d, bits, threads=THREADS, plan=None, early=True):
     def qv(j):
         return f"(qs[{G} * p + {j}] * sq)" if half else f"qs[{G} * p + {j}]"
 
-    L += ["        e = tid",
-          f"        while e < {size}:",
-          f"            p = e >> {gb}",
-          f"            v = {qv(0)} * cs[e & {levels - 1}]"]
-    for j in range(1, G):
-        L.append(f"            v += {qv(j)} * cs[(e >> {j * bits}) & {levels - 1}]")
     entry = "U16(half_bits(v))" if half else "v"
-    L += [f"            tab[p, e & {(1 << gb) - 1}] = {entry}",
-          f"            e += {threads}"]
+    per = 1 << gb
+    if threads % per == 0 and groups % (threads // per) == 0:
+        # a thread's entries share their column (its centroids, scaled once) across groups
+        rows = threads // per
+        L += [f"        col = tid & {per - 1}",
+              f"        p = tid >> {gb}"]
+        for j in range(G):
+            c = f"cs[(col >> {j * bits}) & {levels - 1}]"
+            L.append(f"        c{j} = {c} * sq" if half else f"        c{j} = {c}")
+        L += [f"        for i in range({groups // rows}):",
+              f"            v = qs[{G} * p] * c0"]
+        L += [f"            v += qs[{G} * p + {j}] * c{j}" for j in range(1, G)]
+        L += [f"            tab[p, col] = {entry}",
+              f"            p += {rows}"]
+    else:
+        L += ["        e = tid",
+              f"        while e < {size}:",
+              f"            p = e >> {gb}",
+              f"            v = {qv(0)} * cs[e & {levels - 1}]"]
+        for j in range(1, G):
+            L.append(f"            v += {qv(j)} * cs[(e >> {j * bits}) & {levels - 1}]")
+        L += [f"            tab[p, e & {per - 1}] = {entry}",
+              f"            e += {threads}"]
     if not early:
         L += first_tile
     L += ["        while tile < n_tiles:"]
@@ -271,12 +287,12 @@ def one_query_kernel(big_d, bits, threads=THREADS, plan=None, early=True):
           "            cuda.syncthreads()",
           "            tile = nxt",
           "        b += cuda.gridDim.y",
-          f"# launch bounds ({threads}, {BLOCKS_PER_SM})"]
+          f"# launch bounds ({threads}, {blocks})"]
     kern = _build("score_one_tiled", L, {"U64": np.uint64, "U16": np.uint16,
                                           "half_bits": half_bits, "half_float": half_float})
     kern.keys_per_tile = threads
     kern.threads = threads
-    kern.launch_bounds = (threads, BLOCKS_PER_SM)
+    kern.launch_bounds = (threads, blocks)
     kern.table_group = G
     kern.table_half = half
     _kernels[key] = kern

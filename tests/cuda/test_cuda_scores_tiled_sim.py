@@ -68,6 +68,19 @@ def test_one_query_matches_cpu(big_d, bits):
         np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("big_d,bits,threads", ((64, 2, 16), (64, 4, 32), (64, 3, 64)))
+def test_one_query_column_table_build(big_d, bits, threads):
+    """Blocks a multiple of the table width build it by columns (each thread one column's
+    centroids, for every ``threads / width``-th group): same scores as the CPU."""
+    args, expected = _case(big_d, bits, 1, 3 * big_d + bits)
+    kern = ts.one_query_kernel(big_d, bits, threads)
+    assert "col = tid &" in kern.rotorq_source
+    kern[(2, 2), threads](*args)
+    out = args[-1]
+    err = np.abs(out - expected).max() / np.abs(expected).max()
+    assert err < ts.tolerance(big_d, bits, 1), err
+
+
 @pytest.mark.parametrize("scale", (1e-6, 1e4))
 def test_one_query_half_table_scaling(scale):
     """Float16 tables hold the query scaled by 1/max|q|: tiny and large queries keep the same
