@@ -25,25 +25,25 @@ D = 128
 PLANS = {2: ((4, False), (2, False), (4, True)),
          3: ((2, False), (2, True), (1, False)),
          4: ((1, False), (2, True))}
-"""Plans per bit width; the first is the previous default. Each runs with the first tile's
-loads issued after the table build (``late``, as before) and, for the new default plan and
-the 8-row tensor-core kernel, also before it (``early``, the new default)."""
+"""Plans per bit width; the first is the previous default. Each runs as before (blocks of
+128 threads, the first tile's loads issued after the table build: ``late``); the new plan
+also with those loads issued first (``early``) and in blocks of 256 threads (the default);
+the 8-row tensor-core kernel late and early."""
 
 
 def variants(bits):
     """``(label, kernel factory, query rows, blocks per SM)`` measured at ``bits``."""
     from rotorq.cuda import tiled_scores as ts
     per_sm = ts.BLOCKS_PER_SM
-    out = [(f"{p} late", lambda p=p: ts.one_query_kernel(D, bits, plan=p, early=False), 1,
-            per_sm) for p in PLANS[bits]]
+    out = [(f"{p} late, 128 threads",
+            lambda p=p: ts.one_query_kernel(D, bits, 128, plan=p, early=False), 1, per_sm)
+           for p in PLANS[bits]]
     plan = ts.table_plan(D, bits)
-    out.append((f"{plan} early", lambda: ts.one_query_kernel(D, bits, plan=plan), 1, per_sm))
-    if bits == 3:  # fewer blocks per SM: fewer table builds, fewer loads in flight
-        for k in (4, 5):
-            out.append((f"{plan} early, {k} blocks/SM",
-                        lambda: ts.one_query_kernel(D, bits, plan=plan), 1, k))
-        out.append((f"{plan} early, 256 threads × 3 blocks/SM",
-                    lambda: ts.one_query_kernel(D, bits, 256, plan=plan), 1, 3))
+    out.append((f"{plan} early, 128 threads",
+                lambda: ts.one_query_kernel(D, bits, 128, plan=plan), 1, per_sm))
+    one = ts.one_query_kernel(D, bits, plan=plan)
+    out.append((f"{plan} early, {one.threads} threads (default)", lambda: one, 1,
+                one.launch_bounds[1]))
     out.append(("8 rows, tensor cores, late",
                 lambda: ts.group_kernel(D, bits, early=False), 8, ts.GROUP_BLOCKS_PER_SM))
     out.append(("8 rows, tensor cores, early", lambda: ts.group_kernel(D, bits), 8,

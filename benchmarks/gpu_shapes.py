@@ -2,8 +2,11 @@
 
 For each (d, bits), at N = 2^20 fp16 vectors: Hadamard quantize, scores for 1 query and for
 a GQA group of 8, and the standalone WHT (fp16 in and out), each with its bytes, the floor at
-2.98 TB/s (PERFORMANCE.md) and the time as a multiple of it. Only the default kernels run
-(no row-per-thread comparisons: their compile takes minutes per shape).
+the bandwidth of a preallocated cupy copy measured in the same run, and the time as a multiple
+of it. Kernel time: each call's launches recorded once and replayed
+(``gpu_bench.kernel_time``), so the host's work per call (more than some of these kernels
+take) is not timed. Only the default kernels run (no row-per-thread comparisons: their
+compile takes minutes per shape).
 
 Run on the GPU machine: ``python3 benchmarks/gpu_shapes.py --out DIR`` (writes
 ``gpu_shapes.md``).
@@ -20,11 +23,12 @@ import numpy as np
 import rotorq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import api, buffers, code_buffers, device_time
+from gpu_bench import api, buffers, code_buffers, device_time, kernel_time
 
 from rotorq.cuda import tiled, tiled_scores
 
-FLOOR_TBS = 2.98
+FLOOR_TBS = [2.98]
+"""Bandwidth of the floors (TB/s): PERFORMANCE.md's H100 value until ``main`` measures it."""
 SHAPES = ((64, 3), (128, 3), (256, 3), (128, 2), (128, 4))
 
 
@@ -36,12 +40,12 @@ def rows_for(d, bits, n, rng):
     out = []
 
     def add(op, secs, nbytes):
-        floor = nbytes / (FLOOR_TBS * 1e12)
+        floor = nbytes / (FLOOR_TBS[0] * 1e12)
         out.append((d, bits, op, secs * 1e6, nbytes / secs / 1e12, floor * 1e6, secs / floor))
 
     assert tiled.quantize_applies("hadamard", d, d, bits, np.dtype("float16"), 0)
     assert tiled.applies(d)
-    secs = device_time(lambda x: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"],
+    secs = kernel_time(lambda x: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"],
                                               bits, False, None), xs, reps)
     add("quantize hadamard fp16", secs, n * (2 * d + d * bits // 8 + 2))
     keys = code_buffers(xs, tq, bits)
@@ -51,12 +55,12 @@ def rows_for(d, bits, n, rng):
             continue
         qrot = api.rotate(cp.asarray(rng.standard_normal((heads, d)), cp.float32),
                           tq.rotation).reshape(1, heads, d)
-        secs = device_time(lambda kn, qrot=qrot: api.scores(
+        secs = kernel_time(lambda kn, qrot=qrot: api.scores(
             qrot, None, zero, kn[0], kn[1], None, None, zero, k["centroids"], bits, 0.0),
             keys, reps)
         add(f"scores, {heads} quer{'y' if heads == 1 else 'ies'}", secs,
             n * (d * bits // 8 + 2 + 4 * heads))  # codes + fp16 norm read, fp32 scores written
-    secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
+    secs = kernel_time(lambda x: api.wht(x, cp.float16), xs, reps)
     add("WHT fp16 -> fp16", secs, n * 4 * d)
     return out
 
@@ -68,6 +72,11 @@ def main():
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
+    src = cp.ones(1 << 29, cp.uint8)
+    dst = cp.empty_like(src)
+    secs = device_time(lambda pair: cp.copyto(*pair), [(dst, src)], 20)
+    FLOOR_TBS[0] = 2 * src.nbytes / secs / 1e12
+    del src, dst
     rows = []
     for d, bits in SHAPES:
         rows += rows_for(d, bits, 1 << args.log2n, rng)
@@ -75,7 +84,8 @@ def main():
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     lines = [f"# tiled kernels at other shapes — {name}, N = 2^{args.log2n}, fp16 in, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{time.perf_counter() - t0:.0f} s (compiles included)", "",
+             f"{time.perf_counter() - t0:.0f} s (compiles included); kernel times; floors at "
+             f"{FLOOR_TBS[0]:.2f} TB/s (a preallocated cupy copy, same run)", "",
              "| d | bits | op | µs | TB/s | floor µs | × floor |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {d} | {b} | {op} | {us:.1f} | {tbs:.2f} | {fl:.1f} | {x:.2f} |"
               for d, b, op, us, tbs, fl, x in rows]
