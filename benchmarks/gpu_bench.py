@@ -6,8 +6,8 @@ input, scores against packed keys (1 query, a GQA group of 8), the standalone WH
 ``rotorq.cuda.tiled`` (the default) and, marked "(row per thread)", with those of
 ``rotorq.cuda.fast`` (``api.TILED = False``; below ``api.FAST_MIN_ROWS`` rows both use the
 generic kernels). Scores (1 query, 8 queries) run twice too: with ``rotorq.cuda.tiled_scores``
-(``api.TILED_SCORES``, the default: codes staged through shared memory; float32 pair tables
-for 1 query, tensor cores for 8) and, marked "(fast.py, untiled)", with
+(``api.TILED_SCORES``, the default: codes staged through shared memory; float16 pair tables
+for 1 query at 3 bits, tensor cores for 8) and, marked "(fast.py, untiled)", with
 ``rotorq.cuda.fast``. Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
 quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
 back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
@@ -197,7 +197,7 @@ def bench_size(n, rng, tqs, add):
             secs = device_time(call, keys, reps)
             add(f"scores 3-bit, {label}{'' if tiled else ' (fast.py, untiled)'}", n, secs,
                 n * (D * BITS // 8 + 4 + 4 * heads),
-                ("tiled_scores: " + ("float32 pair table" if heads == 1 else "tensor cores"))
+                ("tiled_scores: " + ("float16 pair table" if heads == 1 else "tensor cores"))
                 if tiled else "")
             if tiled:
                 add(f"scores 3-bit, {label} (kernel)", n, kernel_time(call, keys, reps),

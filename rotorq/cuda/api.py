@@ -302,9 +302,10 @@ from . import tiled_scores as _tscores  # noqa: E402
 TILED_SCORES = os.environ.get("ROTORQ_CUDA_TILED_SCORES", "1") != "0"
 """From ``FAST_MIN_KEYS`` keys, score MSE keys with the kernels of
 :mod:`rotorq.cuda.tiled_scores` (codes staged through shared memory with coalesced loads; one
-query row: float32 pair tables, 2–8 rows per pass: tensor cores, scores within ~1e-3 of the
-float32 path relative to the largest score); ``False`` (or ``ROTORQ_CUDA_TILED_SCORES=0``): the
-kernels of :mod:`rotorq.cuda.fast`, kept for comparison."""
+query row: lookup tables, float32 at 2 and 4 bits, float16 at 3 bits; 2–8 rows per pass:
+tensor cores; the float16 paths score within ~1e-3 of the float32 path relative to the
+largest score, :func:`rotorq.cuda.tiled_scores.tolerance`); ``False`` (or
+``ROTORQ_CUDA_TILED_SCORES=0``): the kernels of :mod:`rotorq.cuda.fast`, kept for comparison."""
 
 
 def _tiled_scores(qrot, qmap, codes, norms, kmap, centroids, nbits, out):
