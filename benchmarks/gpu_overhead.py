@@ -43,6 +43,21 @@ def host_us(fn, reps=1000):
     return min(times) * 1e6
 
 
+def issue_us(fn, reps=300):
+    """Host µs per call, the sync after the loop not timed: what the CPU spends issuing it
+    (:func:`host_us` is bound by the GPU instead when each launch's kernel takes longer)."""
+    fn()
+    cp.cuda.runtime.deviceSynchronize()
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - t0) / reps)
+        cp.cuda.runtime.deviceSynchronize()
+    return min(times) * 1e6
+
+
 def measure(torch_init):
     tq = rotorq.TurboQuant(D, BITS)
     k = tq._consts(cp)
@@ -77,6 +92,11 @@ def measure(torch_init):
     out["piece: bare driver launch (prepared buffer)"] = host_us(
         lambda: driver.launchKernel(fn, 8, 1, 1, 128, 1, 1, 4 * (D + 8), stream.ptr, 0,
                                         extra))
+    out["piece: bare driver launch, host issue only"] = issue_us(
+        lambda: driver.launchKernel(fn, 8, 1, 1, 128, 1, 1, 4 * (D + 8), stream.ptr, 0,
+                                        extra))
+    out["backend scores, host issue only"] = issue_us(
+        lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0))
     out["piece: launch() incl. packing"] = host_us(
         lambda: launch_mod.launch(kern, (8, 1, 1), (128, 1), 4 * (D + 8), args))
     out["piece: cupy.empty(1024 float32)"] = host_us(lambda: cp.empty(N, cp.float32))
