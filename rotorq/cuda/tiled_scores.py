@@ -49,9 +49,11 @@ else:
 
 THREADS = 128
 """Threads per block of :func:`group_kernel`."""
-ONE_THREADS = 256
-"""Threads per block of :func:`one_query_kernel` (3 blocks per SM: fewer table builds than
-6 blocks of 128 threads; measured 30.6 → 28.4 µs for 2^20 3-bit keys on an H200)."""
+ONE_THREADS = {2: 256, 3: 256, 4: 128}
+"""Threads per block of :func:`one_query_kernel` by bits. Blocks of 256 threads (3 per SM)
+build half as many tables per SM as blocks of 128 (6 per SM): for 2^20 keys on an H200 3 bits
+took 27.9 instead of 30.3 µs, 2 bits 21.8 instead of 22.0, 4 bits 37.9 instead of 36.2
+(``benchmarks/gpu_score_tables.py``)."""
 WARPS = THREADS // 32
 """Warps per block of :func:`group_kernel`."""
 STEPS = 2
@@ -153,15 +155,17 @@ def _stage_lines(gen_w, threads, keys, stride):
     return fetch, store
 
 
-def one_query_kernel(big_d, bits, threads=ONE_THREADS, plan=None, early=True):
+def one_query_kernel(big_d, bits, threads=None, plan=None, early=True):
     """Score kernel of one query row: ``(qrot f32 (Bq, M, D), qmap i64 (B,), cw u32 (Bk·N·W,),
     norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32 (B, 1, N))``.
 
-    Grid: x strides over tiles of ``threads`` keys (one key per thread), y over output
-    batches. ``plan``: ``(G, half)`` instead of :func:`table_plan`'s; ``early``: issue the
-    loads of the block's first code tile before the table build, which then hides their
-    latency (benchmarks compare both). See the module docstring.
+    Grid: x strides over tiles of ``threads`` keys (one key per thread; default
+    :data:`ONE_THREADS`), y over output batches. ``plan``: ``(G, half)`` instead of
+    :func:`table_plan`'s; ``early``: issue the loads of the block's first code tile before
+    the table build, which then hides their latency (benchmarks compare both). See the
+    module docstring.
     """
+    threads = threads or ONE_THREADS.get(bits, THREADS)
     G, half = plan or table_plan(big_d, bits)
     key = ("one", big_d, bits, threads, G, half, early)
     if key in _kernels:
