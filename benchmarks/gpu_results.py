@@ -13,6 +13,7 @@ Usage: ``python -m benchmarks.gpu_results --kernels DIR --attention DIR --shapes
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 from pathlib import Path
@@ -95,16 +96,26 @@ def attention_section(folder: Path) -> str:
             "tokens.\n\n" + body + "\n")
 
 
-def shapes_section(folder: Path) -> str:
+def shapes_section(folder: Path, card: str = "H100") -> str:
     md = (folder / "gpu_shapes.md").read_text(encoding="utf-8")
     title, body = md.split("\n", 1)
-    return ("## Tiled kernels at other head dims and bit widths (H100)\n\n"
+    measured = re.search(r"floors at ([\d.]+) TB/s", title)
+    floor = (f"bytes at {measured.group(1)} TB/s (a preallocated cupy copy in the same run)"
+             if measured else "bytes at 2.98 TB/s (PERFORMANCE.md)")
+    return (f"## Tiled kernels at other head dims and bit widths ({card})\n\n"
             "Run: `python3 benchmarks/gpu_shapes.py` — the default (tiled) kernels at N = 2^20, "
             "fp16 in; scores read keys from enough code buffers to leave L2 (a single 52 MB "
-            "buffer stays partly resident and gave 43–95 µs for the same kernel). Floor: bytes "
-            "at 2.98 TB/s (PERFORMANCE.md); for scores the bytes are the codes and norms read "
+            "buffer stays partly resident and gave 43–95 µs for the same kernel). Floor: "
+            f"{floor}; for scores the bytes are the codes and norms read "
             "and the float32 scores written.\n\n"
             f"Run header: {title.lstrip('# ').strip()}\n\n" + body.strip() + "\n")
+
+
+def score_tables_section(folder: Path) -> str:
+    md = (folder / "gpu_score_tables.md").read_text(encoding="utf-8")
+    doc = importlib.import_module("benchmarks.gpu_score_tables").__doc__.split("\n\n")[1]
+    return ("## One-query score kernel: table plans against the shared-memory model\n\n"
+            + " ".join(doc.split()) + "\n\n" + md.strip() + "\n")
 
 
 def _overhead_table(folder: Path):
@@ -168,6 +179,11 @@ def main(argv=None):
     parser.add_argument("--shapes", type=Path, help="folder with gpu_shapes.md")
     parser.add_argument("--other-card", nargs=2, metavar=("DIR", "CARD"),
                         help="folder with gpu_bench.md (+ overhead_*.json) of a run on CARD")
+    parser.add_argument("--shapes-card", default="H100", help="the card of --shapes")
+    parser.add_argument("--score-tables", type=Path,
+                        help="folder with gpu_score_tables.md")
+    parser.add_argument("--suffix", default="",
+                        help="appended to the section names (keeps earlier runs' sections)")
     args = parser.parse_args(argv)
     sections = {}
     if args.kernels:
@@ -175,11 +191,13 @@ def main(argv=None):
     if args.attention:
         sections["gpu:attention"] = attention_section(args.attention)
     if args.shapes:
-        sections["gpu:shapes"] = shapes_section(args.shapes)
+        sections["gpu:shapes"] = shapes_section(args.shapes, args.shapes_card)
     if args.other_card:
         folder, card = args.other_card
         sections[f"gpu:{card.split()[-1].lower()}"] = card_section(Path(folder), card)
-    print(write_sections(sections))
+    if args.score_tables:
+        sections["gpu:score-tables"] = score_tables_section(args.score_tables)
+    print(write_sections({name + args.suffix: text for name, text in sections.items()}))
 
 
 if __name__ == "__main__":

@@ -121,6 +121,24 @@ def test_group_matches_cpu(big_d, bits, n_m, steps):
     assert err < 1e-3, err
 
 
+@pytest.mark.parametrize("which", ("one", "group"))
+def test_first_tile_order_gives_same_scores(which):
+    """The first tile's loads before (``early``) or after the table / query staging: the
+    same scores, bit for bit."""
+    m = 1 if which == "one" else 3
+    args, _ = _case(64, 2, m, 13)
+    out = {}
+    for early in (True, False):
+        if which == "one":
+            kern = ts.one_query_kernel(64, 2, 16, early=early)
+            kern[(2, 2), 16](*args)
+        else:
+            kern = ts.group_kernel(64, 2, warps=1, steps=1, early=early)
+            kern[(2, 2, 1), 32](*args)
+        out[early] = args[-1].copy()
+    np.testing.assert_array_equal(out[True], out[False])
+
+
 @pytest.mark.parametrize("scale", (1e-6, 1e4))
 def test_group_query_scaling(scale):
     """Rows are scaled by 1/max|q| before fp16 rounding: tiny and large queries keep the
