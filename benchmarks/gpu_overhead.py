@@ -29,8 +29,10 @@ from rotorq.cuda import api
 D, BITS, N = 128, 3, 1024
 
 
-def host_us(fn, reps=1000):
-    """Wall µs per call: the least of 7 averages over ``reps`` calls, synchronized after each."""
+def host_us(fn, reps=1000, time_sync=True):
+    """Wall µs per call: the least of 7 averages over ``reps`` calls, synchronized after each
+    average. ``time_sync=False``: the sync is not timed — what the CPU spends issuing the calls
+    (with it, a loop of launches whose kernels take longer than their launches times the GPU)."""
     fn()
     cp.cuda.runtime.deviceSynchronize()
     times = []
@@ -38,24 +40,15 @@ def host_us(fn, reps=1000):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
+        t1 = time.perf_counter()
         cp.cuda.runtime.deviceSynchronize()
-        times.append((time.perf_counter() - t0) / reps)
+        times.append(((time.perf_counter() if time_sync else t1) - t0) / reps)
     return min(times) * 1e6
 
 
 def issue_us(fn, reps=300):
-    """Host µs per call, the sync after the loop not timed: what the CPU spends issuing it
-    (:func:`host_us` is bound by the GPU instead when each launch's kernel takes longer)."""
-    fn()
-    cp.cuda.runtime.deviceSynchronize()
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        times.append((time.perf_counter() - t0) / reps)
-        cp.cuda.runtime.deviceSynchronize()
-    return min(times) * 1e6
+    """Host issue µs per call (:func:`host_us` without timing the sync)."""
+    return host_us(fn, reps, time_sync=False)
 
 
 def measure(torch_init):

@@ -99,7 +99,7 @@ def measure(log2ns, rng):
 
     import rotorq
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_bench import buffers, code_buffers, kernel_time
+    from gpu_bench import buffers, code_buffers, device_time, kernel_time
     api = importlib.import_module("rotorq.cuda.api")
     launch = importlib.import_module("rotorq.cuda._launch")
     rows = []
@@ -121,7 +121,7 @@ def measure(log2ns, rng):
             base = {}
             for m in (1, 8):
                 q16 = torch.randn((m, D), dtype=torch.float16, device="cuda")
-                base[m] = kernel_time_torch(lambda kk, q16=q16: q16 @ kk.T, tx, reps)
+                base[m] = device_time(lambda kk, q16=q16: q16 @ kk.T, tx, reps)
             del tx
             refs = {}
             for label, make, m, per_sm in variants(bits):
@@ -148,24 +148,6 @@ def measure(log2ns, rng):
                 print(*rows[-1], flush=True)
             del keys
     return rows
-
-
-def kernel_time_torch(fn, bufs, reps, trials=5):
-    import statistics
-
-    import cupy as cp
-    for b in bufs[:3]:
-        fn(b)
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    times = []
-    for _ in range(trials):
-        start.record()
-        for i in range(reps):
-            fn(bufs[i % len(bufs)])
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / reps)
-    return statistics.median(times)
 
 
 def main():

@@ -155,6 +155,22 @@ def _stage_lines(gen_w, threads, keys, stride):
     return fetch, store
 
 
+def _batch_loop(first_tile):
+    """Source of the grid-stride loop over output batches: their query and key batches,
+    then ``first_tile`` (the first tile's prefetch, when issued before the setup)."""
+    return ["    b = cuda.blockIdx.y",
+            "    while b < n_b:",
+            "        qb = qmap[b]",
+            "        kb = kmap[b]"] + first_tile
+
+
+def _first_tile(fetch):
+    """Source of the prefetch of a block's first tile (``tile``, ``cb``, ``lim``, ``a*``)."""
+    return (["        tile = cuda.blockIdx.x",
+             "        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
+            + fetch("        ", "tile"))
+
+
 def one_query_kernel(big_d, bits, threads=None, plan=None, early=True):
     """Score kernel of one query row: ``(qrot f32 (Bq, M, D), qmap i64 (B,), cw u32 (Bk·N·W,),
     norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32 (B, 1, N))``.
@@ -197,16 +213,9 @@ def one_query_kernel(big_d, bits, threads=None, plan=None, early=True):
           "    t = tid",
           f"    while t < {levels}:",
           "        cs[t] = centroids[t]",
-          f"        t += {threads}",
-          "    b = cuda.blockIdx.y",
-          "    while b < n_b:",
-          "        qb = qmap[b]",
-          "        kb = kmap[b]"]
-    first_tile = ["        tile = cuda.blockIdx.x",
-             "        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
-    first_tile += fetch("        ", "tile")
-    if early:
-        L += first_tile
+          f"        t += {threads}"]
+    first_tile = _first_tile(fetch)
+    L += _batch_loop(first_tile if early else [])
     L += ["        cuda.syncthreads()",  # cs ready; the previous batch's table no longer read
           # the query row in shared memory first: the table loop then waits on no global load
           "        t = tid",
@@ -360,16 +369,9 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS, early=False):
           f"    while e < {l2}:",
           f"        tabk[e] = half_bits(centroids[e & {lmask}]) | "
           f"(half_bits(centroids[e >> {bits}]) << U32(16))",
-          f"        e += {threads}",
-          "    b = cuda.blockIdx.y",
-          "    while b < n_b:",
-          "        qb = qmap[b]",
-          "        kb = kmap[b]"]
-    first_tile = ["        tile = cuda.blockIdx.x",
-             "        cb = U64(kb) * U64(total)", "        lim = cb + U64(total)"]
-    first_tile += fetch("        ", "tile")
-    if early:
-        L += first_tile
+          f"        e += {threads}"]
+    first_tile = _first_tile(fetch)
+    L += _batch_loop(first_tile if early else [])
     L += ["        cuda.syncthreads()",
           # the chunk's query rows in shared memory (coalesced, zeros past count), then
           # max|q| per row in 16 partial maxima: no serial chain of global loads per launch
