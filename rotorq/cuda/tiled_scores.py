@@ -36,6 +36,8 @@ a bank model) so that the reads of the scoring phase are conflict-free.
 on (default; ``ROTORQ_CUDA_TILED_SCORES=0`` selects the kernels of :mod:`rotorq.cuda.fast`).
 """
 
+import functools
+
 import numpy as np
 
 from ._jit import SIMULATOR
@@ -95,10 +97,41 @@ def group_size(big_d, bits):
     return table_plan(big_d, bits)[0]
 
 
+STATIC_SHARED = 48 * 1024
+"""Static shared memory a kernel may declare (more needs a dynamic opt-in)."""
+
+
+def _one_shared_bytes(big_d, bits, threads, plan):
+    """Static shared memory of :func:`one_query_kernel` for ``threads`` and ``plan``."""
+    g, half = plan
+    w = big_d * bits // 32
+    stride = _pick_stride(w, lambda s: [[t * s + k for t in range(32)] for k in range(w)])
+    table = (big_d // g) * (2 if half else 4) << (g * bits)
+    reduce = 4 * (threads + min(32, threads)) if half else 0
+    return table + 4 * (threads * stride + (1 << bits) + big_d) + reduce
+
+
+@functools.cache
+def one_query_config(big_d, bits):
+    """``(threads, (G, half))`` of :func:`one_query_kernel` for this shape: :func:`table_plan`
+    in blocks of :data:`ONE_THREADS`, else in blocks of 128 threads, else smaller float32
+    tables — the first whose shared memory fits :data:`STATIC_SHARED`; None when none does."""
+    first = table_plan(big_d, bits)
+    plans = [first] + [(g, False) for g in (2, 1) if g < first[0] or first[1]]
+    for plan in plans:
+        g = plan[0]
+        if not g or g * bits > 8 or big_d % g:
+            continue
+        for threads in dict.fromkeys((ONE_THREADS.get(bits, THREADS), THREADS)):
+            if _one_shared_bytes(big_d, bits, threads, plan) <= STATIC_SHARED:
+                return threads, plan
+    return None
+
+
 def tolerance(big_d, bits, n_m):
     """Largest error of the tiled kernels' scores, relative to the largest score, against the
     float32 CPU path: 2e-5 for float32 tables, 1e-3 for float16 ones and tensor cores."""
-    if n_m == 1 and not table_plan(big_d, bits)[1]:
+    if n_m == 1 and not (one_query_config(big_d, bits) or (0, (0, False)))[1][1]:
         return 2e-5
     return 1e-3
 
@@ -108,7 +141,7 @@ def applies(big_d, bits, n_m):
     if not 2 <= bits <= 4 or big_d > 512 or big_d * bits % 32:
         return False
     if n_m == 1:
-        return group_size(big_d, bits) > 0
+        return one_query_config(big_d, bits) is not None
     return n_m >= 2 and big_d % 16 == 0 and big_d * bits % 128 == 0
 
 
@@ -181,11 +214,12 @@ def one_query_kernel(big_d, bits, threads=None, plan=None, early=True):
     the table build, which then hides their latency (benchmarks compare both). See the
     module docstring.
     """
-    threads = threads or ONE_THREADS.get(bits, THREADS)
-    G, half = plan or table_plan(big_d, bits)
-    key = ("one", big_d, bits, threads, G, half, early)
+    key = ("one", big_d, bits, threads, plan, early)  # looked up on every scores call
     if key in _kernels:
         return _kernels[key]
+    default = one_query_config(big_d, bits) or (THREADS, table_plan(big_d, bits))
+    threads = threads or default[0]
+    G, half = plan or default[1]
     gb = G * bits
     groups = big_d // G
     size = groups << gb

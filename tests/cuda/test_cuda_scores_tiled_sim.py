@@ -162,6 +162,16 @@ def test_applies_and_strides():
     assert not ts.applies(96, 3, 8)  # D·bits not a multiple of 128: lanes' words not aligned
     assert ts.group_size(128, 3) == 2 and ts.group_size(128, 2) == 2
     assert ts.group_size(128, 4) == 1
+    # the one-query kernel's static shared memory fits 48 KB at every size it takes: smaller
+    # blocks, then smaller float32 tables, else not applicable (4 bits from D = 384)
+    for d in range(32, 513, 32):
+        for bits in (2, 3, 4):
+            config = ts.one_query_config(d, bits)
+            assert (config is not None) == ts.applies(d, bits, 1)
+            if config:
+                assert ts._one_shared_bytes(d, bits, *config) <= ts.STATIC_SHARED
+    assert ts.one_query_config(512, 3) == (128, (1, False))
+    assert ts.one_query_config(384, 4) is None and not ts.applies(512, 4, 1)
     # a group's table within the 32 banks' 128 bytes: one wavefront per random warp lookup
     for d, bits in ((128, 2), (128, 3), (128, 4), (96, 2), (256, 3)):
         g, half = ts.table_plan(d, bits)
