@@ -413,3 +413,26 @@ def test_tiled_scores_match_cpu(monkeypatch, bits, heads):
     _record(f"tiled scores {bits}-bit {heads} queries", want.size, 0, max_rel_err=err)
     assert err < api._tscores.tolerance(128, bits, heads), err
     assert np.abs(got[False] - want).max() / scale < 2e-5
+
+
+@pytest.mark.parametrize("d,bits", ((384, 2), (384, 3), (512, 2), (512, 3), (512, 4)))
+def test_one_query_large_dims(d, bits):
+    """Head dims where the one-query kernel's shared memory needs smaller blocks or tables
+    (rotorq.cuda.tiled_scores.one_query_config), and D = 512 at 4 bits, where no table fits
+    and the generic kernel scores: the public scores against the CPU. Keys are quantized on
+    the CPU (the GPU quantize kernels of these shapes take minutes to compile)."""
+    rng = np.random.default_rng()
+    ts = importlib.import_module("rotorq.cuda.tiled_scores")
+    rotation = "dense" if d == 384 else "hadamard"
+    tq = rotorq.TurboQuant(d, bits, rotation=rotation, norm_dtype="float32")
+    x = data(rng, (1, FAST_N // 2 + 809, d))
+    hk = tq.quantize(x)
+    origin = tq.quantize(cp.asarray(x[0, :2])).origin
+    keys = rotorq.QuantizedVectors({k: cp.asarray(v) for k, v in hk.parts.items()}, hk.config,
+                                   origin)
+    q = data(rng, (2, 1, d))[1:]
+    s = host(tq.scores(cp.asarray(q), keys))
+    want = tq.scores(q, hk)
+    err = np.abs(s - want).max() / np.abs(want).max()
+    assert (ts.one_query_config(d, bits) is None) == (d == 512 and bits == 4)
+    assert err < ts.tolerance(d, bits, 1), err
