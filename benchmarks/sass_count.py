@@ -7,6 +7,7 @@ instructions of the largest loop body (the grid-stride loop over tiles) by opcod
 
     python -m benchmarks.sass_count quantize --bits 3
     python -m benchmarks.sass_count one --bits 3
+    python -m benchmarks.sass_count attention --bits 3   (the tensor-core decode attention)
 """
 
 import argparse
@@ -42,6 +43,15 @@ def _kernel(which, d, bits, half):
         xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
         args = (xin, np.zeros(d, f32), np.zeros((1 << bits) - 1, f32),
                 np.zeros(1 << bits, f32), np.zeros(d * bits // 32, u32), np.zeros(1, f32))
+    elif which == "attention":
+        from rotorq.cuda import attention
+        kern = attention.attention_kernel(d, bits, d, bits)
+        f16, u16 = np.float16, np.uint16
+        args = (np.zeros((1, 8, d), f32), np.zeros((1, 4 * d * bits // 32), u32),
+                np.zeros((1, 4), f16), np.zeros(1 << bits, f32),
+                np.zeros((1, 4 * d * bits // 16), u16), np.zeros((1, 4), f16),
+                np.zeros(1 << bits, f32), 0, 0, 0, 0, np.zeros((1, 1, 8, d), f32),
+                np.zeros((1, 1, 8), f32), np.zeros((1, 1, 8), f32))
     elif which == "wht":
         kern = tiled.wht_kernel(d, half, half)
         a = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
@@ -62,7 +72,7 @@ def sass(kern, args):
 
     from rotorq.cuda._jit import kernel_signature
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0),
-                              launch_bounds=kern.launch_bounds)
+                              launch_bounds=getattr(kern, "launch_bounds", None))
     ptx = re.sub(r"^\.version \d+\.\d+", ".version 8.0", ptx, count=1, flags=re.M)
     with tempfile.TemporaryDirectory() as tmp:
         src, obj = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
@@ -95,7 +105,7 @@ def loop_body(text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=["quantize", "wht", "one", "group"])
+    ap.add_argument("kernel", choices=["quantize", "wht", "one", "group", "attention"])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")

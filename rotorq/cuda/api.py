@@ -524,8 +524,8 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         if fast is not None:
             kern = _att.attention_kernel(*fast)
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
-                   (qargs[0], k0[0].view(cp.uint32), k0[1], k0[4], v0[0].view(cp.uint16),
-                    v0[1], v0[2],
+                   (qargs[0], k0[0].view(cp.uint32).reshape(n_bh, -1), k0[1], k0[4],
+                    v0[0].view(cp.uint16).reshape(n_bh, -1), v0[1], v0[2],
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
             if key_bias is None:

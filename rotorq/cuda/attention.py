@@ -33,6 +33,8 @@ from .bits import read_code, unpack_value
 from .qjl import sign_dots
 
 _TWO_PI = 2.0 * math.pi
+LOG2E = float(np.float32(1.0 / math.log(2.0)))
+LN2 = float(np.float32(math.log(2.0)))
 _INV_TWO_PI = 1.0 / _TWO_PI
 
 ROWS = 8
@@ -371,6 +373,9 @@ FAST_WARPS = 4
 """Warps per block of the tensor-core kernel; each takes 16 tokens per step."""
 FAST_BLOCKS_PER_SM = 8
 """Blocks per SM the split count aims at (the hardware runs what fits)."""
+FAST_LAUNCH_BLOCKS = None
+"""Resident blocks per SM the tensor-core kernel's registers are capped for (its
+``launch_bounds``); None: the compiler's choice (128 registers at D = 128, 4 blocks)."""
 
 if SIMULATOR:
     def half_bits(f):
@@ -490,6 +495,22 @@ if SIMULATOR:
 
     def or32(a, b):
         return np.uint32(int(a) | int(b))
+
+    def add32(a, b):
+        """32-bit ``a + b`` (uint32, wrapping)."""
+        return np.uint32((int(a) + int(b)) & 0xFFFFFFFF)
+
+    def min32(a, b):
+        """Unsigned 32-bit ``min(a, b)``."""
+        return np.uint32(min(int(a), int(b)))
+
+    def exp2f(x):
+        """``2 ** x`` in float32 (``ex2.approx.ftz.f32`` on the device)."""
+        return np.float32(math.pow(2.0, float(x)))
+
+    def word_at(arr, off):
+        """The uint32 word of ``arr`` at byte offset ``off`` (a multiple of 4)."""
+        return arr[int(off) >> 2]
 else:
     def _binop32(op):
         def typer(typingctx, a, b):
@@ -502,6 +523,39 @@ else:
     shl32 = _binop32("shl")
     and32 = _binop32("and_")
     or32 = _binop32("or_")
+    add32 = _binop32("add")
+
+    @intrinsic
+    def min32(typingctx, a, b):
+        """Unsigned 32-bit ``min(a, b)`` (one instruction; Numba's ``min`` widens)."""
+        def codegen(context, builder, signature, args):
+            return builder.select(builder.icmp_unsigned("<", args[0], args[1]), args[0], args[1])
+        return types.uint32(types.uint32, types.uint32), codegen
+
+    @intrinsic
+    def word_at(typingctx, arr, off):
+        """The uint32 word of the 1-D uint32 array ``arr`` at byte offset ``off`` (uint32, a
+        multiple of 4): a table index built at bit 2 goes to the load as it is, where
+        ``arr[off >> 2]`` would be re-scaled (LLVM folds the shift back into the fields)."""
+        if not (isinstance(arr, types.Array) and arr.dtype == types.uint32 and arr.ndim == 1):
+            return None
+
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+            ptr = builder.gep(base, [builder.zext(args[1], ir.IntType(64))], inbounds=True)
+            return builder.load(builder.bitcast(ptr, ir.IntType(32).as_pointer()))
+        return types.uint32(arr, types.uint32), codegen
+
+    @intrinsic
+    def exp2f(typingctx, x):
+        """``ex2.approx.ftz.f32``: ``2 ** x`` in one MUFU instruction (``math.exp`` takes
+        about eight: a range reduction around the same MUFU)."""
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            fn = ir.InlineAsm(ir.FunctionType(f32, [f32]), "ex2.approx.ftz.f32 $0, $1;", "=f,f")
+            return builder.call(fn, args)
+        return types.float32(types.float32), codegen
 
 
 _fast_kernels: dict = {}
@@ -514,7 +568,8 @@ def _build(name, lines, env):
     filename = f"<rotorq.cuda.attention:{name}:{_counter[0]}>"
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
-           "U32": np.uint32, "shr32": shr32, "shl32": shl32, "and32": and32, "or32": or32}
+           "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
+           "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -554,11 +609,11 @@ def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
     return (int(dk), int(kbits), int(dv), int(vbits))
 
 
-def attention_kernel(big_dk, kbits, big_dv, vbits):
+def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
 
-    ``(q f32 (BH, R, DK), kc u32 (BH, cap, DK·kbits/32), kn f16 (BH, cap), kcent f32,
-    vc u16 (BH, cap, DV·vbits/16), vn f16 (BH, cap), vcent f32, n_keys, n_q, causal_offset,
+    ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·kbits/32), kn f16 (BH, cap), kcent f32,
+    vc u16 (BH, cap·DV·vbits/16), vn f16 (BH, cap), vcent f32, n_keys, n_q, causal_offset,
     chunk, acc_out f32 (BH, S, R, DV), max_out, sum_out f32 (BH, S, R))`` — the partials of
     the general kernel's contract. Grid ``(S, BH)``, :data:`FAST_WARPS` warps per block.
 
@@ -573,8 +628,15 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
     group ``g`` owns coordinates ``[g·DV/8, (g+1)·DV/8)``; ``p·ν`` is transposed to the B
     layout through a per-warp shared buffer. The block's warps merge in shared memory and
     write one partial per split.
+
+    Token indices are 32-bit and each lane reads its words through a view that starts at
+    its first word, so a row's address is one wide multiply-add; scores are kept in base 2
+    (the query carries log2 e; ``ex2.approx`` is one instruction) and turned back into
+    base e for ``max_out``; the accumulator rescale is skipped while no row max of the
+    warp moved (it would multiply by exactly 1).
     """
-    key = (big_dk, kbits, big_dv, vbits)
+    blocks = FAST_LAUNCH_BLOCKS if blocks is None else blocks
+    key = (big_dk, kbits, big_dv, vbits, blocks)
     if key in _fast_kernels:
         return _fast_kernels[key]
     kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
@@ -606,6 +668,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
           "    bh = cuda.blockIdx.y",
           "    n_rows = acc_out.shape[2]",
           "    neg_inf = np.float32(-math.inf)",
+          "    one = np.float32(1.0)",
           "    e = tid",
           f"    while e < {lk2}:",
           f"        tabk[e] = half_bits(kcent[e & {(1 << kbits) - 1}]) | "
@@ -617,7 +680,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
           f"(half_bits(vcent[e >> {vbits}]) << U32(16))",
           f"        e += {32 * W}",
           "    qr = min(g, n_rows - 1)",
-          "    qz = np.float32(1.0) if g < n_rows else np.float32(0.0)",
+          # scores in base 2: the query carries log2(e), the softmax uses ex2 (one MUFU)
+          f"    qz = np.float32({LOG2E!r}) if g < n_rows else np.float32(0.0)",
           f"    qo = t * {big_dk // 4}"]
     for c in range(kch):
         for h in range(2):
@@ -626,8 +690,14 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
                      f"(half_bits(qz * q[bh, qr, qo + {o + 1}]) << U32(16))")
     L += ["    ra = 2 * t",
           "    rb = 2 * t + 1",
-          "    lim_a = ra % n_q + causal_offset if ra < n_rows else -1",
-          "    lim_b = rb % n_q + causal_offset if rb < n_rows else -1",
+          "    t0 = s * chunk",
+          "    t1 = min(n_keys, t0 + chunk, n_q + causal_offset)",
+          "    last = U32(max(t1 - 1, 0))",
+          # tokens a row may see, as a count: ta < cnt (≤ t1) is the whole mask
+          "    cnt_a = U32(max(min(t1, ra % n_q + causal_offset + 1), 0)) if ra < n_rows "
+          "else U32(0)",
+          "    cnt_b = U32(max(min(t1, rb % n_q + causal_offset + 1), 0)) if rb < n_rows "
+          "else U32(0)",
           "    m_a = neg_inf",
           "    m_b = neg_inf",
           "    l_a = np.float32(0.0)",
@@ -635,41 +705,45 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
     for mt in range(mtiles):
         for i in range(4):
             L.append(f"    o{mt}_{i} = np.float32(0.0)")
-    L += ["    t0 = s * chunk",
-          "    t1 = min(n_keys, t0 + chunk, n_q + causal_offset)",
-          f"    ntile = (max(t1 - t0, 0) + {16 * W - 1}) // {16 * W}",
+    L += [f"    ntile = (max(t1 - t0, 0) + {16 * W - 1}) // {16 * W}",
           "    cuda.syncthreads()",
           "    pw = warp * 128",
-          f"    kwo = t * {kw}",
-          f"    vwo = g * {vw}",
-          "    nbase = t0 + warp * 16",
-          "    kcb = kc[bh]",
-          "    vcb = vc[bh]",
+          # 32-bit token indices; each lane's words as a view from its first word, so a row's
+          # address is one wide multiply-add
+          f"    kcl = kc[bh, t * {kw}:]",
+          f"    vcl = vc[bh, g * {vw}:]",
           "    knb = kn[bh]",
-          "    vnb_ = vn[bh]"]
+          "    vnb_ = vn[bh]",
+          "    gu = U32(g)",
+          "    g8u = U32(g + 8)",
+          "    ox0 = U32(2 * t)",
+          "    ox1 = U32(2 * t + 1)",
+          "    ox2 = U32(2 * t + 8)",
+          "    ox3 = U32(2 * t + 9)",
+          "    nbase = U32(t0 + warp * 16)"]
+    krow, vrow_w = big_dk * kbits // 32, big_dv * vbits // 16
 
     def loads(ind, pre, base):
         """Loads of the tile at ``base`` (indices clamped into the split) into ``{pre}…``."""
-        out = [f"{ind}{pre}ja = max(min({base} + g, t1 - 1), 0)",
-               f"{ind}{pre}jb = max(min({base} + g + 8, t1 - 1), 0)"]
-        out += [f"{ind}kra = kcb[{pre}ja]", f"{ind}krb = kcb[{pre}jb]"]
+        out = [f"{ind}{pre}ja = min32(add32({base}, gu), last)",
+               f"{ind}{pre}jb = min32(add32({base}, g8u), last)"]
         for w in range(kw):
-            out.append(f"{ind}{pre}ka{w} = kra[kwo + {w}]")
-            out.append(f"{ind}{pre}kb{w} = krb[kwo + {w}]")
+            out.append(f"{ind}{pre}ka{w} = kcl[U64({pre}ja) * U64({krow}) + U64({w})]")
+            out.append(f"{ind}{pre}kb{w} = kcl[U64({pre}jb) * U64({krow}) + U64({w})]")
         # value words of tokens 2t, 2t+1, 2t+8, 2t+9 (x = 0..3)
-        for x, off in enumerate(("2 * t", "2 * t + 1", "2 * t + 8", "2 * t + 9")):
-            out.append(f"{ind}vrow = vcb[max(min({base} + {off}, t1 - 1), 0)]")
+        for x in range(4):
+            out.append(f"{ind}jv = U64(min32(add32({base}, ox{x}), last)) * U64({vrow_w})")
             for w in range(vw):
-                out.append(f"{ind}u{w} = U32(vrow[vwo + {w}])")
+                out.append(f"{ind}u{w} = U32(vcl[jv + U64({w})])")
             for i in range(nx):
                 if 2 * i + 1 < vw:
                     out.append(f"{ind}{pre}v{x}_{i} = or32(u{2 * i}, shl32(u{2 * i + 1}, U32(16)))")
                 else:
                     out.append(f"{ind}{pre}v{x}_{i} = u{2 * i}")
-        out += [f"{ind}{pre}na = np.float32(knb[{pre}ja])",
-                f"{ind}{pre}nb = np.float32(knb[{pre}jb])",
-                f"{ind}{pre}vna = np.float32(vnb_[{pre}ja])",
-                f"{ind}{pre}vnb = np.float32(vnb_[{pre}jb])"]
+        out += [f"{ind}{pre}na = np.float32(knb[U64({pre}ja)])",
+                f"{ind}{pre}nb = np.float32(knb[U64({pre}jb)])",
+                f"{ind}{pre}vna = np.float32(vnb_[U64({pre}ja)])",
+                f"{ind}{pre}vnb = np.float32(vnb_[U64({pre}jb)])"]
         return out
 
     names = ([f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
@@ -680,10 +754,10 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
     L.append("    for it in range(ntile):")
     ind = " " * 8
     L += [f"{ind}base = nbase",
-          f"{ind}ta = base + g",
-          f"{ind}tb = ta + 8"]
+          f"{ind}ta = add32(base, gu)",
+          f"{ind}tb = add32(base, g8u)"]
     L += [f"{ind}{n} = n_{n}" for n in names]
-    L.append(f"{ind}nbase = base + {16 * W}")
+    L.append(f"{ind}nbase = add32(base, U32({16 * W}))")
     L += loads(ind, "n_", "nbase")
     L += [f"{ind}{v}{i} = np.float32(0.0)" for v in "sz" for i in range(4)]
 
@@ -693,18 +767,18 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
 
     for c in range(kch):
         p0, p1 = 4 * c * kbits, (4 * c + 2) * kbits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
-        L += [f"{ind}a0 = tabk[{_field('ka', p0, 2 * kbits)}]",
-              f"{ind}a1 = tabk[{_field('kb', p0, 2 * kbits)}]",
-              f"{ind}a2 = tabk[{_field('ka', p1, 2 * kbits)}]",
-              f"{ind}a3 = tabk[{_field('kb', p1, 2 * kbits)}]"]
+        L += [f"{ind}a0 = word_at(tabk, {_field('ka', p0, 2 * kbits, shift=2)})",
+              f"{ind}a1 = word_at(tabk, {_field('kb', p0, 2 * kbits, shift=2)})",
+              f"{ind}a2 = word_at(tabk, {_field('ka', p1, 2 * kbits, shift=2)})",
+              f"{ind}a3 = word_at(tabk, {_field('kb', p1, 2 * kbits, shift=2)})"]
         acc = "s0, s1, s2, s3" if c % 2 == 0 else "z0, z1, z2, z3"
         L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", acc))
     if kch > 1:
         L += [f"{ind}s{i} = s{i} + z{i}" for i in range(4)]
-    L += [f"{ind}s0 = s0 * na if ta < t1 and ta <= lim_a else neg_inf",
-          f"{ind}s1 = s1 * na if ta < t1 and ta <= lim_b else neg_inf",
-          f"{ind}s2 = s2 * nb if tb < t1 and tb <= lim_a else neg_inf",
-          f"{ind}s3 = s3 * nb if tb < t1 and tb <= lim_b else neg_inf",
+    L += [f"{ind}s0 = s0 * na if ta < cnt_a else neg_inf",
+          f"{ind}s1 = s1 * na if ta < cnt_b else neg_inf",
+          f"{ind}s2 = s2 * nb if tb < cnt_a else neg_inf",
+          f"{ind}s3 = s3 * nb if tb < cnt_b else neg_inf",
           f"{ind}x_a = max(s0, s2)",
           f"{ind}x_b = max(s1, s3)"]
     if sim:
@@ -714,22 +788,24 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
             L += [f"{ind}x_a = max(x_a, cuda.shfl_xor_sync(0xFFFFFFFF, x_a, {sh}))",
                   f"{ind}x_b = max(x_b, cuda.shfl_xor_sync(0xFFFFFFFF, x_b, {sh}))"]
     for r in ("a", "b"):
+        # al == 1 exactly while the row max stands (then the rescale below is skipped)
         L += [f"{ind}mn = max(m_{r}, x_{r})",
-              f"{ind}al_{r} = np.float32(1.0)",
-              f"{ind}ref_{r} = np.float32(0.0)",
-              f"{ind}if mn != neg_inf:",
-              f"{ind}    al_{r} = np.float32(math.exp(m_{r} - mn))",
-              f"{ind}    ref_{r} = mn",
+              f"{ind}al_{r} = exp2f(m_{r} - mn) if mn > m_{r} else one",
+              f"{ind}ref_{r} = mn if mn != neg_inf else np.float32(0.0)",
               f"{ind}m_{r} = mn"]
-    L += [f"{ind}p0 = np.float32(math.exp(s0 - ref_a))",
-          f"{ind}p1 = np.float32(math.exp(s1 - ref_b))",
-          f"{ind}p2 = np.float32(math.exp(s2 - ref_a))",
-          f"{ind}p3 = np.float32(math.exp(s3 - ref_b))",
+    L += [f"{ind}p0 = exp2f(s0 - ref_a)",
+          f"{ind}p1 = exp2f(s1 - ref_b)",
+          f"{ind}p2 = exp2f(s2 - ref_a)",
+          f"{ind}p3 = exp2f(s3 - ref_b)",
           f"{ind}l_a = l_a * al_a + (p0 + p2)",
           f"{ind}l_b = l_b * al_b + (p1 + p3)"]
+    if sim:
+        L.append(f"{ind}if al_a != one or al_b != one:")
+    else:  # one branch for the warp: the MMAs below need it converged
+        L.append(f"{ind}if cuda.any_sync(0xFFFFFFFF, (al_a != one) | (al_b != one)):")
     for mt in range(mtiles):
-        L += [f"{ind}o{mt}_0 *= al_a", f"{ind}o{mt}_1 *= al_b", f"{ind}o{mt}_2 *= al_a",
-              f"{ind}o{mt}_3 *= al_b"]
+        L += [f"{ind}    o{mt}_0 *= al_a", f"{ind}    o{mt}_1 *= al_b",
+              f"{ind}    o{mt}_2 *= al_a", f"{ind}    o{mt}_3 *= al_b"]
     L += [f"{ind}pt[pw + g * 8 + ra] = p0 * vna",
           f"{ind}pt[pw + g * 8 + rb] = p1 * vna",
           f"{ind}pt[pw + (g + 8) * 8 + ra] = p2 * vnb",
@@ -744,9 +820,10 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
     for mt in range(mtiles):
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
-            lo = _field(f"v{x0}_", j * vbits, vbits)
-            hi = _field(f"v{x1}_", j * vbits, vbits, shift=vbits)
-            regs.append(f"tabv[or32({lo}, {hi})]")
+            # fields placed at bit 2 (a byte offset, so the LDS needs no address arithmetic)
+            lo = _field(f"v{x0}_", j * vbits, vbits, shift=2)
+            hi = _field(f"v{x1}_", j * vbits, vbits, shift=vbits + 2)
+            regs.append(f"word_at(tabv, or32({lo}, {hi}))")
         L += [f"{ind}a0 = {regs[0]}", f"{ind}a1 = {regs[1]}", f"{ind}a2 = {regs[2]}",
               f"{ind}a3 = {regs[3]}"]
         L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
@@ -783,16 +860,18 @@ def attention_kernel(big_dk, kbits, big_dv, vbits):
           f"{ind}    tot = np.float32(0.0)",
           f"{ind}    if u < n_rows * {big_dv}:"]
     for w in range(W):
-        L.append(f"{ind}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
+        L.append(f"{ind}        tot += exp2f(red_m[{8 * w} + r] - sf) * "
                  f"red_a[{w * 8 * big_dv} + u]")
     L += [f"{ind}        acc_out[bh, s, r, u - r * {big_dv}] = tot",
           f"{ind}    else:"]
     for w in range(W):
-        L.append(f"{ind}        tot += np.float32(math.exp(red_m[{8 * w} + r] - sf)) * "
+        L.append(f"{ind}        tot += exp2f(red_m[{8 * w} + r] - sf) * "
                  f"red_l[{8 * w} + r]")
-    L += [f"{ind}        max_out[bh, s, r] = mx",
+    L += [f"{ind}        max_out[bh, s, r] = mx * np.float32({LN2!r})",  # back to base e
           f"{ind}        sum_out[bh, s, r] = tot",
           f"{ind}    u += {32 * W}"]
     kern = _build("attn_fast", L, {})
+    if blocks:
+        kern.launch_bounds = (32 * W, blocks)
     _fast_kernels[key] = kern
     return kern

@@ -193,7 +193,8 @@ def test_sim_fast_kernel_matches_cpu(rng, name):
     assert cfg is not None
     kern = att.attention_kernel(*cfg)
     kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
-        case["q"][0], kc.view(np.uint32), kn, kcent, vc.view(np.uint16), vn, vcent,
+        case["q"][0], kc.view(np.uint32).reshape(case["n_bh"], -1), kn, kcent,
+        vc.view(np.uint16).reshape(case["n_bh"], -1), vn, vcent,
         case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
     gm = merged([got[0], got[1], got[2], got[3]])
     wm = merged(want)
@@ -377,9 +378,9 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits):
                         lambda: types.SimpleNamespace(compute_capability=(9, 0)))
     att = importlib.import_module("rotorq.cuda.attention")
     f32, bh, r, d, cap = np.float32, 2, 8, 128, 4
-    args = (np.zeros((bh, r, d), f32), np.zeros((bh, cap, d * kbits // 32), np.uint32),
+    args = (np.zeros((bh, r, d), f32), np.zeros((bh, cap * d * kbits // 32), np.uint32),
             np.zeros((bh, cap), np.float16), np.zeros(1 << kbits, f32),
-            np.zeros((bh, cap, d * vbits // 16), np.uint16), np.zeros((bh, cap), np.float16),
+            np.zeros((bh, cap * d * vbits // 16), np.uint16), np.zeros((bh, cap), np.float16),
             np.zeros(1 << vbits, f32), 1, 1, 1, 1, np.zeros((bh, 1, r, d), f32),
             np.zeros((bh, 1, r), f32), np.zeros((bh, 1, r), f32))
     kern = att.attention_kernel(*att.fast_config(d, kbits, d, vbits, d * kbits // 8,

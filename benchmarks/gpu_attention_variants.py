@@ -1,0 +1,118 @@
+"""Decode-attention kernel variants on the GPU, against torch fp16 SDPA in the same run.
+
+The shape of ``gpu_kv_bench.py`` (32 query / 4 KV heads, d = 128, 3-bit K and V, one query
+per head) at each ``--tokens``: for every register cap of the tensor-core kernel
+(``rotorq.cuda.attention.FAST_LAUNCH_BLOCKS``), the kernels' time (the call's launches
+replayed, ``gpu_bench.kernel_time``) and its output against the general float32 kernel on
+the same codes; then SDPA on the uncompressed fp16 cache.
+
+    python3 benchmarks/gpu_attention_variants.py [--out DIR] [--tokens 65536 1048576]
+        [--blocks 0 5]
+
+Writes ``DIR/gpu_attention_variants.json`` and prints a table last.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_bench import device_time, kernel_time
+from gpu_kv_bench import HQ, build_cache, fused_args, l2_bytes
+
+api = importlib.import_module("rotorq.cuda.api")
+att = importlib.import_module("rotorq.cuda.attention")
+_launch = importlib.import_module("rotorq.cuda._launch")
+
+
+def merged(res):
+    accs, _, lsum = res
+    return (accs[0] / lsum[..., None]).get()
+
+
+def run(tokens, blocks_list, reps, rng):
+    cache, kt, vt = build_cache(tokens, rng)
+    q = cp.asarray(rng.standard_normal((HQ, 128), dtype=np.float32))
+    rq, kargs, vargs, n_c, n_q, off = fused_args(cache, q)
+    comp = cache.compressed_tokens * cache.bytes_per_token
+    nbuf = max(1, min(64, -(-2 * l2_bytes() // comp)))
+    bufs = [(kargs, vargs)]
+    for _ in range(nbuf - 1):
+        bufs.append((tuple((a[0].copy(), a[1].copy()) + a[2:] for a in kargs),
+                     tuple((a[0].copy(), a[1].copy()) + a[2:] for a in vargs)))
+
+    def fused(b):
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off)
+
+    saved = api.ATTENTION_FAST
+    api.ATTENTION_FAST = False
+    try:
+        want = merged(fused(bufs[0]))
+        t_general = kernel_time(fused, bufs[:2], max(2, reps // 10))
+    finally:
+        api.ATTENTION_FAST = saved
+    rows = []
+    for blocks in blocks_list:
+        att.FAST_LAUNCH_BLOCKS = blocks or None
+        got = merged(fused(bufs[0]))
+        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        t = kernel_time(fused, bufs, reps)
+        kern = att.attention_kernel(128, 3, 128, 3)
+        regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
+                for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
+        rows.append({"tokens": tokens, "blocks": blocks or None, "kernel_us": t * 1e6,
+                     "tbs": comp / t / 1e12, "rel_err_vs_general": err,
+                     "registers": sorted(set(regs))})
+    att.FAST_LAUNCH_BLOCKS = None
+    fb = max(1, min(64, -(-2 * l2_bytes() // (kt.numel() * 4))))
+    fbufs = [(kt, vt)] + [(kt.clone(), vt.clone()) for _ in range(fb - 1)]
+    qt = torch.randn(1, HQ, 1, 128, device="cuda", dtype=torch.float16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    t_sdpa = device_time(lambda b: sdpa(qt, b[0], b[1], enable_gqa=True), fbufs, reps)
+    for r in rows:
+        r["sdpa_us"] = t_sdpa * 1e6
+        r["speedup"] = t_sdpa / (r["kernel_us"] * 1e-6)
+        r["general_us"] = t_general * 1e6
+    del bufs, fbufs, kt, vt, cache
+    cp.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1 << 16, 1 << 20])
+    ap.add_argument("--blocks", type=int, nargs="+", default=[0, 5])
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    rng = np.random.default_rng(7)
+    t0 = time.perf_counter()
+    rows = []
+    for n in a.tokens:
+        rows += run(n, a.blocks, a.reps, rng)
+    info = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "seconds": time.perf_counter() - t0, "rows": rows}
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "gpu_attention_variants.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"{info['device']}, {info['date']}")
+    print("| T | launch-bounds blocks | registers | kernels µs | TB/s | general kernel µs | "
+          "SDPA µs | SDPA / kernels | rel. diff vs general |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['blocks'] or '—'} | {r['registers']} | "
+              f"{r['kernel_us']:.1f} | {r['tbs']:.2f} | {r['general_us']:.1f} | "
+              f"{r['sdpa_us']:.1f} | {r['speedup']:.2f}× | {r['rel_err_vs_general']:.2e} |")
+
+
+if __name__ == "__main__":
+    main()
