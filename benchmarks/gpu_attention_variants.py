@@ -2,12 +2,12 @@
 
 The shape of ``gpu_kv_bench.py`` (32 query / 4 KV heads, d = 128, 3-bit K and V, one query
 per head) at each ``--tokens``: for every register cap of the tensor-core kernel
-(``rotorq.cuda.attention.FAST_LAUNCH_BLOCKS``), the kernels' time (the call's launches
+(``rotorq.cuda.attention.FAST_LAUNCH_BLOCKS``; 0: uncapped), the kernels' time (the call's launches
 replayed, ``gpu_bench.kernel_time``) and its output against the general float32 kernel on
 the same codes; then SDPA on the uncompressed fp16 cache.
 
     python3 benchmarks/gpu_attention_variants.py [--out DIR] [--tokens 65536 1048576]
-        [--blocks 0 5]
+        [--variants 4 0 5 4:1 0:1]
 
 Writes ``DIR/gpu_attention_variants.json`` and prints a table last.
 """
@@ -32,12 +32,43 @@ att = importlib.import_module("rotorq.cuda.attention")
 _launch = importlib.import_module("rotorq.cuda._launch")
 
 
+def launch_times(fn, bufs, reps, trials=5):
+    """Median µs of each launch of ``fn(buf)`` replayed alone (the recorded launches of
+    ``gpu_bench.kernel_time``): here the attention kernel, then the split merge."""
+    _launch.RECORDER = rec = []
+    calls = []
+    try:
+        for b in bufs:
+            first = len(rec)
+            calls.append((rec[first:], fn(b)))
+    finally:
+        _launch.RECORDER = None
+    out = []
+    for k in range(len(calls[0][0])):
+        def replay(i, k=k):
+            f, g, blk, sh, st, _, ex = calls[i % len(calls)][0][k]
+            _launch.driver.launchKernel(f, g[0], g[1], g[2], blk[0], blk[1], 1, sh, st, 0, ex)
+        for i in range(3):
+            replay(i)
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(trials):
+            start.record()
+            for i in range(reps):
+                replay(i)
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / reps)
+        out.append(float(np.median(times)))
+    return out
+
+
 def merged(res):
     accs, _, lsum = res
     return (accs[0] / lsum[..., None]).get()
 
 
-def run(tokens, blocks_list, reps, rng):
+def run(tokens, variants, reps, rng):
     cache, kt, vt = build_cache(tokens, rng)
     q = cp.asarray(rng.standard_normal((HQ, 128), dtype=np.float32))
     rq, kargs, vargs, n_c, n_q, off = fused_args(cache, q)
@@ -59,18 +90,24 @@ def run(tokens, blocks_list, reps, rng):
     finally:
         api.ATTENTION_FAST = saved
     rows = []
-    for blocks in blocks_list:
-        att.FAST_LAUNCH_BLOCKS = blocks or None
+    saved = att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES
+    for variant in variants:
+        blocks = variant[0]
+        copies = (variant[1],) * 2 if len(variant) > 1 else None
+        att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES = blocks, copies
         got = merged(fused(bufs[0]))
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         t = kernel_time(fused, bufs, reps)
+        parts = launch_times(fused, bufs, reps)
         kern = att.attention_kernel(128, 3, 128, 3)
         regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
                 for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
-        rows.append({"tokens": tokens, "blocks": blocks or None, "kernel_us": t * 1e6,
+        rows.append({"tokens": tokens, "blocks": blocks or None,
+                     "copies": list(copies or att.table_copies(128, 3, 128, 3)),
+                     "kernel_us": t * 1e6, "launch_us": parts,
                      "tbs": comp / t / 1e12, "rel_err_vs_general": err,
                      "registers": sorted(set(regs))})
-    att.FAST_LAUNCH_BLOCKS = None
+    att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES = saved
     fb = max(1, min(64, -(-2 * l2_bytes() // (kt.numel() * 4))))
     fbufs = [(kt, vt)] + [(kt.clone(), vt.clone()) for _ in range(fb - 1)]
     qt = torch.randn(1, HQ, 1, 128, device="cuda", dtype=torch.float16)
@@ -90,14 +127,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1 << 16, 1 << 20])
-    ap.add_argument("--blocks", type=int, nargs="+", default=[0, 5])
+    ap.add_argument("--variants", nargs="+", default=["4", "0", "5", "4:1", "0:1"],
+                    help="BLOCKS[:COPIES]: launch-bounds blocks (0: uncapped), and 1 for "
+                         "single (not replicated) pair tables")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     rng = np.random.default_rng(7)
     t0 = time.perf_counter()
     rows = []
     for n in a.tokens:
-        rows += run(n, a.blocks, a.reps, rng)
+        rows += run(n, [tuple(int(x) for x in v.split(":")) for v in a.variants], a.reps, rng)
     info = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "seconds": time.perf_counter() - t0, "rows": rows}
@@ -105,12 +144,14 @@ def main():
     with open(os.path.join(a.out, "gpu_attention_variants.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"{info['device']}, {info['date']}")
-    print("| T | launch-bounds blocks | registers | kernels µs | TB/s | general kernel µs | "
-          "SDPA µs | SDPA / kernels | rel. diff vs general |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| T | launch-bounds blocks | table copies (K, V) | registers | kernels µs | "
+          "alone: attention / merge µs | TB/s | general kernel µs | SDPA µs | SDPA / kernels | "
+          "rel. diff vs general |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['blocks'] or '—'} | {r['registers']} | "
-              f"{r['kernel_us']:.1f} | {r['tbs']:.2f} | {r['general_us']:.1f} | "
+        print(f"| {r['tokens']} | {r['blocks'] or '—'} | {r['copies']} | {r['registers']} | "
+              f"{r['kernel_us']:.1f} | {' / '.join(f'{x:.1f}' for x in r['launch_us'])} | "
+              f"{r['tbs']:.2f} | {r['general_us']:.1f} | "
               f"{r['sdpa_us']:.1f} | {r['speedup']:.2f}× | {r['rel_err_vs_general']:.2e} |")
 
 

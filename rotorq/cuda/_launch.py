@@ -82,7 +82,8 @@ _SOURCES = None
 def _cache_path(kern, sig, cc):
     """File of ``kern``'s PTX in the PTX cache (None when disabled): keyed by the
     generated source of :mod:`rotorq.cuda.fast` kernels, else by every source file of this
-    package, plus the signature, the compute capability and the numba-cuda version.
+    package, plus the signature, the compute capability, the numba-cuda version and the
+    compile options (launch bounds: one source may be compiled under several).
 
     The cache is ``$ROTORQ_PTX_CACHE``, by default ``$XDG_CACHE_HOME/rotorq/ptx`` (or
     ``~/.cache/rotorq/ptx``); ``ROTORQ_PTX_CACHE=""`` disables it. The generated kernels take
@@ -105,7 +106,8 @@ def _cache_path(kern, sig, cc):
             _SOURCES = h.hexdigest()
         ident = _SOURCES + kern.__name__
     import numba_cuda
-    key = "|".join((ident, repr(sig), repr(cc), getattr(numba_cuda, "__version__", "")))
+    key = "|".join((ident, repr(sig), repr(cc), getattr(numba_cuda, "__version__", ""),
+                    repr(sorted(_options(kern).items()))))
     return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:32] + ".ptx")
 
 

@@ -373,9 +373,10 @@ FAST_WARPS = 4
 """Warps per block of the tensor-core kernel; each takes 16 tokens per step."""
 FAST_BLOCKS_PER_SM = 8
 """Blocks per SM the split count aims at (the hardware runs what fits)."""
-FAST_LAUNCH_BLOCKS = None
+FAST_LAUNCH_BLOCKS = 4
 """Resident blocks per SM the tensor-core kernel's registers are capped for (its
-``launch_bounds``); None: the compiler's choice (128 registers at D = 128, 4 blocks)."""
+``launch_bounds``: 128 registers, no spills at D = 128; left to itself the compiler took 133
+once the tables were replicated, and 3 blocks fit); 0: the compiler's choice."""
 
 if SIMULATOR:
     def half_bits(f):
@@ -598,6 +599,38 @@ def _field(word, p, bits, shift=0):
     return f"and32({both}, U32({mask}))"
 
 
+STATIC_SHARED = 48 * 1024
+"""Static shared memory one block may declare."""
+FAST_TABLE_COPIES = None
+"""``(key, value)`` pair-table copies of the tensor-core kernel; None: :func:`table_copies`
+(benchmarks compare)."""
+REPLICAS = 32
+"""Copies of a replicated pair table: entry ``e`` of lane ``l``'s copy is word ``32·e + l``,
+in lane ``l``'s own bank, so a warp's lookup is one shared-memory wavefront whatever the
+codes (a single 64-entry table takes two: its 2 entries per bank are both wanted in almost
+every lookup of 32 random codes)."""
+
+
+def _red_stride(big_dv):
+    """Row stride (floats) of the warps' accumulator exchange: ≡ 4 (mod 16), so the stores
+    of a warp's ``(row 2t[+1], coordinate 8j + g)`` fall in 32 distinct banks."""
+    return big_dv + 4
+
+
+def table_copies(big_dk, kbits, big_dv, vbits):
+    """``(key table copies, value table copies)`` of :func:`attention_kernel` (each
+    :data:`REPLICAS` or 1: replicate the smaller tables first) within
+    :data:`STATIC_SHARED`, or None when even single tables do not fit."""
+    lk2, lv2 = 1 << (2 * kbits), 1 << (2 * vbits)
+    fixed = 4 * (FAST_WARPS * 128 + 2 * FAST_WARPS * 8 + FAST_WARPS * 8 * _red_stride(big_dv))
+    options = [(REPLICAS, REPLICAS), (1, REPLICAS) if lv2 <= lk2 else (REPLICAS, 1),
+               (REPLICAS, 1) if lv2 <= lk2 else (1, REPLICAS), (1, 1)]
+    for ck, cv in options:
+        if fixed + 4 * (lk2 * ck + lv2 * cv) <= STATIC_SHARED:
+            return ck, cv
+    return None
+
+
 def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
     """``(DK, kbits, DV, vbits)`` for :func:`attention_kernel` if it applies, else None."""
     if dk % 128 or dv % 128 or not (0 < dk <= 512 and 0 < dv <= 512):
@@ -606,10 +639,12 @@ def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
         return None
     if k_row_bytes * 8 != dk * kbits or v_row_bytes * 8 != dv * vbits:
         return None
+    if table_copies(dk, kbits, dv, vbits) is None:  # D_v = 384, 512: the general kernel
+        return None
     return (int(dk), int(kbits), int(dv), int(vbits))
 
 
-def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
+def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
 
     ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·kbits/32), kn f16 (BH, cap), kcent f32,
@@ -629,14 +664,18 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
     layout through a per-warp shared buffer. The block's warps merge in shared memory and
     write one partial per split.
 
-    Token indices are 32-bit and each lane reads its words through a view that starts at
+    The pair tables are replicated per lane where shared memory allows
+    (:func:`table_copies`), so a lookup is one wavefront. Token indices are 32-bit and each
+    lane reads its words through a view that starts at
     its first word, so a row's address is one wide multiply-add; scores are kept in base 2
     (the query carries log2 e; ``ex2.approx`` is one instruction) and turned back into
     base e for ``max_out``; the accumulator rescale is skipped while no row max of the
     warp moved (it would multiply by exactly 1).
     """
     blocks = FAST_LAUNCH_BLOCKS if blocks is None else blocks
-    key = (big_dk, kbits, big_dv, vbits, blocks)
+    blocks = blocks or None
+    copies = FAST_TABLE_COPIES if copies is None else copies
+    key = (big_dk, kbits, big_dv, vbits, blocks, copies)
     if key in _fast_kernels:
         return _fast_kernels[key]
     kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
@@ -647,14 +686,16 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
     lk2, lv2 = 1 << (2 * kbits), 1 << (2 * vbits)
     W = FAST_WARPS
     sim = SIMULATOR
+    ck, cv = copies or table_copies(big_dk, kbits, big_dv, vbits)
+    S = _red_stride(big_dv)
     L = ["def attn_fast(q, kc, kn, kcent, vc, vn, vcent, n_keys, n_q, causal_offset, chunk,",
          "              acc_out, max_out, sum_out):",
-         f"    tabk = cuda.shared.array({lk2}, numba.uint32)",
-         f"    tabv = cuda.shared.array({lv2}, numba.uint32)",
+         f"    tabk = cuda.shared.array({lk2 * ck}, numba.uint32)",
+         f"    tabv = cuda.shared.array({lv2 * cv}, numba.uint32)",
          f"    pt = cuda.shared.array({W * 128}, numba.float32)",
          f"    red_m = cuda.shared.array({W * 8}, numba.float32)",
          f"    red_l = cuda.shared.array({W * 8}, numba.float32)",
-         f"    red_a = cuda.shared.array({W * 8 * big_dv}, numba.float32)"]
+         f"    red_a = cuda.shared.array({W * 8 * S}, numba.float32)"]
     if sim:
         L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
               f"    sb = cuda.shared.array({W * 64}, numba.uint32)",
@@ -669,15 +710,18 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
           "    n_rows = acc_out.shape[2]",
           "    neg_inf = np.float32(-math.inf)",
           "    one = np.float32(1.0)",
+          "    lane4 = U32(4 * lane)",
           "    e = tid",
-          f"    while e < {lk2}:",
-          f"        tabk[e] = half_bits(kcent[e & {(1 << kbits) - 1}]) | "
-          f"(half_bits(kcent[e >> {kbits}]) << U32(16))",
+          f"    while e < {lk2 * ck}:",
+          f"        en = e // {ck}",
+          f"        tabk[e] = half_bits(kcent[en & {(1 << kbits) - 1}]) | "
+          f"(half_bits(kcent[en >> {kbits}]) << U32(16))",
           f"        e += {32 * W}",
           "    e = tid",
-          f"    while e < {lv2}:",
-          f"        tabv[e] = half_bits(vcent[e & {(1 << vbits) - 1}]) | "
-          f"(half_bits(vcent[e >> {vbits}]) << U32(16))",
+          f"    while e < {lv2 * cv}:",
+          f"        en = e // {cv}",
+          f"        tabv[e] = half_bits(vcent[en & {(1 << vbits) - 1}]) | "
+          f"(half_bits(vcent[en >> {vbits}]) << U32(16))",
           f"        e += {32 * W}",
           "    qr = min(g, n_rows - 1)",
           # scores in base 2: the query carries log2(e), the softmax uses ex2 (one MUFU)
@@ -765,12 +809,18 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
         call = "mma_sim(sa, sb, " if sim else "mma16816("
         return f"{ind}{c} = {call}{a}, {b}, {c})"
 
+    # table indices are built as byte offsets (an entry's field at bit 2, or at bit 7 in a
+    # replicated table, whose lane term is added)
+    kshift = 7 if ck > 1 else 2
+    vshift = 7 if cv > 1 else 2
+
+    def lookup(expr, copies):
+        return f"or32({expr}, lane4)" if copies > 1 else expr
+
     for c in range(kch):
         p0, p1 = 4 * c * kbits, (4 * c + 2) * kbits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
-        L += [f"{ind}a0 = word_at(tabk, {_field('ka', p0, 2 * kbits, shift=2)})",
-              f"{ind}a1 = word_at(tabk, {_field('kb', p0, 2 * kbits, shift=2)})",
-              f"{ind}a2 = word_at(tabk, {_field('ka', p1, 2 * kbits, shift=2)})",
-              f"{ind}a3 = word_at(tabk, {_field('kb', p1, 2 * kbits, shift=2)})"]
+        L += [f"{ind}a{i} = word_at(tabk, {lookup(_field(w, p, 2 * kbits, shift=kshift), ck)})"
+              for i, (w, p) in enumerate((("ka", p0), ("kb", p0), ("ka", p1), ("kb", p1)))]
         acc = "s0, s1, s2, s3" if c % 2 == 0 else "z0, z1, z2, z3"
         L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", acc))
     if kch > 1:
@@ -820,9 +870,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
     for mt in range(mtiles):
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
-            # fields placed at bit 2 (a byte offset, so the LDS needs no address arithmetic)
-            lo = _field(f"v{x0}_", j * vbits, vbits, shift=2)
-            hi = _field(f"v{x1}_", j * vbits, vbits, shift=vbits + 2)
+            lo = lookup(_field(f"v{x0}_", j * vbits, vbits, shift=vshift), cv)
+            hi = _field(f"v{x1}_", j * vbits, vbits, shift=vbits + vshift)
             regs.append(f"word_at(tabv, or32({lo}, {hi}))")
         L += [f"{ind}a0 = {regs[0]}", f"{ind}a1 = {regs[1]}", f"{ind}a2 = {regs[2]}",
               f"{ind}a3 = {regs[3]}"]
@@ -840,17 +889,20 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
           f"{ind}    red_m[warp * 8 + rb] = m_b",
           f"{ind}    red_l[warp * 8 + ra] = l_a",
           f"{ind}    red_l[warp * 8 + rb] = l_b",
-          f"{ind}ob = warp * {8 * big_dv} + g * {big_dv // 8}"]
+          # coordinate g·DV/8 + j of a row is stored at 8j + g (conflict-free, see _red_stride)
+          f"{ind}ob = warp * {8 * S} + g"]
     for mt in range(mtiles):
-        L += [f"{ind}red_a[ob + ra * {big_dv} + {2 * mt}] = o{mt}_0",
-              f"{ind}red_a[ob + rb * {big_dv} + {2 * mt}] = o{mt}_1",
-              f"{ind}red_a[ob + ra * {big_dv} + {2 * mt + 1}] = o{mt}_2",
-              f"{ind}red_a[ob + rb * {big_dv} + {2 * mt + 1}] = o{mt}_3"]
+        L += [f"{ind}red_a[ob + ra * {S} + {16 * mt}] = o{mt}_0",
+              f"{ind}red_a[ob + rb * {S} + {16 * mt}] = o{mt}_1",
+              f"{ind}red_a[ob + ra * {S} + {16 * mt + 8}] = o{mt}_2",
+              f"{ind}red_a[ob + rb * {S} + {16 * mt + 8}] = o{mt}_3"]
     L += [f"{ind}cuda.syncthreads()",
           f"{ind}u = tid",
           f"{ind}while u < n_rows * {big_dv + 1}:",
           f"{ind}    if u < n_rows * {big_dv}:",
           f"{ind}        r = u // {big_dv}",
+          f"{ind}        cp = u - r * {big_dv}",
+          f"{ind}        col = (cp % 8) * {big_dv // 8} + cp // 8",
           f"{ind}    else:",
           f"{ind}        r = u - n_rows * {big_dv}",
           f"{ind}    mx = neg_inf"]
@@ -861,8 +913,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None):
           f"{ind}    if u < n_rows * {big_dv}:"]
     for w in range(W):
         L.append(f"{ind}        tot += exp2f(red_m[{8 * w} + r] - sf) * "
-                 f"red_a[{w * 8 * big_dv} + u]")
-    L += [f"{ind}        acc_out[bh, s, r, u - r * {big_dv}] = tot",
+                 f"red_a[{w * 8 * S} + r * {S} + cp]")
+    L += [f"{ind}        acc_out[bh, s, r, col] = tot",
           f"{ind}    else:"]
     for w in range(W):
         L.append(f"{ind}        tot += exp2f(red_m[{8 * w} + r] - sf) * "
