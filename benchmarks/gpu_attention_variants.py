@@ -7,7 +7,7 @@ replayed, ``gpu_bench.kernel_time``) and its output against the general float32 
 the same codes; then SDPA on the uncompressed fp16 cache.
 
     python3 benchmarks/gpu_attention_variants.py [--out DIR] [--tokens 65536 1048576]
-        [--variants 4 0 5 4:1 0:1]
+        [--variants 4 4:1 4:0:4 ...]
 
 Writes ``DIR/gpu_attention_variants.json`` and prints a table last.
 """
@@ -40,10 +40,11 @@ def launch_times(fn, bufs, reps, trials=5):
     try:
         for b in bufs:
             first = len(rec)
-            calls.append((rec[first:], fn(b)))
+            out = fn(b)
+            calls.append((rec[first:], out))
     finally:
         _launch.RECORDER = None
-    out = []
+    times_out = []
     for k in range(len(calls[0][0])):
         def replay(i, k=k):
             f, g, blk, sh, st, _, ex = calls[i % len(calls)][0][k]
@@ -59,8 +60,8 @@ def launch_times(fn, bufs, reps, trials=5):
             stop.record()
             stop.synchronize()
             times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / reps)
-        out.append(float(np.median(times)))
-    return out
+        times_out.append(float(np.median(times)))
+    return times_out
 
 
 def merged(res):
@@ -90,11 +91,13 @@ def run(tokens, variants, reps, rng):
     finally:
         api.ATTENTION_FAST = saved
     rows = []
-    saved = att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES
+    saved = att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM
     for variant in variants:
         blocks = variant[0]
-        copies = (variant[1],) * 2 if len(variant) > 1 else None
-        att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES = blocks, copies
+        copies = (variant[1],) * 2 if len(variant) > 1 and variant[1] else None
+        per_sm = variant[2] if len(variant) > 2 else saved[2]
+        att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM = (
+            blocks, copies, per_sm)
         got = merged(fused(bufs[0]))
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         t = kernel_time(fused, bufs, reps)
@@ -102,12 +105,12 @@ def run(tokens, variants, reps, rng):
         kern = att.attention_kernel(128, 3, 128, 3)
         regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
                 for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
-        rows.append({"tokens": tokens, "blocks": blocks or None,
+        rows.append({"tokens": tokens, "blocks": blocks or None, "splits_per_sm": per_sm,
                      "copies": list(copies or att.table_copies(128, 3, 128, 3)),
                      "kernel_us": t * 1e6, "launch_us": parts,
                      "tbs": comp / t / 1e12, "rel_err_vs_general": err,
                      "registers": sorted(set(regs))})
-    att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES = saved
+    att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM = saved
     fb = max(1, min(64, -(-2 * l2_bytes() // (kt.numel() * 4))))
     fbufs = [(kt, vt)] + [(kt.clone(), vt.clone()) for _ in range(fb - 1)]
     qt = torch.randn(1, HQ, 1, 128, device="cuda", dtype=torch.float16)
@@ -127,9 +130,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1 << 16, 1 << 20])
-    ap.add_argument("--variants", nargs="+", default=["4", "0", "5", "4:1", "0:1"],
-                    help="BLOCKS[:COPIES]: launch-bounds blocks (0: uncapped), and 1 for "
-                         "single (not replicated) pair tables")
+    ap.add_argument("--variants", nargs="+", default=["4", "4:1", "4:0:4", "4:1:4", "4:0:12"],
+                    help="BLOCKS[:COPIES[:PER_SM]]: launch-bounds blocks (0: uncapped); 1 for "
+                         "single (not replicated) pair tables, 0 the default; split blocks "
+                         "per SM (FAST_BLOCKS_PER_SM)")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     rng = np.random.default_rng(7)
@@ -144,12 +148,13 @@ def main():
     with open(os.path.join(a.out, "gpu_attention_variants.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"{info['device']}, {info['date']}")
-    print("| T | launch-bounds blocks | table copies (K, V) | registers | kernels µs | "
+    print("| T | launch-bounds blocks | split blocks per SM | table copies (K, V) | registers | kernels µs | "
           "alone: attention / merge µs | TB/s | general kernel µs | SDPA µs | SDPA / kernels | "
           "rel. diff vs general |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['blocks'] or '—'} | {r['copies']} | {r['registers']} | "
+        print(f"| {r['tokens']} | {r['blocks'] or '—'} | {r['splits_per_sm']} | {r['copies']} | "
+              f"{r['registers']} | "
               f"{r['kernel_us']:.1f} | {' / '.join(f'{x:.1f}' for x in r['launch_us'])} | "
               f"{r['tbs']:.2f} | {r['general_us']:.1f} | "
               f"{r['sdpa_us']:.1f} | {r['speedup']:.2f}× | {r['rel_err_vs_general']:.2e} |")

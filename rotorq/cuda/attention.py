@@ -276,6 +276,27 @@ def merge_shared_floats(n_split, threads):
     return n_split + 2 * threads
 
 
+@device
+def _column_sum(wgt, acc, bh, r, col, y, ny, n_split):
+    """``Σ_{s ≡ y (mod ny)} wgt[s] · acc[bh, s, r, col]``, four splits per step: their loads
+    are in flight together (a plain loop waits for each load before the next)."""
+    t0 = np.float32(0.0)
+    t1 = np.float32(0.0)
+    t2 = np.float32(0.0)
+    t3 = np.float32(0.0)
+    s = y
+    while s + 3 * ny < n_split:
+        t0 += wgt[s] * acc[bh, s, r, col]
+        t1 += wgt[s + ny] * acc[bh, s + ny, r, col]
+        t2 += wgt[s + 2 * ny] * acc[bh, s + 2 * ny, r, col]
+        t3 += wgt[s + 3 * ny] * acc[bh, s + 3 * ny, r, col]
+        s += 4 * ny
+    while s < n_split:
+        t0 += wgt[s] * acc[bh, s, r, col]
+        s += ny
+    return (t0 + t1) + (t2 + t3)
+
+
 @kernel
 def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_out):
     """Log-sum-exp merge of the splits: ``(BH, S, R[, D])`` partials → ``(BH, R[, D])``.
@@ -345,15 +366,9 @@ def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_
     col = cuda.blockIdx.x * nx + x
     tot = np.float32(0.0)
     if col < dv0:
-        s = y
-        while s < n_split:
-            tot += wgt[s] * acc0_in[bh, s, r, col]
-            s += ny
+        tot = _column_sum(wgt, acc0_in, bh, r, col, y, ny, n_split)
     elif col < dv0 + dv1:
-        s = y
-        while s < n_split:
-            tot += wgt[s] * acc1_in[bh, s, r, col - dv0]
-            s += ny
+        tot = _column_sum(wgt, acc1_in, bh, r, col - dv0, y, ny, n_split)
     part[tid] = tot
     cuda.syncthreads()
     if y == 0 and col < dv0 + dv1:
