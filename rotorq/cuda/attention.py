@@ -386,12 +386,14 @@ FAST_ROWS = 8
 """Query rows per KV head the tensor-core kernel takes (the MMA's N = 8)."""
 FAST_WARPS = 4
 """Warps per block of the tensor-core kernel; each takes 16 tokens per step."""
-FAST_BLOCKS_PER_SM = 8
-"""Blocks per SM the split count aims at (the hardware runs what fits)."""
+FAST_BLOCKS_PER_SM = 4
+"""Blocks per SM the split count aims at: the 4 that are resident at once (one wave; 8
+measured 6% slower at 1M tokens and 50% at 64K: each block has a fixed cost)."""
 FAST_LAUNCH_BLOCKS = 4
 """Resident blocks per SM the tensor-core kernel's registers are capped for (its
 ``launch_bounds``: 128 registers, no spills at D = 128; left to itself the compiler took 133
-once the tables were replicated, and 3 blocks fit); 0: the compiler's choice."""
+once the tables were replicated, and 3 blocks fit); 0: the compiler's choice. Only for
+``DK = DV = 128``: at 256 the cap spills (199 registers uncapped, none spilled)."""
 
 if SIMULATOR:
     def half_bits(f):
@@ -687,7 +689,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
     base e for ``max_out``; the accumulator rescale is skipped while no row max of the
     warp moved (it would multiply by exactly 1).
     """
-    blocks = FAST_LAUNCH_BLOCKS if blocks is None else blocks
+    if blocks is None:  # wider heads keep more accumulators: capped, they would spill
+        blocks = FAST_LAUNCH_BLOCKS if big_dk + big_dv <= 256 else 0
     blocks = blocks or None
     copies = FAST_TABLE_COPIES if copies is None else copies
     key = (big_dk, kbits, big_dv, vbits, blocks, copies)
@@ -726,17 +729,24 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
           "    neg_inf = np.float32(-math.inf)",
           "    one = np.float32(1.0)",
           "    lane4 = U32(4 * lane)",
+          # the centroids as float16 bits in shared memory first: the (replicated) table
+          # build then reads no global memory in its loop
+          f"    if tid < {1 << kbits}:",
+          "        pt[tid] = kcent[tid]",
+          f"    elif tid - {1 << kbits} < {1 << vbits}:",
+          f"        pt[tid] = vcent[tid - {1 << kbits}]",
+          "    cuda.syncthreads()",
           "    e = tid",
           f"    while e < {lk2 * ck}:",
           f"        en = e // {ck}",
-          f"        tabk[e] = half_bits(kcent[en & {(1 << kbits) - 1}]) | "
-          f"(half_bits(kcent[en >> {kbits}]) << U32(16))",
+          f"        tabk[e] = half_bits(pt[en & {(1 << kbits) - 1}]) | "
+          f"(half_bits(pt[en >> {kbits}]) << U32(16))",
           f"        e += {32 * W}",
           "    e = tid",
           f"    while e < {lv2 * cv}:",
           f"        en = e // {cv}",
-          f"        tabv[e] = half_bits(vcent[en & {(1 << vbits) - 1}]) | "
-          f"(half_bits(vcent[en >> {vbits}]) << U32(16))",
+          f"        tabv[e] = half_bits(pt[{1 << kbits} + (en & {(1 << vbits) - 1})]) | "
+          f"(half_bits(pt[{1 << kbits} + (en >> {vbits})]) << U32(16))",
           f"        e += {32 * W}",
           "    qr = min(g, n_rows - 1)",
           # scores in base 2: the query carries log2(e), the softmax uses ex2 (one MUFU)
