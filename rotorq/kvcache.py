@@ -956,25 +956,12 @@ class KVCache:
                 return self._shape_out((acc_c / l_c[:, :, None]).astype(xp.float32),
                                        lead_shape, n_q, squeeze, origin)
 
-        # sinks, window, pending: float32 attention on their (dequantized) keys and values
+        # sinks, window, pending: float32 attention on their (dequantized) keys and values,
+        # merged with the compressed part (every row sees at least token 0), one kernel
         ke, ve, pos = exact
-        s = (q @ xp.swapaxes(ke, 1, 2)) * np.float32(scale)
-        if causal:
-            limit = xp.arange(n_rows) % n_q + offset
-            s = xp.where(pos[None, None, :] <= limit[None, :, None], s, np.float32(-np.inf))
-        m_e = s.max(axis=2)
-        safe = xp.where(xp.isfinite(m_e), m_e, np.float32(0.0))
-        p = xp.exp(s - safe[:, :, None])
-        l_e = p.sum(axis=2)
-        acc_e = p @ ve
-        if not c:
-            out = acc_e / l_e[:, :, None]
-        else:
-            m = xp.maximum(m_c, m_e)  # finite: every row sees at least token 0
-            a = xp.exp(m_c - m)
-            b = xp.exp(m_e - m)
-            out = (acc_c * a[:, :, None] + acc_e * b[:, :, None]) / (a * l_c + b * l_e)[:, :, None]
-        return self._shape_out(out.astype(xp.float32), lead_shape, n_q, squeeze, origin)
+        out = be.exact_attention(q, ke, ve, pos, scale, n_q, offset, causal,
+                                 (acc_c, m_c, l_c) if c else None)
+        return self._shape_out(out, lead_shape, n_q, squeeze, origin)
 
 
 def _grow(xp, buf, need, used, like):

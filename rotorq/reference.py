@@ -100,3 +100,33 @@ def public_reference_quantize(x, rotation_matrix, centroids):
     y = (x / np.where(n > 0, n, 1)) @ rotation_matrix.T
     idx = np.abs(y[..., None] - centroids).argmin(-1).astype(np.uint8)
     return idx, n
+
+
+def exact_attention(xp, q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
+    """Softmax attention of query rows over uncompressed keys and values, merged with the
+    compressed part's partial sums: the oracle of the backends' ``exact_attention``.
+
+    ``q`` (BH, R, d), ``ke`` (BH, E, d), ``ve`` (BH, E, dv) float32, ``pos`` (E,) the tokens'
+    positions; row ``r`` sees position ``p`` iff not ``causal`` or ``p <= r % n_q +
+    offset``. ``partial``: ``(acc (BH, R, dv), m (BH, R), l (BH, R))`` of the compressed
+    tokens (``acc = Σ exp(s − m) v``, ``l = Σ exp(s − m)``) or None. Returns the normalized
+    output (BH, R, dv) float32. Works on numpy or cupy (``xp``), in float32 as the
+    backends do.
+    """
+    s = (q @ xp.swapaxes(ke, 1, 2)) * np.float32(scale)
+    if causal:
+        limit = xp.arange(q.shape[1]) % n_q + offset
+        s = xp.where(pos[None, None, :] <= limit[None, :, None], s, np.float32(-np.inf))
+    m_e = s.max(axis=2)
+    safe = xp.where(xp.isfinite(m_e), m_e, np.float32(0.0))
+    p = xp.exp(s - safe[:, :, None])
+    l_e = p.sum(axis=2)
+    acc_e = p @ ve
+    if partial is None:
+        return (acc_e / l_e[:, :, None]).astype(np.float32)
+    acc_c, m_c, l_c = partial
+    m = xp.maximum(m_c, m_e)
+    a = xp.exp(m_c - m)
+    b = xp.exp(m_e - m)
+    out = (acc_c * a[:, :, None] + acc_e * b[:, :, None]) / (a * l_c + b * l_e)[:, :, None]
+    return out.astype(np.float32)

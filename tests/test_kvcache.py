@@ -594,3 +594,41 @@ def test_bad_constructor_arguments(kwargs, match):
     args = {"num_kv_heads": H, "head_dim": 32, **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
         rotorq.KVCache(args.pop("num_kv_heads"), args.pop("head_dim"), **args)
+
+
+# -- the window part's kernel against its reference -----------------------------------------
+def exact_case(rng, *, n_bh=3, n_rows=5, d=12, dv=10, n_e=37, partial=True):
+    f32 = np.float32
+    q = rng.standard_normal((n_bh, n_rows, d)).astype(f32)
+    ke = rng.standard_normal((n_bh, n_e, d)).astype(f32)
+    ve = rng.standard_normal((n_bh, n_e, dv)).astype(f32)
+    pos = np.sort(rng.choice(200, n_e, replace=False)).astype(np.int64)
+    part = None
+    if partial:
+        part = ((rng.standard_normal((n_bh, n_rows, dv)) * 5).astype(f32),
+                (rng.standard_normal((n_bh, n_rows)) * 2).astype(f32),
+                (rng.random((n_bh, n_rows)) * 5 + 0.5).astype(f32))
+    return q, ke, ve, pos, part
+
+
+@pytest.mark.parametrize("causal,partial,n_q,offset", [
+    (False, False, 1, 0), (False, True, 1, 0), (True, True, 2, 60), (True, False, 5, 150),
+    (True, True, 1, -1)])  # offset -1: no exact token visible, the partial alone
+def test_exact_attention_cpu_matches_reference(rng, causal, partial, n_q, offset):
+    """The @njit twin of the window kernel against the array-operation reference, with the
+    causal mask and the merge with a compressed part's partial sums."""
+    from rotorq import cpu
+    from rotorq.reference import exact_attention as ref
+    q, ke, ve, pos, part = exact_case(rng, partial=partial)
+    if offset < 0:
+        pos = pos + 10  # every exact token after every row's limit
+    if offset < 0 and not partial:
+        pytest.skip("a row that sees nothing has no output")
+    got = cpu.exact_attention(q, ke, ve, pos, 0.3, n_q, offset, causal, part, twin=True)
+    want = ref(np, q, ke, ve, pos, 0.3, n_q, offset, causal, part)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    if partial and offset < 0:  # nothing exact visible: the compressed part's own output
+        acc, _, lsum = part
+        np.testing.assert_allclose(got, acc / lsum[..., None], rtol=1e-5)

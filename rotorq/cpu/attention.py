@@ -322,3 +322,54 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     vc1, vn1, vcent1, vbits1,
                     n_keys, n_q, causal_offset, chunk,
                     acc0_out, acc1_out, max_out, sum_out)
+
+
+@jit
+def exact_attention(q, ke, ve, pos, n_e, scale, n_q, offset, causal, acc_c, m_c, l_c, has_c,
+                    s, out):
+    """Softmax attention of the rows ``q`` (BH, R, d) over the first ``n_e`` uncompressed
+    keys/values ``ke`` (BH, cap, d), ``ve`` (BH, cap, dv) at positions ``pos`` (≥ n_e,),
+    merged with the compressed part's ``(acc_c, m_c, l_c)`` when ``has_c``:
+    ``out`` (BH, R, dv) is the normalized output. ``s`` (≥ n_e,) float32 scratch.
+    Contract and oracle: :func:`rotorq.reference.exact_attention`; CUDA twin
+    :func:`rotorq.cuda.attention.exact_attention` (same sums in the same order, except the
+    block-tree reductions of the row max and sum)."""
+    n_bh, n_rows, d = q.shape
+    dv = ve.shape[2]
+    neg_inf = np.float32(-np.inf)
+    for bh in range(n_bh):
+        for r in range(n_rows):
+            lim = r % n_q + offset
+            mx = neg_inf
+            for j in range(n_e):
+                v = neg_inf
+                if not causal or pos[j] <= lim:
+                    acc = np.float32(0.0)
+                    for k in range(d):
+                        acc += q[bh, r, k] * ke[bh, j, k]
+                    v = acc * scale
+                s[j] = v
+                mx = max(mx, v)
+            safe = mx if mx != neg_inf else np.float32(0.0)
+            lsum = np.float32(0.0)
+            for j in range(n_e):
+                p = np.float32(math.exp(s[j] - safe))
+                s[j] = p
+                lsum += p
+            a = np.float32(0.0)
+            b = np.float32(1.0)
+            if has_c:
+                m = max(m_c[bh, r], mx)
+                a = np.float32(math.exp(m_c[bh, r] - m))
+                b = np.float32(math.exp(mx - m))
+            den = b * lsum
+            if has_c:
+                den += a * l_c[bh, r]
+            for c in range(dv):
+                acc = np.float32(0.0)
+                for j in range(n_e):
+                    acc += s[j] * ve[bh, j, c]
+                num = b * acc
+                if has_c:
+                    num += a * acc_c[bh, r, c]
+                out[bh, r, c] = num / den

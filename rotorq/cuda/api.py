@@ -554,10 +554,59 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         return [out0, out1][:len(values)], m, lsum
 
 
+def _prefix_buffer(a):
+    """``(buffer, n)``: a C-contiguous float32 array whose first ``n`` rows along axis 1 are
+    ``a`` — ``a`` itself, the buffer ``a`` is a prefix view of (the KV cache's window), or
+    a copy."""
+    if a.dtype == cp.float32:
+        if a.flags.c_contiguous:
+            return a, a.shape[1]
+        base = a.base
+        if (base is not None and base.flags.c_contiguous and base.ndim == a.ndim
+                and base.dtype == a.dtype and base.data.ptr == a.data.ptr
+                and base.strides == a.strides and base.shape[0] == a.shape[0]
+                and base.shape[2:] == a.shape[2:]):
+            return base, a.shape[1]
+    return _f32c(a), a.shape[1]
+
+
+def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
+    """Attention over uncompressed keys and values merged with the compressed part's
+    partial sums, one launch; arguments and result as :func:`rotorq.cpu.exact_attention`,
+    on cupy arrays. Beyond the shared memory of one block (about 12K tokens) it runs as
+    array operations (:func:`rotorq.reference.exact_attention`)."""
+    device = q.device
+    with device, current_stream(device.id):
+        threads = _att.EXACT_THREADS
+        n_e = ke.shape[1]
+        if 4 * _att.exact_shared_floats(n_e, threads) > SHARED_LIMIT or not n_e:
+            from ..reference import exact_attention as ref
+            return ref(cp, q, ke, ve, pos, scale, n_q, offset, causal, partial)
+        q = _f32c(q)
+        kb, _ = _prefix_buffer(ke)
+        vb, _ = _prefix_buffer(ve)
+        n_bh, n_rows = q.shape[0], q.shape[1]
+        if partial is None:
+            ph = _att_placeholders(1, 1)[2]
+            acc_c, m_c, l_c, has_c = ph.reshape(1, 1, 1), ph.reshape(1, 1), ph.reshape(1, 1), 0
+        else:
+            acc_c, m_c, l_c = (_f32c(a) for a in partial)
+            has_c = 1
+        if pos.dtype != cp.int64 or not pos.flags.c_contiguous:
+            pos = cp.ascontiguousarray(pos, dtype=cp.int64)
+        out = _empty((n_bh, n_rows, vb.shape[2]), cp.float32)
+        launch(_att.exact_attention, (n_rows, n_bh, 1), (threads, 1),
+               4 * _att.exact_shared_floats(n_e, threads),
+               (q, kb, vb, pos, int(n_e), float(scale), int(n_q), int(offset), int(bool(causal)),
+                acc_c, m_c, l_c, has_c, out))
+        return out
+
+
 __all__ = [
     "decode_attention",
     "dequantize",
     "dequantize_rotated",
+    "exact_attention",
     "name",
     "qjl_quantize",
     "qjl_scores",

@@ -380,6 +380,108 @@ def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_
             acc1_out[bh, r, col - dv0] = tot
 
 
+EXACT_THREADS = 128
+"""Threads per block (one block per query row) of :func:`exact_attention`."""
+
+
+def exact_shared_floats(n_e, threads):
+    """float32 words of dynamic shared memory of :func:`exact_attention`."""
+    return n_e + threads
+
+
+@device
+def _block_reduce(red, x, is_max):
+    """Max (``is_max``) or sum of ``x`` over the block, through the scratch ``red``
+    (≥ blockDim.x floats); every thread gets the result."""
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    red[tid] = x
+    cuda.syncthreads()
+    h = 1
+    while h < threads:
+        h <<= 1
+    h >>= 1
+    while h > 0:
+        if tid < h and tid + h < threads:
+            if is_max:
+                red[tid] = max(red[tid], red[tid + h])
+            else:
+                red[tid] += red[tid + h]
+        cuda.syncthreads()
+        h >>= 1
+    out = red[0]
+    cuda.syncthreads()
+    return out
+
+
+@kernel
+def exact_attention(q, ke, ve, pos, n_e, scale, n_q, offset, causal, acc_c, m_c, l_c, has_c,
+                    out):
+    """Attention of one query row per block over the first ``n_e`` uncompressed keys/values,
+    merged with the compressed part's partial sums: the twin of
+    :func:`rotorq.cpu.attention.exact_attention` (same arguments, without the scratch).
+
+    Grid ``(R, BH)``, 1-D blocks (:data:`EXACT_THREADS`): threads stride over the tokens for
+    the scores (kept in shared memory), the block reduces the max and the sum, then threads
+    stride over the value coordinates. Dynamic shared memory:
+    ``4 · exact_shared_floats(n_e, blockDim.x)`` bytes. This replaces about twenty array
+    operations (each a launch and 10–40 µs of host time) of the window part of
+    :meth:`rotorq.KVCache.attend`.
+    """
+    r = cuda.blockIdx.x
+    bh = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    d = q.shape[2]
+    dv = ve.shape[2]
+    sh = cuda.shared.array(0, numba.float32)
+    s = sh[:n_e]
+    red = sh[n_e:n_e + threads]
+    neg_inf = np.float32(-math.inf)
+    lim = r % n_q + offset
+    mx = neg_inf
+    j = tid
+    while j < n_e:
+        v = neg_inf
+        if causal == 0 or pos[j] <= lim:
+            acc = np.float32(0.0)
+            for k in range(d):
+                acc += q[bh, r, k] * ke[bh, j, k]
+            v = acc * np.float32(scale)
+        s[j] = v
+        mx = max(mx, v)
+        j += threads
+    mx = _block_reduce(red, mx, True)
+    safe = mx if mx != neg_inf else np.float32(0.0)
+    lsum = np.float32(0.0)
+    j = tid
+    while j < n_e:
+        p = np.float32(math.exp(s[j] - safe))
+        s[j] = p
+        lsum += p
+        j += threads
+    lsum = _block_reduce(red, lsum, False)
+    a = np.float32(0.0)
+    b = np.float32(1.0)
+    if has_c:
+        m = max(m_c[bh, r], mx)
+        a = np.float32(math.exp(m_c[bh, r] - m))
+        b = np.float32(math.exp(mx - m))
+    den = b * lsum
+    if has_c:
+        den += a * l_c[bh, r]
+    c = tid
+    while c < dv:
+        acc = np.float32(0.0)
+        for j in range(n_e):
+            acc += s[j] * ve[bh, j, c]
+        num = b * acc
+        if has_c:
+            num += a * acc_c[bh, r, c]
+        out[bh, r, c] = num / den
+        c += threads
+
+
 # ------------------------------------------------------------------ tensor-core fast path
 
 FAST_ROWS = 8

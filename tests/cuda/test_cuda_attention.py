@@ -388,3 +388,64 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits):
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0))
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16
     assert ".local" not in ptx  # no local-memory arrays
+
+
+# ------------------------------------------------------------ window part (exact tokens)
+
+def _exact_case(rng, n_bh, n_rows, d, dv, n_e, partial):
+    f32 = np.float32
+    q = rng.standard_normal((n_bh, n_rows, d)).astype(f32)
+    ke = rng.standard_normal((n_bh, n_e, d)).astype(f32)
+    ve = rng.standard_normal((n_bh, n_e, dv)).astype(f32)
+    pos = np.sort(rng.choice(4 * n_e + 50, n_e, replace=False)).astype(np.int64)
+    part = None
+    if partial:
+        part = ((rng.standard_normal((n_bh, n_rows, dv)) * 5).astype(f32),
+                (rng.standard_normal((n_bh, n_rows)) * 2).astype(f32),
+                (rng.random((n_bh, n_rows)) * 5 + 0.5).astype(f32))
+    return q, ke, ve, pos, part
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+@pytest.mark.parametrize("causal,partial", [(False, True), (True, True), (True, False)])
+def test_sim_exact_kernel_matches_cpu(rng, causal, partial):
+    att = importlib.import_module("rotorq.cuda.attention")
+    from rotorq import cpu
+    q, ke, ve, pos, part = _exact_case(rng, 2, 3, 6, 5, 19, partial)
+    n_q, offset = (1, 40) if causal else (1, 0)
+    want = cpu.exact_attention(q, ke, ve, pos, 0.4, n_q, offset, causal, part, twin=True)
+    got = np.full_like(want, np.nan)
+    ph = np.zeros((1, 1, 1), np.float32)
+    acc, m, lsum = part if part else (ph, ph[0], ph[0])
+    threads = 4  # fewer threads than tokens and than value columns: the strides
+    att.exact_attention[(3, 2), threads, 0, 4 * att.exact_shared_floats(19, threads)](
+        q, ke, ve, pos, 19, 0.4, n_q, offset, int(causal), acc, m, lsum, int(bool(part)), got)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n_e,prefix,partial,causal", [
+    (130, False, True, False), (300, True, True, True), (64, True, False, False),
+    (13_000, False, True, False)])  # past one block's shared memory: array operations
+def test_exact_attention_gpu_matches_cpu(rng, cp, n_e, prefix, partial, causal):
+    """The window kernel on the GPU against its CPU twin, on whole arrays and on prefix
+    views of a larger buffer (the KV cache's window)."""
+    import rotorq.cuda as gpu
+    from rotorq import cpu
+    q, ke, ve, pos, part = _exact_case(rng, 4, 8, 128, 128, n_e, partial)
+    n_q, offset = (2, int(pos[n_e // 2])) if causal else (1, 0)
+    want = cpu.exact_attention(q, ke, ve, pos, 0.09, n_q, offset, causal, part, twin=True)
+    if prefix:
+        kbuf = cp.asarray(np.concatenate([ke, rng.standard_normal(ke.shape).astype(np.float32)],
+                                         axis=1))
+        vbuf = cp.asarray(np.concatenate([ve, rng.standard_normal(ve.shape).astype(np.float32)],
+                                         axis=1))
+        kg, vg = kbuf[:, :n_e], vbuf[:, :n_e]
+        assert not kg.flags.c_contiguous
+    else:
+        kg, vg = cp.asarray(ke), cp.asarray(ve)
+    pg = tuple(cp.asarray(a) for a in part) if part else None
+    got = gpu.exact_attention(cp.asarray(q), kg, vg, cp.asarray(pos), 0.09, n_q, offset,
+                              causal, pg)
+    np.testing.assert_allclose(got.get(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
