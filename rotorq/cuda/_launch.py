@@ -106,8 +106,10 @@ def _cache_path(kern, sig, cc):
             _SOURCES = h.hexdigest()
         ident = _SOURCES + kern.__name__
     import numba_cuda
-    key = "|".join((ident, repr(sig), repr(cc), getattr(numba_cuda, "__version__", ""),
-                    repr(sorted(_options(kern).items()))))
+    parts = [ident, repr(sig), repr(cc), getattr(numba_cuda, "__version__", "")]
+    if _options(kern):
+        parts.append(repr(sorted(_options(kern).items())))
+    key = "|".join(parts)
     return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:32] + ".ptx")
 
 
