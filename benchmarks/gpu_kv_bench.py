@@ -113,7 +113,8 @@ def bench(tokens, rng, reps):
 
     t_fused = events_time(fused, cbufs, reps)
     t_fused_kernel = kernel_time(fused, cbufs, reps)  # the same launches, no host work
-    # the same with the RoPE-aware key-offset bias (KVCache(rope_base=...)): general kernel
+    # the same with the RoPE-aware key-offset bias (KVCache(rope_base=...)): the per-key
+    # term, then the tensor-core kernel; and the general kernel, which computes it inside
     half = D // 2
     bias = (cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
             cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
@@ -123,9 +124,11 @@ def bench(tokens, rng, reps):
         return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, key_bias=bias)
 
     t_bias = events_time(fused_bias, cbufs, reps)
+    t_bias_kernel = kernel_time(fused_bias, cbufs, reps)
     saved, api.ATTENTION_FAST = api.ATTENTION_FAST, False
-    try:  # the general kernel alone: what the bias costs on top of it
+    try:  # the general kernel alone, and with the bias
         t_general = events_time(fused, cbufs, reps)
+        t_general_bias = events_time(fused_bias, cbufs, max(2, reps // 4))
     finally:
         api.ATTENTION_FAST = saved
     # end to end through the cache (its own buffers; rotate the queries)
@@ -158,7 +161,8 @@ def bench(tokens, rng, reps):
     return {"tokens": tokens, "compressed_bytes": comp_bytes, "fp16_bytes": fp16_bytes,
             "fused_us": t_fused * 1e6, "fused_kernel_us": t_fused_kernel * 1e6,
             "speedup_fused_kernel": t_sdpa / t_fused_kernel,
-            "fused_rope_bias_us": t_bias * 1e6,
+            "fused_rope_bias_us": t_bias * 1e6, "fused_rope_bias_kernel_us": t_bias_kernel * 1e6,
+            "general_rope_bias_us": t_general_bias * 1e6,
             "general_us": t_general * 1e6, "attend_us": t_attend * 1e6,
             "attend_wall_us": t_attend_wall * 1e6, "sdpa_us": t_sdpa * 1e6,
             "fused_tbs": comp_bytes / t_fused / 1e12, "sdpa_tbs": fp16_bytes / t_sdpa / 1e12,
@@ -222,16 +226,17 @@ def main():
     lines = [f"# decode attention, {HQ} q / {HK} KV heads, d={D}, {BITS}-bit K and V, n_q=1",
              "", ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              "| T | fused µs | fused, kernels only µs | TB/s | floor µs | general kernel µs | "
-             "general + RoPE bias µs | "
+             "general + RoPE bias µs | fused + RoPE bias µs (call / kernels) | "
              "KVCache.attend µs (events / wall) | "
              "torch SDPA fp16 µs | TB/s | SDPA / fused | SDPA / fused kernels | "
              "SDPA / attend | rel. err vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['tokens']} | {r['fused_us']:.1f} | {r['fused_kernel_us']:.1f} | "
                      f"{r['fused_tbs']:.2f} | "
                      f"{r['floor_us']:.1f} | {r['general_us']:.1f} | "
-                     f"{r['fused_rope_bias_us']:.1f} | "
+                     f"{r['general_rope_bias_us']:.1f} | "
+                     f"{r['fused_rope_bias_us']:.1f} / {r['fused_rope_bias_kernel_us']:.1f} | "
                      f"{r['attend_us']:.1f} / {r['attend_wall_us']:.1f} | "
                      f"{r['sdpa_us']:.1f} | {r['sdpa_tbs']:.2f} | {r['speedup_fused']:.2f}× | "
                      f"{r['speedup_fused_kernel']:.2f}× | "

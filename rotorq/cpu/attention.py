@@ -373,3 +373,31 @@ def exact_attention(q, ke, ve, pos, n_e, scale, n_q, offset, causal, acc_c, m_c,
                 if has_c:
                     num += a * acc_c[bh, r, c]
                 out[bh, r, c] = num / den
+
+
+@jit
+def key_bias_scores(kba, kbb, kfreq, kpos0, n_keys, out):
+    """``out[bh, r, j] = Σ_f A[bh, r, f] cos(p θ_f) + B[bh, r, f] sin(p θ_f)`` at
+    ``p = kpos0 + j`` for ``j < n_keys``: the RoPE-aware key-offset term of every compressed
+    key, for the tensor-core kernel, which adds it to its scores. The angle is reduced
+    modulo 2π in float64 and its float32 cosine and sine are taken (as the general CUDA
+    kernel does). CUDA twin: :func:`rotorq.cuda.attention.key_bias_scores`."""
+    n_bh, n_rows, nf = kba.shape
+    two_pi = 2.0 * math.pi
+    inv_two_pi = 1.0 / two_pi
+    cs = np.empty(nf, np.float32)
+    sn = np.empty(nf, np.float32)
+    for bh in range(n_bh):
+        for j in range(n_keys):
+            pos = np.float64(kpos0 + j)
+            for f in range(nf):
+                ang = pos * kfreq[f]
+                ang -= two_pi * math.floor(ang * inv_two_pi)
+                a32 = np.float32(ang)
+                cs[f] = np.float32(math.cos(a32))
+                sn[f] = np.float32(math.sin(a32))
+            for r in range(n_rows):
+                tot = np.float32(0.0)
+                for f in range(nf):
+                    tot += kba[bh, r, f] * cs[f] + kbb[bh, r, f] * sn[f]
+                out[bh, r, j] = tot

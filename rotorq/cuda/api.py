@@ -472,7 +472,8 @@ def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
 def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None):
     """Fused attention of rotated queries over packed keys and values (split-K, merged on
     the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays.
-    With ``key_bias`` the general kernel runs (the tensor-core path has no bias term)."""
+    With ``key_bias`` on the tensor-core path, the term is first computed for every key
+    (:func:`rotorq.cuda.attention.key_bias_scores`) and added to the MMA scores."""
     q0, qs0 = queries[0]
     device = q0.device
     with device, current_stream(device.id):
@@ -507,7 +508,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         dk0, dk1 = qargs[0].shape[2], qargs[1].shape[2]
         fast = None
         if (ATTENTION_FAST and len(keys) == 1 and len(values) == 1 and qs0 is None
-                and key_bias is None and n_rows <= _att.FAST_ROWS and n_keys > 0):
+                and n_rows <= _att.FAST_ROWS and n_keys > 0):
             fast = _att.fast_config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
                                     values[0][0].shape[-1])
         if fast is not None:
@@ -522,10 +523,20 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         mx = _empty((n_bh, n_split, n_rows), cp.float32)
         sm = _empty((n_bh, n_split, n_rows), cp.float32)
         if fast is not None:
-            kern = _att.attention_kernel(*fast)
+            kbias = ()
+            if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
+                ba, bb, freqs, pos0 = key_bias
+                ba, bb = _f32c(ba), _f32c(bb)
+                kb = _empty((n_bh, n_rows, n_keys), cp.float32)
+                launch(_att.key_bias_scores, (-(-n_keys // _att.BIAS_THREADS), n_bh, 1),
+                       (_att.BIAS_THREADS, 1), 8 * ba.shape[1] * ba.shape[2],
+                       (ba, bb, cp.ascontiguousarray(freqs, dtype=cp.float64), int(pos0),
+                        int(n_keys), kb))
+                kbias = (kb,)
+            kern = _att.attention_kernel(*fast, bias=bool(kbias))
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
                    (qargs[0], k0[0].view(cp.uint32).reshape(n_bh, -1), k0[1], k0[4],
-                    v0[0].view(cp.uint16).reshape(n_bh, -1), v0[1], v0[2],
+                    v0[0].view(cp.uint16).reshape(n_bh, -1), v0[1], v0[2], *kbias,
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
             if key_bias is None:
@@ -579,7 +590,7 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
     with device, current_stream(device.id):
         threads = _att.EXACT_THREADS
         n_e = ke.shape[1]
-        if 4 * _att.exact_shared_floats(n_e, threads) > SHARED_LIMIT or not n_e:
+        if 4 * _att.exact_shared_floats(n_e, threads) > SHARED_LIMIT:
             from ..reference import exact_attention as ref
             return ref(cp, q, ke, ve, pos, scale, n_q, offset, causal, partial)
         q = _f32c(q)

@@ -482,6 +482,72 @@ def exact_attention(q, ke, ve, pos, n_e, scale, n_q, offset, causal, acc_c, m_c,
         c += threads
 
 
+BIAS_THREADS = 128
+"""Tokens (threads) per block of :func:`key_bias_scores`."""
+
+
+@kernel
+def key_bias_scores(kba, kbb, kfreq, kpos0, n_keys, out):
+    """The RoPE-aware key-offset term of every compressed key, for the tensor-core kernel:
+    twin of :func:`rotorq.cpu.attention.key_bias_scores` (``out`` (BH, R, ≥ n_keys), R ≤ 8).
+
+    Grid ``(ceil(n_keys / BIAS_THREADS), BH)``, :data:`BIAS_THREADS` threads, one token each;
+    the coefficient rows are staged in shared memory (dynamic: ``8 · R · F`` bytes). A
+    token's cosines and sines serve all its rows."""
+    bh = cuda.blockIdx.y
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
+    n_rows = kba.shape[1]
+    nf = kba.shape[2]
+    sh = cuda.shared.array(0, numba.float32)
+    e = tid
+    while e < n_rows * nf:
+        sh[e] = kba[bh, e // nf, e % nf]
+        sh[n_rows * nf + e] = kbb[bh, e // nf, e % nf]
+        e += threads
+    cuda.syncthreads()
+    j = cuda.blockIdx.x * threads + tid
+    if j >= n_keys:
+        return
+    pos = np.float64(kpos0 + j)
+    # eight scalar accumulators (a local array would live in local memory); rows past
+    # n_rows repeat the last row and are not stored
+    last = n_rows - 1
+    b1, b2, b3 = min(1, last) * nf, min(2, last) * nf, min(3, last) * nf
+    b4, b5, b6, b7 = min(4, last) * nf, min(5, last) * nf, min(6, last) * nf, min(7, last) * nf
+    off = n_rows * nf
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    for f in range(nf):
+        ang = pos * kfreq[f]
+        ang -= _TWO_PI * math.floor(ang * _INV_TWO_PI)
+        a32 = np.float32(ang)
+        ca = math.cos(a32)
+        sa = math.sin(a32)
+        a0 += sh[f] * ca + sh[off + f] * sa
+        a1 += sh[b1 + f] * ca + sh[off + b1 + f] * sa
+        a2 += sh[b2 + f] * ca + sh[off + b2 + f] * sa
+        a3 += sh[b3 + f] * ca + sh[off + b3 + f] * sa
+        a4 += sh[b4 + f] * ca + sh[off + b4 + f] * sa
+        a5 += sh[b5 + f] * ca + sh[off + b5 + f] * sa
+        a6 += sh[b6 + f] * ca + sh[off + b6 + f] * sa
+        a7 += sh[b7 + f] * ca + sh[off + b7 + f] * sa
+    out[bh, 0, j] = a0
+    if n_rows > 1:
+        out[bh, 1, j] = a1
+    if n_rows > 2:
+        out[bh, 2, j] = a2
+    if n_rows > 3:
+        out[bh, 3, j] = a3
+    if n_rows > 4:
+        out[bh, 4, j] = a4
+    if n_rows > 5:
+        out[bh, 5, j] = a5
+    if n_rows > 6:
+        out[bh, 6, j] = a6
+    if n_rows > 7:
+        out[bh, 7, j] = a7
+
+
 # ------------------------------------------------------------------ tensor-core fast path
 
 FAST_ROWS = 8
@@ -763,7 +829,7 @@ def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
     return (int(dk), int(kbits), int(dv), int(vbits))
 
 
-def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
+def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bias=False):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
 
     ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·kbits/32), kn f16 (BH, cap), kcent f32,
@@ -783,6 +849,10 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
     layout through a per-warp shared buffer. The block's warps merge in shared memory and
     write one partial per split.
 
+    ``bias=True``: one more argument after ``vcent``, ``kbias`` f32 (BH, R, ≥ n_keys), the
+    RoPE-aware key-offset term of each key and row (:func:`key_bias_scores`), added to the
+    scores.
+
     The pair tables are replicated per lane where shared memory allows
     (:func:`table_copies`), so a lookup is one wavefront. Token indices are 32-bit and each
     lane reads its words through a view that starts at
@@ -795,7 +865,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
         blocks = FAST_LAUNCH_BLOCKS if big_dk + big_dv <= 256 else 0
     blocks = blocks or None
     copies = FAST_TABLE_COPIES if copies is None else copies
-    key = (big_dk, kbits, big_dv, vbits, blocks, copies)
+    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias))
     if key in _fast_kernels:
         return _fast_kernels[key]
     kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
@@ -808,7 +878,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
     sim = SIMULATOR
     ck, cv = copies or table_copies(big_dk, kbits, big_dv, vbits)
     S = _red_stride(big_dv)
-    L = ["def attn_fast(q, kc, kn, kcent, vc, vn, vcent, n_keys, n_q, causal_offset, chunk,",
+    L = [f"def attn_fast(q, kc, kn, kcent, vc, vn, vcent, {'kbias, ' if bias else ''}"
+         "n_keys, n_q, causal_offset, chunk,",
          "              acc_out, max_out, sum_out):",
          f"    tabk = cuda.shared.array({lk2 * ck}, numba.uint32)",
          f"    tabv = cuda.shared.array({lv2 * cv}, numba.uint32)",
@@ -884,8 +955,11 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
           f"    kcl = kc[bh, t * {kw}:]",
           f"    vcl = vc[bh, g * {vw}:]",
           "    knb = kn[bh]",
-          "    vnb_ = vn[bh]",
-          "    gu = U32(g)",
+          "    vnb_ = vn[bh]"]
+    if bias:  # the key-offset term of rows ra, rb (rows past n_rows are masked anyway)
+        L += ["    bra = kbias[bh, min(ra, n_rows - 1)]",
+              "    brb = kbias[bh, min(rb, n_rows - 1)]"]
+    L += ["    gu = U32(g)",
           "    g8u = U32(g + 8)",
           "    ox0 = U32(2 * t)",
           "    ox1 = U32(2 * t + 1)",
@@ -911,6 +985,9 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
                     out.append(f"{ind}{pre}v{x}_{i} = or32(u{2 * i}, shl32(u{2 * i + 1}, U32(16)))")
                 else:
                     out.append(f"{ind}{pre}v{x}_{i} = u{2 * i}")
+        if bias:
+            out += [f"{ind}{pre}ba_a = bra[U64({pre}ja)]", f"{ind}{pre}bb_a = brb[U64({pre}ja)]",
+                    f"{ind}{pre}ba_b = bra[U64({pre}jb)]", f"{ind}{pre}bb_b = brb[U64({pre}jb)]"]
         out += [f"{ind}{pre}na = np.float32(knb[U64({pre}ja)])",
                 f"{ind}{pre}nb = np.float32(knb[U64({pre}jb)])",
                 f"{ind}{pre}vna = np.float32(vnb_[U64({pre}ja)])",
@@ -919,7 +996,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
 
     names = ([f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
              + [f"v{x}_{i}" for x in range(4) for i in range(nx)]
-             + ["na", "nb", "vna", "vnb"])
+             + ["na", "nb", "vna", "vnb"] + (["ba_a", "bb_a", "ba_b", "bb_b"] if bias else []))
     # software pipelining: the next tile's codes are in flight while this one is computed
     L += loads("    ", "n_", "nbase")
     L.append("    for it in range(ntile):")
@@ -952,10 +1029,13 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None):
         L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", acc))
     if kch > 1:
         L += [f"{ind}s{i} = s{i} + z{i}" for i in range(4)]
-    L += [f"{ind}s0 = s0 * na if ta < cnt_a else neg_inf",
-          f"{ind}s1 = s1 * na if ta < cnt_b else neg_inf",
-          f"{ind}s2 = s2 * nb if tb < cnt_a else neg_inf",
-          f"{ind}s3 = s3 * nb if tb < cnt_b else neg_inf",
+    add = ([f" + ba_a * np.float32({LOG2E!r})", f" + bb_a * np.float32({LOG2E!r})",
+            f" + ba_b * np.float32({LOG2E!r})", f" + bb_b * np.float32({LOG2E!r})"]
+           if bias else [""] * 4)
+    L += [f"{ind}s0 = s0 * na{add[0]} if ta < cnt_a else neg_inf",
+          f"{ind}s1 = s1 * na{add[1]} if ta < cnt_b else neg_inf",
+          f"{ind}s2 = s2 * nb{add[2]} if tb < cnt_a else neg_inf",
+          f"{ind}s3 = s3 * nb{add[3]} if tb < cnt_b else neg_inf",
           f"{ind}x_a = max(s0, s2)",
           f"{ind}x_b = max(s1, s3)"]
     if sim:

@@ -203,6 +203,49 @@ def test_sim_fast_kernel_matches_cpu(rng, name):
                                rtol=FAST_RTOL)
 
 
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+def test_sim_key_bias_kernel_matches_cpu(rng):
+    """The per-key RoPE offset term on the device against its CPU twin, 5 rows (the unrolled
+    accumulators of rows 5–7 are not stored), positions past 2^20 (angle reduction)."""
+    att = importlib.import_module("rotorq.cuda.attention")
+    case = make_case(rng, n_bh=2, n_rows=5, n_freq=6, pos0=(1 << 20) + 3, n_keys=37)
+    ba, bb, freqs, pos0 = case["bias"]
+    want = np.full((2, 5, 40), np.nan, np.float32)
+    CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, 37, want)
+    got = np.full_like(want, np.nan)
+    threads = 16
+    att.key_bias_scores[(-(-37 // threads), 2), threads, 0, 8 * 5 * 6](ba, bb, freqs, pos0, 37, got)
+    np.testing.assert_allclose(got[..., :37], want[..., :37], rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[..., 37:]).all()  # nothing written past n_keys
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+def test_sim_fast_kernel_with_key_bias_matches_cpu(rng):
+    """The tensor-core kernel adding the per-key RoPE offset term against the CPU kernel,
+    which computes the term inside its score loop."""
+    att = importlib.import_module("rotorq.cuda.attention")
+    case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), n_rows=6, n_q=2, kbits=(3, 2),
+                     vbits=(3, 4), n_keys=140, causal_offset=120, n_freq=64, pos0=5000)
+    chunk = 64
+    want = cpu_partials(case, chunk)
+    n_split = len(range(0, case["n_keys"], chunk))
+    got = outputs(case, n_split, fill=np.nan)
+    kc, kn, _, _, kcent, kb, _ = case["keys"][0]
+    vc, vn, vcent, vb = case["vals"][0]
+    ba, bb, freqs, pos0 = case["bias"]
+    kbias = np.empty((2, 6, case["n_keys"]), np.float32)
+    CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kbias)
+    cfg = att.fast_config(128, kb, 128, vb, kc.shape[-1], vc.shape[-1])
+    kern = att.attention_kernel(*cfg, bias=True)
+    kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
+        case["q"][0], kc.view(np.uint32).reshape(2, -1), kn, kcent,
+        vc.view(np.uint16).reshape(2, -1), vn, vcent, kbias,
+        case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
+    assert_merged_close(merged(got), merged(want), FAST_RTOL)
+
+
 # ------------------------------------------------------------------------------ real GPU
 
 def _gpu():
@@ -322,7 +365,8 @@ def test_kvcache_gpu_matches_numpy(rng, cp, fast_path, name, framework):
 def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_q, causal,
                                           n_freq):
     """The backend's decode_attention on random packed codes at decode sizes vs the CPU's
-    (``n_freq > 0``: with the RoPE-aware key-offset bias, which takes the general kernel)."""
+    (``n_freq > 0``: with the RoPE-aware key-offset bias: the per-key term, then the
+    tensor-core kernel; the general kernel computes it inside)."""
     import rotorq.cuda as gpu
     from rotorq import cpu
     case = make_case(rng, n_bh=4, n_rows=n_rows, n_q=n_q, dk=(128, 0), dv=(128, 0),
@@ -349,7 +393,7 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     out_w = accs_w[0] / l_w[..., None]
     out_g = accs_g[0].get() / l_g.get()[..., None]
     err = _rel_err(out_g, out_w)
-    fast = fast_path and not n_freq
+    fast = fast_path  # with n_freq: the per-key term, then the tensor-core kernel
     _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-{'fast' if fast else 'general'}"] = err
     assert err < (FAST_RTOL if fast else 1e-4), err
 
