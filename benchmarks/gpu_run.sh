@@ -3,7 +3,7 @@
 # one-query table plans -> $OUT.
 #
 # Usage (repository root, on the GPU machine; see ../shared/reference/GPU.md for the wheels):
-#   bash benchmarks/gpu_run.sh [tests|bench|kv|shapes|tables|all] [pytest -k expression]
+#   bash benchmarks/gpu_run.sh [tests|bench|kv|shapes|tables|variants|all] [pytest -k expression]
 # Precompile the generated kernels first where there is no GPU (the PTX cache travels):
 #   ROTORQ_PTX_CACHE=$PWD/.whl/ptxcache python3 benchmarks/gpu_bench.py --precompile-only
 set -u
@@ -38,4 +38,9 @@ if [[ $what == tables || $what == all ]]; then
     timeout "${TABLES_TIMEOUT:-300}" python3 benchmarks/gpu_score_tables.py --out "$OUT" \
         > "$OUT/gpu_score_tables.log" 2>&1
     echo "gpu_score_tables rc=$?"
+fi
+if [[ $what == variants ]]; then
+    timeout "${VARIANTS_TIMEOUT:-240}" python3 benchmarks/gpu_attention_variants.py --out "$OUT" \
+        > "$OUT/gpu_attention_variants.log" 2>&1
+    echo "gpu_attention_variants rc=$?"
 fi
