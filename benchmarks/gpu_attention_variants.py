@@ -32,36 +32,10 @@ att = importlib.import_module("rotorq.cuda.attention")
 _launch = importlib.import_module("rotorq.cuda._launch")
 
 
-def launch_times(fn, bufs, reps, trials=5):
-    """Median µs of each launch of ``fn(buf)`` replayed alone (the recorded launches of
-    ``gpu_bench.kernel_time``): here the attention kernel, then the split merge."""
-    _launch.RECORDER = rec = []
-    calls = []
-    try:
-        for b in bufs:
-            first = len(rec)
-            out = fn(b)
-            calls.append((rec[first:], out))
-    finally:
-        _launch.RECORDER = None
-    times_out = []
-    for k in range(len(calls[0][0])):
-        def replay(i, k=k):
-            f, g, blk, sh, st, _, ex = calls[i % len(calls)][0][k]
-            _launch.driver.launchKernel(f, g[0], g[1], g[2], blk[0], blk[1], 1, sh, st, 0, ex)
-        for i in range(3):
-            replay(i)
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(trials):
-            start.record()
-            for i in range(reps):
-                replay(i)
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) * 1e3 / reps)
-        times_out.append(float(np.median(times)))
-    return times_out
+def launch_times(fn, bufs, reps):
+    """Median µs of the attention kernel and of the split merge (the first and last launch
+    of a call), each replayed alone."""
+    return [kernel_time(fn, bufs, reps, only=k) * 1e6 for k in (0, -1)]
 
 
 def merged(res):

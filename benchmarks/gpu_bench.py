@@ -71,11 +71,12 @@ def device_time(fn, bufs, reps, trials=5):
     return statistics.median(times)
 
 
-def kernel_time(fn, bufs, reps, trials=5):
+def kernel_time(fn, bufs, reps, trials=5, only=None):
     """Median seconds per call of the kernels that ``fn(buf)`` launches, cycling over
     ``bufs``: each call's launches are recorded once (``rotorq.cuda._launch.RECORDER``) and
     replayed with their prepared parameter buffers, so the time is the GPU's, not the host's
-    (a backend call costs 30–60 µs of host time, more than some kernels at N = 2^20)."""
+    (a backend call costs 30–60 µs of host time, more than some kernels at N = 2^20).
+    ``only``: replay just that launch of each call (an index into its launches)."""
     launch_mod.RECORDER = rec = []
     calls = []
     try:
@@ -90,7 +91,10 @@ def kernel_time(fn, bufs, reps, trials=5):
         raise RuntimeError("recorded launches ran on another stream")
 
     def replay(i):
-        for f, g, blk, sh, st, _, ex in calls[i % len(calls)][0]:
+        launches = calls[i % len(calls)][0]
+        if only is not None:
+            launches = [launches[only]]
+        for f, g, blk, sh, st, _, ex in launches:
             driver.launchKernel(f, g[0], g[1], g[2], blk[0], blk[1], 1, sh, st, 0, ex)
 
     for i in range(3):

@@ -62,3 +62,20 @@ def outlier_vectors(rng, n, d, channels=4, factor=15.0):
     x = rng.standard_normal((n, d))
     x[:, rng.choice(d, channels, replace=False)] *= factor
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_attention_case(rng, n_bh, n_rows, d, dv, n_e, partial, pos_span):
+    """Random arguments of ``exact_attention``: float32 queries, keys, values, sorted
+    distinct positions below ``pos_span``, and (with ``partial``) a compressed part's
+    ``(acc, m, l)``."""
+    f32 = np.float32
+    q = rng.standard_normal((n_bh, n_rows, d)).astype(f32)
+    ke = rng.standard_normal((n_bh, n_e, d)).astype(f32)
+    ve = rng.standard_normal((n_bh, n_e, dv)).astype(f32)
+    pos = np.sort(rng.choice(pos_span, n_e, replace=False)).astype(np.int64)
+    part = None
+    if partial:
+        part = ((rng.standard_normal((n_bh, n_rows, dv)) * 5).astype(f32),
+                (rng.standard_normal((n_bh, n_rows)) * 2).astype(f32),
+                (rng.random((n_bh, n_rows)) * 5 + 0.5).astype(f32))
+    return q, ke, ve, pos, part

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import rotorq
+from helpers import exact_attention_case
 from rotorq.kvprep import rope, unrope
 from rotorq.quantized import QuantizedVectors
 
@@ -597,20 +598,6 @@ def test_bad_constructor_arguments(kwargs, match):
 
 
 # -- the window part's kernel against its reference -----------------------------------------
-def exact_case(rng, *, n_bh=3, n_rows=5, d=12, dv=10, n_e=37, partial=True):
-    f32 = np.float32
-    q = rng.standard_normal((n_bh, n_rows, d)).astype(f32)
-    ke = rng.standard_normal((n_bh, n_e, d)).astype(f32)
-    ve = rng.standard_normal((n_bh, n_e, dv)).astype(f32)
-    pos = np.sort(rng.choice(200, n_e, replace=False)).astype(np.int64)
-    part = None
-    if partial:
-        part = ((rng.standard_normal((n_bh, n_rows, dv)) * 5).astype(f32),
-                (rng.standard_normal((n_bh, n_rows)) * 2).astype(f32),
-                (rng.random((n_bh, n_rows)) * 5 + 0.5).astype(f32))
-    return q, ke, ve, pos, part
-
-
 @pytest.mark.parametrize("causal,partial,n_q,offset", [
     (False, False, 1, 0), (False, True, 1, 0), (True, True, 2, 60), (True, False, 5, 150),
     (True, True, 1, -1)])  # offset -1: no exact token visible, the partial alone
@@ -619,7 +606,7 @@ def test_exact_attention_cpu_matches_reference(rng, causal, partial, n_q, offset
     causal mask and the merge with a compressed part's partial sums."""
     from rotorq import cpu
     from rotorq.reference import exact_attention as ref
-    q, ke, ve, pos, part = exact_case(rng, partial=partial)
+    q, ke, ve, pos, part = exact_attention_case(rng, 3, 5, 12, 10, 37, partial, 200)
     if offset < 0:
         pos = pos + 10  # every exact token after every row's limit
     if offset < 0 and not partial:

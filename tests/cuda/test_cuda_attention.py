@@ -15,6 +15,8 @@ import os
 import numpy as np
 import pytest
 
+from helpers import exact_attention_case
+
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 CPU_ATT = importlib.import_module("rotorq.cpu.attention")
 
@@ -173,6 +175,10 @@ FAST_CASES = {
     "k4v2-causal": dict(n_rows=6, n_q=3, kbits=(4, 2), vbits=(2, 4), n_keys=140,
                         causal_offset=97),
     "k2v4-rows3": dict(n_rows=3, kbits=(2, 2), vbits=(4, 4), n_keys=70),
+    # the RoPE-aware key offset: the per-key term (CPU twin) added by the MMA kernel, against
+    # the CPU kernel, which computes it inside its score loop
+    "k3v3-rope-bias": dict(n_rows=6, n_q=2, kbits=(3, 2), vbits=(3, 4), n_keys=140,
+                           causal_offset=120, n_freq=64, pos0=5000),
 }
 FAST_RTOL = 5e-3  # fp16 MMA inputs (queries, centroids, p·ν), fp32 accumulation
 
@@ -191,10 +197,15 @@ def test_sim_fast_kernel_matches_cpu(rng, name):
     vc, vn, vcent, vb = case["vals"][0]
     cfg = att.fast_config(128, kb, 128, vb, kc.shape[-1], vc.shape[-1])
     assert cfg is not None
-    kern = att.attention_kernel(*cfg)
+    ba, bb, freqs, pos0 = case["bias"]
+    kbias = ()
+    if ba.shape[2]:
+        kbias = (np.empty((case["n_bh"], case["n_rows"], case["n_keys"]), np.float32),)
+        CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kbias[0])
+    kern = att.attention_kernel(*cfg, bias=bool(kbias))
     kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
         case["q"][0], kc.view(np.uint32).reshape(case["n_bh"], -1), kn, kcent,
-        vc.view(np.uint16).reshape(case["n_bh"], -1), vn, vcent,
+        vc.view(np.uint16).reshape(case["n_bh"], -1), vn, vcent, *kbias,
         case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
     gm = merged([got[0], got[1], got[2], got[3]])
     wm = merged(want)
@@ -218,32 +229,6 @@ def test_sim_key_bias_kernel_matches_cpu(rng):
     att.key_bias_scores[(-(-37 // threads), 2), threads, 0, 8 * 5 * 6](ba, bb, freqs, pos0, 37, got)
     np.testing.assert_allclose(got[..., :37], want[..., :37], rtol=1e-5, atol=1e-5)
     assert np.isnan(got[..., 37:]).all()  # nothing written past n_keys
-
-
-@pytest.mark.cudasim
-@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
-def test_sim_fast_kernel_with_key_bias_matches_cpu(rng):
-    """The tensor-core kernel adding the per-key RoPE offset term against the CPU kernel,
-    which computes the term inside its score loop."""
-    att = importlib.import_module("rotorq.cuda.attention")
-    case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), n_rows=6, n_q=2, kbits=(3, 2),
-                     vbits=(3, 4), n_keys=140, causal_offset=120, n_freq=64, pos0=5000)
-    chunk = 64
-    want = cpu_partials(case, chunk)
-    n_split = len(range(0, case["n_keys"], chunk))
-    got = outputs(case, n_split, fill=np.nan)
-    kc, kn, _, _, kcent, kb, _ = case["keys"][0]
-    vc, vn, vcent, vb = case["vals"][0]
-    ba, bb, freqs, pos0 = case["bias"]
-    kbias = np.empty((2, 6, case["n_keys"]), np.float32)
-    CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kbias)
-    cfg = att.fast_config(128, kb, 128, vb, kc.shape[-1], vc.shape[-1])
-    kern = att.attention_kernel(*cfg, bias=True)
-    kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
-        case["q"][0], kc.view(np.uint32).reshape(2, -1), kn, kcent,
-        vc.view(np.uint16).reshape(2, -1), vn, vcent, kbias,
-        case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
-    assert_merged_close(merged(got), merged(want), FAST_RTOL)
 
 
 # ------------------------------------------------------------------------------ real GPU
@@ -436,27 +421,13 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits):
 
 # ------------------------------------------------------------ window part (exact tokens)
 
-def _exact_case(rng, n_bh, n_rows, d, dv, n_e, partial):
-    f32 = np.float32
-    q = rng.standard_normal((n_bh, n_rows, d)).astype(f32)
-    ke = rng.standard_normal((n_bh, n_e, d)).astype(f32)
-    ve = rng.standard_normal((n_bh, n_e, dv)).astype(f32)
-    pos = np.sort(rng.choice(4 * n_e + 50, n_e, replace=False)).astype(np.int64)
-    part = None
-    if partial:
-        part = ((rng.standard_normal((n_bh, n_rows, dv)) * 5).astype(f32),
-                (rng.standard_normal((n_bh, n_rows)) * 2).astype(f32),
-                (rng.random((n_bh, n_rows)) * 5 + 0.5).astype(f32))
-    return q, ke, ve, pos, part
-
-
 @pytest.mark.cudasim
 @pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
 @pytest.mark.parametrize("causal,partial", [(False, True), (True, True), (True, False)])
 def test_sim_exact_kernel_matches_cpu(rng, causal, partial):
     att = importlib.import_module("rotorq.cuda.attention")
     from rotorq import cpu
-    q, ke, ve, pos, part = _exact_case(rng, 2, 3, 6, 5, 19, partial)
+    q, ke, ve, pos, part = exact_attention_case(rng, 2, 3, 6, 5, 19, partial, 4 * 19 + 50)
     n_q, offset = (1, 40) if causal else (1, 0)
     want = cpu.exact_attention(q, ke, ve, pos, 0.4, n_q, offset, causal, part, twin=True)
     got = np.full_like(want, np.nan)
@@ -477,7 +448,7 @@ def test_exact_attention_gpu_matches_cpu(rng, cp, n_e, prefix, partial, causal):
     views of a larger buffer (the KV cache's window)."""
     import rotorq.cuda as gpu
     from rotorq import cpu
-    q, ke, ve, pos, part = _exact_case(rng, 4, 8, 128, 128, n_e, partial)
+    q, ke, ve, pos, part = exact_attention_case(rng, 4, 8, 128, 128, n_e, partial, 4 * n_e + 50)
     n_q, offset = (2, int(pos[n_e // 2])) if causal else (1, 0)
     want = cpu.exact_attention(q, ke, ve, pos, 0.09, n_q, offset, causal, part, twin=True)
     if prefix:
