@@ -2,8 +2,8 @@
 
 N = 2^10 … 2^22 vectors of d = 128, 3 bits: fused quantize (hadamard, rotor, dense) of fp16
 input, scores against packed keys (1 query, a GQA group of 8), the standalone WHT-128
-(fp16 in/out). The Hadamard quantize and the WHT run twice: with the tiled kernels of
-``rotorq.cuda.tiled`` (the default) and, marked "(row per thread)", with those of
+(fp16 in/out). The Hadamard and rotor quantize and the WHT run twice: with the tiled kernels
+of ``rotorq.cuda.tiled`` / ``tiled_rotor`` (the default) and, marked "(row per thread)", with those of
 ``rotorq.cuda.fast`` (``api.TILED = False``; below ``api.FAST_MIN_ROWS`` rows both use the
 generic kernels). Scores (1 query, 8 queries) run twice too: with ``rotorq.cuda.tiled_scores``
 (``api.TILED_SCORES``, the default: codes staged through shared memory; float16 pair tables
@@ -33,8 +33,12 @@ import time
 
 import cupy as cp
 import numpy as np
-import torch
 from cupy.cuda import driver
+
+try:
+    import torch
+except ImportError:  # --precompile-only needs no torch
+    torch = None
 
 import rotorq
 
@@ -157,7 +161,7 @@ def bench_size(n, rng, tqs, add):
     # quantize
     for name, t in tqs.items():
         kk = t._consts(cp)
-        for tiled in (True, False) if name == "hadamard" else (api.TILED,):
+        for tiled in (True, False) if name in ("hadamard", "rotor") else (api.TILED,):
             api.TILED = tiled
             def call(x, t=t, kk=kk):
                 return api.quantize(x, t.rotation, kk["boundaries"], kk["centroids"], BITS,
@@ -276,6 +280,7 @@ def _fast_jobs():
     fast = importlib.import_module("rotorq.cuda.fast")
     tiled = importlib.import_module("rotorq.cuda.tiled")
     tscores = importlib.import_module("rotorq.cuda.tiled_scores")
+    trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
     f32, i64, u32, u8 = np.float32, np.int64, np.uint32, np.uint8
     w, lv = D * BITS // 32, 1 << BITS
 
@@ -309,6 +314,9 @@ def _fast_jobs():
         # the tiled kernels take flat arrays (rotorq.cuda.api._tiled_launch)
         "tiled_quantize": (lambda: tiled.quantize_kernel(D, D, BITS, True, False, True),
                            (a(2 * D, dt=u32), a(D), a(lv - 1), a(lv), a(4 * w, dt=u32), a(4))),
+        "tiled_rotor_quantize": (lambda: trotor.quantize_kernel(D, BITS, True, False),
+                                 (a(2 * D, dt=u32), a(3 * rd), a(lv - 1), a(lv),
+                                  a(4 * ((rd * BITS + 7) // 8), dt=u8), a(4))),
         "tiled_wht16": (lambda: tiled.wht_kernel(D, True, True), (a(2 * D, dt=u32),) * 2),
         "tiled_wht32": (lambda: tiled.wht_kernel(D, True, False), (a(2 * D, dt=u32), a(4 * D))),
     }

@@ -1,6 +1,6 @@
 """The tiled GPU kernels at other shapes: head_dim 64/128/256 at 3 bits, 2 and 4 bits at 128.
 
-For each (d, bits), at N = 2^20 fp16 vectors: Hadamard quantize, scores for 1 query and for
+For each (d, bits), at N = 2^20 fp16 vectors: Hadamard and rotor quantize, scores for 1 query and for
 a GQA group of 8, and the standalone WHT (fp16 in and out), each with its bytes, the floor at
 the bandwidth of a preallocated cupy copy measured in the same run, and the time as a multiple
 of it. Kernel time: each call's launches recorded once and replayed
@@ -25,7 +25,7 @@ import rotorq
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_bench import api, buffers, code_buffers, device_time, kernel_time
 
-from rotorq.cuda import tiled, tiled_scores
+from rotorq.cuda import tiled, tiled_rotor, tiled_scores
 
 FLOOR_TBS = [2.98]
 """Bandwidth of the floors (TB/s): PERFORMANCE.md's H100 value until ``main`` measures it."""
@@ -48,6 +48,12 @@ def rows_for(d, bits, n, rng):
     secs = kernel_time(lambda x: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"],
                                               bits, False, None), xs, reps)
     add("quantize hadamard fp16", secs, n * (2 * d + d * bits // 8 + 2))
+    tr = rotorq.TurboQuant(d, bits, rotation="rotor")
+    kr = tr._consts(cp)
+    assert tiled_rotor.quantize_applies("rotor", d, tr.stored_dim, bits, np.dtype("float16"), 0)
+    secs = kernel_time(lambda x: api.quantize(x, tr.rotation, kr["boundaries"], kr["centroids"],
+                                              bits, False, None), xs, reps)
+    add("quantize rotor fp16", secs, n * (2 * d + -(-tr.stored_dim * bits // 8) + 2))
     keys = code_buffers(xs, tq, bits)
     zero = cp.zeros(1, cp.int64)
     for heads in (1, 8):
@@ -65,11 +71,40 @@ def rows_for(d, bits, n, rng):
     return out
 
 
+def _rotor_job(shape):
+    from rotorq.cuda import _launch
+    from rotorq.cuda._jit import kernel_signature
+    d, bits = shape
+    g = -(-d // 3)
+    kern = tiled_rotor.quantize_kernel(d, bits, True, False)
+    args = (np.zeros(d, np.uint32), np.zeros(9 * g, np.float32), np.zeros((1 << bits) - 1,
+            np.float32), np.zeros(1 << bits, np.float32), np.zeros(8, np.uint8),
+            np.zeros(2, np.float32))
+    t0 = time.perf_counter()
+    _launch.compile_ptx(kern, kernel_signature(args), (9, 0))
+    return shape, time.perf_counter() - t0
+
+
+def precompile():
+    """Compile the rotor quantize kernels of every shape into ``$ROTORQ_PTX_CACHE`` in
+    parallel processes (where there is no GPU)."""
+    import concurrent.futures
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(len(SHAPES), mp_context=ctx) as pool:
+        return dict(pool.map(_rotor_job, SHAPES))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--log2n", type=int, default=20)
+    ap.add_argument("--precompile-only", action="store_true",
+                    help="only fill $ROTORQ_PTX_CACHE with the rotor quantize kernels")
     args = ap.parse_args()
+    if args.precompile_only:
+        print(precompile())
+        return
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
     src = cp.ones(1 << 29, cp.uint8)

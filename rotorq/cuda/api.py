@@ -25,6 +25,7 @@ from . import rotate as _rot
 from . import rotor as _rotor
 from . import scores as _sc
 from . import tiled as _tiled
+from . import tiled_rotor as _trotor
 from . import wht as _wht
 from ._launch import SHARED_LIMIT, current_stream, launch, torch_stream
 from ._threads import MAX_QUERIES, row_scratch_bytes
@@ -152,7 +153,8 @@ FAST_MIN_KEYS = 8192
 """Keys from which scoring uses the generated kernels."""
 TILED = os.environ.get("ROTORQ_CUDA_TILED", "1") != "0"
 """From ``FAST_MIN_ROWS`` rows, run the WHT and the Hadamard quantize with the tiled kernels
-of :mod:`rotorq.cuda.tiled` (coalesced, shared-memory butterflies); ``False`` (or
+of :mod:`rotorq.cuda.tiled` (coalesced, shared-memory butterflies) and the rotor quantize
+with :mod:`rotorq.cuda.tiled_rotor`; ``False`` (or
 ``ROTORQ_CUDA_TILED=0``): the one-row-per-thread kernels of :mod:`rotorq.cuda.fast`, kept for
 comparison."""
 
@@ -245,6 +247,15 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
                                 _c(boundaries), _c(centroids),
                                 (codes.view(cp.uint32) if word_out else codes).reshape(-1),
                                 norms))
+        qjl_norms.fill(0)
+        return codes, norms, signs, qjl_norms
+    if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
+            and _trotor.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
+        half = x.dtype == cp.float16
+        kern = _trotor.quantize_kernel(x.shape[1], int(nbits), half, bool(norm_correction))
+        _tiled_launch(kern, n, ((x.view(cp.uint32) if half else x).reshape(-1),
+                                p["mats"].reshape(-1), _c(boundaries), _c(centroids),
+                                codes.reshape(-1), norms))
         qjl_norms.fill(0)
         return codes, norms, signs, qjl_norms
     if (n >= FAST_MIN_ROWS and x.ndim == 2

@@ -65,10 +65,11 @@ def test_kernel_compiles_for_sm90(compiler, case):
 
 
 def _tiled_cases():
-    """The tiled kernels (rotorq.cuda.tiled) at the benchmark shape, D = 128, 3 bits."""
+    """The tiled kernels (rotorq.cuda.tiled, tiled_rotor) at the benchmark shape, d = 128."""
     import importlib
 
     tiled = importlib.import_module("rotorq.cuda.tiled")
+    trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
     u32, f32 = np.uint32, np.float32
 
     def a(n, dt=f32):
@@ -88,6 +89,12 @@ def _tiled_cases():
          (a(128), a(128)) + q_args),
         ("quantize-f16-d96-bytes", lambda: tiled.quantize_kernel(96, 128, 2, True, False, False),
          (a(48, u32), a(128), a(3), a(4), a(32, np.uint8), a(4))),
+        ("rotor-quantize-f16", lambda: trotor.quantize_kernel(128, 3, True, False),
+         (a(64, u32), a(387), a(7), a(8), a(49, np.uint8), a(1))),
+        ("rotor-quantize-f16-nc", lambda: trotor.quantize_kernel(128, 3, True, True),
+         (a(64, u32), a(387), a(7), a(8), a(49, np.uint8), a(1))),
+        ("rotor-quantize-f32-4bit", lambda: trotor.quantize_kernel(128, 4, False, False),
+         (a(128), a(387), a(15), a(16), a(65, np.uint8), a(1))),
     ]
 
 

@@ -154,3 +154,32 @@ def test_quantize_lane_layout_is_conflict_free():
         assert wavefronts([rp(t)[0] * gen.S + 2 * rp(t)[1] + 16 * k for t in lanes], 2) == 2
     for i in range(8):  # staging stores: consecutive words of the tile
         assert wavefronts([(t + 256 * i) // 64 * gen.SW + (t + 256 * i) % 64 for t in lanes], 1) == 1
+
+
+@pytest.mark.parametrize("d,bits,rows,n", ((128, 3, 2, 9), (16, 3, 3, 8), (40, 2, 2, 7),
+                                           (22, 4, 2, 7), (30, 4, 3, 8), (128, 1, 2, 5),
+                                           (64, 2, 4, 13)))
+@pytest.mark.parametrize("half", (True, False))
+@pytest.mark.parametrize("norm_correction", (False, True))
+def test_tiled_rotor_quantize_matches_cpu(d, bits, rows, n, half, norm_correction):
+    """The tiled rotor quantize gives the CPU's packed codes and norms: a last part with fewer
+    groups (d = 128, 40), padding coordinates (d % 3 != 0), every bit width, the heap decision
+    (4 bits), a zero row, over more tiles than blocks with a partial last tile."""
+    trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
+    rng = np.random.default_rng(d * 10 + bits + 100 * half)
+    tq = rotorq.TurboQuant(d, bits, rotation="rotor", norm_dtype="float32",
+                           norm_correction=norm_correction)
+    x = (rng.standard_normal((n, d)) * 3).astype(np.float16 if half else np.float32)
+    x[3] = 0
+    q = tq.quantize(x)
+    codes_ref, norms_ref = np.asarray(q.codes), np.asarray(q.norms)
+    kern = trotor.quantize_kernel(d, bits, half, norm_correction, rows=rows)
+    assert kern.rows_per_tile * 2 < n  # more tiles than blocks, partial last tile
+    codes = np.full(codes_ref.shape, 0xAB, np.uint8)
+    norms = np.full(n, np.nan, np.float32)
+    mats = np.ascontiguousarray(tq.rotation.params(np)["mats"], np.float32).reshape(-1)
+    kern[2, kern.threads]((x.view(np.uint32) if half else x).reshape(-1), mats, tq.boundaries,
+                          tq.centroids, codes.reshape(-1), norms)
+    np.testing.assert_array_equal(codes, codes_ref)
+    np.testing.assert_allclose(norms, norms_ref, rtol=1e-6)
+    assert norms[3] == 0

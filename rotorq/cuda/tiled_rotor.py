@@ -1,0 +1,227 @@
+"""Tiled fused rotor quantize (RotorQuant, MSE mode) for batches of rows.
+
+The same results as :func:`rotorq.cpu.quantize.quantize_rotor` (its CPU twin, up to the
+documented rounding flips: NVVM contracts the 3×3 products into FMAs, as in
+:func:`rotorq.cuda.rotate.rotor_row`), laid out like :func:`rotorq.cuda.tiled.quantize_kernel`
+so that global memory sees only whole lines.
+
+A block of ``T = R·P`` threads owns a tile of ``R`` rows (32 on the GPU: the lanes of a warp
+are 32 rows). Thread ``(r, p) = (tid % R, tid // R)`` works on row ``r`` and the ``Q``
+consecutive 3-groups ``Q·p … Q·p + Q − 1`` (fewer in the last part), ``Q`` the smallest even
+number of groups whose codes fill whole bytes (``3Q·bits ≡ 0 mod 8``: 8 groups at 1 and 3
+bits, 4 at 2, 2 at 4), so its codes are the ``B = 3Q·bits/8`` bytes of the packed row at byte
+``B·p`` and its coordinates whole input words. Each iteration of the grid-stride loop over
+tiles:
+
+1. stores the tile's input words (prefetched into registers during the previous iteration,
+   consecutive threads on consecutive words) into a shared tile whose rows are padded with
+   zero words up to the ``3QP`` coordinates of the parts (the rotor's padding coordinates);
+   the row stride is odd, so the lanes of a warp (different rows) hit different banks;
+2. sums the squares of the thread's coordinates in float64; after a barrier each thread adds
+   its row's ``P`` partial sums in order (so ``‖x‖`` is the CPU's but for the order of the
+   float64 additions);
+3. scales ``v = float32(float64(x)·inv_n)`` (the CPU's), rotates each group by its 3×3
+   matrix, read from shared memory (every lane of a warp reads the same matrix: broadcasts),
+   decides the codes (register bisection up to :data:`rotorq.cuda.tiled.REG_BITS` bits, else
+   a heap bisection in shared memory) and packs them with constant shifts into a shared code
+   tile laid out as the output rows;
+4. the block stores the code tile, consecutive threads on consecutive bytes.
+"""
+
+import numpy as np
+
+from ._jit import SIMULATOR
+from .fast import _build
+from .tiled import REG_BITS, _Gen, _heap_decide, _heap_order, _reg_decide
+
+ROWS = 32
+"""Rows per tile (the lanes of a warp) used by :mod:`rotorq.cuda.api`."""
+MAT = 12
+"""Floats per 3×3 matrix in shared memory (9 used; 48 bytes keeps each 16-byte aligned)."""
+
+_kernels: dict = {}
+
+
+def groups_per_thread(bits):
+    """``Q``: the smallest even number of 3-groups whose ``3Q·bits`` code bits are whole bytes."""
+    q = 2
+    while (3 * q * bits) % 8:
+        q += 2
+    return q
+
+
+def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
+    """Whether :func:`quantize_kernel` handles this call (MSE mode, fp16 rows of even ``d`` or
+    float32 rows, at most 32 parts per row)."""
+    if kind != "rotor" or sketch_rows or not 1 <= bits <= 4 or big_d != 3 * (-(-d // 3)):
+        return False
+    if -(-(big_d // 3) // groups_per_thread(bits)) * ROWS > 1024:
+        return False
+    return dtype == np.float32 or (dtype == np.float16 and d % 2 == 0)
+
+
+def _odd_words(n_bytes_min):
+    """Smallest byte count ``>= n_bytes_min`` that is an odd number of 4-byte words."""
+    w = -(-n_bytes_min // 4)
+    return 4 * (w | 1)
+
+
+def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
+    """Tiled fused rotor MSE quantize of rows of ``d`` coordinates (fp16 or float32).
+
+    ``(x, mats, boundaries, centroids, codes, norms)``: ``x`` flat (n·d/2,) uint32 fp16 pairs
+    if ``half`` else (n·d,) float32; ``mats`` flat (G·9,) float32 (the (G, 3, 3) rotor
+    matrices); ``codes`` flat (n·nbytes,) uint8; ``norms`` (n,) float32. Launch
+    ``kern.threads`` threads per block, any grid (blocks stride over tiles of ``rows`` rows).
+    """
+    key = (d, bits, half, bool(norm_correction), rows)
+    if key in _kernels:
+        return _kernels[key]
+    n_groups = -(-d // 3)
+    big_d = 3 * n_groups
+    q_n = groups_per_thread(bits)
+    p_n = -(-n_groups // q_n)
+    q_last = n_groups - q_n * (p_n - 1)  # groups of the last part
+    threads = rows * p_n
+    gen = _Gen(16 * p_n, threads, half, d)  # (r, p) = (tid % rows, tid // rows)
+    assert gen.R == rows
+    wq = 3 * q_n // 2 if half else 3 * q_n  # input words per part
+    sw = wq * p_n | 1
+    if half:
+        gen.SW, gen.SHW, gen.S, gen.SH = sw, None, sw, None
+    else:
+        gen.S, gen.SH = sw, None
+    w_in = gen.w_in
+    pp = p_n | 1  # float64 partials per row
+    n_bytes = -(-big_d * bits // 8)
+    b_n = 3 * q_n * bits // 8  # code bytes per part
+    cs_stride = _odd_words(max(n_bytes, b_n * p_n))
+    levels = 1 << bits
+    in_regs = bits <= REG_BITS
+    tile_name = "raw" if half else "ft"
+    L = gen.L
+    L.append("def quantize_rotor_tiled(x, mats, boundaries, centroids, codes, norms):")
+    al = "" if SIMULATOR else ", alignment=16"
+    gen.add(4, f"{tile_name} = cuda.shared.array({rows * sw}, "
+               f"numba.{'uint32' if half else 'float32'})",
+            f"ms = cuda.shared.array({q_n * p_n * MAT}, numba.float32{al})",
+            f"part = cuda.shared.array({rows * pp}, numba.float64)",
+            f"cst = cuda.shared.array({rows * cs_stride}, numba.uint8)")
+    if not in_regs:
+        gen.add(4, f"bs = cuda.shared.array({levels}, numba.float32)")
+    if norm_correction:
+        gen.add(4, f"part2 = cuda.shared.array({rows * pp}, numba.float64)",
+                f"cs = cuda.shared.array({levels}, numba.float32)")
+    # once: the matrices (zero past the last group) and the zero pad words of the input rows
+    zero = "U32(0)" if half else "np.float32(0.0)"
+    gen.add(4, "t = U64(U32(cuda.threadIdx.x))",
+            f"while t < U64({q_n * p_n * MAT}):",
+            f"    gg = t // U64({MAT})",
+            f"    kk = t % U64({MAT})",
+            f"    ms[t] = mats[gg * U64(9) + kk] if gg < U64({n_groups}) and kk < U64(9) "
+            "else np.float32(0.0)",
+            f"    t += U64({threads})")
+    if sw > w_in:
+        gen.add(4, "t = U64(U32(cuda.threadIdx.x))",
+                f"while t < U64({rows * (sw - w_in)}):",
+                f"    {tile_name}[(t // U64({sw - w_in})) * U64({sw}) + U64({w_in}) + "
+                f"t % U64({sw - w_in})] = {zero}",
+                f"    t += U64({threads})")
+    if norm_correction or not in_regs:
+        gen.add(4, "t = cuda.threadIdx.x", f"while t < {levels}:")
+        if not in_regs:
+            gen.add(4, f"    if t < {levels - 1}:", "        bs[t + 1] = boundaries[HEAP[t]]")
+        if norm_correction:
+            gen.add(4, "    cs[t] = centroids[t]")
+        gen.add(4, f"    t += {threads}")
+    if in_regs:
+        gen.add(4, *[f"bd{i} = boundaries[{i}]" for i in range(levels - 1)])
+    gen.prologue()
+    gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])",
+            f"xb = r * U64({sw}) + U64({wq}) * p", f"pb = r * U64({pp})",
+            f"mb = U64({q_n * MAT}) * p", f"cb = r * U64({cs_stride}) + U64({b_n}) * p")
+    gen.stage()
+    n_c = 3 * q_n
+    def coords(ind, ks):  # read this thread's coordinates ks from the shared tile
+        for k in ks:
+            if not half:
+                gen.add(ind, f"x{k} = ft[xb + U64({k})]")
+            elif k % 2 == 0 or k - 1 not in ks:
+                gen.add(ind, f"u = raw[xb + U64({k // 2})]", f"x{k} = half_{'hi' if k % 2 else 'lo'}(u)")
+            else:
+                gen.add(ind, f"x{k} = half_hi(u)")
+
+    # ‖x‖² of this thread's 3Q coordinates (read again for the rotation: fewer live registers)
+    gen.add(8, "acc = 0.0")
+    for k in range(n_c):
+        coords(8, [k])
+        gen.add(8, f"f = np.float64(x{k})", "acc += f * f")
+    gen.add(8, "part[pb + p] = acc", "cuda.syncthreads()", "acc = part[pb]")
+    for q in range(1, p_n):
+        gen.add(8, f"acc += part[pb + U64({q})]")
+    gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0",
+            f"row = tile * U64({rows}) + r")
+    if not norm_correction:
+        gen.add(8, "if p == U64(0) and row < n_rows:", "    norms[row] = n")
+    n_w = (n_c * bits + 31) // 32
+    gen.add(8, *[f"o{w} = U32(0)" for w in range(n_w)])
+    if norm_correction:
+        gen.add(8, "cn = 0.0")
+    for q in range(q_n):
+        ind = 8
+        if q >= q_last:  # a group the last part does not have
+            if p_n == 1:
+                continue
+            gen.add(8, f"if p < U64({p_n - 1}):")
+            ind = 12
+        coords(ind, [3 * q, 3 * q + 1, 3 * q + 2])
+        gen.add(ind, *[f"v{k} = np.float32(np.float64(x{3 * q + k}) * inv_n)" for k in range(3)])
+        gen.add(ind, *[f"m{i} = ms[mb + U64({MAT * q + i})]" for i in range(9)])
+        for k in range(3):
+            gen.add(ind, f"y{k} = m{3 * k} * v0 + m{3 * k + 1} * v1 + m{3 * k + 2} * v2")
+        for k in range(3):
+            c = f"c{3 * q + k}"
+            gen.add(ind, *(_reg_decide if in_regs else _heap_decide)(f"y{k}", c, bits))
+            if norm_correction:
+                gen.add(ind, f"f = np.float64(cs[{c}])", "cn += f * f")
+            pos = (3 * q + k) * bits
+            w, s = pos >> 5, pos & 31
+            if in_regs and not norm_correction:  # each decided bit straight into its word
+                for lv in range(bits):
+                    wl, sl = (pos + lv) >> 5, (pos + lv) & 31
+                    gen.add(ind, f"o{wl} |= (U32({1 << sl}) if {c}_{lv} else U32(0))")
+            else:
+                gen.add(ind, f"o{w} |= U32({c} << U32({s}))" if s else f"o{w} |= {c}")
+                if s + bits > 32:
+                    gen.add(ind, f"o{w + 1} |= U32({c} >> U32({32 - s}))")
+    for b in range(b_n):
+        gen.add(8, f"cst[cb + U64({b})] = np.uint8((o{b >> 2} >> U32({8 * (b & 3)})) & U32(255))")
+    if norm_correction:
+        gen.add(8, "part2[pb + p] = cn", "cuda.syncthreads()", "cn = part2[pb]")
+        for q in range(1, p_n):
+            gen.add(8, f"cn += part2[pb + U64({q})]")
+        gen.add(8, "if cn > 0.0:", "    n = n / math.sqrt(cn)",
+                "if p == U64(0) and row < n_rows:", "    norms[row] = n")
+    gen.add(8, "cuda.syncthreads()")
+    tile_out = rows * n_bytes
+    gen.add(8, f"g = tile * U64({tile_out}) + tid")
+    for i in range(-(-tile_out // threads)):
+        ind = 8
+        if (i + 1) * threads > tile_out:
+            gen.add(8, f"if tid < U64({tile_out - i * threads}):")
+            ind = 12
+        gen.add(ind, f"w = tid + U64({i * threads})", f"rr = w // U64({n_bytes})",
+                f"c = w % U64({n_bytes})",
+                f"if g + U64({i * threads}) < total_out:",
+                f"    codes[g + U64({i * threads})] = cst[rr * U64({cs_stride}) + c]")
+    gen.add(8, "tile = nxt")
+    blocks = max(1, min(32, 2048 // threads, 65536 // (64 * threads)))
+    L.append(f"# rows per tile {rows}, launch bounds ({threads}, {blocks})")
+    kern = _build("quantize_rotor_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
+    kern.rows_per_tile = rows
+    kern.threads = threads
+    kern.blocks_per_sm = blocks
+    kern.launch_bounds = (threads, blocks)
+    _kernels[key] = kern
+    return kern
+
