@@ -6,6 +6,7 @@ sm_90 (:func:`numba.cuda.compile_ptx`), assembles it with ``ptxas`` and disassem
 instructions of the largest loop body (the grid-stride loop over tiles) by opcode family.
 
     python -m benchmarks.sass_count quantize --bits 3
+    python -m benchmarks.sass_count rotor --bits 3      (the tiled rotor quantize)
     python -m benchmarks.sass_count one --bits 3
     python -m benchmarks.sass_count attention --bits 3   (the tensor-core decode attention)
 """
@@ -43,6 +44,14 @@ def _kernel(which, d, bits, half):
         xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
         args = (xin, np.zeros(d, f32), np.zeros((1 << bits) - 1, f32),
                 np.zeros(1 << bits, f32), np.zeros(d * bits // 32, u32), np.zeros(1, f32))
+    elif which == "rotor":
+        from rotorq.cuda import tiled_rotor
+        kern = tiled_rotor.quantize_kernel(d, bits, half, False)
+        g = -(-d // 3)
+        xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
+        args = (xin, np.zeros(9 * g, f32), np.zeros((1 << bits) - 1, f32),
+                np.zeros(1 << bits, f32), np.zeros(-(-3 * g * bits // 8), np.uint8),
+                np.zeros(1, f32))
     elif which == "attention":
         from rotorq.cuda import attention
         kern = attention.attention_kernel(d, bits, d, bits)
@@ -105,7 +114,7 @@ def loop_body(text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=["quantize", "wht", "one", "group", "attention"])
+    ap.add_argument("kernel", choices=["quantize", "rotor", "wht", "one", "group", "attention"])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")

@@ -28,12 +28,20 @@ every such warp access still costs the minimum, one wavefront per 128 bytes.
 Every butterfly pairs the same two coordinates, in the same stage order, as
 :func:`rotorq.cpu.wht.fwht_row`, and the scale by ``1/sqrt(D)`` is the CPU's, so
 :func:`wht_kernel` is bit-identical to the CPU twin. :func:`quantize_kernel` keeps the CPU's
-scaling ``float32(float64(x)·inv_n)·sign``, WHT, decision (number of boundaries ``<= y``) and
-LSB-first packing; only the float64 sums (``‖x‖²`` and, with ``norm_correction``,
-``‖c[idx]‖²``) run in another order: each thread sums its 16 coordinates in order, then the
-``P`` partial sums are added in order. Those sums are exact for fp16 input of moderate range;
-otherwise they can differ from the CPU's in the last bit of a float64, which changes a code
-only when a coordinate lies within ~1e-16 of a boundary (the documented rounding flips).
+WHT, decision (number of boundaries ``<= y``) and LSB-first packing. For float32 rows (and above
+:data:`REG_BITS` bits) it keeps the CPU's scaling ``float32(float64(x)·inv_n)·sign`` too; for
+fp16 rows it transforms the unscaled ``x·sign`` (fp16 values are exact in float32) and compares
+with ``float32(boundary·n·sqrt(D))`` per row instead of scaling every coordinate (a zero row
+compares 0 with the boundaries, as the CPU does): 3–4 instructions fewer per coordinate, two of
+them float64 conversions, and the boundaries, no longer uniform, need no copies out of uniform
+registers. The two sides then round differently: a code differs from the CPU's only where the
+coordinate lies within a few float32 ulps of a boundary (the documented rounding flips; the
+simulator tests, fixed seeds, see none). The float64 sums (``‖x‖²`` and, with
+``norm_correction``, ``‖c[idx]‖²``) run in another order: each thread sums its 16 coordinates in
+order, then the ``P`` partial sums are added in order. Those sums are exact for fp16 input of
+moderate range; otherwise they can differ from the CPU's in the last bit of a float64, which
+changes a code only when a coordinate lies within ~1e-16 of a boundary (the documented rounding
+flips).
 
 Instruction count of :func:`quantize_kernel`: up to :data:`REG_BITS` bits the boundaries are
 loaded once into registers and each code is a register bisection (compares and selects, no
@@ -42,8 +50,8 @@ shared-memory lookups) whose decided bits go straight into the packed words, one
 is stored as soon as it is known (with ``norm_correction``: after the correction), which frees
 its registers for the decision; when ``threads`` is a multiple of the input words per row, a
 thread stages words of one column only, so its staging address is one hoisted base plus
-constants and the rotation's signs are applied there (an XOR of the fp16 sign bits, a multiply for fp32),
-which equals the CPU's ``float32(float64(x)·inv_n)·sign`` because rounding is sign-symmetric;
+constants and the rotation's signs are applied there (an XOR of the fp16 sign bits, a multiply for fp32;
+for fp32 this equals the CPU's ``float32(float64(x)·inv_n)·sign``: rounding is sign-symmetric);
 and every tile but the last is prefetched without bound checks (the last one: a thread's
 first ``nl`` loads, one 32-bit compare each). Thread and tile indices are zero-extended 32-bit
 values, so most of the uint64 index arithmetic compiles to 32-bit instructions.
@@ -351,8 +359,9 @@ class _Gen:
                         [f"y{i}_{k}" for k in range(size)], f"gb{i}"))
         return out
 
-    def run_phases(self, first_names, keep_last, pair_last=False):
-        """All WHT phases after the first-phase butterflies on ``first_names``, scale included.
+    def run_phases(self, first_names, keep_last, pair_last=False, scale=True):
+        """All WHT phases after the first-phase butterflies on ``first_names``, the scale by
+        ``1/sqrt(D)`` included when ``scale``.
 
         Returns the last phase's groups (None: single phase, result in ``first_names``); with
         ``keep_last`` false the last phase is written back to the float tile (``pair_last``:
@@ -361,7 +370,8 @@ class _Gen:
         phases = _phases(self.D)
         self.butterflies(first_names)
         if len(phases) == 1:
-            self.scale(first_names)
+            if scale:
+                self.scale(first_names)
             return None
         for k, nm in enumerate(first_names):
             self.add(8, f"ft[fb + U64({_off(k, self.SH)})] = {nm}")
@@ -375,10 +385,10 @@ class _Gen:
                 for k, nm in enumerate(names):
                     self.add(8, f"{nm} = ft[{ab} + U64({offs[k]})]")
                 self.butterflies(names)
-            if last:
+            if last and scale:
                 self.scale([nm for g in groups for nm in g[2]])
-                if keep_last:
-                    break
+            if last and keep_last:
+                break
             # coordinate by coordinate across groups: a pair's two stores are adjacent (one
             # vector store when paired)
             for k in range(len(groups[0][2])):
@@ -597,8 +607,10 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                     f"    if t == {levels - 2}:",
                     f"        cs[{levels - 1}] = centroids[{levels - 1}]")
         gen.add(4, f"    t += {T}")
+    scaled = half and in_regs  # fp16 rows: compare the unscaled WHT with n·sqrt(D)·boundaries
     if in_regs:  # the decision boundaries live in registers for the whole kernel
-        gen.add(4, *[f"bd{i} = boundaries[{i}]" for i in range(levels - 1)])
+        gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{i}]"
+                     for i in range(levels - 1)])
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])")
     sign = None
@@ -627,7 +639,12 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
             "acc = part[pb]")
     for q in range(1, P):
         gen.add(8, f"acc += part[pb + U64({q})]")
-    gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
+    gen.add(8, "n = math.sqrt(acc)")
+    if scaled:  # a zero row transforms to 0 whatever the scale: compare it with the boundaries
+        gen.add(8, f"sc = n * {math.sqrt(big_d)!r} if n > 0.0 else 1.0",
+                *[f"bd{i} = np.float32(np.float64(bq{i}) * sc)" for i in range(levels - 1)])
+    else:
+        gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:  # final norm: store it now (frees its registers for the decision)
         gen.add(8, f"row = tile * U64({R}) + r",
                 "if p == U64(0) and row < n_rows:",
@@ -635,8 +652,11 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     first = [f"v{k}" for k in range(E)]
     for k in range(E):
         sg = "" if col_sign else f" * sg[sb + U64({k})]"
-        gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n){sg}")
-    groups = gen.run_phases(first, False, pair_last=True)
+        if not scaled:
+            gen.add(8, f"v{k} = np.float32(np.float64(v{k}) * inv_n){sg}")
+        elif sg:
+            gen.add(8, f"v{k} = v{k}{sg}")
+    groups = gen.run_phases(first, False, pair_last=True, scale=not scaled)
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
             gen.add(8, f"v{k} = ft[fb + U64({_off(k, gen.SH)})]")

@@ -20,9 +20,12 @@ tiles:
 2. sums the squares of the thread's coordinates in float64; after a barrier each thread adds
    its row's ``P`` partial sums in order (so ``‖x‖`` is the CPU's but for the order of the
    float64 additions);
-3. scales ``v = float32(float64(x)·inv_n)`` (the CPU's), rotates each group by its 3×3
-   matrix, read from shared memory (every lane of a warp reads the same matrix: broadcasts),
-   decides the codes (register bisection up to :data:`rotorq.cuda.tiled.REG_BITS` bits, else
+3. rotates each group by its 3×3 matrix, read from shared memory (every lane of a warp reads
+   the same matrix: broadcasts) — for float32 rows (or above ``REG_BITS`` bits) the CPU's
+   scaled ``v = float32(float64(x)·inv_n)``, for fp16 rows the unscaled ``x`` (exact in
+   float32), compared with ``float32(boundary·n)`` per row as in
+   :func:`rotorq.cuda.tiled.quantize_kernel` (rare extra rounding flips, ~20% fewer
+   instructions) — decides the codes (register bisection up to :data:`rotorq.cuda.tiled.REG_BITS` bits, else
    a heap bisection in shared memory) and packs them with constant shifts into a shared code
    tile laid out as the output rows;
 4. the block stores the code tile, consecutive threads on consecutive bytes.
@@ -134,8 +137,10 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
         if norm_correction:
             gen.add(4, "    cs[t] = centroids[t]")
         gen.add(4, f"    t += {threads}")
+    scaled = half and in_regs  # fp16 rows: compare unscaled rotations with n·boundaries
     if in_regs:
-        gen.add(4, *[f"bd{i} = boundaries[{i}]" for i in range(levels - 1)])
+        gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{i}]"
+                     for i in range(levels - 1)])
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])",
             f"xb = r * U64({sw}) + U64({wq}) * p", f"pb = r * U64({pp})",
@@ -159,8 +164,12 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     gen.add(8, "part[pb + p] = acc", "cuda.syncthreads()", "acc = part[pb]")
     for q in range(1, p_n):
         gen.add(8, f"acc += part[pb + U64({q})]")
-    gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0",
-            f"row = tile * U64({rows}) + r")
+    gen.add(8, "n = math.sqrt(acc)", f"row = tile * U64({rows}) + r")
+    if scaled:  # a zero row rotates to 0 whatever the scale: compare it with the boundaries
+        gen.add(8, "sc = n if n > 0.0 else 1.0",
+                *[f"bd{i} = np.float32(np.float64(bq{i}) * sc)" for i in range(levels - 1)])
+    else:
+        gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:
         gen.add(8, "if p == U64(0) and row < n_rows:", "    norms[row] = n")
     n_w = (n_c * bits + 31) // 32
@@ -175,7 +184,11 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
             gen.add(8, f"if p < U64({p_n - 1}):")
             ind = 12
         coords(ind, [3 * q, 3 * q + 1, 3 * q + 2])
-        gen.add(ind, *[f"v{k} = np.float32(np.float64(x{3 * q + k}) * inv_n)" for k in range(3)])
+        if scaled:
+            gen.add(ind, *[f"v{k} = x{3 * q + k}" for k in range(3)])
+        else:
+            gen.add(ind, *[f"v{k} = np.float32(np.float64(x{3 * q + k}) * inv_n)"
+                           for k in range(3)])
         gen.add(ind, *[f"m{i} = ms[mb + U64({MAT * q + i})]" for i in range(9)])
         for k in range(3):
             gen.add(ind, f"y{k} = m{3 * k} * v0 + m{3 * k + 1} * v1 + m{3 * k + 2} * v2")
