@@ -2,7 +2,7 @@
 
 Compiles a kernel of :mod:`rotorq.cuda.tiled` / :mod:`rotorq.cuda.tiled_scores` to PTX for
 sm_90 (:func:`numba.cuda.compile_ptx`), assembles it with ``ptxas`` and disassembles it with
-``cuobjdump -sass`` (pip ``nvidia-cuda-cuobjdump``), then prints the registers and the
+``cuobjdump -sass`` (pip ``nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``), then prints the registers and the
 instructions of the largest loop body (the grid-stride loop over tiles) by opcode family.
 
     python -m benchmarks.sass_count quantize --bits 3
@@ -33,7 +33,8 @@ def _tool(name):
             cand = os.path.join(root, sub, "bin", name)
             if os.path.exists(cand):
                 return cand
-    sys.exit(f"{name} not found (pip install nvidia-cuda-cuobjdump; ptxas from the CUDA toolkit)")
+    sys.exit(f"{name} not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm; "
+             "ptxas from the CUDA toolkit)")
 
 
 def _kernel(which, d, bits, half):
@@ -90,8 +91,10 @@ def sass(kern, args):
         res = subprocess.run([_tool("ptxas"), "-arch=sm_90", "-v", src, "-o", obj],
                              capture_output=True, text=True, check=True)
         regs = int(re.search(r"Used (\d+) registers", res.stderr).group(1))
-        text = subprocess.run([_tool("cuobjdump"), "-sass", obj], capture_output=True,
-                              text=True, check=True).stdout
+        dump = _tool("cuobjdump")  # it runs nvdisasm, which pip installs next to it
+        env = dict(os.environ, PATH=os.environ.get("PATH", "") + os.pathsep + os.path.dirname(dump))
+        text = subprocess.run([dump, "-sass", obj], capture_output=True, text=True, check=True,
+                              env=env).stdout
     return regs, text
 
 
