@@ -7,10 +7,12 @@ so that global memory sees only whole lines.
 
 A block of ``T = R·P`` threads owns a tile of ``R`` rows (32 on the GPU: the lanes of a warp
 are 32 rows). Thread ``(r, p) = (tid % R, tid // R)`` works on row ``r`` and the ``Q``
-consecutive 3-groups ``Q·p … Q·p + Q − 1`` (fewer in the last part), ``Q`` the smallest even
-number of groups whose codes fill whole bytes (``3Q·bits ≡ 0 mod 8``: 8 groups at 1 and 3
-bits, 4 at 2, 2 at 4), so its codes are the ``B = 3Q·bits/8`` bytes of the packed row at byte
-``B·p`` and its coordinates whole input words. Each iteration of the grid-stride loop over
+consecutive 3-groups ``Q·p … Q·p + Q − 1`` (fewer in the last part), ``Q = 8``: 24 codes
+fill whole bytes at every bit width, so the thread's codes are the ``B = 3·bits`` bytes of the
+packed row at byte ``B·p`` and its coordinates whole input words. (At 3 bits 8 groups is the
+least that fills whole bytes; fewer groups at 2 and 4 bits measured slower: the per-thread
+work of a tile — staging, the norm's partial sums over more parts, the store pass — then
+outweighs the coordinates, 72 SASS instructions per coordinate at 4 bits with 2 groups.) Each iteration of the grid-stride loop over
 tiles:
 
 1. stores the tile's input words (prefetched into registers during the previous iteration,
@@ -46,11 +48,9 @@ _kernels: dict = {}
 
 
 def groups_per_thread(bits):
-    """``Q``: the smallest even number of 3-groups whose ``3Q·bits`` code bits are whole bytes."""
-    q = 2
-    while (3 * q * bits) % 8:
-        q += 2
-    return q
+    """``Q``: 3-groups per thread, 8 at every bit width (``3Q·bits`` code bits: whole bytes)."""
+    assert 1 <= bits <= 8
+    return 8
 
 
 def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
@@ -228,7 +228,9 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
                 f"if g + U64({i * threads}) < total_out:",
                 f"    codes[g + U64({i * threads})] = cst[rr * U64({cs_stride}) + c]")
     gen.add(8, "tile = nxt")
-    blocks = max(1, min(32, 2048 // threads, 65536 // (64 * threads)))
+    # registers per thread: 64 (fp16: 11 prefetched words for d = 128), 80 for float32 rows
+    # (twice the prefetched words; 64 spilled at 4 bits)
+    blocks = max(1, min(32, 2048 // threads, 65536 // ((64 if half else 80) * threads)))
     L.append(f"# rows per tile {rows}, launch bounds ({threads}, {blocks})")
     kern = _build("quantize_rotor_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
     kern.rows_per_tile = rows
