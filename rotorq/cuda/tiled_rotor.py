@@ -217,15 +217,14 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
                 "if p == U64(0) and row < n_rows:", "    norms[row] = n")
     gen.add(8, "cuda.syncthreads()")
     tile_out = rows * n_bytes
-    gen.add(8, f"g = tile * U64({tile_out}) + tid")
+    # the tile's bytes inside ``codes`` (all but in the last tile), as a 32-bit bound
+    gen.add(8, f"g = tile * U64({tile_out}) + tid",
+            f"lim = U32(total_out - tile * U64({tile_out})) if tile * U64({tile_out}) + "
+            f"U64({tile_out}) > total_out else U32({tile_out})")
     for i in range(-(-tile_out // threads)):
-        ind = 8
-        if (i + 1) * threads > tile_out:
-            gen.add(8, f"if tid < U64({tile_out - i * threads}):")
-            ind = 12
-        gen.add(ind, f"w = tid + U64({i * threads})", f"rr = w // U64({n_bytes})",
+        gen.add(8, f"w = tid + U64({i * threads})", f"rr = w // U64({n_bytes})",
                 f"c = w % U64({n_bytes})",
-                f"if g + U64({i * threads}) < total_out:",
+                "if U32(w) < lim:",
                 f"    codes[g + U64({i * threads})] = cst[rr * U64({cs_stride}) + c]")
     gen.add(8, "tile = nxt")
     # registers per thread: 64 (fp16: 11 prefetched words for d = 128), 80 for float32 rows
