@@ -642,7 +642,8 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(8, "n = math.sqrt(acc)")
     if scaled:  # a zero row transforms to 0 whatever the scale: compare it with the boundaries
         gen.add(8, f"sc = n * {math.sqrt(big_d)!r} if n > 0.0 else 1.0",
-                *[f"bd{i} = np.float32(np.float64(bq{i}) * sc)" for i in range(levels - 1)])
+                "scf = np.float32(sc)",  # one float32 multiply per boundary and row
+                *[f"bd{i} = bq{i} * scf" for i in range(levels - 1)])
     else:
         gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:  # final norm: store it now (frees its registers for the decision)

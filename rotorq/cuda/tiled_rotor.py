@@ -10,10 +10,10 @@ are 32 rows). Thread ``(r, p) = (tid % R, tid // R)`` works on row ``r`` and the
 consecutive 3-groups ``Q·p … Q·p + Q − 1`` (fewer in the last part), ``Q = 8``: 24 codes
 fill whole bytes at every bit width, so the thread's codes are the ``B = 3·bits`` bytes of the
 packed row at byte ``B·p`` and its coordinates whole input words. (At 3 bits 8 groups is the
-least that fills whole bytes; fewer groups at 2 and 4 bits measured slower: the per-thread
-work of a tile — staging, the norm's partial sums over more parts, the store pass — then
-outweighs the coordinates, 72 SASS instructions per coordinate at 4 bits with 2 groups.) Each iteration of the grid-stride loop over
-tiles:
+least that fills whole bytes; fewer groups at 2 and 4 bits cost more SASS instructions per
+coordinate — staging, the norm's partial sums over more parts and the store pass are work
+per thread and tile: 72 per coordinate at 4 bits with 2 groups against 46 with 8.) Each
+iteration of the grid-stride loop over tiles:
 
 1. stores the tile's input words (prefetched into registers during the previous iteration,
    consecutive threads on consecutive words) into a shared tile whose rows are padded with
@@ -167,7 +167,8 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     gen.add(8, "n = math.sqrt(acc)", f"row = tile * U64({rows}) + r")
     if scaled:  # a zero row rotates to 0 whatever the scale: compare it with the boundaries
         gen.add(8, "sc = n if n > 0.0 else 1.0",
-                *[f"bd{i} = np.float32(np.float64(bq{i}) * sc)" for i in range(levels - 1)])
+                "scf = np.float32(sc)",  # one float32 multiply per boundary and row
+                *[f"bd{i} = bq{i} * scf" for i in range(levels - 1)])
     else:
         gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:
