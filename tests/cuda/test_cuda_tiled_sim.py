@@ -65,14 +65,20 @@ def test_tiled_quantize_lane_mapping_matches_cpu(d, bits, threads, n, half, norm
     _check_quantize(d, bits, threads, half, norm_correction, n)
 
 
-def _check_quantize(d, bits, threads, half, norm_correction, n):
-    rng = np.random.default_rng(d * 10 + bits)
-    tq = rotorq.TurboQuant(d, bits, rotation="hadamard", norm_dtype="float32",
+def _cpu_case(rotation, d, bits, half, norm_correction, n, seed):
+    """A quantizer, rows (row 3 zero) and the CPU twin's packed codes and float32 norms."""
+    rng = np.random.default_rng(seed)
+    tq = rotorq.TurboQuant(d, bits, rotation=rotation, norm_dtype="float32",
                            norm_correction=norm_correction)
     x = (rng.standard_normal((n, d)) * 3).astype(np.float16 if half else np.float32)
     x[3] = 0
     q = tq.quantize(x)
-    codes_ref, norms_ref = np.asarray(q.codes), np.asarray(q.norms)
+    return tq, x, np.asarray(q.codes), np.asarray(q.norms)
+
+
+def _check_quantize(d, bits, threads, half, norm_correction, n):
+    tq, x, codes_ref, norms_ref = _cpu_case("hadamard", d, bits, half, norm_correction, n,
+                                            d * 10 + bits)
     nbytes = codes_ref.shape[1]
     word_out = nbytes % 4 == 0
     codes = np.full((n, nbytes // 4) if word_out else (n, nbytes), 0xAB,
@@ -166,13 +172,8 @@ def test_tiled_rotor_quantize_matches_cpu(d, bits, rows, n, half, norm_correctio
     groups (d = 128, 40), padding coordinates (d % 3 != 0), every bit width, the heap decision
     (4 bits), a zero row, over more tiles than blocks with a partial last tile."""
     trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
-    rng = np.random.default_rng(d * 10 + bits + 100 * half)
-    tq = rotorq.TurboQuant(d, bits, rotation="rotor", norm_dtype="float32",
-                           norm_correction=norm_correction)
-    x = (rng.standard_normal((n, d)) * 3).astype(np.float16 if half else np.float32)
-    x[3] = 0
-    q = tq.quantize(x)
-    codes_ref, norms_ref = np.asarray(q.codes), np.asarray(q.norms)
+    tq, x, codes_ref, norms_ref = _cpu_case("rotor", d, bits, half, norm_correction, n,
+                                            d * 10 + bits + 100 * half)
     kern = trotor.quantize_kernel(d, bits, half, norm_correction, rows=rows)
     assert kern.rows_per_tile * 2 < n  # more tiles than blocks, partial last tile
     codes = np.full(codes_ref.shape, 0xAB, np.uint8)
