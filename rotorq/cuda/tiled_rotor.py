@@ -26,7 +26,7 @@ iteration of the grid-stride loop over tiles:
    the same matrix: broadcasts) — for float32 rows (or above ``REG_BITS`` bits) the CPU's
    scaled ``v = float32(float64(x)·inv_n)``, for fp16 rows the unscaled ``x`` (exact in
    float32), compared with ``boundary·float32(n)`` per row as in
-   :func:`rotorq.cuda.tiled.quantize_kernel` (rare extra rounding flips, ~20% fewer
+   :func:`rotorq.cuda.tiled.quantize_kernel` (rare extra rounding flips, 13% fewer
    instructions) — decides the codes (register bisection up to :data:`rotorq.cuda.tiled.REG_BITS` bits, else
    a heap bisection in shared memory) and packs them with constant shifts into a shared code
    tile laid out as the output rows;
