@@ -41,16 +41,12 @@ from .tiled import REG_BITS, _Gen, _heap_decide, _heap_order, _reg_decide
 
 ROWS = 32
 """Rows per tile (the lanes of a warp) used by :mod:`rotorq.cuda.api`."""
+GROUPS = 8
+"""``Q``: 3-groups per thread at every bit width (``3Q·bits`` code bits are whole bytes)."""
 MAT = 12
 """Floats per 3×3 matrix in shared memory (9 used; 48 bytes keeps each 16-byte aligned)."""
 
 _kernels: dict = {}
-
-
-def groups_per_thread(bits):
-    """``Q``: 3-groups per thread, 8 at every bit width (``3Q·bits`` code bits: whole bytes)."""
-    assert 1 <= bits <= 8
-    return 8
 
 
 def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
@@ -58,7 +54,7 @@ def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
     float32 rows, at most 32 parts per row)."""
     if kind != "rotor" or sketch_rows or not 1 <= bits <= 4 or big_d != 3 * (-(-d // 3)):
         return False
-    if -(-(big_d // 3) // groups_per_thread(bits)) * ROWS > 1024:
+    if -(-(big_d // 3) // GROUPS) * ROWS > 1024:
         return False
     return dtype == np.float32 or (dtype == np.float16 and d % 2 == 0)
 
@@ -82,7 +78,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
         return _kernels[key]
     n_groups = -(-d // 3)
     big_d = 3 * n_groups
-    q_n = groups_per_thread(bits)
+    q_n = GROUPS
     p_n = -(-n_groups // q_n)
     q_last = n_groups - q_n * (p_n - 1)  # groups of the last part
     threads = rows * p_n
