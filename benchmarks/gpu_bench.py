@@ -281,6 +281,7 @@ def _fast_jobs():
     tiled = importlib.import_module("rotorq.cuda.tiled")
     tscores = importlib.import_module("rotorq.cuda.tiled_scores")
     trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
+    att = importlib.import_module("rotorq.cuda.attention")
     f32, i64, u32, u8 = np.float32, np.int64, np.uint32, np.uint8
     w, lv = D * BITS // 32, 1 << BITS
 
@@ -317,6 +318,9 @@ def _fast_jobs():
         "tiled_rotor_quantize": (lambda: trotor.quantize_kernel(D, BITS, True, False),
                                  (a(2 * D, dt=u32), a(3 * rd), a(lv - 1), a(lv),
                                   a(4 * ((rd * BITS + 7) // 8), dt=u8), a(4))),
+        "key_bias": (lambda: att.key_bias_kernel(D // 2),
+                     (a(4, 8, D // 2), a(4, 8, D // 2), a(D // 2, dt=np.float64), 0, 0, 0,
+                      a(4, 8, 16))),
         "tiled_wht16": (lambda: tiled.wht_kernel(D, True, True), (a(2 * D, dt=u32),) * 2),
         "tiled_wht32": (lambda: tiled.wht_kernel(D, True, False), (a(2 * D, dt=u32), a(4 * D))),
     }

@@ -62,6 +62,11 @@ def _kernel(which, d, bits, half):
                 np.zeros((1, 4 * d * bits // 16), u16), np.zeros((1, 4), f16),
                 np.zeros(1 << bits, f32), 0, 0, 0, 0, np.zeros((1, 1, 8, d), f32),
                 np.zeros((1, 1, 8), f32), np.zeros((1, 1, 8), f32))
+    elif which == "bias":
+        from rotorq.cuda import attention
+        kern = attention.key_bias_kernel(d // 2)
+        args = (np.zeros((1, 8, d // 2), f32), np.zeros((1, 8, d // 2), f32),
+                np.zeros(d // 2), 0, 0, 0, np.zeros((1, 8, 16), f32))
     elif which == "wht":
         kern = tiled.wht_kernel(d, half, half)
         a = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
@@ -117,7 +122,8 @@ def loop_body(text):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kernel", choices=["quantize", "rotor", "wht", "one", "group", "attention"])
+    ap.add_argument("kernel", choices=["quantize", "rotor", "wht", "one", "group", "attention",
+                                           "bias"])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")

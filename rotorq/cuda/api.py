@@ -445,6 +445,10 @@ ATTENTION_FAST = True
 """Use the generated tensor-core kernel (:func:`rotorq.cuda.attention.attention_kernel`) where
 it applies (fp16 MMA inputs, fp32 accumulation: outputs within ~1e-3 of the float32 path);
 ``False``: always the general float32 kernel."""
+KEY_BIAS_MMA = True
+"""On the tensor-core path, compute the RoPE-aware key-offset term with
+:func:`rotorq.cuda.attention.key_bias_kernel` (fp16 MMAs) where it applies; ``False``: one
+thread per key, float32 sines and cosines (:func:`rotorq.cuda.attention.key_bias_scores`)."""
 _ATT_PLACEHOLDERS: dict = {}
 
 
@@ -478,6 +482,28 @@ def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
     splits = max(1, min(-(-n_keys // min_chunk), -(-per_sm * _sm_count() // max(1, n_bh))))
     chunk = -(-n_keys // splits)
     return max(per_block, -(-chunk // per_block) * per_block)
+
+
+def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
+    """The RoPE-aware key-offset term of every key and row, (BH, R, n_keys) float32: on
+    tensor cores (:func:`rotorq.cuda.attention.key_bias_kernel`) up to 64 frequencies, else
+    one thread per key (:func:`rotorq.cuda.attention.key_bias_scores`)."""
+    ba, bb, freqs, pos0 = key_bias
+    ba, bb = _f32c(ba), _f32c(bb)
+    freqs = cp.ascontiguousarray(freqs, dtype=cp.float64)
+    n_freq = ba.shape[2]
+    kb = _empty((n_bh, n_rows, n_keys), cp.float32)
+    if KEY_BIAS_MMA and 0 < n_freq <= _att.BIAS_MAX_FREQ:
+        tiles = _att.bias_tiles(n_keys, n_bh, _sm_count())
+        n_tiles = -(-n_keys // 16)
+        warps = -(-n_tiles // tiles)
+        launch(_att.key_bias_kernel(n_freq), (-(-warps // _att.BIAS_WARPS), n_bh, 1),
+               (32 * _att.BIAS_WARPS, 1), 0, (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), kb))
+    else:
+        launch(_att.key_bias_scores, (-(-n_keys // _att.BIAS_THREADS), n_bh, 1),
+               (_att.BIAS_THREADS, 1), 8 * ba.shape[1] * max(1, n_freq),
+               (ba, bb, freqs, int(pos0), int(n_keys), kb))
+    return kb
 
 
 def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None):
@@ -536,14 +562,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         if fast is not None:
             kbias = ()
             if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
-                ba, bb, freqs, pos0 = key_bias
-                ba, bb = _f32c(ba), _f32c(bb)
-                kb = _empty((n_bh, n_rows, n_keys), cp.float32)
-                launch(_att.key_bias_scores, (-(-n_keys // _att.BIAS_THREADS), n_bh, 1),
-                       (_att.BIAS_THREADS, 1), 8 * ba.shape[1] * ba.shape[2],
-                       (ba, bb, cp.ascontiguousarray(freqs, dtype=cp.float64), int(pos0),
-                        int(n_keys), kb))
-                kbias = (kb,)
+                kbias = (_key_bias_scores(key_bias, n_bh, n_rows, n_keys),)
             kern = _att.attention_kernel(*fast, bias=bool(kbias))
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
                    (qargs[0], k0[0].view(cp.uint32).reshape(n_bh, -1), k0[1], k0[4],

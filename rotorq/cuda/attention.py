@@ -572,6 +572,10 @@ if SIMULATOR:
         """The float32 value of the float16 bits in the low 16 bits of ``u``."""
         return np.float32(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
 
+    def half2_bits(lo, hi):
+        """The float16 bits of ``lo`` (low half) and ``hi`` (high half) in one uint32."""
+        return np.uint32(int(half_bits(lo)) | (int(half_bits(hi)) << 16))
+
     def _half_of(u):
         return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
 
@@ -648,6 +652,17 @@ else:
         if not isinstance(u, types.Integer) or u.bitwidth != 16:
             return None
         return types.float32(u), codegen
+
+    @intrinsic
+    def half2_bits(typingctx, lo, hi):
+        """``cvt.rn.f16x2.f32``: the float16 bits of ``lo`` (low half) and ``hi`` (high half)
+        in one uint32, one instruction."""
+        def codegen(context, builder, signature, args):
+            f32, i32 = ir.FloatType(), ir.IntType(32)
+            fn = ir.InlineAsm(ir.FunctionType(i32, [f32, f32]), "cvt.rn.f16x2.f32 $0, $2, $1;",
+                              "=r,f,f")
+            return builder.call(fn, args)
+        return types.uint32(types.float32, types.float32), codegen
 
     @intrinsic
     def mma16816(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -755,7 +770,8 @@ def _build(name, lines, env):
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
-           "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at}
+           "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at,
+           "half2_bits": half2_bits}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -1134,3 +1150,160 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         kern.launch_bounds = (32 * W, blocks)
     _fast_kernels[key] = kern
     return kern
+
+
+# ------------------------------------------------------------- key-offset term on tensor cores
+
+BIAS_WARPS = 4
+"""Warps per block of :func:`key_bias_kernel`."""
+BIAS_MAX_FREQ = 64
+"""Most frequencies :func:`key_bias_kernel` takes (8 MMA k-steps); more go to the scalar
+:func:`key_bias_scores`."""
+BIAS_MAX_TILES = 128
+"""Most 16-token tiles one warp of :func:`key_bias_kernel` walks: its coefficients are
+rotated once per tile in float32, so their phase error grows with the count (≤ 128 steps:
+≤ 3e-5 rad, against float16's 5e-4)."""
+BIAS_BLOCKS_PER_SM = 4
+"""Launch bounds of :func:`key_bias_kernel`: 4 blocks of :data:`BIAS_WARPS` warps per SM,
+128 registers (what it takes at 64 frequencies without spilling)."""
+BIAS_SCALE = 8192.0
+"""Each coefficient row is scaled to at most this before its float16 conversion (and the
+scores scaled back): no float16 overflow or subnormals whatever the rows' magnitude."""
+
+_bias_kernels: dict = {}
+
+
+def key_bias_kernel(n_freq):
+    """The RoPE-aware key-offset term on tensor cores: what :func:`key_bias_scores` computes
+    (CPU twin :func:`rotorq.cpu.attention.key_bias_scores`), for ``n_freq ≤``
+    :data:`BIAS_MAX_FREQ` and at most 8 rows.
+
+    ``(kba f32 (BH, R, F), kbb f32 (BH, R, F), kfreq f64 (F,), kpos0, n_keys, tiles,
+    out f32 (BH, R, ≥ n_keys))``; grid ``(⌈warps / BIAS_WARPS⌉, BH)`` of
+    :data:`BIAS_WARPS` warps, each walking ``tiles`` tiles of 16 consecutive keys.
+
+    The angle sum ``(p + o)θ`` splits the term of key ``p + o`` into
+    ``Σ_f cos(oθ_f)·A'_f(p) + sin(oθ_f)·B'_f(p)`` with the coefficients rotated to the tile
+    start ``p``: ``A' = A cos pθ + B sin pθ``, ``B' = B cos pθ − A sin pθ``. So a tile is one
+    product ``(16 keys × 2F twiddles) · (2F × 8 rows)`` (``mma.m16n8k16``, fp16 in, fp32
+    accumulate): the twiddles of offsets 0–15 are the same for every tile (computed once per
+    warp), and the coefficients move to the next tile by one complex multiply by
+    ``e^{16iθ_f}`` in float32, instead of a sine and a cosine per key and frequency. A warp
+    starts from coefficients rotated exactly (float64 angle reduction, as the CPU twin).
+
+    Accuracy: float16 twiddles and coefficients (each row scaled to :data:`BIAS_SCALE`
+    first), float32 accumulation: the term is within about ``1e-3 · Σ_f |(A_f, B_f)|`` of
+    the CPU twin's, the same order as the tensor-core scores it is added to.
+    """
+    steps = -(-int(n_freq) // 8)
+    if not 1 <= steps <= BIAS_MAX_FREQ // 8:
+        raise ValueError(f"key_bias_kernel takes 1..{BIAS_MAX_FREQ} frequencies, got {n_freq}")
+    if steps in _bias_kernels:
+        return _bias_kernels[steps]
+    W = BIAS_WARPS
+    sim = SIMULATOR
+    L = ["def key_bias_mma(kba, kbb, kfreq, kpos0, n_keys, tiles, out):"]
+    if sim:
+        L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
+              f"    sb = cuda.shared.array({W * 64}, numba.uint32)"]
+    L += ["    tid = cuda.threadIdx.x",
+          "    lane = tid & 31",
+          "    warp = tid >> 5",
+          "    g = lane >> 2",
+          "    t = lane & 3",
+          "    bh = cuda.blockIdx.y",
+          "    n_rows = kba.shape[1]",
+          "    nf = kba.shape[2]",
+          f"    tile0 = (cuda.blockIdx.x * {W} + warp) * tiles",
+          "    ra = 2 * t",
+          "    rb = 2 * t + 1",
+          "    rg = min(g, n_rows - 1)",
+          "    rac = min(ra, n_rows - 1)",
+          "    rbc = min(rb, n_rows - 1)",
+          # a bound on every rotated coefficient of a row: max_f |(A_f, B_f)|
+          "    mg = np.float32(0.0)",
+          "    ma = np.float32(0.0)",
+          "    mb = np.float32(0.0)",
+          "    for f in range(nf):",
+          *[f"        m{x} = max(m{x}, math.sqrt(kba[bh, {r}, f] * kba[bh, {r}, f] + "
+            f"kbb[bh, {r}, f] * kbb[bh, {r}, f]))" for x, r in (("g", "rg"), ("a", "rac"),
+                                                              ("b", "rbc"))],
+          f"    sc = np.float32({BIAS_SCALE!r}) / mg if mg > 0 and g < n_rows else np.float32(0.0)",
+          f"    inv_a = ma / np.float32({BIAS_SCALE!r})",
+          f"    inv_b = mb / np.float32({BIAS_SCALE!r})",
+          "    pos = np.float64(kpos0 + tile0 * 16)",
+          "    g_f = np.float64(g)",
+          "    g8_f = np.float64(g + 8)"]
+    def cis(angle, c, sn):
+        """float32 cosine and sine of a float64 angle reduced modulo 2π in float64 (as
+        :func:`_key_bias`); inline: a device function would need a device to compile."""
+        return [f"    ang = {angle}",
+                f"    ang -= {_TWO_PI!r} * math.floor(ang * {_INV_TWO_PI!r})",
+                "    a32 = np.float32(ang)",
+                f"    {c} = math.cos(a32)",
+                f"    {sn} = math.sin(a32)"]
+
+    for s in range(steps):
+        for h in range(2):
+            v = f"{s}_{h}"
+            L += [f"    f = {8 * s + 4 * h} + t",
+                  "    ok = f < nf",
+                  "    fq = kfreq[f] if ok else np.float64(0.0)",
+                  "    ca = kba[bh, rg, f] if ok else np.float32(0.0)",
+                  "    cb = kbb[bh, rg, f] if ok else np.float32(0.0)",
+                  *cis("pos * fq", "c", "sn"),
+                  f"    x{v} = (ca * c + cb * sn) * sc",
+                  f"    y{v} = (cb * c - ca * sn) * sc",
+                  *cis("np.float64(16.0) * fq", f"dc{v}", f"ds{v}"),
+                  *cis("g_f * fq", "c", "sn"),
+                  f"    a{s}_{2 * h} = half2_bits(c, sn)",
+                  *cis("g8_f * fq", "c", "sn"),
+                  f"    a{s}_{2 * h + 1} = half2_bits(c, sn)"]
+    if sim:  # every warp of the block takes the emulated MMAs' barriers as often
+        L.append("    count = tiles")
+    else:
+        L.append("    count = min(tiles, max((n_keys + 15) // 16 - tile0, 0))")
+    L += ["    ob = out[bh]",
+          "    ok_a = ra < n_rows",
+          "    ok_b = rb < n_rows",
+          "    j = tile0 * 16 + g",
+          "    for it in range(count):"]
+    ind = " " * 8
+    for s in range(steps):
+        L += [f"{ind}b{s}_0 = half2_bits(x{s}_0, y{s}_0)",
+              f"{ind}b{s}_1 = half2_bits(x{s}_1, y{s}_1)"]
+    L += [f"{ind}{v}{i} = np.float32(0.0)" for v in "cz" for i in range(4)]
+    for s in range(steps):  # two accumulator chains: independent MMAs in flight
+        call = "mma_sim(sa, sb, " if sim else "mma16816("
+        acc = "c0, c1, c2, c3" if s % 2 == 0 else "z0, z1, z2, z3"
+        L.append(f"{ind}{acc} = {call}a{s}_0, a{s}_1, a{s}_2, a{s}_3, b{s}_0, b{s}_1, {acc})")
+    for s in range(steps):
+        for h in range(2):
+            v = f"{s}_{h}"
+            L += [f"{ind}xn = x{v} * dc{v} + y{v} * ds{v}",
+                  f"{ind}y{v} = y{v} * dc{v} - x{v} * ds{v}",
+                  f"{ind}x{v} = xn"]
+    L += [f"{ind}if j < n_keys:",
+          f"{ind}    if ok_a:",
+          f"{ind}        ob[ra, j] = (c0 + z0) * inv_a",
+          f"{ind}    if ok_b:",
+          f"{ind}        ob[rb, j] = (c1 + z1) * inv_b",
+          f"{ind}if j + 8 < n_keys:",
+          f"{ind}    if ok_a:",
+          f"{ind}        ob[ra, j + 8] = (c2 + z2) * inv_a",
+          f"{ind}    if ok_b:",
+          f"{ind}        ob[rb, j + 8] = (c3 + z3) * inv_b",
+          f"{ind}j += 16"]
+    kern = _build("key_bias_mma", L, {})
+    kern.launch_bounds = (32 * W, BIAS_BLOCKS_PER_SM)
+    _bias_kernels[steps] = kern
+    return kern
+
+
+def bias_tiles(n_keys, n_bh, sm_count):
+    """16-token tiles per warp of :func:`key_bias_kernel`: enough warps for about 32 per SM,
+    at least 8 tiles each (the warp's setup is about 64 sines and cosines per lane), at most
+    :data:`BIAS_MAX_TILES`."""
+    n_tiles = -(-int(n_keys) // 16)
+    want = -(-n_tiles * max(1, n_bh) // (32 * max(1, sm_count)))
+    return max(1, min(BIAS_MAX_TILES, max(8, want), n_tiles))

@@ -231,6 +231,63 @@ def test_sim_key_bias_kernel_matches_cpu(rng):
     assert np.isnan(got[..., 37:]).all()  # nothing written past n_keys
 
 
+def key_bias_tolerance(ba, bb):
+    """Per ``(bh, row)`` bound of the tensor-core key term's error against the CPU twin:
+    float16 twiddles and coefficients, ``≤ 2⁻¹¹`` relative each, summed over the
+    frequencies: ``1.2e-3 · Σ_f |(A_f, B_f)|`` (a sign, row or position slip is of order
+    ``Σ_f |(A_f, B_f)|`` itself)."""
+    return 1.2e-3 * np.hypot(ba.astype(np.float64), bb.astype(np.float64)).sum(axis=2)
+
+
+def check_key_bias(got, want, ba, bb, n_keys):
+    """``got`` (BH, R, ≥ n_keys) within :func:`key_bias_tolerance` of ``want`` everywhere,
+    RMS error under 2e-3 of the RMS term per row, and nothing written past ``n_keys``."""
+    g64, w64 = got[..., :n_keys].astype(np.float64), want[..., :n_keys].astype(np.float64)
+    err = np.abs(g64 - w64)
+    tol = key_bias_tolerance(ba, bb)[..., None]
+    assert np.isfinite(g64).all()
+    assert (err <= tol).all(), float((err / tol).max())
+    rms_err = np.sqrt((err ** 2).mean(axis=2))
+    rms = np.sqrt((w64 ** 2).mean(axis=2))
+    assert (rms_err <= 2e-3 * rms).all(), float((rms_err / rms).max())
+    assert np.isnan(got[..., n_keys:]).all()
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+@pytest.mark.parametrize("n_rows,n_freq,n_keys,tiles", [(5, 6, 37, 2), (8, 64, 40, 1),
+                                                        (3, 20, 75, 3)])
+def test_sim_key_bias_mma_matches_cpu(rng, n_rows, n_freq, n_keys, tiles):
+    """The tensor-core key term against the CPU twin: padded frequencies (6, 20), rows past
+    R (5, 3), a short last tile, more than one tile per warp (coefficients rotated from tile
+    to tile), positions past 2^20, rows 10^4 and 10^-4 times the rest (per-row scaling)."""
+    att = importlib.import_module("rotorq.cuda.attention")
+    case = make_case(rng, n_bh=2, n_rows=n_rows, n_freq=n_freq, pos0=(1 << 20) + 3,
+                     n_keys=n_keys)
+    ba, bb, freqs, pos0 = case["bias"]
+    for a in (ba, bb):
+        a[:, 0] *= 1e4
+        a[:, -1] *= 1e-4
+    want = np.full((2, n_rows, n_keys + 3), np.nan, np.float32)
+    CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, n_keys, want)
+    got = np.full_like(want, np.nan)
+    n_tiles = -(-n_keys // 16)
+    warps = -(-n_tiles // tiles)
+    kern = att.key_bias_kernel(n_freq)
+    kern[(-(-warps // att.BIAS_WARPS), 2), 32 * att.BIAS_WARPS](ba, bb, freqs, pos0, n_keys,
+                                                                tiles, got)
+    check_key_bias(got, want, ba, bb, n_keys)
+
+
+def test_key_bias_kernel_rejects_frequency_counts():
+    if SIMULATOR or _gpu() is None:
+        pytest.importorskip("numba.cuda")
+    att = importlib.import_module("rotorq.cuda.attention")
+    for n in (0, 65):
+        with pytest.raises(ValueError, match="frequencies"):
+            att.key_bias_kernel(n)
+
+
 # ------------------------------------------------------------------------------ real GPU
 
 def _gpu():
@@ -381,6 +438,36 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     fast = fast_path  # with n_freq: the per-key term, then the tensor-core kernel
     _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-{'fast' if fast else 'general'}"] = err
     assert err < (FAST_RTOL if fast else 1e-4), err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mma", [True, False], ids=["mma", "scalar"])
+@pytest.mark.parametrize("n_keys,n_rows,n_freq,pos0", [
+    (100_003, 8, 64, 3), (5_000, 6, 40, (1 << 20) + 7), (700, 8, 64, 0), (3_001, 8, 80, 11)])
+def test_key_bias_gpu_matches_cpu(rng, cp, monkeypatch, mma, n_keys, n_rows, n_freq, pos0):
+    """The per-key RoPE offset term of the tensor-core path against the CPU twin: the MMA
+    kernel (≤ 64 frequencies; 80 goes to the scalar kernel) and the scalar kernel."""
+    api = importlib.import_module("rotorq.cuda.api")
+    monkeypatch.setattr(api, "KEY_BIAS_MMA", mma)
+    n_bh = 4
+    ba = rng.standard_normal((n_bh, n_rows, n_freq)).astype(np.float32)
+    bb = rng.standard_normal((n_bh, n_rows, n_freq)).astype(np.float32)
+    ba[1] *= 300.0  # a head of larger coefficients: the per-row scaling
+    freqs = 10000.0 ** -(np.arange(n_freq) / n_freq)
+    want = np.full((n_bh, n_rows, n_keys + 5), np.nan, np.float32)
+    CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, n_keys, want)
+    got = api._key_bias_scores((cp.asarray(ba), cp.asarray(bb), cp.asarray(freqs), pos0),
+                               n_bh, n_rows, n_keys).get()
+    assert got.shape == (n_bh, n_rows, n_keys)
+    full = np.full_like(want, np.nan)
+    full[..., :n_keys] = got
+    if mma and n_freq <= 64:
+        check_key_bias(full, want, ba, bb, n_keys)
+    else:
+        np.testing.assert_allclose(got, want[..., :n_keys], rtol=1e-4,
+                                   atol=1e-5 * np.abs(want[..., :n_keys]).max())
+    err = float(np.sqrt(((got - want[..., :n_keys]) ** 2).mean() / (want[..., :n_keys] ** 2).mean()))
+    _REPORT[f"key-bias-T{n_keys}-R{n_rows}-F{n_freq}-{'mma' if mma else 'scalar'}"] = err
 
 
 # ------------------------------------------------------------------ compile only (NVVM)

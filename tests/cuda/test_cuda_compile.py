@@ -70,6 +70,7 @@ def _tiled_cases():
 
     tiled = importlib.import_module("rotorq.cuda.tiled")
     trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
+    att = importlib.import_module("rotorq.cuda.attention")
     u32, f32 = np.uint32, np.float32
 
     def a(n, dt=f32):
@@ -95,6 +96,9 @@ def _tiled_cases():
          (a(64, u32), a(387), a(7), a(8), a(49, np.uint8), a(1))),
         ("rotor-quantize-f32-4bit", lambda: trotor.quantize_kernel(128, 4, False, False),
          (a(128), a(387), a(15), a(16), a(65, np.uint8), a(1))),
+        ("key-bias-64-freq", lambda: att.key_bias_kernel(64),
+         (np.zeros((2, 8, 64), f32), np.zeros((2, 8, 64), f32), a(64, np.float64), 0, 0, 0,
+          np.zeros((2, 8, 16), f32))),
     ]
 
 
