@@ -320,7 +320,7 @@ def _fast_jobs():
                                   a(4 * ((rd * BITS + 7) // 8), dt=u8), a(4))),
         "key_bias": (lambda: att.key_bias_kernel(D // 2),
                      (a(4, 8, D // 2), a(4, 8, D // 2), a(D // 2, dt=np.float64), 0, 0, 0,
-                      a(4, 8, 16))),
+                      a(512), 0)),
         "tiled_wht16": (lambda: tiled.wht_kernel(D, True, True), (a(2 * D, dt=u32),) * 2),
         "tiled_wht32": (lambda: tiled.wht_kernel(D, True, False), (a(2 * D, dt=u32), a(4 * D))),
     }

@@ -125,6 +125,16 @@ def bench(tokens, rng, reps):
 
     t_bias = events_time(fused_bias, cbufs, reps)
     t_bias_kernel = kernel_time(fused_bias, cbufs, reps)
+    # its launches alone: the key term (tensor cores; one thread per key), the attention
+    # kernel without and with the term
+    t_term = kernel_time(fused_bias, cbufs, reps, only=0)
+    t_att = kernel_time(fused, cbufs, reps, only=0)
+    t_att_term = kernel_time(fused_bias, cbufs, reps, only=1)
+    saved_mma, api.KEY_BIAS_MMA = api.KEY_BIAS_MMA, False
+    try:
+        t_term_scalar = kernel_time(fused_bias, cbufs, max(2, reps // 4), only=0)
+    finally:
+        api.KEY_BIAS_MMA = saved_mma
     saved, api.ATTENTION_FAST = api.ATTENTION_FAST, False
     try:  # the general kernel alone, and with the bias
         t_general = events_time(fused, cbufs, reps)
@@ -163,6 +173,8 @@ def bench(tokens, rng, reps):
             "speedup_fused_kernel": t_sdpa / t_fused_kernel,
             "fused_rope_bias_us": t_bias * 1e6, "fused_rope_bias_kernel_us": t_bias_kernel * 1e6,
             "general_rope_bias_us": t_general_bias * 1e6,
+            "rope_term_mma_us": t_term * 1e6, "rope_term_scalar_us": t_term_scalar * 1e6,
+            "attention_alone_us": t_att * 1e6, "attention_with_term_alone_us": t_att_term * 1e6,
             "general_us": t_general * 1e6, "attend_us": t_attend * 1e6,
             "attend_wall_us": t_attend_wall * 1e6, "sdpa_us": t_sdpa * 1e6,
             "fused_tbs": comp_bytes / t_fused / 1e12, "sdpa_tbs": fp16_bytes / t_sdpa / 1e12,
@@ -241,6 +253,16 @@ def main():
                      f"{r['sdpa_us']:.1f} | {r['sdpa_tbs']:.2f} | {r['speedup_fused']:.2f}× | "
                      f"{r['speedup_fused_kernel']:.2f}× | "
                      f"{r['speedup_attend']:.2f}× | {r['rel_err_vs_fp32_exact']:.3f} |")
+    lines += ["", "RoPE-aware key term, launches alone (kernels only, µs):", "",
+              "| T | key term, tensor cores | key term, one thread per key | attention kernel "
+              "| attention kernel with the term | merge and the rest |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        rest = r["fused_rope_bias_kernel_us"] - r["rope_term_mma_us"] - \
+            r["attention_with_term_alone_us"]
+        lines.append(f"| {r['tokens']} | {r['rope_term_mma_us']:.1f} | "
+                     f"{r['rope_term_scalar_us']:.1f} | {r['attention_alone_us']:.1f} | "
+                     f"{r['attention_with_term_alone_us']:.1f} | {rest:.1f} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "gpu_kv_bench.md"), "w") as f:
         f.write(text)

@@ -66,7 +66,7 @@ def _kernel(which, d, bits, half):
         from rotorq.cuda import attention
         kern = attention.key_bias_kernel(d // 2)
         args = (np.zeros((1, 8, d // 2), f32), np.zeros((1, 8, d // 2), f32),
-                np.zeros(d // 2), 0, 0, 0, np.zeros((1, 8, 16), f32))
+                np.zeros(d // 2), 0, 0, 0, np.zeros(128, f32), 0)
     elif which == "wht":
         kern = tiled.wht_kernel(d, half, half)
         a = np.zeros(d // 2, u32) if half else np.zeros(d, f32)

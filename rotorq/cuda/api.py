@@ -498,7 +498,8 @@ def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
         n_tiles = -(-n_keys // 16)
         warps = -(-n_tiles // tiles)
         launch(_att.key_bias_kernel(n_freq), (-(-warps // _att.BIAS_WARPS), n_bh, 1),
-               (32 * _att.BIAS_WARPS, 1), 0, (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), kb))
+               (32 * _att.BIAS_WARPS, 1), 0,
+               (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), kb.reshape(-1), int(n_keys)))
     else:
         launch(_att.key_bias_scores, (-(-n_keys // _att.BIAS_THREADS), n_bh, 1),
                (_att.BIAS_THREADS, 1), 8 * ba.shape[1] * max(1, n_freq),

@@ -1179,7 +1179,8 @@ def key_bias_kernel(n_freq):
     :data:`BIAS_MAX_FREQ` and at most 8 rows.
 
     ``(kba f32 (BH, R, F), kbb f32 (BH, R, F), kfreq f64 (F,), kpos0, n_keys, tiles,
-    out f32 (BH, R, ≥ n_keys))``; grid ``(⌈warps / BIAS_WARPS⌉, BH)`` of
+    out f32 (BH·R·stride,), stride)``: the term of row ``r`` of ``bh`` for key ``j`` goes to
+    ``out[(bh·R + r)·stride + j]`` (flat: one index per store); grid ``(⌈warps / BIAS_WARPS⌉, BH)`` of
     :data:`BIAS_WARPS` warps, each walking ``tiles`` tiles of 16 consecutive keys.
 
     The angle sum ``(p + o)θ`` splits the term of key ``p + o`` into
@@ -1202,7 +1203,21 @@ def key_bias_kernel(n_freq):
         return _bias_kernels[steps]
     W = BIAS_WARPS
     sim = SIMULATOR
-    L = ["def key_bias_mma(kba, kbb, kfreq, kpos0, n_keys, tiles, out):"]
+    fp = 8 * steps  # frequencies, padded
+    st = fp + 4  # row stride of the shared tables: lane (g, t) reads word 4g + t (mod 32)
+    L = ["def key_bias_mma(kba, kbb, kfreq, kpos0, n_keys, tiles, out, stride):",
+         # twiddles half2(cos oθ, sin oθ) of offsets o < 16, then (o = 16) the float32
+         # tile step cos 16θ, sin 16θ
+         f"    tw = cuda.shared.array({16 * st}, numba.uint32)",
+         f"    stc = cuda.shared.array({fp}, numba.float32)",
+         f"    sts = cuda.shared.array({fp}, numba.float32)",
+         # cos, sin of each warp's start position; its rotated, scaled coefficient rows
+         f"    pc = cuda.shared.array({W * fp}, numba.float32)",
+         f"    ps = cuda.shared.array({W * fp}, numba.float32)",
+         f"    wx = cuda.shared.array({W * 8 * st}, numba.float32)",
+         f"    wy = cuda.shared.array({W * 8 * st}, numba.float32)",
+         "    rsc = cuda.shared.array(8, numba.float32)",
+         "    rinv = cuda.shared.array(8, numba.float32)"]
     if sim:
         L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
               f"    sb = cuda.shared.array({W * 64}, numba.uint32)"]
@@ -1214,59 +1229,86 @@ def key_bias_kernel(n_freq):
           "    bh = cuda.blockIdx.y",
           "    n_rows = kba.shape[1]",
           "    nf = kba.shape[2]",
-          f"    tile0 = (cuda.blockIdx.x * {W} + warp) * tiles",
-          "    ra = 2 * t",
-          "    rb = 2 * t + 1",
-          "    rg = min(g, n_rows - 1)",
-          "    rac = min(ra, n_rows - 1)",
-          "    rbc = min(rb, n_rows - 1)",
-          # a bound on every rotated coefficient of a row: max_f |(A_f, B_f)|
-          "    mg = np.float32(0.0)",
-          "    ma = np.float32(0.0)",
-          "    mb = np.float32(0.0)",
-          "    for f in range(nf):",
-          *[f"        m{x} = max(m{x}, math.sqrt(kba[bh, {r}, f] * kba[bh, {r}, f] + "
-            f"kbb[bh, {r}, f] * kbb[bh, {r}, f]))" for x, r in (("g", "rg"), ("a", "rac"),
-                                                              ("b", "rbc"))],
-          f"    sc = np.float32({BIAS_SCALE!r}) / mg if mg > 0 and g < n_rows else np.float32(0.0)",
-          f"    inv_a = ma / np.float32({BIAS_SCALE!r})",
-          f"    inv_b = mb / np.float32({BIAS_SCALE!r})",
-          "    pos = np.float64(kpos0 + tile0 * 16)",
-          "    g_f = np.float64(g)",
-          "    g8_f = np.float64(g + 8)"]
-    def cis(angle, c, sn):
-        """float32 cosine and sine of a float64 angle reduced modulo 2π in float64 (as
-        :func:`_key_bias`); inline: a device function would need a device to compile."""
-        return [f"    ang = {angle}",
-                f"    ang -= {_TWO_PI!r} * math.floor(ang * {_INV_TWO_PI!r})",
-                "    a32 = np.float32(ang)",
-                f"    {c} = math.cos(a32)",
-                f"    {sn} = math.sin(a32)"]
-
+          f"    blk_tile = cuda.blockIdx.x * {W} * tiles",
+          # one loop for the block's angles: twiddles and steps (17 · fp), warp starts (W · fp)
+          "    e = tid",
+          f"    while e < {17 * fp + W * fp}:",
+          f"        f = e % {fp}",
+          "        fq = kfreq[f] if f < nf else np.float64(0.0)",
+          f"        o = e // {fp}",
+          "        if o <= 16:",
+          "            ang = np.float64(o) * fq",
+          "        else:",
+          "            ang = np.float64(kpos0 + (blk_tile + (o - 17) * tiles) * 16) * fq",
+          f"        ang -= {_TWO_PI!r} * math.floor(ang * {_INV_TWO_PI!r})",
+          "        a32 = np.float32(ang)",
+          "        c = math.cos(a32)",
+          "        sn = math.sin(a32)",
+          "        if o < 16:",
+          f"            tw[o * {st} + f] = half2_bits(c, sn)",
+          "        elif o == 16:",
+          "            stc[f] = c",
+          "            sts[f] = sn",
+          "        else:",
+          f"            pc[(o - 17) * {fp} + f] = c",
+          f"            ps[(o - 17) * {fp} + f] = sn",
+          f"        e += {32 * W}",
+          # each row scaled so that every rotated coefficient is at most BIAS_SCALE:
+          # |A'|, |B'| ≤ max_f |(A_f, B_f)|
+          "    if tid < 8:",
+          "        m = np.float32(0.0)",
+          "        if tid < n_rows:",
+          "            for f in range(nf):",
+          "                m = max(m, math.sqrt(kba[bh, tid, f] * kba[bh, tid, f] "
+          "+ kbb[bh, tid, f] * kbb[bh, tid, f]))",
+          f"        rsc[tid] = np.float32({BIAS_SCALE!r}) / m if m > 0 else np.float32(0.0)",
+          f"        rinv[tid] = m / np.float32({BIAS_SCALE!r})",
+          "    cuda.syncthreads()",
+          # the coefficients rotated to each warp's start: A' = A c + B s, B' = B c − A s
+          "    e = tid",
+          f"    while e < {W * 8 * fp}:",
+          f"        f = e % {fp}",
+          f"        r = (e // {fp}) % 8",
+          f"        w = e // {8 * fp}",
+          "        ca = np.float32(0.0)",
+          "        cb = np.float32(0.0)",
+          "        if f < nf and r < n_rows:",
+          "            ca = kba[bh, r, f]",
+          "            cb = kbb[bh, r, f]",
+          f"        c = pc[w * {fp} + f]",
+          f"        sn = ps[w * {fp} + f]",
+          f"        wx[(w * 8 + r) * {st} + f] = (ca * c + cb * sn) * rsc[r]",
+          f"        wy[(w * 8 + r) * {st} + f] = (cb * c - ca * sn) * rsc[r]",
+          f"        e += {32 * W}",
+          "    cuda.syncthreads()",
+          f"    wb = (warp * 8 + g) * {st} + t",
+          f"    ta = g * {st} + t",
+          f"    tb = (g + 8) * {st} + t"]
     for s in range(steps):
         for h in range(2):
-            v = f"{s}_{h}"
-            L += [f"    f = {8 * s + 4 * h} + t",
-                  "    ok = f < nf",
-                  "    fq = kfreq[f] if ok else np.float64(0.0)",
-                  "    ca = kba[bh, rg, f] if ok else np.float32(0.0)",
-                  "    cb = kbb[bh, rg, f] if ok else np.float32(0.0)",
-                  *cis("pos * fq", "c", "sn"),
-                  f"    x{v} = (ca * c + cb * sn) * sc",
-                  f"    y{v} = (cb * c - ca * sn) * sc",
-                  *cis("np.float64(16.0) * fq", f"dc{v}", f"ds{v}"),
-                  *cis("g_f * fq", "c", "sn"),
-                  f"    a{s}_{2 * h} = half2_bits(c, sn)",
-                  *cis("g8_f * fq", "c", "sn"),
-                  f"    a{s}_{2 * h + 1} = half2_bits(c, sn)"]
+            v, o = f"{s}_{h}", 8 * s + 4 * h
+            L += [f"    x{v} = wx[wb + {o}]",
+                  f"    y{v} = wy[wb + {o}]",
+                  f"    dc{v} = stc[t + {o}]",
+                  f"    ds{v} = sts[t + {o}]",
+                  f"    a{s}_{2 * h} = tw[ta + {o}]",
+                  f"    a{s}_{2 * h + 1} = tw[tb + {o}]"]
+    L += ["    tile0 = blk_tile + warp * tiles"]
     if sim:  # every warp of the block takes the emulated MMAs' barriers as often
         L.append("    count = tiles")
     else:
         L.append("    count = min(tiles, max((n_keys + 15) // 16 - tile0, 0))")
-    L += ["    ob = out[bh]",
+    L += ["    ra = 2 * t",
+          "    rb = 2 * t + 1",
           "    ok_a = ra < n_rows",
           "    ok_b = rb < n_rows",
+          "    full = ok_a and ok_b",
+          "    inv_a = rinv[ra]",
+          "    inv_b = rinv[rb]",
           "    j = tile0 * 16 + g",
+          # flat element indices of (row ra, key j) and (row rb, key j)
+          "    ia = U64((bh * n_rows + min(ra, n_rows - 1)) * stride + j)",
+          "    ib = U64((bh * n_rows + min(rb, n_rows - 1)) * stride + j)",
           "    for it in range(count):"]
     ind = " " * 8
     for s in range(steps):
@@ -1283,16 +1325,24 @@ def key_bias_kernel(n_freq):
             L += [f"{ind}xn = x{v} * dc{v} + y{v} * ds{v}",
                   f"{ind}y{v} = y{v} * dc{v} - x{v} * ds{v}",
                   f"{ind}x{v} = xn"]
-    L += [f"{ind}if j < n_keys:",
-          f"{ind}    if ok_a:",
-          f"{ind}        ob[ra, j] = (c0 + z0) * inv_a",
-          f"{ind}    if ok_b:",
-          f"{ind}        ob[rb, j] = (c1 + z1) * inv_b",
-          f"{ind}if j + 8 < n_keys:",
-          f"{ind}    if ok_a:",
-          f"{ind}        ob[ra, j + 8] = (c2 + z2) * inv_a",
-          f"{ind}    if ok_b:",
-          f"{ind}        ob[rb, j + 8] = (c3 + z3) * inv_b",
+    L += [f"{ind}if full and j + 8 < n_keys:",
+          f"{ind}    out[ia] = (c0 + z0) * inv_a",
+          f"{ind}    out[ib] = (c1 + z1) * inv_b",
+          f"{ind}    out[ia + U64(8)] = (c2 + z2) * inv_a",
+          f"{ind}    out[ib + U64(8)] = (c3 + z3) * inv_b",
+          f"{ind}else:",
+          f"{ind}    if j < n_keys:",
+          f"{ind}        if ok_a:",
+          f"{ind}            out[ia] = (c0 + z0) * inv_a",
+          f"{ind}        if ok_b:",
+          f"{ind}            out[ib] = (c1 + z1) * inv_b",
+          f"{ind}    if j + 8 < n_keys:",
+          f"{ind}        if ok_a:",
+          f"{ind}            out[ia + U64(8)] = (c2 + z2) * inv_a",
+          f"{ind}        if ok_b:",
+          f"{ind}            out[ib + U64(8)] = (c3 + z3) * inv_b",
+          f"{ind}ia += U64(16)",
+          f"{ind}ib += U64(16)",
           f"{ind}j += 16"]
     kern = _build("key_bias_mma", L, {})
     kern.launch_bounds = (32 * W, BIAS_BLOCKS_PER_SM)

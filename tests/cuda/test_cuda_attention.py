@@ -275,7 +275,8 @@ def test_sim_key_bias_mma_matches_cpu(rng, n_rows, n_freq, n_keys, tiles):
     warps = -(-n_tiles // tiles)
     kern = att.key_bias_kernel(n_freq)
     kern[(-(-warps // att.BIAS_WARPS), 2), 32 * att.BIAS_WARPS](ba, bb, freqs, pos0, n_keys,
-                                                                tiles, got)
+                                                                tiles, got.reshape(-1),
+                                                                n_keys + 3)
     check_key_bias(got, want, ba, bb, n_keys)
 
 

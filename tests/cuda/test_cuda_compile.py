@@ -98,7 +98,7 @@ def _tiled_cases():
          (a(128), a(387), a(15), a(16), a(65, np.uint8), a(1))),
         ("key-bias-64-freq", lambda: att.key_bias_kernel(64),
          (np.zeros((2, 8, 64), f32), np.zeros((2, 8, 64), f32), a(64, np.float64), 0, 0, 0,
-          np.zeros((2, 8, 16), f32))),
+          a(256), 0)),
     ]
 
 
