@@ -1217,7 +1217,12 @@ def key_bias_kernel(n_freq):
          f"    wx = cuda.shared.array({W * 8 * st}, numba.float32)",
          f"    wy = cuda.shared.array({W * 8 * st}, numba.float32)",
          "    rsc = cuda.shared.array(8, numba.float32)",
-         "    rinv = cuda.shared.array(8, numba.float32)"]
+         "    rinv = cuda.shared.array(8, numba.float32)",
+         # the block's inputs staged first, so that no loop below waits on global memory
+         f"    kf = cuda.shared.array({fp}, numba.float64)",
+         f"    sa_ = cuda.shared.array({8 * fp}, numba.float32)",
+         f"    sb_ = cuda.shared.array({8 * fp}, numba.float32)",
+         f"    part = cuda.shared.array({32 * W}, numba.float32)"]
     if sim:
         L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
               f"    sb = cuda.shared.array({W * 64}, numba.uint32)"]
@@ -1230,11 +1235,30 @@ def key_bias_kernel(n_freq):
           "    n_rows = kba.shape[1]",
           "    nf = kba.shape[2]",
           f"    blk_tile = cuda.blockIdx.x * {W} * tiles",
+          "    e = tid",
+          f"    while e < {8 * fp}:",
+          f"        r = e // {fp}",
+          f"        f = e % {fp}",
+          "        ok = r < n_rows and f < nf",
+          "        sa_[e] = kba[bh, r, f] if ok else np.float32(0.0)",
+          "        sb_[e] = kbb[bh, r, f] if ok else np.float32(0.0)",
+          f"        if e < {fp}:",
+          "            kf[e] = kfreq[e] if e < nf else np.float64(0.0)",
+          f"        e += {32 * W}",
+          "    cuda.syncthreads()",
+          # each row is scaled so that every rotated coefficient is at most BIAS_SCALE:
+          # |A'|, |B'| ≤ max_f |(A_f, B_f)|; partial maxima of 4W threads per row first
+          f"    e = (tid // {4 * W}) * {fp} + tid % {4 * W}",
+          "    m = np.float32(0.0)",
+          f"    while e < (tid // {4 * W} + 1) * {fp}:",
+          "        m = max(m, math.sqrt(sa_[e] * sa_[e] + sb_[e] * sb_[e]))",
+          f"        e += {4 * W}",
+          "    part[tid] = m",
           # one loop for the block's angles: twiddles and steps (17 · fp), warp starts (W · fp)
           "    e = tid",
           f"    while e < {17 * fp + W * fp}:",
           f"        f = e % {fp}",
-          "        fq = kfreq[f] if f < nf else np.float64(0.0)",
+          "        fq = kf[f]",
           f"        o = e // {fp}",
           "        if o <= 16:",
           "            ang = np.float64(o) * fq",
@@ -1253,14 +1277,11 @@ def key_bias_kernel(n_freq):
           f"            pc[(o - 17) * {fp} + f] = c",
           f"            ps[(o - 17) * {fp} + f] = sn",
           f"        e += {32 * W}",
-          # each row scaled so that every rotated coefficient is at most BIAS_SCALE:
-          # |A'|, |B'| ≤ max_f |(A_f, B_f)|
+          "    cuda.syncthreads()",
           "    if tid < 8:",
           "        m = np.float32(0.0)",
-          "        if tid < n_rows:",
-          "            for f in range(nf):",
-          "                m = max(m, math.sqrt(kba[bh, tid, f] * kba[bh, tid, f] "
-          "+ kbb[bh, tid, f] * kbb[bh, tid, f]))",
+          f"        for k in range({4 * W}):",
+          f"            m = max(m, part[tid * {4 * W} + k])",
           f"        rsc[tid] = np.float32({BIAS_SCALE!r}) / m if m > 0 else np.float32(0.0)",
           f"        rinv[tid] = m / np.float32({BIAS_SCALE!r})",
           "    cuda.syncthreads()",
@@ -1270,11 +1291,8 @@ def key_bias_kernel(n_freq):
           f"        f = e % {fp}",
           f"        r = (e // {fp}) % 8",
           f"        w = e // {8 * fp}",
-          "        ca = np.float32(0.0)",
-          "        cb = np.float32(0.0)",
-          "        if f < nf and r < n_rows:",
-          "            ca = kba[bh, r, f]",
-          "            cb = kbb[bh, r, f]",
+          f"        ca = sa_[r * {fp} + f]",
+          f"        cb = sb_[r * {fp} + f]",
           f"        c = pc[w * {fp} + f]",
           f"        sn = ps[w * {fp} + f]",
           f"        wx[(w * 8 + r) * {st} + f] = (ca * c + cb * sn) * rsc[r]",
@@ -1351,9 +1369,10 @@ def key_bias_kernel(n_freq):
 
 
 def bias_tiles(n_keys, n_bh, sm_count):
-    """16-token tiles per warp of :func:`key_bias_kernel`: enough warps for about 32 per SM,
-    at least 8 tiles each (the warp's setup is about 64 sines and cosines per lane), at most
-    :data:`BIAS_MAX_TILES`."""
+    """16-token tiles per warp of :func:`key_bias_kernel`: one wave of blocks
+    (:data:`BIAS_BLOCKS_PER_SM` per SM; each block's setup is about 1300 sines and
+    cosines), at least 8 tiles each, at most :data:`BIAS_MAX_TILES`."""
     n_tiles = -(-int(n_keys) // 16)
-    want = -(-n_tiles * max(1, n_bh) // (32 * max(1, sm_count)))
+    resident = BIAS_BLOCKS_PER_SM * BIAS_WARPS * max(1, sm_count)
+    want = -(-n_tiles * max(1, n_bh) // resident)
     return max(1, min(BIAS_MAX_TILES, max(8, want), n_tiles))
