@@ -377,8 +377,9 @@ def exact_attention(q, ke, ve, pos, n_e, scale, n_q, offset, causal, acc_c, m_c,
 
 @jit
 def key_bias_scores(kba, kbb, kfreq, kpos0, n_keys, out):
-    """``out[bh, r, j] = Σ_f A[bh, r, f] cos(p θ_f) + B[bh, r, f] sin(p θ_f)`` at
-    ``p = kpos0 + j`` for ``j < n_keys``: the RoPE-aware key-offset term of every compressed
+    """``out[bh, j, r] = Σ_f A[bh, r, f] cos(p θ_f) + B[bh, r, f] sin(p θ_f)`` at
+    ``p = kpos0 + j`` for ``j < n_keys`` and the rows ``r < R`` (``out`` (BH, ≥ n_keys, ≥ R):
+    a key's rows side by side): the RoPE-aware key-offset term of every compressed
     key, for the tensor-core kernel, which adds it to its scores. The angle is reduced
     modulo 2π in float64 and its float32 cosine and sine are taken (as the general CUDA
     kernel does). CUDA twin: :func:`rotorq.cuda.attention.key_bias_scores`."""
@@ -400,4 +401,4 @@ def key_bias_scores(kba, kbb, kfreq, kpos0, n_keys, out):
                 tot = np.float32(0.0)
                 for f in range(nf):
                     tot += kba[bh, r, f] * cs[f] + kbb[bh, r, f] * sn[f]
-                out[bh, r, j] = tot
+                out[bh, j, r] = tot

@@ -485,15 +485,16 @@ def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
 
 
 def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
-    """The RoPE-aware key-offset term of every key and row, (BH, R, n_keys) float32: on
-    tensor cores (:func:`rotorq.cuda.attention.key_bias_kernel`) up to 64 frequencies, else
-    one thread per key (:func:`rotorq.cuda.attention.key_bias_scores`)."""
+    """The RoPE-aware key-offset term of every key and row, (BH, n_keys, 8) float32 (rows
+    past ``n_rows`` zero): on tensor cores (:func:`rotorq.cuda.attention.key_bias_kernel`)
+    up to 64 frequencies, else one thread per key
+    (:func:`rotorq.cuda.attention.key_bias_scores`)."""
     ba, bb, freqs, pos0 = key_bias
     ba, bb = _f32c(ba), _f32c(bb)
     freqs = cp.ascontiguousarray(freqs, dtype=cp.float64)
     n_freq = ba.shape[2]
-    kb = _empty((n_bh, n_rows, n_keys), cp.float32)
     if KEY_BIAS_MMA and 0 < n_freq <= _att.BIAS_MAX_FREQ:
+        kb = _empty((n_bh, n_keys, 8), cp.float32)
         tiles = _att.bias_tiles(n_keys, n_bh, _sm_count())
         n_tiles = -(-n_keys // 16)
         warps = -(-n_tiles // tiles)
@@ -501,6 +502,7 @@ def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
                (32 * _att.BIAS_WARPS, 1), 0,
                (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), kb.reshape(-1), int(n_keys)))
     else:
+        kb = (_empty if n_rows == 8 else cp.zeros)((n_bh, n_keys, 8), cp.float32)
         launch(_att.key_bias_scores, (-(-n_keys // _att.BIAS_THREADS), n_bh, 1),
                (_att.BIAS_THREADS, 1), 8 * ba.shape[1] * max(1, n_freq),
                (ba, bb, freqs, int(pos0), int(n_keys), kb))
@@ -563,7 +565,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         if fast is not None:
             kbias = ()
             if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
-                kbias = (_key_bias_scores(key_bias, n_bh, n_rows, n_keys),)
+                kbias = (_key_bias_scores(key_bias, n_bh, n_rows, n_keys).reshape(n_bh, -1),)
             kern = _att.attention_kernel(*fast, bias=bool(kbias))
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
                    (qargs[0], k0[0].view(cp.uint32).reshape(n_bh, -1), k0[1], k0[4],

@@ -489,7 +489,7 @@ BIAS_THREADS = 128
 @kernel
 def key_bias_scores(kba, kbb, kfreq, kpos0, n_keys, out):
     """The RoPE-aware key-offset term of every compressed key, for the tensor-core kernel:
-    twin of :func:`rotorq.cpu.attention.key_bias_scores` (``out`` (BH, R, ≥ n_keys), R ≤ 8).
+    twin of :func:`rotorq.cpu.attention.key_bias_scores` (``out`` (BH, ≥ n_keys, ≥ R), R ≤ 8).
 
     Grid ``(ceil(n_keys / BIAS_THREADS), BH)``, :data:`BIAS_THREADS` threads, one token each;
     the coefficient rows are staged in shared memory (dynamic: ``8 · R · F`` bytes). A
@@ -531,21 +531,21 @@ def key_bias_scores(kba, kbb, kfreq, kpos0, n_keys, out):
         a5 += sh[b5 + f] * ca + sh[off + b5 + f] * sa
         a6 += sh[b6 + f] * ca + sh[off + b6 + f] * sa
         a7 += sh[b7 + f] * ca + sh[off + b7 + f] * sa
-    out[bh, 0, j] = a0
+    out[bh, j, 0] = a0
     if n_rows > 1:
-        out[bh, 1, j] = a1
+        out[bh, j, 1] = a1
     if n_rows > 2:
-        out[bh, 2, j] = a2
+        out[bh, j, 2] = a2
     if n_rows > 3:
-        out[bh, 3, j] = a3
+        out[bh, j, 3] = a3
     if n_rows > 4:
-        out[bh, 4, j] = a4
+        out[bh, j, 4] = a4
     if n_rows > 5:
-        out[bh, 5, j] = a5
+        out[bh, j, 5] = a5
     if n_rows > 6:
-        out[bh, 6, j] = a6
+        out[bh, j, 6] = a6
     if n_rows > 7:
-        out[bh, 7, j] = a7
+        out[bh, j, 7] = a7
 
 
 # ------------------------------------------------------------------ tensor-core fast path
@@ -571,6 +571,15 @@ if SIMULATOR:
     def half_float(u):
         """The float32 value of the float16 bits in the low 16 bits of ``u``."""
         return np.float32(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
+
+    def load_f2(arr, i):
+        """``(arr[i], arr[i + 1])`` (one 8-byte load on the device; ``i`` even)."""
+        return arr[i], arr[i + np.uint64(1)]
+
+    def store_f2(arr, i, a, b):
+        """``arr[i], arr[i + 1] = a, b`` (one 8-byte store on the device; ``i`` even)."""
+        arr[i] = a
+        arr[i + np.uint64(1)] = b
 
     def half2_bits(lo, hi):
         """The float16 bits of ``lo`` (low half) and ``hi`` (high half) in one uint32."""
@@ -652,6 +661,44 @@ else:
         if not isinstance(u, types.Integer) or u.bitwidth != 16:
             return None
         return types.float32(u), codegen
+
+    def _f2_pointer(context, builder, arrty, arr, idx):
+        ary = context.make_array(arrty)(context, builder, arr)
+        ptr = builder.gep(ary.data, [idx], inbounds=True)
+        return builder.bitcast(ptr, ir.VectorType(ir.FloatType(), 2).as_pointer())
+
+    def _f2_array(arr):
+        return (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
+                and arr.layout == "C")
+
+    @intrinsic
+    def load_f2(typingctx, arr, i):
+        """``(arr[i], arr[i + 1])`` of a float32 array in one 8-byte load (``i``: uint64,
+        even; the array 8-byte aligned, as every device allocation is)."""
+        if not _f2_array(arr):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = builder.load(_f2_pointer(context, builder, signature.args[0], *args), align=8)
+            vals = [builder.extract_element(v, ir.Constant(ir.IntType(32), k)) for k in (0, 1)]
+            return context.make_tuple(builder, signature.return_type, vals)
+        return types.UniTuple(types.float32, 2)(arr, types.uint64), codegen
+
+    @intrinsic
+    def store_f2(typingctx, arr, i, a, b):
+        """``arr[i], arr[i + 1] = a, b`` in one 8-byte store (as :func:`load_f2`)."""
+        if not _f2_array(arr):
+            return None
+
+        def codegen(context, builder, signature, args):
+            vty = ir.VectorType(ir.FloatType(), 2)
+            v = builder.insert_element(ir.Constant(vty, ir.Undefined), args[2],
+                                       ir.Constant(ir.IntType(32), 0))
+            v = builder.insert_element(v, args[3], ir.Constant(ir.IntType(32), 1))
+            builder.store(v, _f2_pointer(context, builder, signature.args[0], args[0], args[1]),
+                          align=8)
+            return context.get_dummy_value()
+        return types.none(arr, types.uint64, types.float32, types.float32), codegen
 
     @intrinsic
     def half2_bits(typingctx, lo, hi):
@@ -771,7 +818,7 @@ def _build(name, lines, env):
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
            "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at,
-           "half2_bits": half2_bits}
+           "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -865,7 +912,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     layout through a per-warp shared buffer. The block's warps merge in shared memory and
     write one partial per split.
 
-    ``bias=True``: one more argument after ``vcent``, ``kbias`` f32 (BH, R, ≥ n_keys), the
+    ``bias=True``: one more argument after ``vcent``, ``kbias`` f32 (BH, ≥ 8·n_keys): key
+    ``j``'s 8 rows at ``8j … 8j+7`` (:func:`key_bias_kernel`'s layout), the
     RoPE-aware key-offset term of each key and row (:func:`key_bias_scores`), added to the
     scores.
 
@@ -973,8 +1021,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "    knb = kn[bh]",
           "    vnb_ = vn[bh]"]
     if bias:  # the key-offset term of rows ra, rb (rows past n_rows are masked anyway)
-        L += ["    bra = kbias[bh, min(ra, n_rows - 1)]",
-              "    brb = kbias[bh, min(rb, n_rows - 1)]"]
+        L += ["    kbl = kbias[bh]",
+              "    rau = U64(ra)"]
     L += ["    gu = U32(g)",
           "    g8u = U32(g + 8)",
           "    ox0 = U32(2 * t)",
@@ -1002,8 +1050,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
                 else:
                     out.append(f"{ind}{pre}v{x}_{i} = u{2 * i}")
         if bias:
-            out += [f"{ind}{pre}ba_a = bra[U64({pre}ja)]", f"{ind}{pre}bb_a = brb[U64({pre}ja)]",
-                    f"{ind}{pre}ba_b = bra[U64({pre}jb)]", f"{ind}{pre}bb_b = brb[U64({pre}jb)]"]
+            out += [f"{ind}{pre}ba_a, {pre}bb_a = load_f2(kbl, U64({pre}ja) * U64(8) + rau)",
+                    f"{ind}{pre}ba_b, {pre}bb_b = load_f2(kbl, U64({pre}jb) * U64(8) + rau)"]
         out += [f"{ind}{pre}na = np.float32(knb[U64({pre}ja)])",
                 f"{ind}{pre}nb = np.float32(knb[U64({pre}jb)])",
                 f"{ind}{pre}vna = np.float32(vnb_[U64({pre}ja)])",
@@ -1179,18 +1227,20 @@ def key_bias_kernel(n_freq):
     :data:`BIAS_MAX_FREQ` and at most 8 rows.
 
     ``(kba f32 (BH, R, F), kbb f32 (BH, R, F), kfreq f64 (F,), kpos0, n_keys, tiles,
-    out f32 (BH·R·stride,), stride)``: the term of row ``r`` of ``bh`` for key ``j`` goes to
-    ``out[(bh·R + r)·stride + j]`` (flat: one index per store); grid ``(⌈warps / BIAS_WARPS⌉, BH)`` of
-    :data:`BIAS_WARPS` warps, each walking ``tiles`` tiles of 16 consecutive keys.
+    out f32 (BH·stride·8,), stride)``: the term of row ``r`` of ``bh`` for key ``j`` goes to
+    ``out[(bh·stride + j)·8 + r]``, a key's 8 rows side by side (rows past R get 0), so a
+    warp's tile is two 256-byte runs of 8-byte stores. Grid ``(⌈warps / BIAS_WARPS⌉, BH)``
+    of :data:`BIAS_WARPS` warps, each walking ``tiles`` tiles of 16 consecutive keys.
 
     The angle sum ``(p + o)θ`` splits the term of key ``p + o`` into
     ``Σ_f cos(oθ_f)·A'_f(p) + sin(oθ_f)·B'_f(p)`` with the coefficients rotated to the tile
     start ``p``: ``A' = A cos pθ + B sin pθ``, ``B' = B cos pθ − A sin pθ``. So a tile is one
     product ``(16 keys × 2F twiddles) · (2F × 8 rows)`` (``mma.m16n8k16``, fp16 in, fp32
-    accumulate): the twiddles of offsets 0–15 are the same for every tile (computed once per
-    warp), and the coefficients move to the next tile by one complex multiply by
-    ``e^{16iθ_f}`` in float32, instead of a sine and a cosine per key and frequency. A warp
-    starts from coefficients rotated exactly (float64 angle reduction, as the CPU twin).
+    accumulate): the twiddles of offsets 0–15 are the same for every tile, and the
+    coefficients move to the next tile by one complex multiply by ``e^{16iθ_f}`` in float32,
+    instead of a sine and a cosine per key and frequency. The block computes the twiddles,
+    the steps and each warp's start coefficients, rotated exactly (float64 angle reduction,
+    as the CPU twin), in one loop into shared memory; each lane then loads its 96 values.
 
     Accuracy: float16 twiddles and coefficients (each row scaled to :data:`BIAS_SCALE`
     first), float32 accumulation: the term is within about ``1e-3 · Σ_f |(A_f, B_f)|`` of
@@ -1318,15 +1368,11 @@ def key_bias_kernel(n_freq):
         L.append("    count = min(tiles, max((n_keys + 15) // 16 - tile0, 0))")
     L += ["    ra = 2 * t",
           "    rb = 2 * t + 1",
-          "    ok_a = ra < n_rows",
-          "    ok_b = rb < n_rows",
-          "    full = ok_a and ok_b",
           "    inv_a = rinv[ra]",
           "    inv_b = rinv[rb]",
           "    j = tile0 * 16 + g",
-          # flat element indices of (row ra, key j) and (row rb, key j)
-          "    ia = U64((bh * n_rows + min(ra, n_rows - 1)) * stride + j)",
-          "    ib = U64((bh * n_rows + min(rb, n_rows - 1)) * stride + j)",
+          # flat index of (key j, row ra); rb = ra + 1 beside it, key j + 8 at +64
+          "    ia = U64((bh * stride + j) * 8 + ra)",
           "    for it in range(count):"]
     ind = " " * 8
     for s in range(steps):
@@ -1343,24 +1389,12 @@ def key_bias_kernel(n_freq):
             L += [f"{ind}xn = x{v} * dc{v} + y{v} * ds{v}",
                   f"{ind}y{v} = y{v} * dc{v} - x{v} * ds{v}",
                   f"{ind}x{v} = xn"]
-    L += [f"{ind}if full and j + 8 < n_keys:",
-          f"{ind}    out[ia] = (c0 + z0) * inv_a",
-          f"{ind}    out[ib] = (c1 + z1) * inv_b",
-          f"{ind}    out[ia + U64(8)] = (c2 + z2) * inv_a",
-          f"{ind}    out[ib + U64(8)] = (c3 + z3) * inv_b",
-          f"{ind}else:",
-          f"{ind}    if j < n_keys:",
-          f"{ind}        if ok_a:",
-          f"{ind}            out[ia] = (c0 + z0) * inv_a",
-          f"{ind}        if ok_b:",
-          f"{ind}            out[ib] = (c1 + z1) * inv_b",
-          f"{ind}    if j + 8 < n_keys:",
-          f"{ind}        if ok_a:",
-          f"{ind}            out[ia + U64(8)] = (c2 + z2) * inv_a",
-          f"{ind}        if ok_b:",
-          f"{ind}            out[ib + U64(8)] = (c3 + z3) * inv_b",
-          f"{ind}ia += U64(16)",
-          f"{ind}ib += U64(16)",
+    L += [f"{ind}if j + 8 < n_keys:",
+          f"{ind}    store_f2(out, ia, (c0 + z0) * inv_a, (c1 + z1) * inv_b)",
+          f"{ind}    store_f2(out, ia + U64(64), (c2 + z2) * inv_a, (c3 + z3) * inv_b)",
+          f"{ind}elif j < n_keys:",
+          f"{ind}    store_f2(out, ia, (c0 + z0) * inv_a, (c1 + z1) * inv_b)",
+          f"{ind}ia += U64(128)",
           f"{ind}j += 16"]
     kern = _build("key_bias_mma", L, {})
     kern.launch_bounds = (32 * W, BIAS_BLOCKS_PER_SM)

@@ -200,8 +200,9 @@ def test_sim_fast_kernel_matches_cpu(rng, name):
     ba, bb, freqs, pos0 = case["bias"]
     kbias = ()
     if ba.shape[2]:
-        kbias = (np.empty((case["n_bh"], case["n_rows"], case["n_keys"]), np.float32),)
-        CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kbias[0])
+        kb = np.zeros((case["n_bh"], case["n_keys"], 8), np.float32)
+        CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kb)
+        kbias = (kb.reshape(case["n_bh"], -1),)
     kern = att.attention_kernel(*cfg, bias=bool(kbias))
     kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
         case["q"][0], kc.view(np.uint32).reshape(case["n_bh"], -1), kn, kcent,
@@ -222,13 +223,13 @@ def test_sim_key_bias_kernel_matches_cpu(rng):
     att = importlib.import_module("rotorq.cuda.attention")
     case = make_case(rng, n_bh=2, n_rows=5, n_freq=6, pos0=(1 << 20) + 3, n_keys=37)
     ba, bb, freqs, pos0 = case["bias"]
-    want = np.full((2, 5, 40), np.nan, np.float32)
+    want = np.full((2, 40, 6), np.nan, np.float32)
     CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, 37, want)
     got = np.full_like(want, np.nan)
     threads = 16
     att.key_bias_scores[(-(-37 // threads), 2), threads, 0, 8 * 5 * 6](ba, bb, freqs, pos0, 37, got)
-    np.testing.assert_allclose(got[..., :37], want[..., :37], rtol=1e-5, atol=1e-5)
-    assert np.isnan(got[..., 37:]).all()  # nothing written past n_keys
+    np.testing.assert_allclose(got[:, :37, :5], want[:, :37, :5], rtol=1e-5, atol=1e-5)
+    assert np.isnan(got[:, 37:]).all() and np.isnan(got[..., 5:]).all()  # nothing else written
 
 
 def key_bias_tolerance(ba, bb):
@@ -240,17 +241,21 @@ def key_bias_tolerance(ba, bb):
 
 
 def check_key_bias(got, want, ba, bb, n_keys):
-    """``got`` (BH, R, ≥ n_keys) within :func:`key_bias_tolerance` of ``want`` everywhere,
-    RMS error under 2e-3 of the RMS term per row, and nothing written past ``n_keys``."""
-    g64, w64 = got[..., :n_keys].astype(np.float64), want[..., :n_keys].astype(np.float64)
+    """``got`` (BH, ≥ n_keys, 8) within :func:`key_bias_tolerance` of ``want`` for every
+    key and row ``r < R``, RMS error under 2e-3 of the RMS term per row, rows past R zero,
+    and nothing written past ``n_keys``."""
+    n_rows = ba.shape[1]
+    g64 = got[:, :n_keys, :n_rows].astype(np.float64)
+    w64 = want[:, :n_keys, :n_rows].astype(np.float64)
     err = np.abs(g64 - w64)
-    tol = key_bias_tolerance(ba, bb)[..., None]
+    tol = key_bias_tolerance(ba, bb)[:, None, :]
     assert np.isfinite(g64).all()
     assert (err <= tol).all(), float((err / tol).max())
-    rms_err = np.sqrt((err ** 2).mean(axis=2))
-    rms = np.sqrt((w64 ** 2).mean(axis=2))
+    rms_err = np.sqrt((err ** 2).mean(axis=1))
+    rms = np.sqrt((w64 ** 2).mean(axis=1))
     assert (rms_err <= 2e-3 * rms).all(), float((rms_err / rms).max())
-    assert np.isnan(got[..., n_keys:]).all()
+    assert (got[:, :n_keys, n_rows:] == 0).all()
+    assert np.isnan(got[:, n_keys:]).all()
 
 
 @pytest.mark.cudasim
@@ -268,7 +273,7 @@ def test_sim_key_bias_mma_matches_cpu(rng, n_rows, n_freq, n_keys, tiles):
     for a in (ba, bb):
         a[:, 0] *= 1e4
         a[:, -1] *= 1e-4
-    want = np.full((2, n_rows, n_keys + 3), np.nan, np.float32)
+    want = np.full((2, n_keys + 3, 8), np.nan, np.float32)
     CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, n_keys, want)
     got = np.full_like(want, np.nan)
     n_tiles = -(-n_keys // 16)
@@ -455,19 +460,21 @@ def test_key_bias_gpu_matches_cpu(rng, cp, monkeypatch, mma, n_keys, n_rows, n_f
     bb = rng.standard_normal((n_bh, n_rows, n_freq)).astype(np.float32)
     ba[1] *= 300.0  # a head of larger coefficients: the per-row scaling
     freqs = 10000.0 ** -(np.arange(n_freq) / n_freq)
-    want = np.full((n_bh, n_rows, n_keys + 5), np.nan, np.float32)
+    want = np.full((n_bh, n_keys + 5, 8), np.nan, np.float32)
     CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, n_keys, want)
     got = api._key_bias_scores((cp.asarray(ba), cp.asarray(bb), cp.asarray(freqs), pos0),
                                n_bh, n_rows, n_keys).get()
-    assert got.shape == (n_bh, n_rows, n_keys)
+    assert got.shape == (n_bh, n_keys, 8)
     full = np.full_like(want, np.nan)
-    full[..., :n_keys] = got
+    full[:, :n_keys] = got
     if mma and n_freq <= 64:
         check_key_bias(full, want, ba, bb, n_keys)
     else:
-        np.testing.assert_allclose(got, want[..., :n_keys], rtol=1e-4,
-                                   atol=1e-5 * np.abs(want[..., :n_keys]).max())
-    err = float(np.sqrt(((got - want[..., :n_keys]) ** 2).mean() / (want[..., :n_keys] ** 2).mean()))
+        w = want[:, :n_keys, :n_rows]
+        np.testing.assert_allclose(got[..., :n_rows], w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+        assert (got[..., n_rows:] == 0).all()
+    w = want[:, :n_keys, :n_rows]
+    err = float(np.sqrt(((got[..., :n_rows] - w) ** 2).mean() / (w ** 2).mean()))
     _REPORT[f"key-bias-T{n_keys}-R{n_rows}-F{n_freq}-{'mma' if mma else 'scalar'}"] = err
 
 
