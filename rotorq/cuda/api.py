@@ -513,7 +513,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
     """Fused attention of rotated queries over packed keys and values (split-K, merged on
     the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays.
     With ``key_bias`` on the tensor-core path, the term is first computed for every key
-    (:func:`rotorq.cuda.attention.key_bias_scores`) and added to the MMA scores."""
+    (:func:`_key_bias_scores`) and added to the MMA scores."""
     q0, qs0 = queries[0]
     device = q0.device
     with device, current_stream(device.id):
