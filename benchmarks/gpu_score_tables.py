@@ -113,7 +113,7 @@ def measure(log2ns, rng):
             reps = max(20, min(400, (1 << 26) // n))
             xs = buffers(lambda n=n: cp.asarray(rng.standard_normal((n, D)), dtype=cp.float16),
                          n * D * 2)
-            keys = [(api.codes_words(c).reshape(-1), nr.astype(cp.float32))
+            keys = [(api._flat(c, api._U32), nr.astype(cp.float32))
                     for c, nr in code_buffers(xs, tq, bits)]  # enough buffers to miss L2
             del xs
             tx = [torch.randn((n, D), dtype=torch.float16, device="cuda")

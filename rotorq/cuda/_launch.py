@@ -22,6 +22,7 @@ import threading
 import warnings
 
 import cupy as cp
+import numpy as np
 from cupy.cuda import driver
 from numba import cuda, types
 
@@ -165,26 +166,91 @@ def _compile(kern, args, device_id):
 
 
 _F64, _I64 = struct.Struct("<d"), struct.Struct("<q")
+_NDARRAY = cp.ndarray
+_TAIL = (_PARAM_BUFFER_POINTER, 0, _PARAM_BUFFER_SIZE, 0, _PARAM_END)
+
+
+class View:
+    """The C-contiguous cupy array ``base`` seen as ``dtype`` with ``shape``, as a kernel
+    argument only: :func:`launch` packs it directly, where ``base.view(dtype).reshape(shape)``
+    would build two cupy arrays (1.2–1.5 µs of host time each).
+
+    Parameters
+    ----------
+    base : cupy.ndarray
+        C-contiguous.
+    dtype : numpy.dtype
+        Element type the kernel reads (a dtype instance).
+    shape : tuple of int
+        Shape in ``dtype`` elements, covering exactly ``base``'s bytes.
+
+    Examples
+    --------
+    Packed code rows ``(BH, cap, nbytes)`` uint8 read as one row of uint32 words per head
+    (needs a GPU)::
+
+        words = View(codes, np.dtype(np.uint32), (n_bh, codes.nbytes // (4 * n_bh)))
+    """
+
+    __slots__ = ("base", "dtype", "itemsize", "ndim", "shape", "size", "strides")
+
+    def __init__(self, base, dtype, shape):
+        itemsize = dtype.itemsize
+        if len(shape) == 2:  # the common case, without a loop
+            size = shape[0] * shape[1]
+            strides = (shape[1] * itemsize, itemsize)
+        else:
+            size, rev = 1, []
+            for n in reversed(shape):
+                rev.append(size * itemsize)
+                size *= n
+            strides = tuple(reversed(rev))
+        if size * itemsize != base.nbytes or not base._c_contiguous:
+            raise ValueError(f"View: shape {shape} of {dtype} does not cover the "
+                             f"C-contiguous {base.nbytes} bytes of the base array")
+        self.base, self.dtype, self.shape, self.ndim = base, dtype, shape, len(shape)
+        self.itemsize, self.strides, self.size = itemsize, strides, size
+
+    def array(self):
+        """The same as a cupy array (Numba's launch route needs one)."""
+        return self.base.view(self.dtype).reshape(self.shape)
 
 
 def _pack(args):
     """One pass over ``args``: their type key (which compiled function), the parameter
     buffer followed by its size and the driver's ``extra`` list (int64), and ``extra``'s
     address."""
-    vals, key = [], []
+    vals = []
+    ext = vals.extend
+    key = []
+    kadd = key.append
     for a in args:
-        if type(a) is cp.ndarray:
+        t = type(a)
+        if t is _NDARRAY:
+            ext((0, 0, a.size, a.itemsize, a.data.ptr))
             shape = a.shape
-            vals += (0, 0, a.size, a.itemsize, a.data.ptr, *shape, *a.strides)
-            key.append((a.dtype, len(shape)))
-        elif isinstance(a, float):
-            vals.append(_I64.unpack(_F64.pack(a))[0])
-            key.append(True)
+            ext(shape)
+            ext(a.strides)
+            kadd(a.dtype.char)
+            kadd(len(shape))
+        elif t is View:
+            ext((0, 0, a.size, a.itemsize, a.base.data.ptr))
+            ext(a.shape)
+            ext(a.strides)
+            kadd(a.dtype.char)
+            kadd(a.ndim)
+        elif t is int or t is bool:
+            vals.append(int(a))
+            kadd(False)
+        elif isinstance(a, (float, np.floating)):  # float64, as kernel_signature types it
+            vals.append(_I64.unpack(_F64.pack(float(a)))[0])
+            kadd(True)
         else:
             vals.append(int(a))
-            key.append(False)
+            kadd(False)
     k = len(vals)
-    vals += (8 * k, _PARAM_BUFFER_POINTER, 0, _PARAM_BUFFER_SIZE, 0, _PARAM_END)
+    vals.append(8 * k)
+    ext(_TAIL)
     mem = array.array("q", vals)
     base = mem.buffer_info()[0]
     mem[k + 2] = base
@@ -206,7 +272,7 @@ def launch(kern, grid, block, shared, args):
     shared : int
         Dynamic shared memory in bytes.
     args : tuple
-        C-contiguous cupy arrays, ints (bools included) and floats.
+        C-contiguous cupy arrays, :class:`View` of them, ints (bools included) and floats.
     """
     stream = cp.cuda.get_current_stream()
     if ROUTE == "numba":
@@ -214,7 +280,8 @@ def launch(kern, grid, block, shared, args):
         if ptr not in _streams:
             _streams[ptr] = cuda.external_stream(ptr) if ptr else cuda.legacy_default_stream()
         kern[grid, block, _streams[ptr], shared](
-            *(int(a) if type(a) is bool else a for a in args))
+            *(int(a) if type(a) is bool else a.array() if type(a) is View else a
+              for a in args))
         return
     types_, _keepalive, extra = _pack(args)  # the buffer lives until the driver copied it
     device_id = cp.cuda.runtime.getDevice()

@@ -13,6 +13,7 @@ import os
 import sys
 
 import cupy as cp
+import numpy as np
 from array_api_compat import is_torch_array
 
 from . import attention as _att
@@ -27,7 +28,7 @@ from . import scores as _sc
 from . import tiled as _tiled
 from . import tiled_rotor as _trotor
 from . import wht as _wht
-from ._launch import SHARED_LIMIT, current_stream, launch, torch_stream
+from ._launch import SHARED_LIMIT, View, current_stream, launch, torch_stream
 from ._threads import MAX_QUERIES, row_scratch_bytes
 
 xp = cp
@@ -168,6 +169,21 @@ def _sm_count():
     return _sm_count_of(cp.cuda.runtime.getDevice())
 
 
+_U32, _U16 = np.dtype(np.uint32), np.dtype(np.uint16)
+
+
+def _flat(a, dtype=None):
+    """Kernel argument: the C-contiguous ``a`` as one axis of ``dtype`` (default its own),
+    packed without building cupy views (:class:`rotorq.cuda._launch.View`)."""
+    dtype = a.dtype if dtype is None else dtype
+    return View(a, dtype, (a.nbytes // dtype.itemsize,))
+
+
+def _rows_of(a, dtype, lead):
+    """Kernel argument: the C-contiguous ``a`` as ``(lead, ·)`` elements of ``dtype``."""
+    return View(a, dtype, (lead, a.nbytes // (lead * dtype.itemsize)))
+
+
 def codes_words(codes):
     """Packed code rows (…, nbytes), nbytes a multiple of 4, as uint32 words."""
     return _c(codes).view(cp.uint32)
@@ -243,19 +259,17 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
         word_out = codes.shape[1] % 4 == 0
         kern = _tiled.quantize_kernel(x.shape[1], big_d, int(nbits), half,
                                       bool(norm_correction), word_out)
-        _tiled_launch(kern, n, ((x.view(cp.uint32) if half else x).reshape(-1), p["signs"],
+        _tiled_launch(kern, n, (_flat(x, _U32 if half else None), p["signs"],
                                 _c(boundaries), _c(centroids),
-                                (codes.view(cp.uint32) if word_out else codes).reshape(-1),
-                                norms))
+                                _flat(codes, _U32 if word_out else None), norms))
         qjl_norms.fill(0)
         return codes, norms, signs, qjl_norms
     if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
             and _trotor.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
         half = x.dtype == cp.float16
         kern = _trotor.quantize_kernel(x.shape[1], int(nbits), half, bool(norm_correction))
-        _tiled_launch(kern, n, ((x.view(cp.uint32) if half else x).reshape(-1),
-                                p["mats"].reshape(-1), _c(boundaries), _c(centroids),
-                                codes.reshape(-1), norms))
+        _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_c(p["mats"])),
+                                _c(boundaries), _c(centroids), _flat(codes), norms))
         qjl_norms.fill(0)
         return codes, norms, signs, qjl_norms
     if (n >= FAST_MIN_ROWS and x.ndim == 2
@@ -330,8 +344,7 @@ def _tiled_scores(qrot, qmap, codes, norms, kmap, centroids, nbits, out):
     tiles = -(-n_keys // kern.keys_per_tile)
     gx = max(1, min(tiles, _sm_count() * kern.launch_bounds[1] // max(1, n_b * chunks)))
     launch(kern, (gx, min(n_b, MAX_GRID_YZ), chunks), (kern.threads, 1), 0,
-           (qrot, _c(qmap), codes_words(codes).reshape(-1), _c(norms), _c(kmap), _c(centroids),
-            out))
+           (qrot, _c(qmap), _flat(_c(codes), _U32), _c(norms), _c(kmap), _c(centroids), out))
 
 
 @_on_device
@@ -406,8 +419,8 @@ def wht(x, out_dtype=cp.float32):
             and x.dtype in (cp.float16, cp.float32) and out.dtype in (cp.float16, cp.float32)):
         if TILED and _tiled.applies(width):
             kern = _tiled.wht_kernel(width, half_in, half_out)
-            _tiled_launch(kern, n, ((x.view(cp.uint32) if half_in else x).reshape(-1),
-                                    (out.view(cp.uint32) if half_out else out).reshape(-1)))
+            _tiled_launch(kern, n, (_flat(x, _U32 if half_in else None),
+                                    _flat(out, _U32 if half_out else None)))
             return out
         kern = _fast.wht_kernel(width, half_in, half_out)
         launch(kern, (-(-n // FAST_THREADS), 1, 1), (FAST_THREADS, 1), 0,
@@ -500,7 +513,7 @@ def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
         warps = -(-n_tiles // tiles)
         launch(_att.key_bias_kernel(n_freq), (-(-warps // _att.BIAS_WARPS), n_bh, 1),
                (32 * _att.BIAS_WARPS, 1), 0,
-               (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), kb.reshape(-1), int(n_keys)))
+               (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), _flat(kb), int(n_keys)))
     else:
         kb = (_empty if n_rows == 8 else cp.zeros)((n_bh, n_keys, 8), cp.float32)
         launch(_att.key_bias_scores, (-(-n_keys // _att.BIAS_THREADS), n_bh, 1),
@@ -565,11 +578,12 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         if fast is not None:
             kbias = ()
             if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
-                kbias = (_key_bias_scores(key_bias, n_bh, n_rows, n_keys).reshape(n_bh, -1),)
+                kbias = (_rows_of(_key_bias_scores(key_bias, n_bh, n_rows, n_keys),
+                                  np.dtype(np.float32), n_bh),)
             kern = _att.attention_kernel(*fast, bias=bool(kbias))
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
-                   (qargs[0], k0[0].view(cp.uint32).reshape(n_bh, -1), k0[1], k0[4],
-                    v0[0].view(cp.uint16).reshape(n_bh, -1), v0[1], v0[2], *kbias,
+                   (qargs[0], _rows_of(_c(keys[0][0]), _U32, n_bh), k0[1], k0[4],
+                    _rows_of(v0[0], _U16, n_bh), v0[1], v0[2], *kbias,
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
             if key_bias is None:
