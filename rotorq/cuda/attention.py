@@ -830,6 +830,12 @@ def _build(name, lines, env):
     return kern
 
 
+def _mma_scratch(warps):
+    """Generated lines: the block-shared scratch of :func:`mma_sim` (simulator only)."""
+    return [f"    sa = cuda.shared.array({warps * 128}, numba.uint32)",
+            f"    sb = cuda.shared.array({warps * 64}, numba.uint32)"]
+
+
 def _field(word, p, bits, shift=0):
     """Expression (32-bit ops) of the ``bits``-bit field at bit ``p`` of the uint32 words
     ``{word}0, {word}1, …``, shifted left by ``shift``."""
@@ -952,9 +958,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
          f"    red_l = cuda.shared.array({W * 8}, numba.float32)",
          f"    red_a = cuda.shared.array({W * 8 * S}, numba.float32)"]
     if sim:
-        L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
-              f"    sb = cuda.shared.array({W * 64}, numba.uint32)",
-              f"    sx = cuda.shared.array({W * 32}, numba.float32)"]
+        L += _mma_scratch(W) + [f"    sx = cuda.shared.array({W * 32}, numba.float32)"]
     L += ["    tid = cuda.threadIdx.x",
           "    lane = tid & 31",
           "    warp = tid >> 5",
@@ -1274,8 +1278,7 @@ def key_bias_kernel(n_freq):
          f"    sb_ = cuda.shared.array({8 * fp}, numba.float32)",
          f"    part = cuda.shared.array({32 * W}, numba.float32)"]
     if sim:
-        L += [f"    sa = cuda.shared.array({W * 128}, numba.uint32)",
-              f"    sb = cuda.shared.array({W * 64}, numba.uint32)"]
+        L += _mma_scratch(W)
     L += ["    tid = cuda.threadIdx.x",
           "    lane = tid & 31",
           "    warp = tid >> 5",
