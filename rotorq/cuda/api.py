@@ -582,7 +582,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
                                   np.dtype(np.float32), n_bh),)
             kern = _att.attention_kernel(*fast, bias=bool(kbias))
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
-                   (qargs[0], _rows_of(_c(keys[0][0]), _U32, n_bh), k0[1], k0[4],
+                   (qargs[0], _rows_of(k0[0], _U32, n_bh), k0[1], k0[4],
                     _rows_of(v0[0], _U16, n_bh), v0[1], v0[2], *kbias,
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
