@@ -13,6 +13,7 @@ as int64 or float64. :func:`_compile` checks the PTX parameter list against that
 """
 
 import array
+import contextlib
 import hashlib
 import os
 import re
@@ -258,6 +259,118 @@ def _pack(args):
     return tuple(key), mem, base + 8 * (k + 1)
 
 
+def _function(kern, device_id, types_, args):
+    """The driver function of ``kern`` for arguments of type key ``types_`` (from
+    :func:`_pack`) on ``device_id``: ``(module, function)``, compiled on first use."""
+    key = (kern, device_id, types_)
+    fn = _functions.get(key)
+    if fn is None:
+        with _lock:
+            if key not in _functions:
+                _functions[key] = _compile(kern, args, device_id)
+        fn = _functions[key]
+    return fn
+
+
+_CAPTURES: dict = {}
+
+
+@contextlib.contextmanager
+def capture():
+    """Record instead of launch: within the block, every :func:`launch` on this thread is
+    appended to the yielded list as ``(kern, grid, block, shared, args)`` and not issued
+    (a dry run: the outputs a backend function allocates stay unwritten). Other threads
+    launch as usual.
+
+    Examples
+    --------
+    The launches of a backend call, to prepare them (needs a GPU)::
+
+        with capture() as launches:
+            out = api.scores(qrot, None, qmap, codes, norms, None, None, kmap, cent, 3, 0.0)
+        prepared = [Prepared(*spec) for spec in launches]
+    """
+    ident = threading.get_ident()
+    if ident in _CAPTURES:
+        raise RuntimeError("capture() blocks do not nest")
+    launches = _CAPTURES[ident] = []
+    try:
+        yield launches
+    finally:
+        del _CAPTURES[ident]
+
+
+def _arg_words(a):
+    t = type(a)
+    if t is _NDARRAY or t is View:
+        return 5 + 2 * a.ndim
+    return 1
+
+
+class Prepared:
+    """One kernel launch packed once, relaunched with new data pointers of chosen arguments.
+
+    Built from the arguments of :func:`launch` on the device current at construction; the
+    kernel is compiled or looked up as :func:`launch` does. A call writes the given
+    pointers into the packed parameter buffer (the data word of each argument in
+    ``patch``, nothing else) and launches. The arrays in ``args`` are kept alive; those in
+    ``patch`` stand for arrays of the same shape, dtype and device passed per call.
+
+    Parameters
+    ----------
+    kern, grid, block, shared, args
+        As :func:`launch`.
+    patch : sequence of int
+        Positions in ``args`` of the array arguments whose data pointer changes per call.
+    device_id : int, optional
+        The device the launches go to (default: the current one).
+
+    Examples
+    --------
+    Score other queries of the same shape into another output (needs a GPU)::
+
+        p = Prepared(kern, grid, block, shared, (qrot, qmap, codes, norms, out), patch=(0, 4))
+        p(cp.cuda.get_current_stream().ptr, qrot2.data.ptr, out2.data.ptr)
+    """
+
+    __slots__ = ("args", "block", "device_id", "extra", "fn", "grid", "kern", "mem", "shared",
+                 "words")
+
+    def __init__(self, kern, grid, block, shared, args, patch=(), device_id=None):
+        if ROUTE != "ptx":
+            raise RuntimeError("prepared launches need ROTORQ_CUDA_LAUNCH=ptx")
+        types_, self.mem, self.extra = _pack(args)
+        self.device_id = cp.cuda.runtime.getDevice() if device_id is None else device_id
+        self.fn = _function(kern, self.device_id, types_, args)[1]
+        starts, at = [], 0
+        for a in args:
+            starts.append(at)
+            at += _arg_words(a)
+        words = []
+        for i in patch:
+            if _arg_words(args[i]) == 1:
+                raise TypeError(f"Prepared: argument {i} of {kern.__name__} is not an array")
+            words.append(starts[i] + 4)  # (meminfo, parent, nitems, itemsize, data, …)
+        self.words = tuple(words)
+        self.kern, self.grid, self.block, self.shared, self.args = kern, grid, block, shared, args
+
+    def __call__(self, stream_ptr, *ptrs):
+        """Launch on the stream ``stream_ptr`` (an int; 0: the legacy default stream) with
+        the data pointers ``ptrs``, one per position of ``patch`` in its order."""
+        mem = self.mem
+        for w, p in zip(self.words, ptrs, strict=True):
+            mem[w] = p
+        g, b = self.grid, self.block
+        driver.launchKernel(self.fn, g[0], g[1], g[2], b[0], b[1], 1, self.shared, stream_ptr,
+                            0, self.extra)
+        if RECORDER is not None:  # a copy: later calls patch this buffer
+            mem = array.array("q", mem)
+            k = mem[-6] // 8
+            base = mem.buffer_info()[0]
+            mem[k + 2], mem[k + 4] = base, base + 8 * k
+            RECORDER.append((self.fn, g, b, self.shared, stream_ptr, mem, base + 8 * (k + 1)))
+
+
 def launch(kern, grid, block, shared, args):
     """Launch the Numba kernel ``kern`` on cupy's current device and stream.
 
@@ -273,7 +386,14 @@ def launch(kern, grid, block, shared, args):
         Dynamic shared memory in bytes.
     args : tuple
         C-contiguous cupy arrays, :class:`View` of them, ints (bools included) and floats.
+
+    Within :func:`capture` on this thread the launch is recorded and not issued.
     """
+    if _CAPTURES:
+        cap = _CAPTURES.get(threading.get_ident())
+        if cap is not None:
+            cap.append((kern, grid, block, shared, args))
+            return
     stream = cp.cuda.get_current_stream()
     if ROUTE == "numba":
         ptr = stream.ptr
@@ -284,14 +404,7 @@ def launch(kern, grid, block, shared, args):
               for a in args))
         return
     types_, _keepalive, extra = _pack(args)  # the buffer lives until the driver copied it
-    device_id = cp.cuda.runtime.getDevice()
-    key = (kern, device_id, types_)
-    fn = _functions.get(key)
-    if fn is None:
-        with _lock:
-            if key not in _functions:
-                _functions[key] = _compile(kern, args, device_id)
-        fn = _functions[key]
+    fn = _function(kern, cp.cuda.runtime.getDevice(), types_, args)
     driver.launchKernel(fn[1], grid[0], grid[1], grid[2], block[0], block[1], 1, shared,
                         stream.ptr, 0, extra)
     if RECORDER is not None:
