@@ -9,6 +9,7 @@ arrays. Kernels read float16, float32 and float64 directly; bfloat16 is widened 
 """
 
 import functools
+import math
 import os
 import sys
 
@@ -16,6 +17,8 @@ import cupy as cp
 import numpy as np
 from array_api_compat import is_torch_array
 
+from .. import _backend
+from . import _launch as _ln
 from . import attention as _att
 from . import bits as _bits
 from . import dequantize as _dq
@@ -28,7 +31,7 @@ from . import scores as _sc
 from . import tiled as _tiled
 from . import tiled_rotor as _trotor
 from . import wht as _wht
-from ._launch import SHARED_LIMIT, View, current_stream, launch, torch_stream
+from ._launch import SHARED_LIMIT, Prepared, View, current_stream, launch, torch_stream
 from ._threads import MAX_QUERIES, row_scratch_bytes
 
 xp = cp
@@ -246,13 +249,23 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     big_d = rot.stored_dim
     sk = _empty((0, 1), cp.float32) if sketch is None else _c(sketch)
     m = sk.shape[0]
-    codes = _empty((n, (big_d * nbits + 7) // 8), cp.uint8)
+    nbytes = (big_d * nbits + 7) // 8
     norms = _empty(n, cp.float32)
     signs = _empty((n, (m + 7) // 8), cp.uint8)
     qjl_norms = _empty(n, cp.float32)
+    p = rot.params(cp)
+    if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
+            and _trotor.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
+        half = x.dtype == cp.float16
+        kern = _trotor.quantize_kernel(x.shape[1], int(nbits), half, bool(norm_correction))
+        whole = _empty((_trotor.padded_rows(n), nbytes), cp.uint8)  # the kernel writes whole tiles
+        _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_c(p["mats"])),
+                                _c(boundaries), _c(centroids), _flat(whole, _U32), norms))
+        qjl_norms.fill(0)
+        return whole[:n], norms, signs, qjl_norms
+    codes = _empty((n, nbytes), cp.uint8)
     tail = (_c(boundaries), _c(centroids), int(nbits), int(norm_correction), sk,
             codes, norms, signs, qjl_norms)
-    p = rot.params(cp)
     if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
             and _tiled.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
         half = x.dtype == cp.float16
@@ -262,14 +275,6 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
         _tiled_launch(kern, n, (_flat(x, _U32 if half else None), p["signs"],
                                 _c(boundaries), _c(centroids),
                                 _flat(codes, _U32 if word_out else None), norms))
-        qjl_norms.fill(0)
-        return codes, norms, signs, qjl_norms
-    if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
-            and _trotor.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
-        half = x.dtype == cp.float16
-        kern = _trotor.quantize_kernel(x.shape[1], int(nbits), half, bool(norm_correction))
-        _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_c(p["mats"])),
-                                _c(boundaries), _c(centroids), _flat(codes), norms))
         qjl_norms.fill(0)
         return codes, norms, signs, qjl_norms
     if (n >= FAST_MIN_ROWS and x.ndim == 2
@@ -383,6 +388,267 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
                       (qrot, qsketch) + keys + (_words(signs), _c(qjl_norms)) + tail
                       + (float(qjl_scale), out))
     return out
+
+
+def _bind(launches, variables, device_id):
+    """:class:`~rotorq.cuda._launch.Prepared` launches of ``launches`` (from
+    :func:`~rotorq.cuda._launch.capture`): each array argument whose data pointer is that of
+    one of ``variables`` is patched per call. Returns ``[(prepared, indices into variables),
+    …]``."""
+    where = {v.data.ptr: i for i, v in enumerate(variables) if v.size}
+    bound, seen = [], set()
+    for kern, grid, block, shared, args in launches:
+        patch, which = [], []
+        for j, a in enumerate(args):
+            t = type(a)
+            if t is cp.ndarray or t is View:
+                i = where.get((a.base if t is View else a).data.ptr)
+                if i is not None:
+                    patch.append(j)
+                    which.append(i)
+        seen.update(which)
+        bound.append((Prepared(kern, grid, block, shared, args, patch, device_id), tuple(which)))
+    if bound and len(seen) != len(where):
+        raise RuntimeError("prepared call: an array of the call does not reach its kernels in "
+                           "place (converted or copied)")
+    return bound
+
+
+def _run(bound, stream_ptr, ptrs):
+    for prep, which in bound:
+        prep(stream_ptr, *[ptrs[i] for i in which])
+
+
+def _mismatch(x, name, framework, device_id, shape, dtype):
+    _backend.prepared_mismatch(x, name, _backend.Origin(framework, "cuda", device_id), shape,
+                               dtype, True)
+
+
+def _on_device_call(device_id, fn, *args):
+    """``fn(stream pointer, *args)`` on ``device_id`` and the stream :func:`_on_device` runs
+    backend functions on."""
+    if device_id != cp.cuda.runtime.getDevice():
+        with cp.cuda.Device(device_id):
+            stream = current_stream(device_id)
+            with stream:
+                return fn(stream.ptr, *args)
+    stream = torch_stream(device_id)
+    if stream is None:
+        return fn(cp.cuda.get_current_stream().ptr, *args)
+    with stream:
+        return fn(stream.ptr, *args)
+
+
+_F32 = np.dtype(np.float32)
+
+
+class ScoresPlan:
+    """:func:`scores` prepared for fixed keys and a fixed query shape: the checks, the choice
+    of kernel and the packing of its arguments are done once; a call patches the query and
+    output pointers into the packed arguments and launches.
+
+    Parameters
+    ----------
+    qrot, qsketch : cupy.ndarray
+        Examples of the rotated (and, in prod mode, sketched; else None) queries: only their
+        shape, dtype and device count.
+    qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits, qjl_scale
+        As :func:`scores`; they must not change while the plan is used (``norms`` of
+        another dtype or layout are converted once, here).
+
+    Notes
+    -----
+    Calls on one device. The kernel and launch geometry are the ones :func:`scores` chooses
+    (it runs once without launching, :func:`rotorq.cuda._launch.capture`), so the results
+    are the same. With ``ROTORQ_CUDA_LAUNCH=numba`` a call runs :func:`scores`.
+
+    Examples
+    --------
+    Score new rotated queries of the same shape (needs a GPU)::
+
+        plan = ScoresPlan(qrot, None, qmap, codes, norms, None, None, kmap, cent, 3, 0.0)
+        out = plan(qrot2)            # == scores(qrot2, None, qmap, codes, …)
+        plan(qrot3, out=out)         # into a preallocated (B, M, N) float32 array
+    """
+
+    def __init__(self, qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
+                 nbits, qjl_scale):
+        self.device_id = dev = qrot.device.id
+        self.qrot_spec = (tuple(qrot.shape), qrot.dtype)
+        self.qsketch_spec = None if qsketch is None else (tuple(qsketch.shape), qsketch.dtype)
+        self._keys = (qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits, qjl_scale)
+        with cp.cuda.Device(dev):
+            t_q = cp.empty(qrot.shape, cp.float32)
+            t_s = None if qsketch is None else cp.empty(qsketch.shape, cp.float32)
+            with _ln.capture() as launches:
+                t_out = scores(t_q, t_s, *self._keys)
+            self.out_shape = tuple(t_out.shape)
+            variables = (t_q, t_out) if t_s is None else (t_q, t_s, t_out)
+            self._launches = _bind(launches, variables, dev) if _ln.ROUTE == "ptx" else None
+
+    def _operand(self, x, spec, name):
+        shape, dtype = spec
+        if (type(x) is not cp.ndarray or x.shape != shape or x.dtype != dtype
+                or not x._c_contiguous or x.data.device_id != self.device_id):
+            _mismatch(x, name, "cupy", self.device_id, shape, dtype)
+        return x
+
+    def __call__(self, qrot, qsketch=None, out=None):
+        """Scores (B, M, N) float32 of ``qrot`` (and ``qsketch``), as :func:`scores`; into
+        ``out`` when given (C-contiguous float32 of that shape on the plan's device).
+
+        Raises
+        ------
+        TypeError, ValueError
+            An array of another framework, device, shape, dtype or not C-contiguous.
+        """
+        self._operand(qrot, self.qrot_spec, "qrot")
+        if self.qsketch_spec is not None:
+            self._operand(qsketch, self.qsketch_spec, "qsketch")
+        elif qsketch is not None:
+            raise ValueError("qsketch: the plan was prepared without a sketch (MSE scores)")
+        if out is not None:
+            self._operand(out, (self.out_shape, _F32), "out")
+        return _on_device_call(self.device_id, self._call, qrot, qsketch, out)
+
+    def _call(self, stream_ptr, qrot, qsketch, out):
+        if self._launches is None:
+            res = scores(qrot, qsketch, *self._keys)
+            if out is None:
+                return res
+            out[...] = res
+            return out
+        if qrot.dtype != _F32:
+            qrot = _c(qrot.astype(cp.float32))
+        if out is None:
+            out = _empty(self.out_shape, cp.float32)
+        if qsketch is None:
+            _run(self._launches, stream_ptr, (qrot.data.ptr, out.data.ptr))
+        else:
+            if qsketch.dtype != _F32:
+                qsketch = _c(qsketch.astype(cp.float32))
+            _run(self._launches, stream_ptr, (qrot.data.ptr, qsketch.data.ptr, out.data.ptr))
+        return out
+
+
+class QueryScoresPlan:
+    """TurboQuant scores of raw queries, prepared (the GPU side of
+    :meth:`rotorq.TurboQuant.prepare_scores`): the rotation of the queries is a prepared
+    launch of the kernel :func:`rotate` uses (the dense rotation stays a matrix product), the
+    prod mode's sketch a matrix product, and the scores a :class:`ScoresPlan`.
+
+    Parameters
+    ----------
+    queries : cupy.ndarray or torch.Tensor
+        Example of the queries (…, m, d) on the device: its framework, shape, dtype and
+        device are those of every call.
+    rows : cupy.ndarray
+        ``queries`` as :func:`view` sees it.
+    rot : rotorq.rotation.Rotation
+        The quantizer's rotation.
+    sketch : cupy.ndarray or None
+        The QJL matrix (m, D) in prod mode.
+    qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits, qjl_scale
+        As :func:`scores` (keys flattened to (Bk, N, ·)).
+    out_shape : tuple of int
+        Shape of the scores returned, ``(…, m, N)``.
+
+    Notes
+    -----
+    The rotated queries go to a buffer per stream that every call reuses.
+    """
+
+    def __init__(self, queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms, kmap,
+                 centroids, nbits, qjl_scale, out_shape):
+        self.device_id = dev = rows.device.id
+        self.shape, self.dtype = tuple(queries.shape), queries.dtype
+        self._torch = sys.modules["torch"] if is_torch_array(queries) else None
+        self._widen = self._torch is not None and rows.dtype != queries.dtype
+        if self._torch is not None:
+            self._tdevice = queries.device
+        self.out_shape = tuple(out_shape)
+        self._rot = rot
+        dim = self.shape[-1]
+        n_rows = math.prod(self.shape[:-1])
+        self._qrot_shape = (math.prod(self.shape[:-2]), self.shape[-2], rot.stored_dim)
+        self._sketch_t = None if sketch is None else sketch.T
+        self._scratch: dict = {}
+        with cp.cuda.Device(dev):
+            self._rotation = None
+            if rot.kind != "dense" and _ln.ROUTE == "ptx":
+                t_rows = cp.empty((n_rows, dim), rows.dtype)
+                with _ln.capture() as launches:
+                    t_rot = rotate(t_rows, rot)
+                self._rotation = _bind(launches, (t_rows, t_rot), dev)
+            t_qrot = cp.empty(self._qrot_shape, cp.float32)
+            t_qsk = None if sketch is None else cp.empty(self._qrot_shape[:2] + sketch.shape[:1],
+                                                         cp.float32)
+            self._scores = ScoresPlan(t_qrot, t_qsk, qmap, codes, norms, signs, qjl_norms,
+                                      kmap, centroids, nbits, qjl_scale)
+
+    def __call__(self, queries, out=None):
+        """Scores ``(…, m, N)`` float32 of ``queries`` in their framework, as
+        :meth:`rotorq.TurboQuant.scores`; into ``out`` when given (C-contiguous float32 of
+        that shape, same framework and device).
+
+        Raises
+        ------
+        TypeError, ValueError
+            An array of another framework, device, shape, dtype or not C-contiguous.
+        """
+        torch, dev = self._torch, self.device_id
+        if torch is None:
+            if (type(queries) is not cp.ndarray or queries.shape != self.shape
+                    or queries.dtype != self.dtype or not queries._c_contiguous
+                    or queries.data.device_id != dev):
+                _mismatch(queries, "queries", "cupy", dev, self.shape, self.dtype)
+            if out is not None and (type(out) is not cp.ndarray or out.shape != self.out_shape
+                                    or out.dtype != _F32 or not out._c_contiguous
+                                    or out.data.device_id != dev):
+                _mismatch(out, "out", "cupy", dev, self.out_shape, _F32)
+            return _on_device_call(dev, self._call, queries, queries.data.ptr, out)
+        if (not isinstance(queries, torch.Tensor) or queries.shape != self.shape
+                or queries.dtype != self.dtype or not queries.is_contiguous()
+                or queries.get_device() != dev):
+            _mismatch(queries, "queries", "torch", dev, self.shape, self.dtype)
+        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != self.out_shape
+                                or out.dtype != torch.float32 or not out.is_contiguous()
+                                or out.get_device() != dev):
+            _mismatch(out, "out", "torch", dev, self.out_shape, torch.float32)
+        if self._widen:
+            rows = view(queries)
+            return _on_device_call(dev, self._call, rows, rows.data.ptr, out)
+        return _on_device_call(dev, self._call, queries, queries.data_ptr(), out)
+
+    def _call(self, stream_ptr, queries, qptr, out):
+        torch = self._torch
+        if out is None:
+            out = (_empty(self.out_shape, cp.float32) if torch is None
+                   else torch.empty(self.out_shape, dtype=torch.float32, device=self._tdevice))
+        optr = out.data.ptr if torch is None else out.data_ptr()
+        if self._scores._launches is None or self._rotation is None:
+            rows = view(queries).reshape(-1, self.shape[-1])
+            qrot = rotate(rows, self._rot).reshape(self._qrot_shape)
+        else:
+            qrot = self._scratch.get(stream_ptr)
+            if qrot is None:
+                qrot = self._scratch[stream_ptr] = cp.empty(self._qrot_shape, cp.float32)
+            _run(self._rotation, stream_ptr, (qptr, qrot.data.ptr))
+        if self._sketch_t is None:
+            qsk = None
+        else:
+            qsk = cp.ascontiguousarray(qrot @ self._sketch_t)
+        if self._scores._launches is None:
+            res = scores(qrot, qsk, *self._scores._keys).reshape(self.out_shape)
+            if torch is None:
+                out[...] = res
+            else:
+                out.copy_(torch.from_dlpack(res))
+        elif qsk is None:
+            _run(self._scores._launches, stream_ptr, (qrot.data.ptr, optr))
+        else:
+            _run(self._scores._launches, stream_ptr, (qrot.data.ptr, qsk.data.ptr, optr))
+        return out
 
 
 @_on_device
