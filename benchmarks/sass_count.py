@@ -51,7 +51,7 @@ def _kernel(which, d, bits, half):
         g = -(-d // 3)
         xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
         args = (xin, np.zeros(9 * g, f32), np.zeros((1 << bits) - 1, f32),
-                np.zeros(1 << bits, f32), np.zeros(-(-3 * g * bits // 8), np.uint8),
+                np.zeros(1 << bits, f32), np.zeros(8 * -(-3 * g * bits // 8), u32),
                 np.zeros(1, f32))
     elif which == "attention":
         from rotorq.cuda import attention
@@ -83,7 +83,13 @@ def _kernel(which, d, bits, half):
 
 def sass(kern, args):
     """(registers, SASS text) of ``kern`` for ``args`` on sm_90."""
+    import types
+
+    import numba.cuda.dispatcher as dispatcher
     from numba import cuda
+
+    # device functions (e.g. a shared array's ``view``) compile for the current device: sm_90
+    dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
 
     from rotorq.cuda._jit import kernel_signature
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0),

@@ -30,7 +30,10 @@ iteration of the grid-stride loop over tiles:
    instructions) — decides the codes (register bisection up to :data:`rotorq.cuda.tiled.REG_BITS` bits, else
    a heap bisection in shared memory) and packs them with constant shifts into a shared code
    tile laid out as the output rows;
-4. the block stores the code tile, consecutive threads on consecutive bytes.
+4. the block stores the code tile, consecutive threads on consecutive 32-bit words: the tile's
+   rows lie back to back in shared memory as they do in ``codes`` (``rows·nbytes`` bytes, a
+   whole number of words as ``rows`` is a multiple of 4), and ``codes`` has room for whole
+   tiles (:func:`padded_rows`), so no store is guarded.
 """
 
 import numpy as np
@@ -59,10 +62,9 @@ def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
     return dtype == np.float32 or (dtype == np.float16 and d % 2 == 0)
 
 
-def _odd_words(n_bytes_min):
-    """Smallest byte count ``>= n_bytes_min`` that is an odd number of 4-byte words."""
-    w = -(-n_bytes_min // 4)
-    return 4 * (w | 1)
+def padded_rows(n, rows=ROWS):
+    """Rows of the ``codes`` buffer the kernel writes for ``n`` rows: whole tiles."""
+    return -(-n // rows) * rows
 
 
 def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
@@ -70,10 +72,14 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
 
     ``(x, mats, boundaries, centroids, codes, norms)``: ``x`` flat (n·d/2,) uint32 fp16 pairs
     if ``half`` else (n·d,) float32; ``mats`` flat (G·9,) float32 (the (G, 3, 3) rotor
-    matrices); ``codes`` flat (n·nbytes,) uint8; ``norms`` (n,) float32. Launch
+    matrices); ``codes`` the packed rows as flat uint32 words, with room for
+    :func:`padded_rows` rows (``padded_rows(n)·nbytes / 4`` words; the rows past ``n`` get
+    codes of zero rows); ``norms`` (n,) float32. ``rows`` must be a multiple of 4. Launch
     ``kern.threads`` threads per block, any grid (blocks stride over tiles of ``rows`` rows).
     """
     key = (d, bits, half, bool(norm_correction), rows)
+    if rows % 4:
+        raise ValueError(f"rows per tile must be a multiple of 4, got {rows}")
     if key in _kernels:
         return _kernels[key]
     n_groups = -(-d // 3)
@@ -94,7 +100,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     pp = p_n | 1  # float64 partials per row
     n_bytes = -(-big_d * bits // 8)
     b_n = 3 * q_n * bits // 8  # code bytes per part
-    cs_stride = _odd_words(max(n_bytes, b_n * p_n))
+    tile_words = rows * n_bytes // 4
     levels = 1 << bits
     in_regs = bits <= REG_BITS
     tile_name = "raw" if half else "ft"
@@ -105,7 +111,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
                f"numba.{'uint32' if half else 'float32'})",
             f"ms = cuda.shared.array({q_n * p_n * MAT}, numba.float32{al})",
             f"part = cuda.shared.array({rows * pp}, numba.float64)",
-            f"cst = cuda.shared.array({rows * cs_stride}, numba.uint8)")
+            f"cst = cuda.shared.array({4 * tile_words}, numba.uint8{al})")
     if not in_regs:
         gen.add(4, f"bs = cuda.shared.array({levels}, numba.float32)")
     if norm_correction:
@@ -140,7 +146,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])",
             f"xb = r * U64({sw}) + U64({wq}) * p", f"pb = r * U64({pp})",
-            f"mb = U64({q_n * MAT}) * p", f"cb = r * U64({cs_stride}) + U64({b_n}) * p")
+            f"mb = U64({q_n * MAT}) * p", f"cb = r * U64({n_bytes}) + U64({b_n}) * p")
     gen.stage()
     n_c = 3 * q_n
     def coords(ind, ks):  # read this thread's coordinates ks from the shared tile
@@ -204,8 +210,13 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
                 gen.add(ind, f"o{w} |= U32({c} << U32({s}))" if s else f"o{w} |= {c}")
                 if s + bits > 32:
                     gen.add(ind, f"o{w + 1} |= U32({c} >> U32({32 - s}))")
+    b_last = n_bytes - b_n * (p_n - 1)  # bytes of the last part
     for b in range(b_n):
-        gen.add(8, f"cst[cb + U64({b})] = np.uint8((o{b >> 2} >> U32({8 * (b & 3)})) & U32(255))")
+        ind = 8
+        if b >= b_last:  # past the row: the last part has no such byte
+            gen.add(8, f"if p < U64({p_n - 1}):")
+            ind = 12
+        gen.add(ind, f"cst[cb + U64({b})] = np.uint8((o{b >> 2} >> U32({8 * (b & 3)})) & U32(255))")
     if norm_correction:
         gen.add(8, "part2[pb + p] = cn", "cuda.syncthreads()", "cn = part2[pb]")
         for q in range(1, p_n):
@@ -213,16 +224,13 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
         gen.add(8, "if cn > 0.0:", "    n = n / math.sqrt(cn)",
                 "if p == U64(0) and row < n_rows:", "    norms[row] = n")
     gen.add(8, "cuda.syncthreads()")
-    tile_out = rows * n_bytes
-    # the tile's bytes inside ``codes`` (all but in the last tile), as a 32-bit bound
-    gen.add(8, f"g = tile * U64({tile_out}) + tid",
-            f"lim = U32(total_out - tile * U64({tile_out})) if tile * U64({tile_out}) + "
-            f"U64({tile_out}) > total_out else U32({tile_out})")
-    for i in range(-(-tile_out // threads)):
-        gen.add(8, f"w = tid + U64({i * threads})", f"rr = w // U64({n_bytes})",
-                f"c = w % U64({n_bytes})",
-                "if U32(w) < lim:",
-                f"    codes[g + U64({i * threads})] = cst[rr * U64({cs_stride}) + c]")
+    gen.add(8, "cw = cst.view(np.uint32)", f"g = tile * U64({tile_words}) + tid")
+    for i in range(-(-tile_words // threads)):
+        ind = 8
+        if (i + 1) * threads > tile_words:
+            gen.add(8, f"if tid < U64({tile_words - i * threads}):")
+            ind = 12
+        gen.add(ind, f"codes[g + U64({i * threads})] = cw[tid + U64({i * threads})]")
     gen.add(8, "tile = nxt")
     # registers per thread: 64 (fp16: 11 prefetched words for d = 128), 80 for float32 rows
     # (twice the prefetched words; 64 spilled at 4 bits)

@@ -162,8 +162,8 @@ def test_quantize_lane_layout_is_conflict_free():
         assert wavefronts([(t + 256 * i) // 64 * gen.SW + (t + 256 * i) % 64 for t in lanes], 1) == 1
 
 
-@pytest.mark.parametrize("d,bits,rows,n", ((128, 3, 2, 9), (16, 3, 3, 8), (40, 2, 2, 7),
-                                           (22, 4, 2, 7), (30, 4, 3, 8), (128, 1, 2, 5),
+@pytest.mark.parametrize("d,bits,rows,n", ((128, 3, 4, 9), (16, 3, 4, 11), (40, 2, 4, 10),
+                                           (22, 4, 4, 9), (30, 4, 8, 19), (128, 1, 4, 9),
                                            (64, 2, 4, 13)))
 @pytest.mark.parametrize("half", (True, False))
 @pytest.mark.parametrize("norm_correction", (False, True))
@@ -175,12 +175,13 @@ def test_tiled_rotor_quantize_matches_cpu(d, bits, rows, n, half, norm_correctio
     tq, x, codes_ref, norms_ref = _cpu_case("rotor", d, bits, half, norm_correction, n,
                                             d * 10 + bits + 100 * half)
     kern = trotor.quantize_kernel(d, bits, half, norm_correction, rows=rows)
-    assert kern.rows_per_tile * 2 < n  # more tiles than blocks, partial last tile
-    codes = np.full(codes_ref.shape, 0xAB, np.uint8)
+    assert kern.rows_per_tile * 2 < n and n % rows  # more tiles than blocks, partial last tile
+    whole = np.full((trotor.padded_rows(n, rows), codes_ref.shape[1]), 0xAB, np.uint8)
     norms = np.full(n, np.nan, np.float32)
     mats = np.ascontiguousarray(tq.rotation.params(np)["mats"], np.float32).reshape(-1)
     kern[2, kern.threads]((x.view(np.uint32) if half else x).reshape(-1), mats, tq.boundaries,
-                          tq.centroids, codes.reshape(-1), norms)
-    np.testing.assert_array_equal(codes, codes_ref)
+                          tq.centroids, whole.reshape(-1).view(np.uint32), norms)
+    np.testing.assert_array_equal(whole[:n], codes_ref)
+    assert (whole[n:] != 0xAB).all()  # whole tiles written
     np.testing.assert_allclose(norms, norms_ref, rtol=1e-6)
     assert norms[3] == 0
