@@ -313,8 +313,9 @@ class Prepared:
     Built from the arguments of :func:`launch` on the device current at construction; the
     kernel is compiled or looked up as :func:`launch` does. A call writes the given
     pointers into the packed parameter buffer (the data word of each argument in
-    ``patch``, nothing else) and launches. The arrays in ``args`` are kept alive; those in
-    ``patch`` stand for arrays of the same shape, dtype and device passed per call.
+    ``patch``, nothing else) and launches. The arrays of ``args`` outside ``patch`` are
+    kept alive (``args``); those in ``patch`` stand for arrays of the same shape, dtype and
+    device passed per call, which the caller keeps alive until the kernel has run.
 
     Parameters
     ----------
@@ -352,7 +353,8 @@ class Prepared:
                 raise TypeError(f"Prepared: argument {i} of {kern.__name__} is not an array")
             words.append(starts[i] + 4)  # (meminfo, parent, nitems, itemsize, data, …)
         self.words = tuple(words)
-        self.kern, self.grid, self.block, self.shared, self.args = kern, grid, block, shared, args
+        self.args = tuple(None if i in patch else a for i, a in enumerate(args))
+        self.kern, self.grid, self.block, self.shared = kern, grid, block, shared
 
     def __call__(self, stream_ptr, *ptrs):
         """Launch on the stream ``stream_ptr`` (an int; 0: the legacy default stream) with

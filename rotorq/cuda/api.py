@@ -563,7 +563,7 @@ class QueryScoresPlan:
         self.device_id = dev = rows.device.id
         self.shape, self.dtype = tuple(queries.shape), queries.dtype
         self._torch = sys.modules["torch"] if is_torch_array(queries) else None
-        self._widen = self._torch is not None and rows.dtype != queries.dtype
+        self._widen = self._torch is not None and queries.dtype == self._torch.bfloat16
         if self._torch is not None:
             self._tdevice = queries.device
         self.out_shape = tuple(out_shape)
@@ -615,13 +615,15 @@ class QueryScoresPlan:
                                 or out.dtype != torch.float32 or not out.is_contiguous()
                                 or out.get_device() != dev):
             _mismatch(out, "out", "torch", dev, self.out_shape, torch.float32)
-        if self._widen:
-            rows = view(queries)
-            return _on_device_call(dev, self._call, rows, rows.data.ptr, out)
+        if self._widen:  # widened to float32 in the call's stream
+            return _on_device_call(dev, self._call, queries, None, out)
         return _on_device_call(dev, self._call, queries, queries.data_ptr(), out)
 
     def _call(self, stream_ptr, queries, qptr, out):
         torch = self._torch
+        if qptr is None:
+            queries = view(queries)
+            qptr = queries.data.ptr
         if out is None:
             out = (_empty(self.out_shape, cp.float32) if torch is None
                    else torch.empty(self.out_shape, dtype=torch.float32, device=self._tdevice))
@@ -632,6 +634,8 @@ class QueryScoresPlan:
         else:
             qrot = self._scratch.get(stream_ptr)
             if qrot is None:
+                if len(self._scratch) >= 8:
+                    self._scratch.clear()
                 qrot = self._scratch[stream_ptr] = cp.empty(self._qrot_shape, cp.float32)
             _run(self._rotation, stream_ptr, (qptr, qrot.data.ptr))
         if self._sketch_t is None:

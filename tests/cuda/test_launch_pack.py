@@ -128,7 +128,7 @@ def test_prepared_patches_only_the_data_words(monkeypatch, fake_driver):
                                                                640, 77, 0)
     assert words(args) != words(new)
     assert p.words == (4, 11 + 7 + 11 + 7 + 1 + 1 + 4, 11 + 7 + 11 + 4)
-    assert p.args is args  # the fixed arrays stay alive with it
+    assert p.args == (None,) + args[1:3] + (None, 3, 0.25, None)  # the fixed ones kept alive
 
 
 def test_prepared_without_patches_relaunches_as_packed(monkeypatch, fake_driver):
