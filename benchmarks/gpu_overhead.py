@@ -2,7 +2,8 @@
 
 Times (the least of 7 averages over ``reps`` synchronized calls: on a shared virtual
 machine, noise only ever adds time, and it moved medians by up to 50% between runs) of the backend and
-public calls at tiny sizes (1 query × 1024 keys, 1024 × 128 fp16 rows) and of the pieces a
+public calls at tiny sizes (1 query × 1024 keys, 1024 × 128 fp16 rows), of the prepared
+score calls (``ScoresPlan``, ``TurboQuant.prepare_scores``) and of the pieces a
 backend call is made of: argument packing, the bare driver launch, output allocation,
 device and stream lookups — once with torch not initialized and once with it (then the
 caller's torch stream is looked up every call).
@@ -68,6 +69,22 @@ def measure(torch_init):
     out = {}
     out["backend scores, 1 query × 1024 keys"] = host_us(
         lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0))
+    plan = api.ScoresPlan(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0)
+    plan_out = cp.empty(plan.out_shape, cp.float32)
+    prepared = tq.prepare_scores(q, qv)
+    pub_out = cp.empty(prepared.out_shape, cp.float32)
+    if not ((plan(qrot) == api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"],
+                                      BITS, 0.0)).all() and (prepared(q) == tq.scores(q, qv)).all()):
+        raise RuntimeError("a prepared call differs from the plain call")
+    out["prepared backend scores (ScoresPlan), 1 query × 1024 keys"] = host_us(lambda: plan(qrot))
+    out["prepared backend scores, preallocated out"] = host_us(lambda: plan(qrot, out=plan_out))
+    out["prepared backend scores, preallocated out, host issue only"] = issue_us(
+        lambda: plan(qrot, out=plan_out))
+    out["prepared public scores (prepare_scores), 1 query × 1024 keys"] = host_us(
+        lambda: prepared(q))
+    out["prepared public scores, preallocated out"] = host_us(lambda: prepared(q, out=pub_out))
+    out["prepared public scores, preallocated out, host issue only"] = issue_us(
+        lambda: prepared(q, out=pub_out))
     out["backend quantize 1024 × 128 fp16"] = host_us(
         lambda: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS, False, None))
     out["backend rotate 1 × 128"] = host_us(lambda: api.rotate(q, tq.rotation))
@@ -90,6 +107,9 @@ def measure(torch_init):
                                         extra))
     out["backend scores, host issue only"] = issue_us(
         lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0))
+    (one, _), = plan._launches
+    out["piece: Prepared launch (2 pointers patched)"] = host_us(
+        lambda: one(stream.ptr, qrot.data.ptr, plan_out.data.ptr))
     out["piece: launch() incl. packing"] = host_us(
         lambda: launch_mod.launch(kern, (8, 1, 1), (128, 1), 4 * (D + 8), args))
     out["piece: cupy.empty(1024 float32)"] = host_us(lambda: cp.empty(N, cp.float32))
