@@ -317,7 +317,7 @@ def _fast_jobs():
                            (a(2 * D, dt=u32), a(D), a(lv - 1), a(lv), a(4 * w, dt=u32), a(4))),
         "tiled_rotor_quantize": (lambda: trotor.quantize_kernel(D, BITS, True, False),
                                  (a(2 * D, dt=u32), a(3 * rd), a(lv - 1), a(lv),
-                                  a(4 * ((rd * BITS + 7) // 8), dt=u8), a(4))),
+                                  a(8 * ((rd * BITS + 7) // 8), dt=u32), a(4))),
         "key_bias": (lambda: att.key_bias_kernel(D // 2),
                      (a(4, 8, D // 2), a(4, 8, D // 2), a(D // 2, dt=np.float64), 0, 0, 0,
                       a(512), 0)),

@@ -78,7 +78,7 @@ def _rotor_job(shape):
     g = -(-d // 3)
     kern = tiled_rotor.quantize_kernel(d, bits, True, False)
     args = (np.zeros(d, np.uint32), np.zeros(9 * g, np.float32), np.zeros((1 << bits) - 1,
-            np.float32), np.zeros(1 << bits, np.float32), np.zeros(8, np.uint8),
+            np.float32), np.zeros(1 << bits, np.float32), np.zeros(8, np.uint32),
             np.zeros(2, np.float32))
     t0 = time.perf_counter()
     _launch.compile_ptx(kern, kernel_signature(args), (9, 0))
