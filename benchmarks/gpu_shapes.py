@@ -72,8 +72,7 @@ def rows_for(d, bits, n, rng):
 
 
 def _rotor_job(shape):
-    from rotorq.cuda import _launch
-    from rotorq.cuda._jit import kernel_signature
+    from gpu_bench import compile_sm90
     d, bits = shape
     g = -(-d // 3)
     kern = tiled_rotor.quantize_kernel(d, bits, True, False)
@@ -81,7 +80,7 @@ def _rotor_job(shape):
             np.float32), np.zeros(1 << bits, np.float32), np.zeros(8, np.uint32),
             np.zeros(2, np.float32))
     t0 = time.perf_counter()
-    _launch.compile_ptx(kern, kernel_signature(args), (9, 0))
+    compile_sm90(kern, args)
     return shape, time.perf_counter() - t0
 
 

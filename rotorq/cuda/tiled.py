@@ -28,9 +28,8 @@ every such warp access still costs the minimum, one wavefront per 128 bytes.
 Every butterfly pairs the same two coordinates, in the same stage order, as
 :func:`rotorq.cpu.wht.fwht_row`, and the scale by ``1/sqrt(D)`` is the CPU's, so
 :func:`wht_kernel` is bit-identical to the CPU twin. :func:`quantize_kernel` keeps the CPU's
-WHT, decision (number of boundaries ``<= y``) and LSB-first packing. For float32 rows (and above
-:data:`REG_BITS` bits) it keeps the CPU's scaling ``float32(float64(x)·inv_n)·sign`` too; for
-fp16 rows it transforms the unscaled ``x·sign`` (fp16 values are exact in float32) and compares
+WHT, decision (number of boundaries ``<= y``) and LSB-first packing. For float32 rows it keeps
+the CPU's scaling ``float32(float64(x)·inv_n)·sign`` too; for fp16 rows it transforms the unscaled ``x·sign`` (fp16 values are exact in float32) and compares
 with ``boundary·float32(n·sqrt(D))`` per row instead of scaling every coordinate (a zero row
 compares 0 with the boundaries, as the CPU does): 3–4 instructions fewer per coordinate, two of
 them float64 conversions, and the boundaries, no longer uniform, need no copies out of uniform
@@ -41,11 +40,15 @@ simulator tests, fixed seeds, see none). The float64 sums (``‖x‖²`` and, wi
 order, then the ``P`` partial sums are added in order. Those sums are exact for fp16 input of
 moderate range; otherwise they can differ from the CPU's in the last bit of a float64, which
 changes a code only when a coordinate lies within ~1e-16 of a boundary (the documented rounding
-flips).
+flips). fp16 rows of 2 to :data:`SYM_BITS` bits decide by sign and magnitude
+(:func:`_sym_decide`): the codebooks are symmetric about 0, so a bisection of ``|y|`` over the
+positive half of the boundaries, one level shorter, gives the code; it counts a boundary that
+``-y`` equals exactly one lower than the CPU (a rounding flip of the same kind).
 
-Instruction count of :func:`quantize_kernel`: up to :data:`REG_BITS` bits the boundaries are
-loaded once into registers and each code is a register bisection (compares and selects, no
-shared-memory lookups) whose decided bits go straight into the packed words, one select of
+Instruction count of :func:`quantize_kernel`: up to :data:`REG_BITS` bits (fp16 rows: up to
+:data:`SYM_BITS`) the boundaries are loaded once into registers and each code is a register
+bisection (compares and selects, no shared-memory lookups) whose decided bits go straight into
+the packed words, one select of
 ``1 << s`` per bit (without ``norm_correction``, which needs the code itself); the row's norm
 is stored as soon as it is known (with ``norm_correction``: after the correction), which frees
 its registers for the decision; when ``threads`` is a multiple of the input words per row, a
@@ -77,7 +80,7 @@ REG_BITS = 3
 """Up to this many bits the quantize kernel keeps its ``2^bits − 1`` decision boundaries in
 registers and counts the boundaries ``<= y`` with branch-free compares; above (15 boundaries
 would not fit the register cap), a bisection over boundaries in shared memory, stored in heap
-order (:func:`_heap_decide`)."""
+order (:func:`_heap_decide`) — except for fp16 rows up to :data:`SYM_BITS` bits."""
 
 _kernels: dict = {}
 
@@ -530,6 +533,49 @@ def _reg_decide(y, c, bits):
     return out
 
 
+SYM_BITS = 4
+"""fp16 rows of 2 to this many bits decide in registers on the unscaled transform by sign and
+magnitude (:func:`_sym_decide`: half the boundaries in registers, one bisection level fewer).
+SASS loop of the quantize kernels at d = 128 (``benchmarks/sass_count.py``), against the
+register bisection of every boundary (2, 3 bits) or the heap bisection on scaled coordinates
+(4 bits): Hadamard 476 → 459, 557 → 538, 858 → 642; rotor 548 → 520, 677 → 654, 1062 → 792."""
+
+
+def _decision(bits, half):
+    """How a kernel decides its codes: ``"regs"`` (:func:`_reg_decide`), ``"sym"``
+    (:func:`_sym_decide`: fp16 rows at :data:`SYM_BITS`) or ``"heap"`` (:func:`_heap_decide`)."""
+    if half and 2 <= bits <= SYM_BITS:
+        return "sym"
+    return "regs" if bits <= REG_BITS else "heap"
+
+
+def _reg_boundaries(bits, decision):
+    """Indices into ``boundaries`` of the registers ``bd0, bd1, …`` a decision compares with:
+    every boundary, or for ``"sym"`` the positive half (above the middle one, which is 0)."""
+    if decision == "sym":
+        return list(range(1 << (bits - 1), (1 << bits) - 1))
+    return list(range((1 << bits) - 1))
+
+
+def _sym_decide(y, c, bits):
+    """``{c}`` (uint32) and its bits ``{c}_l``: the code of ``{y}`` for a codebook symmetric
+    about 0 (``boundaries[i] == -boundaries[L - 2 - i]``, the middle one 0: every rotorq
+    codebook is symmetrized so), from the sign ``s = y >= 0`` and the count ``m`` of positive
+    boundaries ``bd0 … bd{L/2-2}`` (registers) that are ``<= |y|``, by the bisection of
+    :func:`_reg_decide` with one level fewer: the code is ``L/2 + m`` for ``s``, else
+    ``L/2 - 1 - m`` — bit ``l < bits - 1`` is ``m_l == s``, the top bit ``s``. This is the
+    count of boundaries ``<= y`` except where ``-y`` equals a boundary exactly (the count
+    excludes it there): only fp16 rows use it, compared unscaled with per-row boundaries, whose
+    codes already differ from the CPU's within float32 rounding of a boundary (the documented
+    flips). NaN is not refused here (the public API refuses non-finite rows)."""
+    out = [f"{c}_s = {y} >= np.float32(0.0)", f"{c}_a = abs({y})"]
+    out += _reg_decide(f"{c}_a", f"{c}_m", bits - 1)[:-1]
+    out += [f"{c}_{lv} = {c}_m_{lv} == {c}_s" for lv in range(bits - 1)]
+    out.append(f"{c}_{bits - 1} = {c}_s")
+    out.append(f"{c} = " + " | ".join(f"(U32({c}_{lv}) << U32({lv}))" for lv in range(bits)))
+    return out
+
+
 def _heap_order(bits):
     """Boundary index of each node ``j = 1 … 2^bits − 1`` of the bisection tree in heap order
     (children ``2j, 2j + 1``): node ``2^depth + prefix`` is the boundary
@@ -589,7 +635,8 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32{al})",
             f"part = cuda.shared.array({R * PP}, numba.float64)",
             f"cst = cuda.shared.array({R * SC}, numba.uint16)")
-    in_regs = bits <= REG_BITS
+    decision = _decision(bits, half)
+    in_regs = decision != "heap"
     col_sign = gen.uniform_column()
     if not in_regs:
         gen.add(4, f"bs = cuda.shared.array({levels}, numba.float32)")
@@ -608,9 +655,9 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                     f"        cs[{levels - 1}] = centroids[{levels - 1}]")
         gen.add(4, f"    t += {T}")
     scaled = half and in_regs  # fp16 rows: compare the unscaled WHT with n·sqrt(D)·boundaries
-    if in_regs:  # the decision boundaries live in registers for the whole kernel
-        gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{i}]"
-                     for i in range(levels - 1)])
+    reg_bd = _reg_boundaries(bits, decision) if in_regs else []
+    # the decision boundaries live in registers for the whole kernel
+    gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{j}]" for i, j in enumerate(reg_bd)])
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])")
     sign = None
@@ -643,7 +690,7 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     if scaled:  # a zero row transforms to 0 whatever the scale: compare it with the boundaries
         gen.add(8, f"sc = n * {math.sqrt(big_d)!r} if n > 0.0 else 1.0",
                 "scf = np.float32(sc)",  # one float32 multiply per boundary and row
-                *[f"bd{i} = bq{i} * scf" for i in range(levels - 1)])
+                *[f"bd{i} = bq{i} * scf" for i in range(len(reg_bd))])
     else:
         gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:  # final norm: store it now (frees its registers for the decision)
@@ -661,11 +708,9 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     if groups is not None:  # the WHT result went back to the float tile: read 16 consecutive
         for k in range(E):
             gen.add(8, f"v{k} = ft[fb + U64({_off(k, gen.SH)})]")
+    decide = {"regs": _reg_decide, "sym": _sym_decide, "heap": _heap_decide}[decision]
     for k in range(E):
-        if in_regs:
-            gen.add(8, *_reg_decide(f"v{k}", f"c{k}", bits))
-        else:
-            gen.add(8, *_heap_decide(f"v{k}", f"c{k}", bits))
+        gen.add(8, *decide(f"v{k}", f"c{k}", bits))
     if norm_correction:
         gen.add(8, "cn = 0.0")
         for k in range(E):

@@ -23,13 +23,14 @@ iteration of the grid-stride loop over tiles:
    its row's ``P`` partial sums in order (so ``‖x‖`` is the CPU's but for the order of the
    float64 additions);
 3. rotates each group by its 3×3 matrix, read from shared memory (every lane of a warp reads
-   the same matrix: broadcasts) — for float32 rows (or above ``REG_BITS`` bits) the CPU's
-   scaled ``v = float32(float64(x)·inv_n)``, for fp16 rows the unscaled ``x`` (exact in
-   float32), compared with ``boundary·float32(n)`` per row as in
+   the same matrix: broadcasts) — for float32 rows the CPU's scaled
+   ``v = float32(float64(x)·inv_n)``, for fp16 rows the unscaled ``x`` (exact in float32),
+   compared with ``boundary·float32(n)`` per row as in
    :func:`rotorq.cuda.tiled.quantize_kernel` (rare extra rounding flips, 13% fewer
-   instructions) — decides the codes (register bisection up to :data:`rotorq.cuda.tiled.REG_BITS` bits, else
-   a heap bisection in shared memory) and packs them with constant shifts into a shared code
-   tile laid out as the output rows;
+   instructions) — decides the codes as that kernel does (a register bisection, by sign and
+   magnitude for fp16 rows of 2–4 bits; a heap bisection in shared memory for float32 rows of
+   4 bits) and packs them with constant shifts into a shared code tile laid out as the output
+   rows;
 4. the block stores the code tile, consecutive threads on consecutive 32-bit words: the tile's
    rows lie back to back in shared memory as they do in ``codes`` (``rows·nbytes`` bytes, a
    whole number of words as ``rows`` is a multiple of 4), and ``codes`` has room for whole
@@ -40,7 +41,15 @@ import numpy as np
 
 from ._jit import SIMULATOR
 from .fast import _build
-from .tiled import REG_BITS, _Gen, _heap_decide, _heap_order, _reg_decide
+from .tiled import (
+    _decision,
+    _Gen,
+    _heap_decide,
+    _heap_order,
+    _reg_boundaries,
+    _reg_decide,
+    _sym_decide,
+)
 
 ROWS = 32
 """Rows per tile (the lanes of a warp) used by :mod:`rotorq.cuda.api`."""
@@ -102,7 +111,8 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     b_n = 3 * q_n * bits // 8  # code bytes per part
     tile_words = rows * n_bytes // 4
     levels = 1 << bits
-    in_regs = bits <= REG_BITS
+    decision = _decision(bits, half)
+    in_regs = decision != "heap"
     tile_name = "raw" if half else "ft"
     L = gen.L
     L.append("def quantize_rotor_tiled(x, mats, boundaries, centroids, codes, norms):")
@@ -140,9 +150,8 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
             gen.add(4, "    cs[t] = centroids[t]")
         gen.add(4, f"    t += {threads}")
     scaled = half and in_regs  # fp16 rows: compare unscaled rotations with n·boundaries
-    if in_regs:
-        gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{i}]"
-                     for i in range(levels - 1)])
+    reg_bd = _reg_boundaries(bits, decision) if in_regs else []
+    gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{j}]" for i, j in enumerate(reg_bd)])
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])",
             f"xb = r * U64({sw}) + U64({wq}) * p", f"pb = r * U64({pp})",
@@ -170,11 +179,12 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     if scaled:  # a zero row rotates to 0 whatever the scale: compare it with the boundaries
         gen.add(8, "sc = n if n > 0.0 else 1.0",
                 "scf = np.float32(sc)",  # one float32 multiply per boundary and row
-                *[f"bd{i} = bq{i} * scf" for i in range(levels - 1)])
+                *[f"bd{i} = bq{i} * scf" for i in range(len(reg_bd))])
     else:
         gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:
         gen.add(8, "if p == U64(0) and row < n_rows:", "    norms[row] = n")
+    decide = {"regs": _reg_decide, "sym": _sym_decide, "heap": _heap_decide}[decision]
     n_w = (n_c * bits + 31) // 32
     gen.add(8, *[f"o{w} = U32(0)" for w in range(n_w)])
     if norm_correction:
@@ -197,7 +207,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
             gen.add(ind, f"y{k} = m{3 * k} * v0 + m{3 * k + 1} * v1 + m{3 * k + 2} * v2")
         for k in range(3):
             c = f"c{3 * q + k}"
-            gen.add(ind, *(_reg_decide if in_regs else _heap_decide)(f"y{k}", c, bits))
+            gen.add(ind, *decide(f"y{k}", c, bits))
             if norm_correction:
                 gen.add(ind, f"f = np.float64(cs[{c}])", "cn += f * f")
             pos = (3 * q + k) * bits

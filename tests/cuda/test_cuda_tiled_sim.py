@@ -128,6 +128,40 @@ def test_register_decision_matches_cpu_count(bits):
         assert env["decide"](y, bd) == cpu_q.encode_value(y, bd), y
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4))
+@pytest.mark.parametrize("codebook", ("gaussian", "beta"))
+def test_symmetric_decision_matches_cpu_count(bits, codebook):
+    """The sign-and-magnitude decision of fp16 rows gives the CPU's code (the number of
+    boundaries ``<= y``) for every ``y`` but ``-y`` exactly on a boundary (one code lower
+    there: the documented rounding flips), ±0 included; it relies on every codebook being
+    symmetric about an exact 0, which this checks too."""
+    cpu_q = importlib.import_module("rotorq.cpu.quantize")
+    tq = rotorq.TurboQuant(32, bits, rotation="hadamard", norm_dtype="float32",
+                           codebook=codebook)
+    bd = np.asarray(tq.boundaries, np.float32)
+    mid = bd.shape[0] // 2
+    assert bd[mid] == 0 and np.array_equal(bd, -bd[::-1])
+    pos = tiled._reg_boundaries(bits, "sym")
+    assert pos == list(range(mid + 1, bd.shape[0]))
+    src = "\n".join(["def decide(y, bd):"]
+                    + [f"    bd{i} = bd[{j}]" for i, j in enumerate(pos)]
+                    + ["    " + line for line in tiled._sym_decide("y", "c", bits)]
+                    + ["    bits = " + " | ".join(f"(U32(c_{lv}) << U32({lv}))"
+                                                   for lv in range(bits)),
+                       "    assert bits == c", "    return c"])
+    env = {"U32": np.uint32, "np": np}
+    exec(src, env)
+    ys = np.concatenate([bd, np.nextafter(bd, np.float32(-np.inf)),
+                         np.nextafter(bd, np.float32(np.inf)),
+                         np.float32([0.0, -0.0, np.inf, -np.inf, 1.0, -1.0]),
+                         np.random.default_rng(bits).standard_normal(400).astype(np.float32)
+                         * 0.3])
+    for y in ys.astype(np.float32):
+        want = cpu_q.encode_value(y, bd)
+        tie = y < 0 and np.any(bd == -y)
+        assert env["decide"](y, bd) == want - tie, y
+
+
 def test_quantize_lane_layout_is_conflict_free():
     """Benchmark shape (D = 128, 256 threads, fp16): with lanes of 8 rows × 4 parts and the
     unpadded rows of ``_vec_strides``, every shared access of the quantize kernel's first warp
