@@ -29,10 +29,11 @@ Every butterfly pairs the same two coordinates, in the same stage order, as
 :func:`rotorq.cpu.wht.fwht_row`, and the scale by ``1/sqrt(D)`` is the CPU's, so
 :func:`wht_kernel` is bit-identical to the CPU twin. :func:`quantize_kernel` keeps the CPU's
 WHT, decision (number of boundaries ``<= y``) and LSB-first packing. For float32 rows it keeps
-the CPU's scaling ``float32(float64(x)·inv_n)·sign`` too; for fp16 rows it transforms the unscaled ``x·sign`` (fp16 values are exact in float32) and compares
-with ``boundary·float32(n·sqrt(D))`` per row instead of scaling every coordinate (a zero row
-compares 0 with the boundaries, as the CPU does): 3–4 instructions fewer per coordinate, two of
-them float64 conversions, and the boundaries, no longer uniform, need no copies out of uniform
+the CPU's scaling ``float32(float64(x)·inv_n)·sign`` too; for fp16 rows it transforms the
+unscaled ``x·sign`` (fp16 values are exact in float32) and compares with
+``boundary·float32(n·sqrt(D))`` per row instead of scaling every coordinate (a zero row compares
+0 with the boundaries, as the CPU does): 3–4 instructions fewer per coordinate, two of them
+float64 conversions, and the boundaries, no longer uniform, need no copies out of uniform
 registers. The two sides then round differently: a code differs from the CPU's only where the
 coordinate lies within a few float32 ulps of a boundary (the documented rounding flips; the
 simulator tests, fixed seeds, see none). The float64 sums (``‖x‖²`` and, with
