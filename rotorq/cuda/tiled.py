@@ -41,7 +41,9 @@ simulator tests, fixed seeds, see none). The float64 sums (``‖x‖²`` and, wi
 order, then the ``P`` partial sums are added in order. Those sums are exact for fp16 input of
 moderate range; otherwise they can differ from the CPU's in the last bit of a float64, which
 changes a code only when a coordinate lies within ~1e-16 of a boundary (the documented rounding
-flips). fp16 rows of 2 to :data:`SYM_BITS` bits decide by sign and magnitude
+flips). For fp16 rows the square root is float32 (``sqrt(float32(‖x‖²))``, a float64 square root
+cost 8 more instructions): the stored norm can differ from the CPU's ``float32(sqrt(‖x‖²))`` by
+one ulp. fp16 rows of 2 to :data:`SYM_BITS` bits decide by sign and magnitude
 (:func:`_sym_decide`): the codebooks are symmetric about 0, so a bisection of ``|y|`` over the
 positive half of the boundaries, one level shorter, gives the code; it counts a boundary that
 ``-y`` equals exactly one lower than the CPU (a rounding flip of the same kind).
@@ -687,13 +689,13 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
             "acc = part[pb]")
     for q in range(1, P):
         gen.add(8, f"acc += part[pb + U64({q})]")
-    gen.add(8, "n = math.sqrt(acc)")
     if scaled:  # a zero row transforms to 0 whatever the scale: compare it with the boundaries
-        gen.add(8, f"sc = n * {math.sqrt(big_d)!r} if n > 0.0 else 1.0",
-                "scf = np.float32(sc)",  # one float32 multiply per boundary and row
+        gen.add(8, "n = math.sqrt(np.float32(acc))",  # float32: may differ by one ulp
+                f"scf = n * np.float32({math.sqrt(big_d)!r}) if n > np.float32(0.0) "
+                "else np.float32(1.0)",  # one float32 multiply per boundary and row
                 *[f"bd{i} = bq{i} * scf" for i in range(len(reg_bd))])
     else:
-        gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
+        gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:  # final norm: store it now (frees its registers for the decision)
         gen.add(8, f"row = tile * U64({R}) + r",
                 "if p == U64(0) and row < n_rows:",

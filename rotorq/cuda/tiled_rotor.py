@@ -20,8 +20,9 @@ iteration of the grid-stride loop over tiles:
    zero words up to the ``3QP`` coordinates of the parts (the rotor's padding coordinates);
    the row stride is odd, so the lanes of a warp (different rows) hit different banks;
 2. sums the squares of the thread's coordinates in float64; after a barrier each thread adds
-   its row's ``P`` partial sums in order (so ``‖x‖`` is the CPU's but for the order of the
-   float64 additions);
+   its row's ``P`` partial sums in order (so ``‖x‖²`` is the CPU's but for the order of the
+   float64 additions; for fp16 rows its square root is float32, within one ulp of the CPU's
+   ``‖x‖``);
 3. rotates each group by its 3×3 matrix, read from shared memory (every lane of a warp reads
    the same matrix: broadcasts) — for float32 rows the CPU's scaled
    ``v = float32(float64(x)·inv_n)``, for fp16 rows the unscaled ``x`` (exact in float32),
@@ -175,13 +176,13 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     gen.add(8, "part[pb + p] = acc", "cuda.syncthreads()", "acc = part[pb]")
     for q in range(1, p_n):
         gen.add(8, f"acc += part[pb + U64({q})]")
-    gen.add(8, "n = math.sqrt(acc)", f"row = tile * U64({rows}) + r")
+    gen.add(8, f"row = tile * U64({rows}) + r")
     if scaled:  # a zero row rotates to 0 whatever the scale: compare it with the boundaries
-        gen.add(8, "sc = n if n > 0.0 else 1.0",
-                "scf = np.float32(sc)",  # one float32 multiply per boundary and row
+        gen.add(8, "n = math.sqrt(np.float32(acc))",  # float32: may differ by one ulp
+                "scf = n if n > np.float32(0.0) else np.float32(1.0)",
                 *[f"bd{i} = bq{i} * scf" for i in range(len(reg_bd))])
     else:
-        gen.add(8, "inv_n = 1.0 / n if n > 0.0 else 0.0")
+        gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:
         gen.add(8, "if p == U64(0) and row < n_rows:", "    norms[row] = n")
     decide = {"regs": _reg_decide, "sym": _sym_decide, "heap": _heap_decide}[decision]
