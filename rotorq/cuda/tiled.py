@@ -41,12 +41,15 @@ simulator tests, fixed seeds, see none). The float64 sums (``‖x‖²`` and, wi
 order, then the ``P`` partial sums are added in order. Those sums are exact for fp16 input of
 moderate range; otherwise they can differ from the CPU's in the last bit of a float64, which
 changes a code only when a coordinate lies within ~1e-16 of a boundary (the documented rounding
-flips). For fp16 rows the square root is float32 (``sqrt(float32(‖x‖²))``, a float64 square root
-cost 8 more instructions): the stored norm can differ from the CPU's ``float32(sqrt(‖x‖²))`` by
-one ulp. fp16 rows of 2 to :data:`SYM_BITS` bits decide by sign and magnitude
-(:func:`_sym_decide`): the codebooks are symmetric about 0, so a bisection of ``|y|`` over the
-positive half of the boundaries, one level shorter, gives the code; it counts a boundary that
-``-y`` equals exactly one lower than the CPU (a rounding flip of the same kind).
+flips). For fp16 rows each thread sums its 16 squares (exact in float32) in float32, 16
+instructions fewer than the float64 conversions and fused multiply-adds, and the square root is
+float32 (``sqrt(float32(‖x‖²))``, 8 fewer): the stored norm can differ from the CPU's
+``float32(sqrt(‖x‖²))`` by at most 15·2^-25 relative plus one ulp (under 1e-6).
+
+fp16 rows of 2 to :data:`SYM_BITS` bits decide by sign and magnitude (:func:`_sym_decide`): the
+codebooks are symmetric about 0, so a bisection of ``|y|`` over the positive half of the
+boundaries, one level shorter, gives the code; it counts a boundary that ``-y`` equals exactly
+one lower than the CPU (a rounding flip of the same kind).
 
 Instruction count of :func:`quantize_kernel`: up to :data:`REG_BITS` bits (fp16 rows: up to
 :data:`SYM_BITS`) the boundaries are loaded once into registers and each code is a register
@@ -682,9 +685,13 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.stage(sign)
     gen.first_phase_load("v")
     # ‖x‖: this thread's 16 coordinates in order, then the row's P partials in order
-    gen.add(8, "acc = 0.0")
-    for k in range(E):
-        gen.add(8, f"f = np.float64(v{k})", "acc += f * f")
+    if scaled:  # fp16 squares are exact in float32: the thread's sum in float32, rounded
+        gen.add(8, "acc32 = np.float32(0.0)", *[f"acc32 += v{k} * v{k}" for k in range(E)],
+                "acc = np.float64(acc32)")
+    else:
+        gen.add(8, "acc = 0.0")
+        for k in range(E):
+            gen.add(8, f"f = np.float64(v{k})", "acc += f * f")
     gen.add(8, f"pb = r * U64({PP})", "part[pb + p] = acc", "cuda.syncthreads()",
             "acc = part[pb]")
     for q in range(1, P):
