@@ -41,10 +41,11 @@ simulator tests, fixed seeds, see none). The float64 sums (``‖x‖²`` and, wi
 order, then the ``P`` partial sums are added in order. Those sums are exact for fp16 input of
 moderate range; otherwise they can differ from the CPU's in the last bit of a float64, which
 changes a code only when a coordinate lies within ~1e-16 of a boundary (the documented rounding
-flips). For fp16 rows each thread sums its 16 squares (exact in float32) in float32, 16
-instructions fewer than the float64 conversions and fused multiply-adds, and the square root is
-float32 (``sqrt(float32(‖x‖²))``, 8 fewer): the stored norm can differ from the CPU's
-``float32(sqrt(‖x‖²))`` by at most 15·2^-25 relative plus one ulp (under 1e-6).
+flips). For fp16 rows the sums are float32 (the squares are exact): each thread's 16 squares,
+then the ``P`` partials (16 instructions fewer than the float64 conversions and fused
+multiply-adds, vector loads of the partials), and so is the square root (8 fewer): the stored
+norm can differ from the CPU's ``float32(sqrt(‖x‖²))`` by at most ``(14 + P)·2^-25`` relative
+plus one ulp (``P = D/16``; 6.6e-7 at D = 128).
 
 fp16 rows of 2 to :data:`SYM_BITS` bits decide by sign and magnitude (:func:`_sym_decide`): the
 codebooks are symmetric about 0, so a bisection of ``|y|`` over the positive half of the
@@ -638,11 +639,17 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     al = "" if SIMULATOR else ", alignment=16"  # vector accesses; no alignment in cudasim
     if half:
         gen.add(4, f"raw = cuda.shared.array({R * gen.SW}, numba.uint32{al})")
-    gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32{al})",
-            f"part = cuda.shared.array({R * PP}, numba.float64)",
-            f"cst = cuda.shared.array({R * SC}, numba.uint16)")
     decision = _decision(bits, half)
     in_regs = decision != "heap"
+    scaled = half and in_regs  # fp16 rows: compare the unscaled WHT with n·sqrt(D)·boundaries
+    # fp16 rows: float32 partials, rows 16-byte aligned (vector loads) and an odd multiple of 4
+    # words apart (8 rows × 4 parts of a warp store to distinct banks)
+    PQ = -(-P // 4) * 4
+    PQ += 4 * (PQ % 8 == 0)
+    gen.add(4, f"ft = cuda.shared.array({R * gen.S}, numba.float32{al})",
+            f"part = cuda.shared.array({R * PQ}, numba.float32{al})" if scaled else
+            f"part = cuda.shared.array({R * PP}, numba.float64)",
+            f"cst = cuda.shared.array({R * SC}, numba.uint16)")
     col_sign = gen.uniform_column()
     if not in_regs:
         gen.add(4, f"bs = cuda.shared.array({levels}, numba.float32)")
@@ -660,7 +667,6 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
                     f"    if t == {levels - 2}:",
                     f"        cs[{levels - 1}] = centroids[{levels - 1}]")
         gen.add(4, f"    t += {T}")
-    scaled = half and in_regs  # fp16 rows: compare the unscaled WHT with n·sqrt(D)·boundaries
     reg_bd = _reg_boundaries(bits, decision) if in_regs else []
     # the decision boundaries live in registers for the whole kernel
     gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{j}]" for i, j in enumerate(reg_bd)])
@@ -685,19 +691,19 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     gen.stage(sign)
     gen.first_phase_load("v")
     # ‖x‖: this thread's 16 coordinates in order, then the row's P partials in order
-    if scaled:  # fp16 squares are exact in float32: the thread's sum in float32, rounded
-        gen.add(8, "acc32 = np.float32(0.0)", *[f"acc32 += v{k} * v{k}" for k in range(E)],
-                "acc = np.float64(acc32)")
+    gen.add(8, f"pb = r * U64({PP})")
+    if scaled:  # fp16 squares are exact in float32: the sums in float32, rounded
+        gen.add(8, "acc = np.float32(0.0)", *[f"acc += v{k} * v{k}" for k in range(E)],
+                f"pq = r * U64({PQ})", "part[pq + p] = acc", "cuda.syncthreads()",
+                "acc = part[pq]", *[f"acc += part[pq + U64({q})]" for q in range(1, P)])
     else:
         gen.add(8, "acc = 0.0")
         for k in range(E):
             gen.add(8, f"f = np.float64(v{k})", "acc += f * f")
-    gen.add(8, f"pb = r * U64({PP})", "part[pb + p] = acc", "cuda.syncthreads()",
-            "acc = part[pb]")
-    for q in range(1, P):
-        gen.add(8, f"acc += part[pb + U64({q})]")
+        gen.add(8, "part[pb + p] = acc", "cuda.syncthreads()", "acc = part[pb]",
+                *[f"acc += part[pb + U64({q})]" for q in range(1, P)])
     if scaled:  # a zero row transforms to 0 whatever the scale: compare it with the boundaries
-        gen.add(8, "n = math.sqrt(np.float32(acc))",  # float32: may differ by one ulp
+        gen.add(8, "n = math.sqrt(acc)",  # float32: may differ by one ulp
                 f"scf = n * np.float32({math.sqrt(big_d)!r}) if n > np.float32(0.0) "
                 "else np.float32(1.0)",  # one float32 multiply per boundary and row
                 *[f"bd{i} = bq{i} * scf" for i in range(len(reg_bd))])
