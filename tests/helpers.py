@@ -79,3 +79,21 @@ def exact_attention_case(rng, n_bh, n_rows, d, dv, n_e, partial, pos_span):
                 (rng.standard_normal((n_bh, n_rows)) * 2).astype(f32),
                 (rng.random((n_bh, n_rows)) * 5 + 0.5).astype(f32))
     return q, ke, ve, pos, part
+
+
+def cupy_with_gpu(reason="no CUDA GPU visible"):
+    """cupy, or skip the calling module (at import) or test where cupy is missing, no GPU
+    is visible, or the CUDA simulator runs (real-GPU tests only)."""
+    import os
+
+    import pytest
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("real-GPU tests do not run under the simulator", allow_module_level=True)
+    cp = pytest.importorskip("cupy")
+    try:
+        gpus = cp.cuda.runtime.getDeviceCount()
+    except cp.cuda.runtime.CUDARuntimeError:
+        gpus = 0
+    if not gpus:
+        pytest.skip(reason, allow_module_level=True)
+    return cp

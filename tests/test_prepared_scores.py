@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import rotorq
+from helpers import cupy_with_gpu
 
 
 def _case(mode, rotation, bits=3, dim=40, q_shape=(2, 3), k_shape=(2, 70), seed=0):
@@ -116,13 +117,7 @@ def test_prepare_checks_as_scores():
 
 
 def test_device_mix_is_refused_at_preparation():
-    cp = pytest.importorskip("cupy")
-    try:
-        gpus = cp.cuda.runtime.getDeviceCount()
-    except cp.cuda.runtime.CUDARuntimeError:
-        gpus = 0
-    if not gpus:
-        pytest.skip("no CUDA GPU visible")
+    cp = cupy_with_gpu()
     tq, codes, _ = _case("mse", "hadamard")
     with pytest.raises(ValueError, match="move them to the same device"):
         tq.prepare_scores(cp.zeros((3, 40), cp.float32), codes)

@@ -22,3 +22,21 @@ def pytest_collection_modifyitems(config, items):
                 reason="simulator test: run with NUMBA_ENABLE_CUDASIM=1 -m cudasim"))
         if item.get_closest_marker("cuda") and SIMULATOR:
             item.add_marker(pytest.mark.skip(reason="real-GPU test: not under the simulator"))
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every array :mod:`rotorq.cuda.api` allocates for a result starts as NaN (floats) or
+    0xAB (integers), so an element a kernel skips shows up (real-GPU tests)."""
+    import importlib
+
+    import cupy as cp
+    import numpy as np
+    api = importlib.import_module("rotorq.cuda.api")
+
+    def empty(shape, dtype):
+        a = cp.empty(shape, dtype)
+        a.fill(np.nan if a.dtype.kind == "f" else 0xAB)
+        return a
+
+    monkeypatch.setattr(api, "_empty", empty)

@@ -13,15 +13,9 @@ import os
 import numpy as np
 import pytest
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-    pytest.skip("real-GPU tests do not run under the simulator", allow_module_level=True)
-cp = pytest.importorskip("cupy")
-try:
-    _GPUS = cp.cuda.runtime.getDeviceCount()
-except cp.cuda.runtime.CUDARuntimeError:
-    _GPUS = 0
-if not _GPUS:
-    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+from helpers import cupy_with_gpu
+
+cp = cupy_with_gpu()
 
 import rotorq  # noqa: E402
 from rotorq import cpu  # noqa: E402
@@ -29,7 +23,7 @@ from rotorq import cpu  # noqa: E402
 api = importlib.import_module("rotorq.cuda.api")
 launch_mod = importlib.import_module("rotorq.cuda._launch")
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("poisoned_outputs")]
 
 FLIP_LIMIT = 1e-4
 DIMS = (1, 3, 50, 64, 96, 128, 200, 256)
@@ -56,16 +50,6 @@ def parity_report():
         with open(path, "w") as f:
             json.dump({"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                        "flip_limit": FLIP_LIMIT, "results": _REPORT}, f, indent=1)
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    def empty(shape, dtype):
-        a = cp.empty(shape, dtype)
-        a.fill(np.nan if a.dtype.kind == "f" else 0xAB)
-        return a
-
-    monkeypatch.setattr(api, "_empty", empty)
 
 
 def host(a):

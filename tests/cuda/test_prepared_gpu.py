@@ -5,37 +5,20 @@ call with new queries (the patched pointers take effect), into fresh or prealloc
 Fresh outputs are poisoned (NaN) first, so an element a kernel skips shows up."""
 
 import importlib
-import os
 
 import numpy as np
 import pytest
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-    pytest.skip("real-GPU tests do not run under the simulator", allow_module_level=True)
-cp = pytest.importorskip("cupy")
-try:
-    _GPUS = cp.cuda.runtime.getDeviceCount()
-except cp.cuda.runtime.CUDARuntimeError:
-    _GPUS = 0
-if not _GPUS:
-    pytest.skip("no CUDA GPU visible", allow_module_level=True)
+from helpers import cupy_with_gpu
+
+cp = cupy_with_gpu()
 
 import rotorq  # noqa: E402
 
 api = importlib.import_module("rotorq.cuda.api")
 launch_mod = importlib.import_module("rotorq.cuda._launch")
 
-pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    def empty(shape, dtype):
-        a = cp.empty(shape, dtype)
-        a.fill(np.nan if a.dtype.kind == "f" else 0xAB)
-        return a
-
-    monkeypatch.setattr(api, "_empty", empty)
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("poisoned_outputs")]
 
 
 def _keys(tq, k_shape, seed=0):
