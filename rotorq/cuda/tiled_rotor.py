@@ -56,6 +56,10 @@ ROWS = 32
 """Rows per tile (the lanes of a warp) used by :mod:`rotorq.cuda.api`."""
 GROUPS = 8
 """``Q``: 3-groups per thread at every bit width (``3Q·bits`` code bits are whole bytes)."""
+REGS_HALF = 56
+"""Register budget per thread for fp16 rows, which sets the resident blocks (launch bounds):
+at d = 128 (192 threads) 6 blocks, 48 registers used, no spills — 168.5 µs at N = 2^20 against
+178.8 with 5 blocks (64 registers) and 177.1 with 8 (40) on an H200."""
 MAT = 12
 """Floats per 3×3 matrix in shared memory (9 used; 48 bytes keeps each 16-byte aligned)."""
 
@@ -243,9 +247,9 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
             ind = 12
         gen.add(ind, f"codes[g + U64({i * threads})] = cw[tid + U64({i * threads})]")
     gen.add(8, "tile = nxt")
-    # registers per thread: 64 (fp16: 11 prefetched words for d = 128), 80 for float32 rows
-    # (twice the prefetched words; 64 spilled at 4 bits)
-    blocks = max(1, min(32, 2048 // threads, 65536 // ((64 if half else 80) * threads)))
+    # registers per thread: REGS_HALF for fp16 rows, 80 for float32 rows (twice the
+    # prefetched words; 64 spilled at 4 bits)
+    blocks = max(1, min(32, 2048 // threads, 65536 // ((REGS_HALF if half else 80) * threads)))
     L.append(f"# rows per tile {rows}, launch bounds ({threads}, {blocks})")
     kern = _build("quantize_rotor_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
     kern.rows_per_tile = rows
