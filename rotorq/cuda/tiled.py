@@ -614,15 +614,17 @@ def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
     return dtype == np.float32 or (dtype == np.float16 and d % 2 == 0)
 
 
-def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THREADS):
+def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THREADS,
+                    blocks=None):
     """Tiled fused Hadamard MSE quantize (fp16 or fp32 rows of ``d`` ≤ ``big_d`` coordinates).
 
     ``(x, signs, boundaries, centroids, codes, norms)``: ``x`` flat (n·d/2,) uint32 fp16 pairs
     if ``half`` else (n·d,) float32; ``signs`` (D,) float32 ±1; ``codes`` flat (n·W,) uint32
     if ``word_out`` else (n·nbytes,) uint8; ``norms`` (n,) float32. Launch ``threads`` threads
-    per block, any grid.
+    per block, any grid. ``blocks``: resident blocks per SM the registers are capped for
+    (launch bounds; default as chosen below, ``benchmarks/gpu_launch_bounds.py`` compares).
     """
-    key = ("quantize", d, big_d, bits, half, bool(norm_correction), word_out, threads)
+    key = ("quantize", d, big_d, bits, half, bool(norm_correction), word_out, threads, blocks)
     if key in _kernels:
         return _kernels[key]
     gen = _Gen(big_d, threads, half, d, vec=True)
@@ -777,7 +779,8 @@ def quantize_kernel(d, big_d, bits, half, norm_correction, word_out, threads=THR
     # 179.8 µs at N = 2^20 against 185.0 with 4 blocks and 183.2 with 6 (H200, more warps
     # hide more latency, at 518 loop instructions against 507 and 521); else 3 (64 registers
     # spill: fp32's 16 prefetched words, norm correction, d = 96 rows)
-    blocks = 5 if half and not norm_correction and col_sign else 3
+    if blocks is None:
+        blocks = 5 if half and not norm_correction and col_sign else 3
     _finish(L, R, threads, blocks)
     kern = _build("quantize_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
     _attach(kern, R, threads, blocks)

@@ -81,17 +81,19 @@ def padded_rows(n, rows=ROWS):
     return -(-n // rows) * rows
 
 
-def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
+def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
     """Tiled fused rotor MSE quantize of rows of ``d`` coordinates (fp16 or float32).
 
     ``(x, mats, boundaries, centroids, codes, norms)``: ``x`` flat (n·d/2,) uint32 fp16 pairs
     if ``half`` else (n·d,) float32; ``mats`` flat (G·9,) float32 (the (G, 3, 3) rotor
     matrices); ``codes`` the packed rows as flat uint32 words, with room for
     :func:`padded_rows` rows (``padded_rows(n)·nbytes / 4`` words; the rows past ``n`` get
-    codes of zero rows); ``norms`` (n,) float32. ``rows`` must be a multiple of 4. Launch
+    codes of zero rows); ``norms`` (n,) float32. ``rows`` must be a multiple of 4. ``regs``:
+    the register budget per thread that sets the resident blocks (default :data:`REGS_HALF`
+    for fp16 rows, 80 for float32; ``benchmarks/gpu_launch_bounds.py`` compares). Launch
     ``kern.threads`` threads per block, any grid (blocks stride over tiles of ``rows`` rows).
     """
-    key = (d, bits, half, bool(norm_correction), rows)
+    key = (d, bits, half, bool(norm_correction), rows, regs)
     if rows % 4:
         raise ValueError(f"rows per tile must be a multiple of 4, got {rows}")
     if key in _kernels:
@@ -249,7 +251,9 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS):
     gen.add(8, "tile = nxt")
     # registers per thread: REGS_HALF for fp16 rows, 80 for float32 rows (twice the
     # prefetched words; 64 spilled at 4 bits)
-    blocks = max(1, min(32, 2048 // threads, 65536 // ((REGS_HALF if half else 80) * threads)))
+    if regs is None:
+        regs = REGS_HALF if half else 80
+    blocks = max(1, min(32, 2048 // threads, 65536 // (regs * threads)))
     L.append(f"# rows per tile {rows}, launch bounds ({threads}, {blocks})")
     kern = _build("quantize_rotor_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
     kern.rows_per_tile = rows

@@ -1,0 +1,95 @@
+"""Launch bounds of the tiled quantize kernels: kernel time against resident blocks per SM.
+
+The kernels cap their registers for a number of resident blocks (``launch_bounds``); more
+blocks mean more warps to hide latency with, fewer registers, and sometimes more instructions.
+For fp16 rows, d = 128, 3 bits, N = 2^20 and 2^22, this times the Hadamard quantize
+(:func:`rotorq.cuda.tiled.quantize_kernel`, ``blocks``) and the rotor quantize
+(:func:`rotorq.cuda.tiled_rotor.quantize_kernel`, register budget ``regs``) at each setting,
+the launches recorded once and replayed (no host work), least of 3 medians.
+
+    python3 benchmarks/gpu_launch_bounds.py            (a GPU)
+    python3 benchmarks/gpu_launch_bounds.py --precompile-only   (fills $ROTORQ_PTX_CACHE, no GPU)
+"""
+
+import argparse
+import functools
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+HADAMARD_BLOCKS = (4, 5, 6)
+ROTOR_REGS = (64, 56, 40)  # 5, 6 and 8 blocks of 192 threads at d = 128
+D, BITS = 128, 3
+
+
+def _kernels():
+    from rotorq.cuda import tiled, tiled_rotor
+    out = []
+    for b in HADAMARD_BLOCKS:
+        out.append(("hadamard", f"blocks {b}", functools.partial(tiled.quantize_kernel,
+                                                                 blocks=b)))
+    for r in ROTOR_REGS:
+        out.append(("rotor", f"regs {r}", functools.partial(tiled_rotor.quantize_kernel,
+                                                            regs=r)))
+    return out
+
+
+def precompile():
+    from gpu_bench import compile_sm90
+    u32, f32 = np.uint32, np.float32
+    rd, lv = 3 * (-(-D // 3)), 1 << BITS
+    for rot, _, make in _kernels():
+        if rot == "hadamard":
+            kern = make(D, D, BITS, True, False, True)
+            args = (np.zeros(D, u32), np.zeros(D, f32), np.zeros(lv - 1, f32),
+                    np.zeros(lv, f32), np.zeros(D * BITS // 32, u32), np.zeros(1, f32))
+        else:
+            kern = make(D, BITS, True, False)
+            args = (np.zeros(D, u32), np.zeros(3 * rd, f32), np.zeros(lv - 1, f32),
+                    np.zeros(lv, f32), np.zeros(8 * ((rd * BITS + 7) // 8), u32),
+                    np.zeros(1, f32))
+        compile_sm90(kern, args)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precompile-only", action="store_true")
+    a = ap.parse_args()
+    if a.precompile_only:
+        precompile()
+        return
+    import cupy as cp
+    from gpu_bench import api, buffers, kernel_time
+
+    import rotorq
+    rng = np.random.default_rng(0)
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    print(f"# launch bounds of the tiled quantize kernels — {name}, d = {D}, {BITS} bits, fp16\n")
+    print("| rotation | setting | launch bounds (threads, blocks) | N | µs (kernel) |")
+    print("|---|---|---|---|---|")
+    originals = {"hadamard": api._tiled.quantize_kernel, "rotor": api._trotor.quantize_kernel}
+    for n in (1 << 20, 1 << 22):
+        xs = buffers(lambda n=n: cp.asarray(rng.standard_normal((n, D)), cp.float16), n * 2 * D)
+        for rot, setting, make in _kernels():
+            tq = rotorq.TurboQuant(D, BITS, rotation=rot)
+            k = tq._consts(cp)
+            mod = api._tiled if rot == "hadamard" else api._trotor
+            mod.quantize_kernel = make
+            try:
+                def call(x, tq=tq, k=k):
+                    return api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS,
+                                        False, None)
+                secs = min(kernel_time(call, xs, 20) for _ in range(3))
+                kern = (make(D, D, BITS, True, False, True) if rot == "hadamard"
+                        else make(D, BITS, True, False))
+            finally:
+                mod.quantize_kernel = originals[rot]
+            print(f"| {rot} | {setting} | {kern.launch_bounds} | 2^{n.bit_length() - 1} | "
+                  f"{secs * 1e6:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
