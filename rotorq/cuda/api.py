@@ -262,7 +262,7 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
         _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_c(p["mats"])),
                                 _c(boundaries), _c(centroids), _flat(whole, _U32), norms))
         qjl_norms.fill(0)
-        return whole[:n], norms, signs, qjl_norms
+        return (whole if whole.shape[0] == n else whole[:n]), norms, signs, qjl_norms
     codes = _empty((n, nbytes), cp.uint8)
     tail = (_c(boundaries), _c(centroids), int(nbits), int(norm_correction), sk,
             codes, norms, signs, qjl_norms)
