@@ -9,6 +9,7 @@ instructions of the largest loop body (the grid-stride loop over tiles) by opcod
     python -m benchmarks.sass_count rotor --bits 3      (the tiled rotor quantize)
     python -m benchmarks.sass_count one --bits 3
     python -m benchmarks.sass_count attention --bits 3   (the tensor-core decode attention)
+    python -m benchmarks.sass_count attention-tiled --bits 3   (same, tile layout)
 """
 
 import argparse
@@ -53,13 +54,16 @@ def _kernel(which, d, bits, half):
         args = (xin, np.zeros(9 * g, f32), np.zeros((1 << bits) - 1, f32),
                 np.zeros(1 << bits, f32), np.zeros(8 * -(-3 * g * bits // 8), u32),
                 np.zeros(1, f32))
-    elif which == "attention":
+    elif which in ("attention", "attention-tiled"):
         from rotorq.cuda import attention
-        kern = attention.attention_kernel(d, bits, d, bits)
+        tiled = which == "attention-tiled"
+        kern = attention.attention_kernel(d, bits, d, bits, tiled=tiled)
         f16, u16 = np.float16, np.uint16
-        args = (np.zeros((1, 8, d), f32), np.zeros((1, 4 * d * bits // 32), u32),
-                np.zeros((1, 4), f16), np.zeros(1 << bits, f32),
-                np.zeros((1, 4 * d * bits // 16), u16), np.zeros((1, 4), f16),
+        norms = np.zeros((1, 8), u32) if tiled else np.zeros((1, 16), f16)
+        vcodes = (np.zeros((1, 16 * d * bits // 32), u32) if tiled
+                  else np.zeros((1, 16 * d * bits // 16), u16))
+        args = (np.zeros((1, 8, d), f32), np.zeros((1, 16 * d * bits // 32), u32),
+                norms, np.zeros(1 << bits, f32), vcodes, norms,
                 np.zeros(1 << bits, f32), 0, 0, 0, 0, np.zeros((1, 1, 8, d), f32),
                 np.zeros((1, 1, 8), f32), np.zeros((1, 1, 8), f32))
     elif which == "bias":
@@ -129,7 +133,8 @@ def loop_body(text):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kernel", choices=["quantize", "rotor", "wht", "one", "group", "attention",
-                                           "bias"])
+                                       "attention-tiled",
+                                       "bias"])
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")

@@ -585,6 +585,23 @@ if SIMULATOR:
         """The float16 bits of ``lo`` (low half) and ``hi`` (high half) in one uint32."""
         return np.uint32(int(half_bits(lo)) | (int(half_bits(hi)) << 16))
 
+    def load_u4(arr, i):
+        """``arr[i : i + 4]`` of a uint32 array (one 16-byte load on the device; ``i`` a
+        multiple of 4)."""
+        return arr[i], arr[i + np.uint64(1)], arr[i + np.uint64(2)], arr[i + np.uint64(3)]
+
+    def load_u2(arr, i):
+        """``arr[i : i + 2]`` of a uint32 array (one 8-byte load on the device; ``i`` even)."""
+        return arr[i], arr[i + np.uint64(1)]
+
+    def pair_lo(a, b):
+        """The low halves of ``a`` and ``b`` as one word (``prmt.b32 …, 0x5410``)."""
+        return np.uint32((int(a) & 0xFFFF) | ((int(b) & 0xFFFF) << 16))
+
+    def pair_hi(a, b):
+        """The high halves of ``a`` and ``b`` as one word (``prmt.b32 …, 0x7632``)."""
+        return np.uint32((int(a) >> 16) | (int(b) & 0xFFFF0000))
+
     def _half_of(u):
         return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
 
@@ -711,6 +728,44 @@ else:
             return builder.call(fn, args)
         return types.uint32(types.float32, types.float32), codegen
 
+    def _u32_array(arr):
+        return (isinstance(arr, types.Array) and arr.dtype == types.uint32 and arr.ndim == 1
+                and arr.layout == "C")
+
+    def _load_words(n):
+        def typer(typingctx, arr, i):
+            if not _u32_array(arr):
+                return None
+
+            def codegen(context, builder, signature, args):
+                ary = context.make_array(signature.args[0])(context, builder, args[0])
+                ptr = builder.gep(ary.data, [args[1]], inbounds=True)
+                vty = ir.VectorType(ir.IntType(32), n)
+                v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4 * n)
+                vals = [builder.extract_element(v, ir.Constant(ir.IntType(32), k))
+                        for k in range(n)]
+                return context.make_tuple(builder, signature.return_type, vals)
+            return types.UniTuple(types.uint32, n)(arr, types.uint64), codegen
+        return typer
+
+    load_u4 = intrinsic(_load_words(4))
+    load_u4.__doc__ = """``arr[i : i + 4]`` of a 1-D uint32 array in one 16-byte load (``i``:
+    uint64, a multiple of 4; the array 16-byte aligned)."""
+    load_u2 = intrinsic(_load_words(2))
+
+    def _prmt(selector):
+        def typer(typingctx, a, b):
+            def codegen(context, builder, signature, args):
+                i32 = ir.IntType(32)
+                fn = ir.InlineAsm(ir.FunctionType(i32, [i32, i32]),
+                                  f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r")
+                return builder.call(fn, args)
+            return types.uint32(types.uint32, types.uint32), codegen
+        return typer
+
+    pair_lo = intrinsic(_prmt("0x5410"))
+    pair_hi = intrinsic(_prmt("0x7632"))
+
     @intrinsic
     def mma16816(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         """``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` (inline PTX)."""
@@ -818,7 +873,9 @@ def _build(name, lines, env):
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
            "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at,
-           "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2}
+           "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2,
+           "load_u4": load_u4, "load_u2": load_u2, "pair_lo": pair_lo, "pair_hi": pair_hi,
+           "U16": np.uint16, "half_float": half_float}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -898,7 +955,8 @@ def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
     return (int(dk), int(kbits), int(dv), int(vbits))
 
 
-def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bias=False):
+def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bias=False,
+                     tiled=False):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
 
     ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·kbits/32), kn f16 (BH, cap), kcent f32,
@@ -923,6 +981,15 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     RoPE-aware key-offset term of each key and row (:func:`key_bias_scores`), added to the
     scores.
 
+    ``tiled=True``: the codes and norms are in the tile layout of :mod:`rotorq.tiles` —
+    ``kc``, ``vc`` uint32 (BH, cap·D·bits/32) and ``kn``, ``vn`` uint32 (BH, cap/2), the
+    float16 norms of tokens ``g, g+8`` in one word; ``chunk`` a multiple of 16. A lane's
+    codes of a step are then a 16-byte and an 8-byte load per stream (coalesced across the
+    warp) instead of 18 scattered ones, and the value pair table is indexed by two adjacent
+    coordinates of one token, as the key table: the two lookups of tokens ``2t, 2t+1``
+    give ``(c_j, c_{j+1})`` of each, turned into the MMA's ``(token 2t, token 2t+1)`` pairs
+    of coordinates ``j`` and ``j+1`` by two byte permutes.
+
     The pair tables are replicated per lane where shared memory allows
     (:func:`table_copies`), so a lookup is one wavefront. Token indices are 32-bit and each
     lane reads its words through a view that starts at
@@ -935,7 +1002,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         blocks = FAST_LAUNCH_BLOCKS if big_dk + big_dv <= 256 else 0
     blocks = blocks or None
     copies = FAST_TABLE_COPIES if copies is None else copies
-    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias))
+    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled))
     if key in _fast_kernels:
         return _fast_kernels[key]
     kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
@@ -1020,10 +1087,15 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "    pw = warp * 128",
           # 32-bit token indices; each lane's words as a view from its first word, so a row's
           # address is one wide multiply-add
-          f"    kcl = kc[bh, t * {kw}:]",
-          f"    vcl = vc[bh, g * {vw}:]",
+          f"    kcl = kc[bh]" if tiled else f"    kcl = kc[bh, t * {kw}:]",
+          f"    vcl = vc[bh]" if tiled else f"    vcl = vc[bh, g * {vw}:]",
           "    knb = kn[bh]",
           "    vnb_ = vn[bh]"]
+    if tiled:
+        L += ["    ltile = shr32(last, U32(4))",
+              "    l4 = U64(4 * lane)",
+              "    l2 = U64(2 * lane)",
+              "    gw = U64(g)"]
     if bias:  # the key-offset term of rows ra, rb (rows past n_rows are masked anyway)
         L += ["    kbl = kbias[bh]",
               "    rau = U64(ra)"]
@@ -1062,9 +1134,43 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
                 f"{ind}{pre}vnb = np.float32(vnb_[U64({pre}jb)])"]
         return out
 
-    names = ([f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
-             + [f"v{x}_{i}" for x in range(4) for i in range(nx)]
-             + ["na", "nb", "vna", "vnb"] + (["ba_a", "bb_a", "ba_b", "bb_b"] if bias else []))
+    kslots = [f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
+    vslots = [f"wa{w}" for w in range(vw)] + [f"wb{w}" for w in range(vw)]
+
+    def vector_loads(ind, pre, arr, first, slots):
+        """A lane's words ``slots`` of the tile at word ``first``: 16-byte chunks at
+        ``128c + 4·lane``, an 8-byte rest at ``128F + 2·lane`` (:mod:`rotorq.tiles`)."""
+        out, full = [], len(slots) // 4
+        for c in range(full):
+            dst = ", ".join(pre + n for n in slots[4 * c:4 * c + 4])
+            out.append(f"{ind}{dst} = load_u4({arr}, {first} + U64({128 * c}) + l4)")
+        if len(slots) % 4:
+            dst = ", ".join(pre + n for n in slots[4 * full:])
+            out.append(f"{ind}{dst} = load_u2({arr}, {first} + U64({128 * full}) + l2)")
+        return out
+
+    def tiled_loads(ind, pre, base):
+        """Loads of the tile at token ``base`` (a multiple of 16, clamped to the split's
+        last tile) into ``{pre}…``."""
+        out = [f"{ind}{pre}tt = U64(min32(shr32({base}, U32(4)), ltile))"]
+        out += vector_loads(ind, pre, "kcl", f"{pre}tt * U64({16 * krow})", kslots)
+        out += vector_loads(ind, pre, "vcl", f"{pre}tt * U64({8 * vrow_w})", vslots)
+        out += [f"{ind}{pre}nkw = knb[{pre}tt * U64(8) + gw]",
+                f"{ind}{pre}nvw = vnb_[{pre}tt * U64(8) + gw]"]
+        if bias:
+            out += [f"{ind}{pre}ja = min32(add32({base}, gu), last)",
+                    f"{ind}{pre}jb = min32(add32({base}, g8u), last)",
+                    f"{ind}{pre}ba_a, {pre}bb_a = load_f2(kbl, U64({pre}ja) * U64(8) + rau)",
+                    f"{ind}{pre}ba_b, {pre}bb_b = load_f2(kbl, U64({pre}jb) * U64(8) + rau)"]
+        return out
+
+    if tiled:
+        loads = tiled_loads  # noqa: F811
+        names = kslots + vslots + ["nkw", "nvw"]
+    else:
+        names = kslots + [f"v{x}_{i}" for x in range(4) for i in range(nx)] + [
+            "na", "nb", "vna", "vnb"]
+    names += ["ba_a", "bb_a", "ba_b", "bb_b"] if bias else []
     # software pipelining: the next tile's codes are in flight while this one is computed
     L += loads("    ", "n_", "nbase")
     L.append("    for it in range(ntile):")
@@ -1073,6 +1179,11 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           f"{ind}ta = add32(base, gu)",
           f"{ind}tb = add32(base, g8u)"]
     L += [f"{ind}{n} = n_{n}" for n in names]
+    if tiled:
+        L += [f"{ind}na = half_float(U16(nkw))",
+              f"{ind}nb = half_float(U16(shr32(nkw, U32(16))))",
+              f"{ind}vna = half_float(U16(nvw))",
+              f"{ind}vnb = half_float(U16(shr32(nvw, U32(16))))"]
     L.append(f"{ind}nbase = add32(base, U32({16 * W}))")
     L += loads(ind, "n_", "nbase")
     L += [f"{ind}{v}{i} = np.float32(0.0)" for v in "sz" for i in range(4)]
@@ -1143,6 +1254,14 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           f"(half_bits(pt[pw + (2 * t + 9) * 8 + g]) << U32(16))",
           f"{ind}{sync}"]
     for mt in range(mtiles):
+        if tiled:  # (c_j, c_j+1) of tokens x0, x1 (x2, x3), then the (x0, x1) pairs per j
+            for i, (w, p) in enumerate((("wa", 0), ("wa", 16 * vw), ("wb", 0), ("wb", 16 * vw))):
+                fld = _field(w, p + 2 * mt * vbits, 2 * vbits, shift=vshift)
+                L.append(f"{ind}r{i} = word_at(tabv, {lookup(fld, cv)})")
+            L += [f"{ind}a0 = pair_lo(r0, r1)", f"{ind}a1 = pair_hi(r0, r1)",
+                  f"{ind}a2 = pair_lo(r2, r3)", f"{ind}a3 = pair_hi(r2, r3)",
+                  mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3")]
+            continue
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
             lo = lookup(_field(f"v{x0}_", j * vbits, vbits, shift=vshift), cv)

@@ -185,8 +185,12 @@ FAST_RTOL = 5e-3  # fp16 MMA inputs (queries, centroids, p·ν), fp32 accumulati
 
 @pytest.mark.cudasim
 @pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
+@pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiles"])
 @pytest.mark.parametrize("name", sorted(FAST_CASES))
-def test_sim_fast_kernel_matches_cpu(rng, name):
+def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
+    """The tensor-core kernel against the CPU kernel, reading the row layout or the tile
+    layout of :mod:`rotorq.tiles` (a partial last tile: its other slots hold other codes,
+    masked)."""
     att = importlib.import_module("rotorq.cuda.attention")
     case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), **FAST_CASES[name])
     chunk = 64
@@ -203,10 +207,23 @@ def test_sim_fast_kernel_matches_cpu(rng, name):
         kb = np.zeros((case["n_bh"], case["n_keys"], 8), np.float32)
         CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kb)
         kbias = (kb.reshape(case["n_bh"], -1),)
-    kern = att.attention_kernel(*cfg, bias=bool(kbias))
-    kern[(n_split, case["n_bh"]), 32 * att.FAST_WARPS](
-        case["q"][0], kc.view(np.uint32).reshape(case["n_bh"], -1), kn, kcent,
-        vc.view(np.uint16).reshape(case["n_bh"], -1), vn, vcent, *kbias,
+    kern = att.attention_kernel(*cfg, bias=bool(kbias), tiled=tiled)
+    n_bh = case["n_bh"]
+    if tiled:
+        from rotorq import tiles
+        n, cap = case["n_keys"], -(-case["n_keys"] // 16) * 16
+        bufs = []
+        for kind, codes, nrm, bits in (("keys", kc, kn, cfg[1]), ("values", vc, vn, cfg[3])):
+            tc = rng.integers(0, 256, (n_bh, cap, codes.shape[2]), dtype=np.uint8)
+            tn = rng.standard_normal((n_bh, cap)).astype(np.float16)
+            tiles.store(np, tc, tn, codes[:, :n], nrm[:, :n], 0, kind, 128, bits)
+            bufs += [tc.view(np.uint32).reshape(n_bh, -1), tn.view(np.uint32)]
+        args = (bufs[0], bufs[1], kcent, bufs[2], bufs[3], vcent)
+    else:
+        args = (kc.view(np.uint32).reshape(n_bh, -1), kn, kcent,
+                vc.view(np.uint16).reshape(n_bh, -1), vn, vcent)
+    kern[(n_split, n_bh), 32 * att.FAST_WARPS](
+        case["q"][0], *args, *kbias,
         case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
     gm = merged([got[0], got[1], got[2], got[3]])
     wm = merged(want)

@@ -1,0 +1,169 @@
+"""Fragment-tiled storage of packed key and value codes for the tensor-core attention kernel.
+
+The KV cache stores each token's packed codes as one row (``codes[bh, t]``, the bytes of
+:meth:`rotorq.TurboQuant.quantize`) and its norm as ``norms[bh, t]``. On a GPU the
+tensor-core decode attention (:func:`rotorq.cuda.attention.attention_kernel` with
+``tiled=True``) reads 16 tokens per warp step, and each lane needs scattered pieces of those
+rows: 12 bytes of two tokens' keys, 6 bytes of four tokens' values, four norms. Read from the
+row layout, that is 22 scattered loads per lane and step. The *tile layout* permutes the bytes
+of every block of 16 consecutive rows (the same array, shape and bytes; only positions inside
+each 16-token block move) so that each lane's pieces are contiguous and a warp's loads are
+coalesced 16- and 8-byte vectors:
+
+- keys, a token's row split into 4 quarters of ``dim·bits/32`` bits: lane ``l = 4g + t``
+  holds quarter ``t`` of tokens ``g`` and ``g + 8`` (its ``2·kw`` words);
+- values, a row split into 8 eighths of ``dim·bits/64`` bits: lane ``l`` holds eighth ``g``
+  of tokens ``2t, 2t+1`` and of ``2t+8, 2t+9`` (``2·vw`` words);
+- each lane's words are cut into 16-byte chunks and one 8-byte rest; chunk ``c`` of lane
+  ``l`` is at word ``128c + 4l`` of the tile (the rest at ``128F + 2l``), so one vector load
+  of the warp covers a contiguous 512 (256) bytes;
+- norms: token ``r`` of a block is at slot ``2·(r % 8) + r // 8``, so the pair of tokens
+  ``g, g + 8`` is one 32-bit word.
+
+Only whole-word quarters are tiled (``dim`` a multiple of 128); the layout is internal to the
+cache, which converts back to rows (:func:`load`) for anything but that kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+TILE = 16
+"""Tokens per tile."""
+
+
+def supported(dim: int, bits: int) -> bool:
+    """Whether codes of ``dim`` coordinates at ``bits`` bits can be tiled."""
+    return dim > 0 and dim % 128 == 0 and 1 <= bits <= 8
+
+
+def _chunk_position(lane: int, slot: int, n_slots: int) -> int:
+    """Tile word of a lane's word ``slot`` (of ``n_slots``, even): 16-byte chunks, then an
+    8-byte rest."""
+    full = n_slots // 4
+    if slot < 4 * full:
+        return 128 * (slot // 4) + 4 * lane + slot % 4
+    return 128 * full + 2 * lane + (slot - 4 * full)
+
+
+@functools.lru_cache(maxsize=None)
+def order(kind: str, dim: int, bits: int) -> np.ndarray:
+    """Positions (uint16 units within the tile) of every uint16 of every row of a tile:
+    ``out[r, u]`` is where uint16 ``u`` of token ``r``'s row goes; ``kind`` "keys" or
+    "values". A permutation of ``range(16 · dim · bits / 16)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rotorq import tiles
+    >>> o = tiles.order("keys", 128, 3)
+    >>> o.shape, bool(np.array_equal(np.sort(o.ravel()), np.arange(o.size)))
+    ((16, 24), True)
+    """
+    if kind not in ("keys", "values"):
+        raise ValueError(f"kind must be 'keys' or 'values', got {kind!r}")
+    if not supported(dim, bits):
+        raise ValueError(f"codes of dim={dim} at bits={bits} cannot be tiled")
+    halves = dim * bits // 16  # uint16 per row
+    out = np.full((TILE, halves), -1, np.int64)
+    if kind == "keys":
+        kw = halves // 8  # words per quarter
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            for slot in range(2 * kw):
+                row = g + 8 * (slot >= kw)
+                word = t * kw + slot % kw
+                pos = _chunk_position(lane, slot, 2 * kw)
+                out[row, 2 * word] = 2 * pos
+                out[row, 2 * word + 1] = 2 * pos + 1
+    else:
+        vw = halves // 8  # uint16 per eighth
+        for lane in range(32):
+            g, t = divmod(lane, 4)
+            for slot in range(2 * vw):
+                pair, k = divmod(slot, vw)
+                pos = _chunk_position(lane, slot, 2 * vw)
+                for hh in range(2):
+                    q = 2 * k + hh  # uint16 of the pair: token 2t(+8) first, then 2t+1(+8)
+                    row = 2 * t + 8 * pair + q // vw
+                    out[row, g * vw + q % vw] = 2 * pos + hh
+    assert (out >= 0).all()
+    out.setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def norm_slots() -> np.ndarray:
+    """Slot of token ``r`` of a tile in the tiled norms: ``2·(r % 8) + r // 8``."""
+    r = np.arange(TILE)
+    out = 2 * (r % 8) + r // 8
+    out.setflags(write=False)
+    return out
+
+
+def _as_halves(xp, codes):
+    """The uint16 view ``(BH, cap / 16, 16 · row / 2)`` of tiled codes ``(BH, cap, row)``."""
+    n_bh, cap, row = codes.shape
+    return codes.view(xp.uint16).reshape(n_bh, cap // TILE, TILE * row // 2)
+
+
+def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
+    """Write tokens ``first …`` into tiled buffers.
+
+    Parameters
+    ----------
+    xp : module
+        numpy or cupy.
+    codes : uint8 (BH, cap, row_bytes), C-contiguous, ``cap`` a multiple of 16
+    norms : float16 (BH, cap)
+    rows : uint8 (BH, n, row_bytes)
+        Packed codes of the new tokens, row layout.
+    row_norms : (BH, n)
+    first : int
+        Token index of ``rows[:, 0]``.
+    kind, dim, bits
+        As :func:`order`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from rotorq import tiles
+    >>> rng = np.random.default_rng(0)
+    >>> rows = rng.integers(0, 256, (2, 21, 48), dtype=np.uint8)
+    >>> nrm = rng.standard_normal((2, 21)).astype(np.float16)
+    >>> codes, norms = np.zeros((2, 32, 48), np.uint8), np.zeros((2, 32), np.float16)
+    >>> tiles.store(np, codes, norms, rows[:, :5], nrm[:, :5], 0, "values", 128, 3)
+    >>> tiles.store(np, codes, norms, rows[:, 5:], nrm[:, 5:], 5, "values", 128, 3)
+    >>> back, bn = tiles.load(np, codes, norms, 0, 21, "values", 128, 3)
+    >>> bool(np.array_equal(back, rows)), bool(np.array_equal(bn, nrm))
+    (True, True)
+    """
+    n = rows.shape[1]
+    if n == 0:
+        return
+    pos = order(kind, dim, bits)
+    tok = np.arange(first, first + n)
+    tau, r = tok // TILE, tok % TILE
+    halves = _as_halves(xp, codes)
+    src = xp.ascontiguousarray(rows).view(xp.uint16)
+    halves[:, xp.asarray(tau[:, None]), xp.asarray(pos[r])] = src
+    norms[:, xp.asarray(tau * TILE + norm_slots()[r])] = row_norms.astype(norms.dtype)
+
+
+def load(xp, codes, norms, lo, hi, kind, dim, bits):
+    """Tokens ``lo … hi − 1`` of tiled buffers in row layout: ``(codes (BH, n, row_bytes)
+    uint8, norms (BH, n))`` (new arrays)."""
+    n_bh, _, row = codes.shape
+    tok = np.arange(lo, hi)
+    if tok.size == 0:
+        return xp.empty((n_bh, 0, row), xp.uint8), xp.empty((n_bh, 0), norms.dtype)
+    tau, r = tok // TILE, tok % TILE
+    pos = order(kind, dim, bits)
+    got = _as_halves(xp, codes)[:, xp.asarray(tau[:, None]), xp.asarray(pos[r])]
+    rows = xp.ascontiguousarray(got).view(xp.uint8).reshape(n_bh, tok.size, row)
+    return rows, norms[:, xp.asarray(tau * TILE + norm_slots()[r])]
+
+
+__all__ = ["TILE", "load", "norm_slots", "order", "store", "supported"]
