@@ -46,7 +46,7 @@ def merged(res):
 def run(tokens, variants, reps, rng):
     cache, kt, vt = build_cache(tokens, rng)
     q = cp.asarray(rng.standard_normal((HQ, 128), dtype=np.float32))
-    rq, kargs, vargs, n_c, n_q, off = fused_args(cache, q)
+    rq, kargs, vargs, n_c, n_q, off, lay = fused_args(cache, q)
     comp = cache.compressed_tokens * cache.bytes_per_token
     nbuf = max(1, min(64, -(-2 * l2_bytes() // comp)))
     bufs = [(kargs, vargs)]
@@ -55,7 +55,7 @@ def run(tokens, variants, reps, rng):
                      tuple((a[0].copy(), a[1].copy()) + a[2:] for a in vargs)))
 
     def fused(b):
-        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off)
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, layout=lay)
 
     saved = api.ATTENTION_FAST
     api.ATTENTION_FAST = False
@@ -76,7 +76,7 @@ def run(tokens, variants, reps, rng):
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         t = kernel_time(fused, bufs, reps)
         parts = launch_times(fused, bufs, reps)
-        kern = att.attention_kernel(128, 3, 128, 3)
+        kern = att.attention_kernel(128, 3, 128, 3, tiled=lay == "tiles")
         regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
                 for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
         rows.append({"tokens": tokens, "blocks": blocks or None, "splits_per_sm": per_sm,

@@ -73,21 +73,40 @@ def build_cache(tokens, rng):
     return cache, kt, vt
 
 
-def fused_args(cache, q):
-    """The backend call KVCache.attend makes for the compressed part."""
+def fused_args(cache, q, layout=None):
+    """The backend call KVCache.attend makes for the compressed part: ``(rq, kargs, vargs,
+    n_keys, n_q, offset, layout)``. ``layout="rows"``: the codes converted to the row
+    layout (copies) when the cache holds tiles (:mod:`rotorq.tiles`)."""
     xp = cp
     kargs, vargs = [], []
+    held = cache._vparts[0].layout
+    n_c = cache.compressed_tokens
+
+    def codes_of(part):
+        if layout == "rows" and held == "tiles":
+            return part.rows(xp, 0, n_c)
+        return part.buffers["codes"], part.buffers["norms"]
+
     for part in cache._kparts:
-        tq, buf = part.tq, part.buffers
-        kargs.append((buf["codes"], buf["norms"], tq._consts(xp)["centroids"], tq.mse_bits,
+        tq = part.tq
+        kargs.append((*codes_of(part), tq._consts(xp)["centroids"], tq.mse_bits,
                       None, None, 0.0))
     for part in cache._vparts:
-        tq, buf = part.tq, part.buffers
-        vargs.append((buf["codes"], buf["norms"], tq._consts(xp)["centroids"], tq.mse_bits,
+        tq = part.tq
+        vargs.append((*codes_of(part), tq._consts(xp)["centroids"], tq.mse_bits,
                       tq.stored_dim))
     qq, _, _, n_q, _ = cache._queries(q)
     rq = tuple(cache._rotated_queries(qq, 1.0 / math.sqrt(D)))
-    return rq, tuple(kargs), tuple(vargs), cache.compressed_tokens, n_q, cache.compressed_tokens
+    return rq, tuple(kargs), tuple(vargs), n_c, n_q, n_c, layout or held
+
+
+def rotated_copies(kargs, vargs, n):
+    """``n`` buffer sets ``(kargs, vargs)``: the originals, then copies of codes and norms."""
+    out = [(kargs, vargs)]
+    for _ in range(n - 1):
+        out.append((tuple((a[0].copy(), a[1].copy()) + a[2:] for a in kargs),
+                    tuple((a[0].copy(), a[1].copy()) + a[2:] for a in vargs)))
+    return out
 
 
 def bench(tokens, rng, reps):
@@ -98,21 +117,23 @@ def bench(tokens, rng, reps):
     nbuf_f = max(1, min(64, -(-2 * l2_bytes() // fp16_bytes)))
     qs = [cp.asarray(rng.standard_normal((HQ, D), dtype=np.float32)) for _ in range(4)]
     # rotate copies of the packed buffers (the kernel reads only these)
-    rq, kargs, vargs, n_c, n_q, off = fused_args(cache, qs[0])
-    cbufs = []
-    for i in range(nbuf_c):
-        if i == 0:
-            cbufs.append((kargs, vargs))
-            continue
-        kc = tuple((a[0].copy(), a[1].copy()) + a[2:] for a in kargs)
-        vc = tuple((a[0].copy(), a[1].copy()) + a[2:] for a in vargs)
-        cbufs.append((kc, vc))
+    rq, kargs, vargs, n_c, n_q, off, lay = fused_args(cache, qs[0])
+    cbufs = rotated_copies(kargs, vargs, nbuf_c)
 
     def fused(b):
-        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off)
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, layout=lay)
 
     t_fused = events_time(fused, cbufs, reps)
     t_fused_kernel = kernel_time(fused, cbufs, reps)  # the same launches, no host work
+    # the same kernel on the row layout (the codes as TurboQuant.quantize writes them)
+    _, rk, rv, _, _, _, _ = fused_args(cache, qs[0], layout="rows")
+    rbufs = rotated_copies(rk, rv, nbuf_c)
+
+    def fused_rows(b):
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, layout="rows")
+
+    t_rows_kernel = kernel_time(fused_rows, rbufs, reps)
+    del rbufs, rk, rv
     # the same with the RoPE-aware key-offset bias (KVCache(rope_base=...)): the per-key
     # term, then the tensor-core kernel; and the general kernel, which computes it inside
     half = D // 2
@@ -121,7 +142,7 @@ def bench(tokens, rng, reps):
             cp.asarray(100000.0 ** (-np.arange(0, D, 2) / D)), 1)
 
     def fused_bias(b):
-        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, key_bias=bias)
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, key_bias=bias, layout=lay)
 
     t_bias = events_time(fused_bias, cbufs, reps)
     t_bias_kernel = kernel_time(fused_bias, cbufs, reps)
@@ -169,6 +190,7 @@ def bench(tokens, rng, reps):
     cp.get_default_memory_pool().free_all_blocks()
     torch.cuda.empty_cache()
     return {"tokens": tokens, "compressed_bytes": comp_bytes, "fp16_bytes": fp16_bytes,
+            "layout": lay, "rows_kernel_us": t_rows_kernel * 1e6,
             "fused_us": t_fused * 1e6, "fused_kernel_us": t_fused_kernel * 1e6,
             "speedup_fused_kernel": t_sdpa / t_fused_kernel,
             "fused_rope_bias_us": t_bias * 1e6, "fused_rope_bias_kernel_us": t_bias_kernel * 1e6,
@@ -190,10 +212,11 @@ def profile_host(rng, path, calls=200):
     import pstats
     cache, _, _ = build_cache(4096, rng)
     q = cp.asarray(rng.standard_normal((HQ, D), dtype=np.float32))
-    args = fused_args(cache, q)
+    *args, lay = fused_args(cache, q)
     out = io.StringIO()
     for name, fn in (("KVCache.attend", lambda: cache.attend(q)),
-                     ("cuda.decode_attention", lambda: api.decode_attention(*args))):
+                     ("cuda.decode_attention",
+                      lambda: api.decode_attention(*args, layout=lay))):
         fn()
         cp.cuda.runtime.deviceSynchronize()
         prof = cProfile.Profile()
@@ -237,14 +260,16 @@ def main():
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# decode attention, {HQ} q / {HK} KV heads, d={D}, {BITS}-bit K and V, n_q=1",
              "", ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
-             "| T | fused µs | fused, kernels only µs | TB/s | floor µs | general kernel µs | "
+             "| T | codes | fused µs | fused, kernels only µs | same kernels on rows µs | TB/s | "
+             "floor µs | general kernel µs | "
              "general + RoPE bias µs | fused + RoPE bias µs (call / kernels) | "
              "KVCache.attend µs (events / wall) | "
              "torch SDPA fp16 µs | TB/s | SDPA / fused | SDPA / fused kernels | "
              "SDPA / attend | rel. err vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['tokens']} | {r['fused_us']:.1f} | {r['fused_kernel_us']:.1f} | "
+        lines.append(f"| {r['tokens']} | {r['layout']} | {r['fused_us']:.1f} | "
+                     f"{r['fused_kernel_us']:.1f} | {r['rows_kernel_us']:.1f} | "
                      f"{r['fused_tbs']:.2f} | "
                      f"{r['floor_us']:.1f} | {r['general_us']:.1f} | "
                      f"{r['general_rope_bias_us']:.1f} | "

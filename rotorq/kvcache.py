@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from . import _backend
+from . import _backend, tiles
 from ._arrays import origin_of
 from .rotation import ROTATIONS
 from .turboquant import MODES, TurboQuant, _positive_int
@@ -60,12 +60,18 @@ def _dtype_name(x, arr) -> str:
 
 
 class _Part:
-    """One channel subset of one stream (keys or values): its quantizer and growth buffers."""
+    """One channel subset of one stream (keys or values): its quantizer and growth buffers.
 
-    def __init__(self, tq: TurboQuant, offset: int):
+    ``layout`` "tiles": the buffers ``codes`` and ``norms`` hold each block of 16 tokens in
+    the tile layout of :mod:`rotorq.tiles` (the GPU's tensor-core attention reads it in
+    place); :meth:`rows` gives them back in token order."""
+
+    def __init__(self, tq: TurboQuant, offset: int, kind: str):
         self.tq = tq
         self.offset = offset  # first channel of this part in the permuted channel order
         self.dim = tq.dim
+        self.kind = kind  # "keys" or "values"
+        self.layout = "rows"
         self.buffers: dict = {}
 
     def row_bytes(self) -> int:
@@ -79,30 +85,51 @@ class _Part:
     def append(self, xp, rows, n_bh, n_tok, used):
         """Quantize ``rows`` (n_bh·n_tok, dim) and write them after the ``used`` tokens."""
         qv = self.tq.quantize(rows)
+        tiled = self.layout == "tiles"
+        need = used + n_tok
+        new_parts = {}
         for name, arr in qv.parts.items():
-            arr = arr.reshape((n_bh, n_tok) + tuple(arr.shape[1:]))
+            arr = new_parts[name] = arr.reshape((n_bh, n_tok) + tuple(arr.shape[1:]))
             buf = self.buffers.get(name)
-            need = used + n_tok
             if buf is None or buf.shape[1] < need:
                 cap = max(need, 256 if buf is None else 2 * buf.shape[1])
-                new = xp.empty((n_bh, cap) + tuple(arr.shape[2:]), arr.dtype)
+                if tiled:  # whole tiles; slots past the tokens hold finite zeros
+                    cap = -(-cap // tiles.TILE) * tiles.TILE
+                    new = xp.zeros((n_bh, cap) + tuple(arr.shape[2:]), arr.dtype)
+                else:
+                    new = xp.empty((n_bh, cap) + tuple(arr.shape[2:]), arr.dtype)
                 if buf is not None:
-                    new[:, :used] = buf[:, :used]
+                    keep = -(-used // tiles.TILE) * tiles.TILE if tiled else used
+                    new[:, :keep] = buf[:, :keep]
                 buf = self.buffers[name] = new
-            buf[:, used:need] = arr
+            if not tiled:
+                buf[:, used:need] = arr
+        if tiled:
+            tiles.store(xp, self.buffers["codes"], self.buffers["norms"], new_parts["codes"],
+                        new_parts["norms"], used, self.kind, self.tq.stored_dim,
+                        self.tq.mse_bits)
+
+    def rows(self, xp, lo, hi):
+        """``(codes, norms)`` of tokens ``lo..hi`` in token order: (BH, n, nbytes), (BH, n)
+        (views of the buffers in the row layout, new arrays in the tile layout)."""
+        if self.layout == "tiles":
+            return tiles.load(xp, self.buffers["codes"], self.buffers["norms"], lo, hi,
+                              self.kind, self.tq.stored_dim, self.tq.mse_bits)
+        return self.buffers["codes"][:, lo:hi], self.buffers["norms"][:, lo:hi]
 
     def decode(self, xp, be, lo, hi):
         """Dequantized float32 rows ``(BH, hi − lo, dim)`` of tokens ``lo..hi`` (MSE mode)."""
-        codes = self.buffers["codes"][:, lo:hi]
+        codes, norms = self.rows(xp, lo, hi)
         n_bh, n = codes.shape[0], codes.shape[1]
         tq = self.tq
         out = be.dequantize(xp.ascontiguousarray(codes.reshape(n_bh * n, -1)),
-                            self.buffers["norms"][:, lo:hi].reshape(-1).astype(xp.float32),
+                            norms.reshape(-1).astype(xp.float32),
                             tq.rotation, tq._consts(xp)["centroids"], tq.mse_bits)
         return out.reshape(n_bh, n, self.dim)
 
     def drop_front(self, n, used):
         """Forget the first ``n`` of ``used`` tokens (the rest move to the front)."""
+        assert self.layout == "rows"  # window parts only
         if n and used > n:
             for buf in self.buffers.values():
                 buf[:, :used - n] = buf[:, n:used].copy()
@@ -308,25 +335,26 @@ class KVCache:
                                          or not isinstance(outlier_bits, (int, np.integer))):
             raise TypeError(f"outlier_bits must be an int, got {type(outlier_bits).__name__}")
 
-        def quantizers(bits, mode, obits, seed):
+        def quantizers(bits, mode, obits, seed, kind):
             parts = [_Part(TurboQuant(d - k, bits, mode=mode, rotation=rotation,
-                                      seed=seed, norm_correction=nc), 0)]
+                                      seed=seed, norm_correction=nc), 0, kind)]
             if k:
                 parts.append(_Part(TurboQuant(k, obits, mode=mode, rotation=rotation,
-                                              seed=seed + 1, norm_correction=nc), d - k))
+                                              seed=seed + 1, norm_correction=nc), d - k, kind))
             return parts
 
         kb_out = min(8, key_bits + 1) if outlier_bits is None else outlier_bits
         vb_out = min(8, value_bits + 1) if outlier_bits is None else outlier_bits
         self.key_bits, self.value_bits = key_bits, value_bits
         self.outlier_bits = (kb_out, vb_out) if k else None
-        self._kparts = quantizers(key_bits, key_mode, kb_out, 4 * self.seed)
-        self._vparts = quantizers(value_bits, "mse", vb_out, 4 * self.seed + 2)
+        self._kparts = quantizers(key_bits, key_mode, kb_out, 4 * self.seed, "keys")
+        self._vparts = quantizers(value_bits, "mse", vb_out, 4 * self.seed + 2, "values")
         self._wkparts = self._wvparts = None
         if residual_bits is not None:
             rb, rb_out = residual_bits, min(8, residual_bits + 1)
-            self._wkparts = quantizers(rb, "mse", rb_out, 4 * self.seed + _WINDOW_SEED)
-            self._wvparts = quantizers(rb, "mse", rb_out, 4 * self.seed + 2 + _WINDOW_SEED)
+            self._wkparts = quantizers(rb, "mse", rb_out, 4 * self.seed + _WINDOW_SEED, "keys")
+            self._wvparts = quantizers(rb, "mse", rb_out, 4 * self.seed + 2 + _WINDOW_SEED,
+                                       "values")
 
         # state fixed by the first non-empty append
         self._origin = None
@@ -593,6 +621,11 @@ class KVCache:
             cap = self.residual_tokens + self.block_tokens
             self._win_k = xp.empty((n_bh, cap, d), xp.float32)
             self._win_v = xp.empty((n_bh, cap, d), xp.float32)
+        if len(self._kparts) == 1 and len(self._vparts) == 1:  # the backend's attention layout
+            kq, vq = self._kparts[0].tq, self._vparts[0].tq
+            layout = self._be.attention_layout(kq.stored_dim, kq.mse_bits, kq.mode,
+                                               vq.stored_dim, vq.mse_bits)
+            self._kparts[0].layout = self._vparts[0].layout = layout
 
     # -- key transform ----------------------------------------------------------------
     def _offsets(self, p0, n):
@@ -861,8 +894,9 @@ class KVCache:
                 if tq.mode == "prod":
                     signs = xp.ascontiguousarray(buf["qjl_signs"][:, :c])
                     qn = buf["qjl_norms"][:, :c].astype(xp.float32)
-                s = be.scores(qrot, qsk, bmap, xp.ascontiguousarray(buf["codes"][:, :c]),
-                              buf["norms"][:, :c].astype(xp.float32), signs, qn, bmap,
+                codes, norms = part.rows(xp, 0, c)
+                s = be.scores(qrot, qsk, bmap, xp.ascontiguousarray(codes),
+                              norms.astype(xp.float32), signs, qn, bmap,
                               k["centroids"], tq.mse_bits, tq.qjl_scale if qsk is not None
                               else 0.0)
                 comp = s if comp is None else comp + s
@@ -943,7 +977,8 @@ class KVCache:
                         self._n_sink)
             accs, m_c, l_c = be.decode_attention(tuple(self._rotated_queries(q, scale)),
                                                  tuple(kargs), tuple(vargs), c, n_q,
-                                                 offset - self._n_sink, key_bias=bias)
+                                                 offset - self._n_sink, key_bias=bias,
+                                                 layout=self._vparts[0].layout)
             pieces = [be.unrotate(a.reshape(n_bh * n_rows, -1), p.tq.rotation)
                       .reshape(n_bh, n_rows, p.dim) for a, p in zip(accs, self._vparts, strict=True)]
             acc_c = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces, axis=2)

@@ -48,7 +48,7 @@ def _chunk_position(lane: int, slot: int, n_slots: int) -> int:
     return 128 * full + 2 * lane + (slot - 4 * full)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def order(kind: str, dim: int, bits: int) -> np.ndarray:
     """Positions (uint16 units within the tile) of every uint16 of every row of a tile:
     ``out[r, u]`` is where uint16 ``u`` of token ``r``'s row goes; ``kind`` "keys" or
@@ -94,7 +94,7 @@ def order(kind: str, dim: int, bits: int) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def norm_slots() -> np.ndarray:
     """Slot of token ``r`` of a tile in the tiled norms: ``2·(r % 8) + r // 8``."""
     r = np.arange(TILE)

@@ -65,8 +65,8 @@ def held(cache):
         vs.append(np.asarray(cache._sink_v[:, :n_s], np.float64))
     if c:
         for parts, inv, out in ((cache._kparts, cache._kinv, ks), (cache._vparts, cache._vinv, vs)):
-            pieces = [p.tq.dequantize(QuantizedVectors({n: b[:, :c] for n, b in p.buffers.items()},
-                                                       p.tq.config)) for p in parts]
+            pieces = [p.tq.dequantize(QuantizedVectors(part_rows(p, c), p.tq.config))
+                      for p in parts]
             x = np.concatenate(pieces, axis=2)
             if inv is not None:
                 x = np.take_along_axis(x, np.asarray(inv)[:, None, :], axis=2)
@@ -90,6 +90,13 @@ def held(cache):
                     x = cache._restore(x, n_s + c)
                 out.append(np.asarray(x, np.float64))
     return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
+
+
+def part_rows(part, n):
+    """The first ``n`` tokens of a cache part's buffers in token order (any layout)."""
+    out = {name: b[:, :n] for name, b in part.buffers.items()}
+    out["codes"], out["norms"] = part.rows(np, 0, n)
+    return out
 
 
 LEGACY = dict(sink_tokens=0, key_offset=False, residual_bits=None)

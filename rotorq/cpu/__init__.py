@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from .. import tiles
 from . import attention as _att
 from . import bits
 from . import dequantize as _dq
@@ -185,7 +186,15 @@ def _split_chunk(n_keys, n_bh):
     return -(-chunk // _att.TILE) * _att.TILE
 
 
-def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None):
+def attention_layout(key_dim, key_bits, key_mode, value_dim, value_bits):
+    """Storage layout of a KV cache's packed codes for :func:`decode_attention`: always
+    "rows" on the CPU (the tile layout, :mod:`rotorq.tiles`, serves the GPU's tensor-core
+    kernel; :func:`decode_attention` reads it too)."""
+    return "rows"
+
+
+def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None,
+                     layout="rows"):
     """Fused attention of rotated queries over packed keys and values (split-K + merge).
 
     Parameters
@@ -208,6 +217,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         Adds ``Σ_i A[r, i] cos((pos0 + t) θ_i) + B[r, i] sin((pos0 + t) θ_i)`` to the score
         of key ``t`` for row ``r``: ``A``, ``B`` float32 (BH, R, h), ``freqs`` (h,) the
         angles ``θ_i``, ``pos0`` an int (the RoPE-aware key offset of :mod:`rotorq.kvprep`).
+    layout : {"rows", "tiles"}
+        "tiles": one MSE key part and one value part whose codes and norms are in the tile
+        layout of :mod:`rotorq.tiles` (``cap`` a multiple of 16); converted to rows here.
 
     Returns
     -------
@@ -216,6 +228,17 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
     m, l : float32 (BH, R)
         Max score (``-inf`` for rows that saw no key) and ``Σ_t exp(s_t − m)``.
     """
+    if layout not in ("rows", "tiles"):
+        raise ValueError(f"layout must be 'rows' or 'tiles', got {layout!r}")
+    if layout == "tiles":
+        if len(keys) != 1 or len(values) != 1 or keys[0][4] is not None:
+            raise ValueError("layout='tiles' takes one MSE key part and one value part")
+        codes, norms, cent, nbits, _, _, _ = keys[0]
+        kc, kn = tiles.load(np, codes, norms, 0, n_keys, "keys", queries[0][0].shape[2], nbits)
+        vcodes, vnorms, vcent, vbits, big_d = values[0]
+        vc, vn = tiles.load(np, vcodes, vnorms, 0, n_keys, "values", big_d, vbits)
+        keys = ((kc, kn, cent, nbits, None, None, 0.0),)
+        values = ((vc, vn, vcent, vbits, big_d),)
     q0, qs0 = queries[0]
     n_bh, n_rows = q0.shape[0], q0.shape[1]
     empty_q = np.zeros((n_bh, n_rows, 0), np.float32)

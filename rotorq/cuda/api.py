@@ -18,6 +18,7 @@ import numpy as np
 from array_api_compat import is_torch_array
 
 from .. import _backend
+from .. import tiles as _tiles
 from . import _launch as _ln
 from . import attention as _att
 from . import bits as _bits
@@ -792,13 +793,39 @@ def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
     return kb
 
 
-def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None):
+def attention_layout(key_dim, key_bits, key_mode, value_dim, value_bits):
+    """Storage layout of a KV cache's packed codes for :func:`decode_attention`: "tiles"
+    (:mod:`rotorq.tiles`) when the tensor-core kernel takes the cache's single MSE key part
+    and single value part, else "rows"."""
+    if not (ATTENTION_FAST and key_mode == "mse" and _tiles.supported(key_dim, key_bits)
+            and _tiles.supported(value_dim, value_bits)):
+        return "rows"
+    cfg = _att.fast_config(key_dim, key_bits, value_dim, value_bits,
+                           key_dim * key_bits // 8, value_dim * value_bits // 8)
+    return "rows" if cfg is None else "tiles"
+
+
+def _untile(keys, values, n_keys, key_dim):
+    """``keys``, ``values`` of the tile layout (one MSE key part, one value part) as rows."""
+    codes, norms, cent, nbits, signs, qn, scale = keys[0]
+    kc, kn = _tiles.load(cp, codes, norms, 0, n_keys, "keys", key_dim, nbits)
+    vcodes, vnorms, vcent, vbits, big_d = values[0]
+    vc, vn = _tiles.load(cp, vcodes, vnorms, 0, n_keys, "values", big_d, vbits)
+    return ((kc, kn, cent, nbits, signs, qn, scale),), ((vc, vn, vcent, vbits, big_d),)
+
+
+def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None,
+                     layout="rows"):
     """Fused attention of rotated queries over packed keys and values (split-K, merged on
     the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays.
     With ``key_bias`` on the tensor-core path, the term is first computed for every key
-    (:func:`_key_bias_scores`) and added to the MMA scores."""
+    (:func:`_key_bias_scores`) and added to the MMA scores. ``layout="tiles"``: the codes
+    and norms are in the tile layout (:mod:`rotorq.tiles`); read in place by the
+    tensor-core kernel, converted to rows for the general one."""
     q0, qs0 = queries[0]
     device = q0.device
+    if layout not in ("rows", "tiles"):
+        raise ValueError(f"layout must be 'rows' or 'tiles', got {layout!r}")
     with device, current_stream(device.id):
         n_bh, n_rows = q0.shape[0], q0.shape[1]
         u8, f16, f32, empty_q = _att_placeholders(n_bh, n_rows)
@@ -834,6 +861,10 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
                 and n_rows <= _att.FAST_ROWS and n_keys > 0):
             fast = _att.fast_config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
                                     values[0][0].shape[-1])
+        tiled = layout == "tiles"
+        if tiled and fast is None:
+            keys, values = _untile(keys, values, n_keys, dk0)
+            k0, v0, tiled = kpart(0), vpart(0), False
         if fast is not None:
             per_block = _att.FAST_WARPS * 16
             chunk = _att_splits(n_keys, n_bh, per_block, 2 * per_block, _att.FAST_BLOCKS_PER_SM)
@@ -850,10 +881,14 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
             if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
                 kbias = (_rows_of(_key_bias_scores(key_bias, n_bh, n_rows, n_keys),
                                   np.dtype(np.float32), n_bh),)
-            kern = _att.attention_kernel(*fast, bias=bool(kbias))
+            kern = _att.attention_kernel(*fast, bias=bool(kbias), tiled=tiled)
+            if tiled:  # norms as the words of tokens (g, g + 8)
+                kn, vn, vwords = k0[1].view(cp.uint32), v0[1].view(cp.uint32), _U32
+            else:
+                kn, vn, vwords = k0[1], v0[1], _U16
             launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
-                   (qargs[0], _rows_of(k0[0], _U32, n_bh), k0[1], k0[4],
-                    _rows_of(v0[0], _U16, n_bh), v0[1], v0[2], *kbias,
+                   (qargs[0], _rows_of(k0[0], _U32, n_bh), kn, k0[4],
+                    _rows_of(v0[0], vwords, n_bh), vn, v0[2], *kbias,
                     int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
         else:
             if key_bias is None:
@@ -931,6 +966,7 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
 
 
 __all__ = [
+    "attention_layout",
     "decode_attention",
     "dequantize",
     "dequantize_rotated",

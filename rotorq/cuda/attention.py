@@ -1087,8 +1087,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "    pw = warp * 128",
           # 32-bit token indices; each lane's words as a view from its first word, so a row's
           # address is one wide multiply-add
-          f"    kcl = kc[bh]" if tiled else f"    kcl = kc[bh, t * {kw}:]",
-          f"    vcl = vc[bh]" if tiled else f"    vcl = vc[bh, g * {vw}:]",
+          "    kcl = kc[bh]" if tiled else f"    kcl = kc[bh, t * {kw}:]",
+          "    vcl = vc[bh]" if tiled else f"    vcl = vc[bh, g * {vw}:]",
           "    knb = kn[bh]",
           "    vnb_ = vn[bh]"]
     if tiled:
@@ -1165,7 +1165,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         return out
 
     if tiled:
-        loads = tiled_loads  # noqa: F811
+        loads = tiled_loads
         names = kslots + vslots + ["nkw", "nvw"]
     else:
         names = kslots + [f"v{x}_{i}" for x in range(4) for i in range(nx)] + [
