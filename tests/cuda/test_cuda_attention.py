@@ -372,6 +372,9 @@ CACHE_CASES = {
                           8, 2, 128, 900, 2, True),
     "legacy-float-window": (dict(key_bits=4, value_bits=3, residual_tokens=40, sink_tokens=0,
                                  key_offset=False, residual_bits=None), 8, 2, 128, 600, 1, False),
+    # 16 rows per KV head: past the tensor-core kernel, the tiles are read back as rows
+    "gqa8-nq2-rows-from-tiles": (dict(key_bits=3, value_bits=3, residual_tokens=32), 16, 2, 128,
+                                 400, 2, True),
 }
 
 
@@ -464,6 +467,46 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("n_keys,n_rows,n_q,causal,n_freq", [
+    (70_001, 8, 1, False, 0), (9_000, 6, 2, True, 64), (1_000, 12, 1, False, 0)])
+def test_backend_tiles_match_cpu_rows(rng, cp, n_keys, n_rows, n_q, causal, n_freq):
+    """decode_attention on codes in the tile layout (rotorq.tiles; the tensor-core kernel
+    reads them in place, or rows past 8 query rows) against the CPU on the row layout."""
+    import rotorq.cuda as gpu
+    from rotorq import cpu, tiles
+    case = make_case(rng, n_bh=4, n_rows=n_rows, n_q=n_q, dk=(128, 0), dv=(128, 0),
+                     kbits=(3, 2), vbits=(4, 4), n_keys=n_keys,
+                     causal_offset=n_keys - n_q if causal else None, n_freq=n_freq, pos0=3)
+    kc, kn, _, _, kcent, kb, _ = case["keys"][0]
+    vc, vn, vcent, vb = case["vals"][0]
+    cap = -(-n_keys // 16) * 16 + 32
+    tiled = []
+    for kind, codes, nrm, bits in (("keys", kc, kn, kb), ("values", vc, vn, vb)):
+        tc = np.zeros((4, cap, codes.shape[2]), np.uint8)
+        tn = np.zeros((4, cap), np.float16)
+        tiles.store(np, tc, tn, codes[:, :n_keys], nrm[:, :n_keys], 0, kind, 128, bits)
+        tiled.append((cp.asarray(tc), cp.asarray(tn)))
+    q = case["q"][0]
+    args = (n_keys, n_q, case["causal_offset"])
+    ba, bb, freqs, pos0 = case["bias"]
+    bias_cpu = (ba, bb, freqs, pos0) if n_freq else None
+    bias_gpu = (cp.asarray(ba), cp.asarray(bb), cp.asarray(freqs), pos0) if n_freq else None
+    want = cpu.decode_attention(((q, None),), ((kc, kn, kcent, kb, None, None, 0.0),),
+                                ((vc, vn, vcent, vb, 128),), *args, key_bias=bias_cpu)
+    got = gpu.decode_attention(((cp.asarray(q), None),),
+                               ((*tiled[0], cp.asarray(kcent), kb, None, None, 0.0),),
+                               ((*tiled[1], cp.asarray(vcent), vb, 128),), *args,
+                               key_bias=bias_gpu, layout="tiles")
+    out_w = want[0][0] / want[2][..., None]
+    out_g = got[0][0].get() / got[2].get()[..., None]
+    err = _rel_err(out_g, out_w)
+    _REPORT[f"tiles-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}"] = err
+    assert err < (FAST_RTOL if n_rows <= 8 else 1e-4), err
+    np.testing.assert_allclose(got[1].get() + np.log(got[2].get()), want[1] + np.log(want[2]),
+                               rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("mma", [True, False], ids=["mma", "scalar"])
 @pytest.mark.parametrize("n_keys,n_rows,n_freq,pos0", [
     (100_003, 8, 64, 3), (5_000, 6, 40, (1 << 20) + 7), (700, 8, 64, 0), (3_001, 8, 80, 11)])
@@ -498,8 +541,9 @@ def test_key_bias_gpu_matches_cpu(rng, cp, monkeypatch, mma, n_keys, n_rows, n_f
 # ------------------------------------------------------------------ compile only (NVVM)
 
 @pytest.mark.skipif(SIMULATOR, reason="compile tests need the real numba.cuda")
+@pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiles"])
 @pytest.mark.parametrize("kbits,vbits", [(3, 3), (4, 2)])
-def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits):
+def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
     """The tensor-core kernel (inline-PTX MMA, 32-bit intrinsics) compiles for sm_90."""
     import types
 
@@ -519,13 +563,16 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits):
                         lambda: types.SimpleNamespace(compute_capability=(9, 0)))
     att = importlib.import_module("rotorq.cuda.attention")
     f32, bh, r, d, cap = np.float32, 2, 8, 128, 4
+    cap = 16 if tiled else cap
+    norms = np.zeros((bh, cap // 2), np.uint32) if tiled else np.zeros((bh, cap), np.float16)
+    vcodes = (np.zeros((bh, cap * d * vbits // 32), np.uint32) if tiled
+              else np.zeros((bh, cap * d * vbits // 16), np.uint16))
     args = (np.zeros((bh, r, d), f32), np.zeros((bh, cap * d * kbits // 32), np.uint32),
-            np.zeros((bh, cap), np.float16), np.zeros(1 << kbits, f32),
-            np.zeros((bh, cap * d * vbits // 16), np.uint16), np.zeros((bh, cap), np.float16),
+            norms, np.zeros(1 << kbits, f32), vcodes, norms,
             np.zeros(1 << vbits, f32), 1, 1, 1, 1, np.zeros((bh, 1, r, d), f32),
             np.zeros((bh, 1, r), f32), np.zeros((bh, 1, r), f32))
     kern = att.attention_kernel(*att.fast_config(d, kbits, d, vbits, d * kbits // 8,
-                                                 d * vbits // 8))
+                                                 d * vbits // 8), tiled=tiled)
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0))
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16
     assert ".local" not in ptx  # no local-memory arrays
