@@ -139,7 +139,16 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")
     ap.add_argument("--dump", help="write the SASS here")
+    ap.add_argument("--depth", type=int, help="attention-tiled: tiles prefetched "
+                    "(rotorq.cuda.attention.FAST_PREFETCH)")
+    ap.add_argument("--blocks", type=int, help="attention: launch-bounds blocks "
+                    "(FAST_LAUNCH_BLOCKS; 0 uncapped)")
     a = ap.parse_args(argv)
+    if a.depth is not None or a.blocks is not None:
+        from rotorq.cuda import attention
+        attention.FAST_PREFETCH = a.depth or attention.FAST_PREFETCH
+        attention.FAST_LAUNCH_BLOCKS = (attention.FAST_LAUNCH_BLOCKS if a.blocks is None
+                                        else a.blocks)
     kern, args = _kernel(a.kernel, a.d, a.bits, not a.fp32)
     regs, text = sass(kern, args)
     if a.dump:

@@ -109,15 +109,36 @@ def _as_halves(xp, codes):
     return codes.view(xp.uint16).reshape(n_bh, cap // TILE, TILE * row // 2)
 
 
+@functools.cache
+def _gather(kind, dim, bits):
+    """``(to_rows, to_tiles)``: the tile uint16 at each row-major ``(token, uint16)`` place
+    of a tile, and its inverse."""
+    to_rows = order(kind, dim, bits).ravel()
+    to_tiles = np.empty_like(to_rows)
+    to_tiles[to_rows] = np.arange(to_rows.size)
+    return to_rows, to_tiles
+
+
+def _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits):
+    """Tiles ``t0 … t1 − 1`` in token order: uint16 ``(BH, 16·(t1 − t0), row / 2)`` and
+    norms ``(BH, 16·(t1 − t0))`` (new arrays)."""
+    n_bh = codes.shape[0]
+    to_rows, _ = _gather(kind, dim, bits)
+    halves = xp.take(_as_halves(xp, codes)[:, t0:t1], xp.asarray(to_rows), axis=2)
+    tn = xp.take(norms.reshape(n_bh, -1, TILE)[:, t0:t1], xp.asarray(norm_slots()), axis=2)
+    return (halves.reshape(n_bh, TILE * (t1 - t0), -1), tn.reshape(n_bh, -1))
+
+
 def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
-    """Write tokens ``first …`` into tiled buffers.
+    """Write tokens ``first …`` into tiled buffers (the tiles they touch are rewritten
+    whole; their other tokens keep their contents).
 
     Parameters
     ----------
     xp : module
         numpy or cupy.
     codes : uint8 (BH, cap, row_bytes), C-contiguous, ``cap`` a multiple of 16
-    norms : float16 (BH, cap)
+    norms : float16 (BH, cap), C-contiguous
     rows : uint8 (BH, n, row_bytes)
         Packed codes of the new tokens, row layout.
     row_norms : (BH, n)
@@ -143,27 +164,35 @@ def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
     n = rows.shape[1]
     if n == 0:
         return
-    pos = order(kind, dim, bits)
-    tok = np.arange(first, first + n)
-    tau, r = tok // TILE, tok % TILE
-    halves = _as_halves(xp, codes)
-    src = xp.ascontiguousarray(rows).view(xp.uint16)
-    halves[:, xp.asarray(tau[:, None]), xp.asarray(pos[r])] = src
-    norms[:, xp.asarray(tau * TILE + norm_slots()[r])] = row_norms.astype(norms.dtype)
+    n_bh = codes.shape[0]
+    t0, t1 = first // TILE, -(-(first + n) // TILE)
+    lo = first - TILE * t0
+    if lo == 0 and n == TILE * (t1 - t0):  # whole tiles: nothing to keep
+        cur = xp.ascontiguousarray(rows).view(xp.uint16)
+        cur_n = row_norms.astype(norms.dtype)
+    else:
+        cur, cur_n = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
+        cur[:, lo:lo + n] = xp.ascontiguousarray(rows).view(xp.uint16)
+        cur_n[:, lo:lo + n] = row_norms
+    _, to_tiles = _gather(kind, dim, bits)
+    _as_halves(xp, codes)[:, t0:t1] = xp.take(cur.reshape(n_bh, t1 - t0, -1),
+                                              xp.asarray(to_tiles), axis=2)
+    slots_inv = np.argsort(norm_slots())
+    norms.reshape(n_bh, -1, TILE)[:, t0:t1] = xp.take(cur_n.reshape(n_bh, t1 - t0, TILE),
+                                                      xp.asarray(slots_inv), axis=2)
 
 
 def load(xp, codes, norms, lo, hi, kind, dim, bits):
     """Tokens ``lo … hi − 1`` of tiled buffers in row layout: ``(codes (BH, n, row_bytes)
     uint8, norms (BH, n))`` (new arrays)."""
     n_bh, _, row = codes.shape
-    tok = np.arange(lo, hi)
-    if tok.size == 0:
+    if hi <= lo:
         return xp.empty((n_bh, 0, row), xp.uint8), xp.empty((n_bh, 0), norms.dtype)
-    tau, r = tok // TILE, tok % TILE
-    pos = order(kind, dim, bits)
-    got = _as_halves(xp, codes)[:, xp.asarray(tau[:, None]), xp.asarray(pos[r])]
-    rows = xp.ascontiguousarray(got).view(xp.uint8).reshape(n_bh, tok.size, row)
-    return rows, norms[:, xp.asarray(tau * TILE + norm_slots()[r])]
+    t0, t1 = lo // TILE, -(-hi // TILE)
+    halves, tn = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
+    a, b = lo - TILE * t0, hi - TILE * t0
+    rows = xp.ascontiguousarray(halves[:, a:b]).view(xp.uint8)
+    return rows, xp.ascontiguousarray(tn[:, a:b])
 
 
 __all__ = ["TILE", "load", "norm_slots", "order", "store", "supported"]

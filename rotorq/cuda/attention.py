@@ -912,6 +912,8 @@ def _field(word, p, bits, shift=0):
 
 STATIC_SHARED = 48 * 1024
 """Static shared memory one block may declare."""
+FAST_PREFETCH = 1
+"""Tiles in flight ahead of the one computed (tile layout; the row layout takes 1)."""
 FAST_TABLE_COPIES = None
 """``(key, value)`` pair-table copies of the tensor-core kernel; None: :func:`table_copies`
 (benchmarks compare)."""
@@ -956,7 +958,7 @@ def fast_config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
 
 
 def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bias=False,
-                     tiled=False):
+                     tiled=False, depth=None):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
 
     ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·kbits/32), kn f16 (BH, cap), kcent f32,
@@ -1002,7 +1004,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         blocks = FAST_LAUNCH_BLOCKS if big_dk + big_dv <= 256 else 0
     blocks = blocks or None
     copies = FAST_TABLE_COPIES if copies is None else copies
-    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled))
+    depth = depth or (FAST_PREFETCH if tiled else 1)
+    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth)
     if key in _fast_kernels:
         return _fast_kernels[key]
     kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
@@ -1171,21 +1174,30 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         names = kslots + [f"v{x}_{i}" for x in range(4) for i in range(nx)] + [
             "na", "nb", "vna", "vnb"]
     names += ["ba_a", "bb_a", "ba_b", "bb_b"] if bias else []
-    # software pipelining: the next tile's codes are in flight while this one is computed
-    L += loads("    ", "n_", "nbase")
+    # software pipelining: the next `depth` tiles' codes are in flight while this one is
+    # computed (prefetch sets n_, n1_, …; the loads past the split are clamped to its end)
+    pre = ["n_"] + [f"n{i}_" for i in range(1, depth)]
+    L += loads("    ", pre[0], "nbase")
+    for i in range(1, depth):
+        L += [f"    nbase{i} = add32(nbase, U32({16 * W * i}))"]
+        L += loads("    ", pre[i], f"nbase{i}")
     L.append("    for it in range(ntile):")
     ind = " " * 8
     L += [f"{ind}base = nbase",
           f"{ind}ta = add32(base, gu)",
           f"{ind}tb = add32(base, g8u)"]
     L += [f"{ind}{n} = n_{n}" for n in names]
+    for i in range(1, depth):
+        L += [f"{ind}{pre[i - 1]}{n} = {pre[i]}{n}" for n in names]
     if tiled:
         L += [f"{ind}na = half_float(U16(nkw))",
               f"{ind}nb = half_float(U16(shr32(nkw, U32(16))))",
               f"{ind}vna = half_float(U16(nvw))",
               f"{ind}vnb = half_float(U16(shr32(nvw, U32(16))))"]
     L.append(f"{ind}nbase = add32(base, U32({16 * W}))")
-    L += loads(ind, "n_", "nbase")
+    if depth > 1:
+        L.append(f"{ind}nbase{depth - 1} = add32(base, U32({16 * W * depth}))")
+    L += loads(ind, pre[-1], f"nbase{depth - 1}" if depth > 1 else "nbase")
     L += [f"{ind}{v}{i} = np.float32(0.0)" for v in "sz" for i in range(4)]
 
     def mma(a, b, c):
