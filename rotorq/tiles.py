@@ -50,45 +50,49 @@ def _chunk_position(lane: int, slot: int, n_slots: int) -> int:
 
 @functools.cache
 def order(kind: str, dim: int, bits: int) -> np.ndarray:
-    """Positions (uint16 units within the tile) of every uint16 of every row of a tile:
-    ``out[r, u]`` is where uint16 ``u`` of token ``r``'s row goes; ``kind`` "keys" or
-    "values". A permutation of ``range(16 · dim · bits / 16)``.
+    """Positions (bits within the tile) of every bit of every row of a tile: ``out[r, b]``
+    is where bit ``b`` of token ``r``'s row (least significant first) goes; ``kind``
+    "keys" or "values". A permutation of ``range(16 · dim · bits)``.
 
     Examples
     --------
     >>> import numpy as np
     >>> from rotorq import tiles
-    >>> o = tiles.order("keys", 128, 3)
+    >>> o = tiles.order("values", 128, 3)
     >>> o.shape, bool(np.array_equal(np.sort(o.ravel()), np.arange(o.size)))
-    ((16, 24), True)
+    ((16, 384), True)
     """
     if kind not in ("keys", "values"):
         raise ValueError(f"kind must be 'keys' or 'values', got {kind!r}")
     if not supported(dim, bits):
         raise ValueError(f"codes of dim={dim} at bits={bits} cannot be tiled")
-    halves = dim * bits // 16  # uint16 per row
-    out = np.full((TILE, halves), -1, np.int64)
+    out = np.full((TILE, dim * bits), -1, np.int64)
     if kind == "keys":
-        kw = halves // 8  # words per quarter
+        kw = dim * bits // 128  # words per quarter
         for lane in range(32):
             g, t = divmod(lane, 4)
             for slot in range(2 * kw):
                 row = g + 8 * (slot >= kw)
                 word = t * kw + slot % kw
                 pos = _chunk_position(lane, slot, 2 * kw)
-                out[row, 2 * word] = 2 * pos
-                out[row, 2 * word + 1] = 2 * pos + 1
+                out[row, 32 * word:32 * word + 32] = 32 * pos + np.arange(32)
     else:
-        vw = halves // 8  # uint16 per eighth
+        vw = dim * bits // 128  # words per pair of tokens' eighths
+        ncoord = dim // 8
+        j = np.arange(ncoord)
+        k = np.arange(bits)
         for lane in range(32):
             g, t = divmod(lane, 4)
-            for slot in range(2 * vw):
-                pair, k = divmod(slot, vw)
-                pos = _chunk_position(lane, slot, 2 * vw)
-                for hh in range(2):
-                    q = 2 * k + hh  # uint16 of the pair: token 2t(+8) first, then 2t+1(+8)
-                    row = 2 * t + 8 * pair + q // vw
-                    out[row, g * vw + q % vw] = 2 * pos + hh
+            for pair in range(2):
+                # lane bit 2·bits·j + h·bits + k: code j of token 2t + 8·pair + h, bit k
+                for h in range(2):
+                    row = 2 * t + 8 * pair + h
+                    lane_bit = (32 * vw * pair + 2 * bits * j[:, None] + h * bits
+                                + k[None, :]).ravel()
+                    slot, w = lane_bit // 32, lane_bit % 32
+                    pos = np.array([_chunk_position(lane, int(x), 2 * vw) for x in slot])
+                    src = ((g * ncoord + j[:, None]) * bits + k[None, :]).ravel()
+                    out[row, src] = 32 * pos + w
     assert (out >= 0).all()
     out.setflags(write=False)
     return out
@@ -103,30 +107,42 @@ def norm_slots() -> np.ndarray:
     return out
 
 
-def _as_halves(xp, codes):
-    """The uint16 view ``(BH, cap / 16, 16 · row / 2)`` of tiled codes ``(BH, cap, row)``."""
-    n_bh, cap, row = codes.shape
-    return codes.view(xp.uint16).reshape(n_bh, cap // TILE, TILE * row // 2)
-
-
 @functools.cache
 def _gather(kind, dim, bits):
-    """``(to_rows, to_tiles)``: the tile uint16 at each row-major ``(token, uint16)`` place
-    of a tile, and its inverse."""
+    """``(to_rows, to_tiles)``: the tile bit at each row-major ``(token, bit)`` place of a
+    tile, and its inverse."""
     to_rows = order(kind, dim, bits).ravel()
     to_tiles = np.empty_like(to_rows)
     to_tiles[to_rows] = np.arange(to_rows.size)
     return to_rows, to_tiles
 
 
+_CHUNK = 2048
+"""Tiles converted at once (bounds the transient bit arrays: 8 bytes per stored byte)."""
+
+
+def _permute_bits(xp, src, index):
+    """``out[..., i] = bit index[i] of src[..., :]`` (uint8 rows, least significant bit
+    first), packed again: ``src`` (…, n) uint8 → (…, n) uint8."""
+    shifts = xp.arange(8, dtype=xp.uint8)
+    bits = ((src[..., None] >> shifts) & 1).reshape(src.shape[:-1] + (-1,))
+    bits = xp.take(bits, xp.asarray(index), axis=-1)
+    packed = bits.reshape(src.shape[:-1] + (-1, 8)) << shifts
+    return packed.sum(axis=-1, dtype=xp.uint8)
+
+
 def _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits):
-    """Tiles ``t0 … t1 − 1`` in token order: uint16 ``(BH, 16·(t1 − t0), row / 2)`` and
-    norms ``(BH, 16·(t1 − t0))`` (new arrays)."""
-    n_bh = codes.shape[0]
+    """Tiles ``t0 … t1 − 1`` in token order: uint8 ``(BH, 16·(t1 − t0), row)`` and norms
+    ``(BH, 16·(t1 − t0))`` (new arrays)."""
+    n_bh, _, row = codes.shape
     to_rows, _ = _gather(kind, dim, bits)
-    halves = xp.take(_as_halves(xp, codes)[:, t0:t1], xp.asarray(to_rows), axis=2)
+    tiles_b = codes.reshape(n_bh, -1, TILE * row)
+    out = xp.empty((n_bh, t1 - t0, TILE * row), xp.uint8)
+    for c in range(t0, t1, _CHUNK):
+        e = min(t1, c + _CHUNK)
+        out[:, c - t0:e - t0] = _permute_bits(xp, tiles_b[:, c:e], to_rows)
     tn = xp.take(norms.reshape(n_bh, -1, TILE)[:, t0:t1], xp.asarray(norm_slots()), axis=2)
-    return (halves.reshape(n_bh, TILE * (t1 - t0), -1), tn.reshape(n_bh, -1))
+    return out.reshape(n_bh, TILE * (t1 - t0), row), tn.reshape(n_bh, -1)
 
 
 def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
@@ -168,15 +184,18 @@ def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
     t0, t1 = first // TILE, -(-(first + n) // TILE)
     lo = first - TILE * t0
     if lo == 0 and n == TILE * (t1 - t0):  # whole tiles: nothing to keep
-        cur = xp.ascontiguousarray(rows).view(xp.uint16)
+        cur = rows
         cur_n = row_norms.astype(norms.dtype)
     else:
         cur, cur_n = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
-        cur[:, lo:lo + n] = xp.ascontiguousarray(rows).view(xp.uint16)
+        cur[:, lo:lo + n] = rows
         cur_n[:, lo:lo + n] = row_norms
     _, to_tiles = _gather(kind, dim, bits)
-    _as_halves(xp, codes)[:, t0:t1] = xp.take(cur.reshape(n_bh, t1 - t0, -1),
-                                              xp.asarray(to_tiles), axis=2)
+    cur = cur.reshape(n_bh, t1 - t0, -1)
+    dst = codes.reshape(n_bh, -1, cur.shape[2])
+    for c in range(0, t1 - t0, _CHUNK):
+        e = min(t1 - t0, c + _CHUNK)
+        dst[:, t0 + c:t0 + e] = _permute_bits(xp, cur[:, c:e], to_tiles)
     slots_inv = np.argsort(norm_slots())
     norms.reshape(n_bh, -1, TILE)[:, t0:t1] = xp.take(cur_n.reshape(n_bh, t1 - t0, TILE),
                                                       xp.asarray(slots_inv), axis=2)
@@ -189,10 +208,9 @@ def load(xp, codes, norms, lo, hi, kind, dim, bits):
     if hi <= lo:
         return xp.empty((n_bh, 0, row), xp.uint8), xp.empty((n_bh, 0), norms.dtype)
     t0, t1 = lo // TILE, -(-hi // TILE)
-    halves, tn = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
+    rows, tn = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
     a, b = lo - TILE * t0, hi - TILE * t0
-    rows = xp.ascontiguousarray(halves[:, a:b]).view(xp.uint8)
-    return rows, xp.ascontiguousarray(tn[:, a:b])
+    return xp.ascontiguousarray(rows[:, a:b]), xp.ascontiguousarray(tn[:, a:b])
 
 
 __all__ = ["TILE", "load", "norm_slots", "order", "store", "supported"]

@@ -10,36 +10,46 @@ CASES = [(kind, dim, bits) for kind in ("keys", "values") for dim in (128, 256)
          for bits in (1, 2, 3, 4)]
 
 
+def _lane_words(lane, n_words):
+    """Tile words of a lane's ``n_words`` words: 16-byte chunks at ``128c + 4·lane``, an
+    8-byte rest at ``128F + 2·lane``."""
+    full = n_words // 4
+    out = [128 * c + 4 * lane + i for c in range(full) for i in range(4)]
+    return out + [128 * full + 2 * lane + i for i in range(n_words - 4 * full)]
+
+
 @pytest.mark.parametrize("kind,dim,bits", CASES)
 def test_order_is_a_permutation_with_the_lane_pieces(kind, dim, bits):
-    """Every uint16 of a tile's 16 rows has one place, and each lane's 16-byte chunk holds
-    the pieces the kernel reads: keys, quarter t of tokens g and g + 8; values, eighth g of
-    tokens 2t, 2t+1 (then 2t+8, 2t+9)."""
+    """Every bit of a tile's 16 rows has one place, and each lane's words hold what the
+    kernel reads: keys, quarter t of tokens g and g + 8; values, eighth g of tokens
+    (2t, 2t+1), then (2t+8, 2t+9), the two tokens' codes of each coordinate side by side."""
     o = tiles.order(kind, dim, bits)
-    halves = dim * bits // 16
-    assert o.shape == (16, halves)
-    np.testing.assert_array_equal(np.sort(o.ravel()), np.arange(16 * halves))
-    piece = halves // (4 if kind == "keys" else 8)  # uint16 of one token's piece
-    where = np.empty((16 * halves, 2), np.int64)  # tile uint16 -> (token, uint16 of row)
+    nbits = dim * bits
+    assert o.shape == (16, nbits)
+    np.testing.assert_array_equal(np.sort(o.ravel()), np.arange(16 * nbits))
+    where = np.empty((16 * nbits, 2), np.int64)  # tile bit -> (token, bit of its row)
     for r in range(16):
-        where[o[r], 0], where[o[r], 1] = r, np.arange(halves)
-    lane_words = (2 if kind == "keys" else 4) * piece  # uint16 per lane: 2 or 4 pieces
-    full = lane_words // 8  # 16-byte chunks (8 uint16)
+        where[o[r], 0], where[o[r], 1] = r, np.arange(nbits)
+    n_words = 2 * nbits // 128  # per lane, keys and values alike
     for lane in range(32):
         g, t = divmod(lane, 4)
-        got = [where[256 * c + 8 * lane + i] for c in range(full) for i in range(8)]
-        if lane_words % 8:
-            got += [where[256 * full + 4 * lane + i] for i in range(4)]
-        got = np.array(got)
+        tile_bits = np.array([32 * w + b for w in _lane_words(lane, n_words)
+                              for b in range(32)])
+        got = where[tile_bits]
         if kind == "keys":
-            want_tok = [g] * piece + [g + 8] * piece
-            want_u = [t * piece + u for u in range(piece)] * 2
-        else:  # pairs (2t, 2t+1), (2t+8, 2t+9), each token's eighth g
-            want_tok = [x for tok in (2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9)
-                        for x in [tok] * piece]
-            want_u = [g * piece + u for u in range(piece)] * 4
+            q = nbits // 4
+            want_tok = [g] * q + [g + 8] * q
+            want_bit = list(range(t * q, (t + 1) * q)) * 2
+        else:
+            nc = dim // 8
+            want_tok, want_bit = [], []
+            for pair in range(2):
+                for j in range(nc):
+                    for h in range(2):
+                        want_tok += [2 * t + 8 * pair + h] * bits
+                        want_bit += [(g * nc + j) * bits + k for k in range(bits)]
         np.testing.assert_array_equal(got[:, 0], want_tok)
-        np.testing.assert_array_equal(got[:, 1], want_u)
+        np.testing.assert_array_equal(got[:, 1], want_bit)
 
 
 def test_norm_slots_pair_tokens_g_and_g_plus_8():

@@ -594,14 +594,6 @@ if SIMULATOR:
         """``arr[i : i + 2]`` of a uint32 array (one 8-byte load on the device; ``i`` even)."""
         return arr[i], arr[i + np.uint64(1)]
 
-    def pair_lo(a, b):
-        """The low halves of ``a`` and ``b`` as one word (``prmt.b32 …, 0x5410``)."""
-        return np.uint32((int(a) & 0xFFFF) | ((int(b) & 0xFFFF) << 16))
-
-    def pair_hi(a, b):
-        """The high halves of ``a`` and ``b`` as one word (``prmt.b32 …, 0x7632``)."""
-        return np.uint32((int(a) >> 16) | (int(b) & 0xFFFF0000))
-
     def _half_of(u):
         return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
 
@@ -753,19 +745,6 @@ else:
     uint64, a multiple of 4; the array 16-byte aligned)."""
     load_u2 = intrinsic(_load_words(2))
 
-    def _prmt(selector):
-        def typer(typingctx, a, b):
-            def codegen(context, builder, signature, args):
-                i32 = ir.IntType(32)
-                fn = ir.InlineAsm(ir.FunctionType(i32, [i32, i32]),
-                                  f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r")
-                return builder.call(fn, args)
-            return types.uint32(types.uint32, types.uint32), codegen
-        return typer
-
-    pair_lo = intrinsic(_prmt("0x5410"))
-    pair_hi = intrinsic(_prmt("0x7632"))
-
     @intrinsic
     def mma16816(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         """``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32`` (inline PTX)."""
@@ -874,8 +853,7 @@ def _build(name, lines, env):
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
            "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at,
            "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2,
-           "load_u4": load_u4, "load_u2": load_u2, "pair_lo": pair_lo, "pair_hi": pair_hi,
-           "U16": np.uint16, "half_float": half_float}
+           "load_u4": load_u4, "load_u2": load_u2, "U16": np.uint16, "half_float": half_float}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -987,10 +965,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     ``kc``, ``vc`` uint32 (BH, cap·D·bits/32) and ``kn``, ``vn`` uint32 (BH, cap/2), the
     float16 norms of tokens ``g, g+8`` in one word; ``chunk`` a multiple of 16. A lane's
     codes of a step are then a 16-byte and an 8-byte load per stream (coalesced across the
-    warp) instead of 18 scattered ones, and the value pair table is indexed by two adjacent
-    coordinates of one token, as the key table: the two lookups of tokens ``2t, 2t+1``
-    give ``(c_j, c_{j+1})`` of each, turned into the MMA's ``(token 2t, token 2t+1)`` pairs
-    of coordinates ``j`` and ``j+1`` by two byte permutes.
+    warp) instead of 18 scattered ones, and the codes of tokens ``2t, 2t+1`` at each value
+    coordinate are side by side, so a value pair lookup takes one field.
 
     The pair tables are replicated per lane where shared memory allows
     (:func:`table_copies`), so a lookup is one wavefront. Token indices are 32-bit and each
@@ -1266,13 +1242,12 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           f"(half_bits(pt[pw + (2 * t + 9) * 8 + g]) << U32(16))",
           f"{ind}{sync}"]
     for mt in range(mtiles):
-        if tiled:  # (c_j, c_j+1) of tokens x0, x1 (x2, x3), then the (x0, x1) pairs per j
-            for i, (w, p) in enumerate((("wa", 0), ("wa", 16 * vw), ("wb", 0), ("wb", 16 * vw))):
-                fld = _field(w, p + 2 * mt * vbits, 2 * vbits, shift=vshift)
-                L.append(f"{ind}r{i} = word_at(tabv, {lookup(fld, cv)})")
-            L += [f"{ind}a0 = pair_lo(r0, r1)", f"{ind}a1 = pair_hi(r0, r1)",
-                  f"{ind}a2 = pair_lo(r2, r3)", f"{ind}a3 = pair_hi(r2, r3)",
-                  mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3")]
+        if tiled:  # coordinate j's codes of tokens (2t, 2t+1) side by side: one field
+            for i, (w, j) in enumerate((("wa", 2 * mt), ("wa", 2 * mt + 1), ("wb", 2 * mt),
+                                        ("wb", 2 * mt + 1))):
+                fld = _field(w, 2 * j * vbits, 2 * vbits, shift=vshift)
+                L.append(f"{ind}a{i} = word_at(tabv, {lookup(fld, cv)})")
+            L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
             continue
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
