@@ -814,14 +814,43 @@ def _untile(keys, values, n_keys, key_dim):
     return ((kc, kn, cent, nbits, signs, qn, scale),), ((vc, vn, vcent, vbits, big_d),)
 
 
+def _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias, layout):
+    """:func:`decode_attention` of more rows than the tensor-core kernel takes, as groups
+    of at most :data:`~rotorq.cuda.attention.FAST_ROWS` rows that keep a query head's
+    queries together (``n_q ≤ 8``: whole heads; else runs of 8 queries of one head, the
+    causal offset moved to the run's first query), results concatenated."""
+    q0 = queries[0][0]
+    n_rows, cap = q0.shape[1], _att.FAST_ROWS
+    if n_q <= cap:
+        step = cap // n_q * n_q
+        groups = [(a, min(n_rows, a + step), n_q, causal_offset)
+                  for a in range(0, n_rows, step)]
+    else:  # row r = head·n_q + i sees keys t ≤ i + causal_offset
+        groups = [(a, min(a + cap, (a // n_q + 1) * n_q), cap, causal_offset + a % n_q)
+                  for h in range(0, n_rows, n_q) for a in range(h, h + n_q, cap)]
+    outs, ms, ls = [], [], []
+    for a, b, nq, off in groups:
+        bias = None
+        if key_bias is not None:
+            ba, bb, freqs, pos0 = key_bias
+            bias = (ba[:, a:b], bb[:, a:b], freqs, pos0)
+        acc, m, lsum = decode_attention(((_c(q0[:, a:b]), None),), keys, values, n_keys, nq,
+                                        off, key_bias=bias, layout=layout)
+        outs.append(acc[0])
+        ms.append(m)
+        ls.append(lsum)
+    return [cp.concatenate(outs, axis=1)], cp.concatenate(ms, axis=1), cp.concatenate(ls, axis=1)
+
+
 def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None,
                      layout="rows"):
     """Fused attention of rotated queries over packed keys and values (split-K, merged on
     the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays.
     With ``key_bias`` on the tensor-core path, the term is first computed for every key
-    (:func:`_key_bias_scores`) and added to the MMA scores. ``layout="tiles"``: the codes
-    and norms are in the tile layout (:mod:`rotorq.tiles`); read in place by the
-    tensor-core kernel, converted to rows for the general one."""
+    (:func:`_key_bias_scores`) and added to the MMA scores; more than 8 rows per KV head
+    run as groups of rows (:func:`_row_groups`). ``layout="tiles"``: the codes and norms
+    are in the tile layout (:mod:`rotorq.tiles`); read in place by the tensor-core kernel,
+    converted to rows for the general one."""
     q0, qs0 = queries[0]
     device = q0.device
     if layout not in ("rows", "tiles"):
@@ -858,9 +887,12 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         dk0, dk1 = qargs[0].shape[2], qargs[1].shape[2]
         fast = None
         if (ATTENTION_FAST and len(keys) == 1 and len(values) == 1 and qs0 is None
-                and n_rows <= _att.FAST_ROWS and n_keys > 0):
+                and n_keys > 0):
             fast = _att.fast_config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
                                     values[0][0].shape[-1])
+        if fast is not None and n_rows > _att.FAST_ROWS:
+            return _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias,
+                               layout)
         tiled = layout == "tiles"
         if tiled and fast is None:
             keys, values = _untile(keys, values, n_keys, dk0)
