@@ -133,7 +133,6 @@ def bench(tokens, rng, reps):
         return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, layout="rows")
 
     t_rows_kernel = kernel_time(fused_rows, rbufs, reps)
-    del rbufs, rk, rv
     # the same with the RoPE-aware key-offset bias (KVCache(rope_base=...)): the per-key
     # term, then the tensor-core kernel; and the general kernel, which computes it inside
     half = D // 2
@@ -157,11 +156,15 @@ def bench(tokens, rng, reps):
     finally:
         api.KEY_BIAS_MMA = saved_mma
     saved, api.ATTENTION_FAST = api.ATTENTION_FAST, False
-    try:  # the general kernel alone, and with the bias
-        t_general = events_time(fused, cbufs, reps)
-        t_general_bias = events_time(fused_bias, cbufs, max(2, reps // 4))
+    def fused_rows_bias(b):
+        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, key_bias=bias, layout="rows")
+
+    try:  # the general kernel alone, and with the bias (on the row layout)
+        t_general = events_time(fused_rows, rbufs, reps)
+        t_general_bias = events_time(fused_rows_bias, rbufs, max(2, reps // 4))
     finally:
         api.ATTENTION_FAST = saved
+    del rbufs, rk, rv
     # end to end through the cache (its own buffers; rotate the queries)
     t_attend = events_time(lambda q: cache.attend(q), qs, reps)
     cp.cuda.runtime.deviceSynchronize()
