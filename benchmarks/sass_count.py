@@ -143,10 +143,13 @@ def main(argv=None):
                     "(rotorq.cuda.attention.FAST_PREFETCH)")
     ap.add_argument("--blocks", type=int, help="attention: launch-bounds blocks "
                     "(FAST_LAUNCH_BLOCKS; 0 uncapped)")
+    ap.add_argument("--mulhi", type=int, help="attention-tiled: FAST_MULHI")
     a = ap.parse_args(argv)
-    if a.depth is not None or a.blocks is not None:
+    if a.depth is not None or a.blocks is not None or a.mulhi is not None:
         from rotorq.cuda import attention
         attention.FAST_PREFETCH = a.depth or attention.FAST_PREFETCH
+        if a.mulhi is not None:
+            attention.FAST_MULHI = a.mulhi
         attention.FAST_LAUNCH_BLOCKS = (attention.FAST_LAUNCH_BLOCKS if a.blocks is None
                                         else a.blocks)
     kern, args = _kernel(a.kernel, a.d, a.bits, not a.fp32)

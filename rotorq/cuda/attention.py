@@ -768,6 +768,10 @@ if SIMULATOR:
         """32-bit logical ``a >> s`` (uint32)."""
         return np.uint32(int(a) >> int(s))
 
+    def mulhi32(a, b):
+        """The high word of the 64-bit product ``a · b`` (uint32)."""
+        return np.uint32((int(a) * int(b)) >> 32)
+
     def shl32(a, s):
         """32-bit ``a << s`` (uint32, truncated)."""
         return np.uint32((int(a) << int(s)) & 0xFFFFFFFF)
@@ -802,6 +806,17 @@ else:
         return intrinsic(typer)
 
     shr32 = _binop32("lshr")
+
+    @intrinsic
+    def mulhi32(typingctx, a, b):
+        """``mul.hi.u32``: the high word of ``a · b`` (a right shift when ``b`` is a power of
+        two, issued to the FMA pipe as IMAD.HI)."""
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            fn = ir.InlineAsm(ir.FunctionType(i32, [i32, i32]), "mul.hi.u32 $0, $1, $2;",
+                              "=r,r,r")
+            return builder.call(fn, args)
+        return types.uint32(types.uint32, types.uint32), codegen
     shl32 = _binop32("shl")
     and32 = _binop32("and_")
     or32 = _binop32("or_")
@@ -851,7 +866,8 @@ def _build(name, lines, env):
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
-           "or32": or32, "add32": add32, "min32": min32, "exp2f": exp2f, "word_at": word_at,
+           "or32": or32, "add32": add32, "min32": min32, "mulhi32": mulhi32, "exp2f": exp2f,
+           "word_at": word_at,
            "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2,
            "load_u4": load_u4, "load_u2": load_u2, "U16": np.uint16, "half_float": half_float}
     if SIMULATOR:
@@ -871,14 +887,17 @@ def _mma_scratch(warps):
             f"    sb = cuda.shared.array({warps * 64}, numba.uint32)"]
 
 
-def _field(word, p, bits, shift=0):
+def _field(word, p, bits, shift=0, mulhi=False):
     """Expression (32-bit ops) of the ``bits``-bit field at bit ``p`` of the uint32 words
-    ``{word}0, {word}1, …``, shifted left by ``shift``."""
+    ``{word}0, {word}1, …``, shifted left by ``shift``. ``mulhi``: a right shift as the
+    high word of a multiplication (the FMA pipe instead of the ALU pipe)."""
     w, s = p // 32, p % 32
     mask = ((1 << bits) - 1) << shift
     if s + bits <= 32:
         if s == shift:
             return f"and32({word}{w}, U32({mask}))"
+        if s > shift and mulhi:
+            return f"and32(mulhi32({word}{w}, U32({1 << (32 - s + shift)})), U32({mask}))"
         if s > shift:
             return f"and32(shr32({word}{w}, U32({s - shift})), U32({mask}))"
         return f"and32(shl32({word}{w}, U32({shift - s})), U32({mask}))"
@@ -890,6 +909,9 @@ def _field(word, p, bits, shift=0):
 
 STATIC_SHARED = 48 * 1024
 """Static shared memory one block may declare."""
+FAST_MULHI = 0
+"""Tile layout: right shifts of the table-index fields done as ``mul.hi`` (FMA pipe) for
+every lookup (1), every other one (2) or none (0), to unload the ALU pipe."""
 FAST_PREFETCH = 1
 """Tiles in flight ahead of the one computed (tile layout; the row layout takes 1)."""
 FAST_TABLE_COPIES = None
@@ -981,7 +1003,15 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     blocks = blocks or None
     copies = FAST_TABLE_COPIES if copies is None else copies
     depth = depth or (FAST_PREFETCH if tiled else 1)
-    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth)
+    mulhi = FAST_MULHI if tiled else 0
+    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth, mulhi)
+    nlook = [0]
+
+    def tfield(word, p, bits, shift):
+        """:func:`_field`, every ``mulhi``-th right shift as a multiplication."""
+        nlook[0] += 1
+        return _field(word, p, bits, shift=shift,
+                      mulhi=bool(mulhi) and nlook[0] % mulhi == 0)
     if key in _fast_kernels:
         return _fast_kernels[key]
     kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
@@ -1190,7 +1220,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
 
     for c in range(kch):
         p0, p1 = 4 * c * kbits, (4 * c + 2) * kbits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
-        L += [f"{ind}a{i} = word_at(tabk, {lookup(_field(w, p, 2 * kbits, shift=kshift), ck)})"
+        L += [f"{ind}a{i} = word_at(tabk, {lookup(tfield(w, p, 2 * kbits, kshift), ck)})"
               for i, (w, p) in enumerate((("ka", p0), ("kb", p0), ("ka", p1), ("kb", p1)))]
         acc = "s0, s1, s2, s3" if c % 2 == 0 else "z0, z1, z2, z3"
         L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", acc))
@@ -1245,7 +1275,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         if tiled:  # coordinate j's codes of tokens (2t, 2t+1) side by side: one field
             for i, (w, j) in enumerate((("wa", 2 * mt), ("wa", 2 * mt + 1), ("wb", 2 * mt),
                                         ("wb", 2 * mt + 1))):
-                fld = _field(w, 2 * j * vbits, 2 * vbits, shift=vshift)
+                fld = tfield(w, 2 * j * vbits, 2 * vbits, vshift)
                 L.append(f"{ind}a{i} = word_at(tabv, {lookup(fld, cv)})")
             L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
             continue
