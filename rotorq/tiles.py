@@ -5,15 +5,16 @@ The KV cache stores each token's packed codes as one row (``codes[bh, t]``, the 
 tensor-core decode attention (:func:`rotorq.cuda.attention.attention_kernel` with
 ``tiled=True``) reads 16 tokens per warp step, and each lane needs scattered pieces of those
 rows: 12 bytes of two tokens' keys, 6 bytes of four tokens' values, four norms. Read from the
-row layout, that is 22 scattered loads per lane and step. The *tile layout* permutes the bytes
+row layout, that is 22 scattered loads per lane and step. The *tile layout* permutes the bits
 of every block of 16 consecutive rows (the same array, shape and bytes; only positions inside
 each 16-token block move) so that each lane's pieces are contiguous and a warp's loads are
 coalesced 16- and 8-byte vectors:
 
-- keys, a token's row split into 4 quarters of ``dim·bits/32`` bits: lane ``l = 4g + t``
+- keys, a token's row split into 4 quarters of ``dim·bits/4`` bits: lane ``l = 4g + t``
   holds quarter ``t`` of tokens ``g`` and ``g + 8`` (its ``2·kw`` words);
-- values, a row split into 8 eighths of ``dim·bits/64`` bits: lane ``l`` holds eighth ``g``
-  of tokens ``2t, 2t+1`` and of ``2t+8, 2t+9`` (``2·vw`` words);
+- values, a row split into 8 eighths of ``dim·bits/8`` bits: lane ``l`` holds eighth ``g``
+  of tokens ``2t, 2t+1``, then of ``2t+8, 2t+9`` (``2·vw`` words), the two tokens' codes of
+  each coordinate side by side (the pair the MMA wants in one register is one field);
 - each lane's words are cut into 16-byte chunks and one 8-byte rest; chunk ``c`` of lane
   ``l`` is at word ``128c + 4l`` of the tile (the rest at ``128F + 2l``), so one vector load
   of the warp covers a contiguous 512 (256) bytes;
