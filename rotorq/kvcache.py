@@ -581,15 +581,15 @@ class KVCache:
 
     def _fit(self, k, v):
         """Fix the key offset, the scales, the outlier channels and the window buffers."""
-        from .kvprep import KeyPrep
+        from .kvprep import _mean_key
 
         xp = self._xp
         n_bh, _, d = k.shape
         heads, n_out, s0 = self.num_kv_heads, self.num_outlier_channels, self.sink_tokens
         if self.key_offset:
             block = _host(k[:, s0:s0 + self.offset_tokens])
-            mu = KeyPrep.offset_of(block, np.arange(s0, s0 + block.shape[1]), self.rope_base)
-            self._mu = xp.asarray(mu.astype(np.float16).astype(np.float32))
+            mu = _mean_key(block, np.arange(s0, s0 + block.shape[1]), self.rope_base)
+            self._mu = xp.asarray(mu.astype(np.float16).astype(np.float32))  # one rounding
             if self.rope_base is not None:
                 self._freqs = xp.asarray(
                     self.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d))

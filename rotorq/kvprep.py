@@ -165,6 +165,15 @@ def _tie_pairs(r):
     return np.concatenate([pooled, pooled], axis=-1)
 
 
+def _mean_key(keys, positions=None, rope_base=None):
+    """:meth:`KeyPrep.offset_of` in float64 (the KV cache rounds it once, to float16)."""
+    k = np.asarray(_host(keys), dtype=np.float64)
+    if rope_base is not None:
+        pos = np.arange(k.shape[-2]) if positions is None else positions
+        k = unrope(k, pos, rope_base)
+    return k.mean(axis=-2)
+
+
 class KeyPrep:
     """Offset removal and channel scaling of the keys, with the matching query transform.
 
@@ -243,11 +252,7 @@ class KeyPrep:
             Their positions (default ``0..T-1``); used with ``rope_base``.
         rope_base : float, optional
         """
-        k = np.asarray(_host(keys), dtype=np.float64)
-        if rope_base is not None:
-            pos = np.arange(k.shape[-2]) if positions is None else positions
-            k = unrope(k, pos, rope_base)
-        return k.mean(axis=-2).astype(np.float32)
+        return _mean_key(keys, positions, rope_base).astype(np.float32)
 
     @classmethod
     def fit(cls, keys, queries=None, *, positions=None, rope_base=None, alpha=0.5,
