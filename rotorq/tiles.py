@@ -110,16 +110,30 @@ def norm_slots() -> np.ndarray:
 
 @functools.cache
 def _gather(kind, dim, bits):
-    """``(to_rows, to_tiles)``: the tile bit at each row-major ``(token, bit)`` place of a
-    tile, and its inverse."""
+    """``(unit, to_rows, to_tiles)``: the tile unit (bit, or uint16 where the order moves
+    whole aligned uint16, as for keys) at each row-major ``(token, unit)`` place of a tile,
+    and its inverse."""
     to_rows = order(kind, dim, bits).ravel()
+    unit = 1
+    blocks = to_rows.reshape(-1, 16)
+    if (blocks[:, 0] % 16 == 0).all() and (blocks - blocks[:, :1] == np.arange(16)).all():
+        unit, to_rows = 16, blocks[:, 0] // 16
     to_tiles = np.empty_like(to_rows)
     to_tiles[to_rows] = np.arange(to_rows.size)
-    return to_rows, to_tiles
+    return unit, to_rows, to_tiles
+
+
+def _permute(xp, src, index, unit):
+    """``src`` (…, n) uint8 with its units (bits or uint16) reordered by ``index``."""
+    if unit == 16:
+        halves = xp.ascontiguousarray(src).view(xp.uint16)
+        return xp.take(halves, xp.asarray(index), axis=-1).view(xp.uint8)
+    return _permute_bits(xp, src, index)
 
 
 _CHUNK = 2048
-"""Tiles converted at once (bounds the transient bit arrays: 8 bytes per stored byte)."""
+"""Tiles converted at once (bounds the transient bit arrays of values: 8 bytes per stored
+byte)."""
 
 
 def _permute_bits(xp, src, index):
@@ -136,12 +150,12 @@ def _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits):
     """Tiles ``t0 … t1 − 1`` in token order: uint8 ``(BH, 16·(t1 − t0), row)`` and norms
     ``(BH, 16·(t1 − t0))`` (new arrays)."""
     n_bh, _, row = codes.shape
-    to_rows, _ = _gather(kind, dim, bits)
+    unit, to_rows, _ = _gather(kind, dim, bits)
     tiles_b = codes.reshape(n_bh, -1, TILE * row)
     out = xp.empty((n_bh, t1 - t0, TILE * row), xp.uint8)
     for c in range(t0, t1, _CHUNK):
         e = min(t1, c + _CHUNK)
-        out[:, c - t0:e - t0] = _permute_bits(xp, tiles_b[:, c:e], to_rows)
+        out[:, c - t0:e - t0] = _permute(xp, tiles_b[:, c:e], to_rows, unit)
     tn = xp.take(norms.reshape(n_bh, -1, TILE)[:, t0:t1], xp.asarray(norm_slots()), axis=2)
     return out.reshape(n_bh, TILE * (t1 - t0), row), tn.reshape(n_bh, -1)
 
@@ -191,12 +205,12 @@ def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
         cur, cur_n = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
         cur[:, lo:lo + n] = rows
         cur_n[:, lo:lo + n] = row_norms
-    _, to_tiles = _gather(kind, dim, bits)
+    unit, _, to_tiles = _gather(kind, dim, bits)
     cur = cur.reshape(n_bh, t1 - t0, -1)
     dst = codes.reshape(n_bh, -1, cur.shape[2])
     for c in range(0, t1 - t0, _CHUNK):
         e = min(t1 - t0, c + _CHUNK)
-        dst[:, t0 + c:t0 + e] = _permute_bits(xp, cur[:, c:e], to_tiles)
+        dst[:, t0 + c:t0 + e] = _permute(xp, cur[:, c:e], to_tiles, unit)
     slots_inv = np.argsort(norm_slots())
     norms.reshape(n_bh, -1, TILE)[:, t0:t1] = xp.take(cur_n.reshape(n_bh, t1 - t0, TILE),
                                                       xp.asarray(slots_inv), axis=2)
