@@ -220,11 +220,10 @@ class KVCache:
     without an ``n_q`` axis in the queries there is none in the result.
 
     On a GPU, with one key part (MSE, 128–512 stored coordinates) and one value part (128
-    or 256),
-    the compressed tokens are held in the tile layout of :mod:`rotorq.tiles`, which the
-    tensor-core attention kernel reads in place (a RoPE-aware offset's per-key term is
-    computed first and added there); non-finite queries are not refused (that check would
-    cost a device sync per call): they give NaN outputs.
+    or 256), the compressed tokens are held in the tile layout of :mod:`rotorq.tiles`,
+    which the tensor-core attention kernel reads in place (a RoPE-aware offset's per-key
+    term is computed first and added there); non-finite queries are not refused (that
+    check would cost a device sync per call): they give NaN outputs.
 
     Examples
     --------
