@@ -228,4 +228,17 @@ def load(xp, codes, norms, lo, hi, kind, dim, bits):
     return xp.ascontiguousarray(rows[:, a:b]), xp.ascontiguousarray(tn[:, a:b])
 
 
-__all__ = ["TILE", "load", "norm_slots", "order", "store", "supported"]
+def attention_rows(xp, keys, values, n_keys, key_dim):
+    """The ``keys``, ``values`` arguments of ``decode_attention`` (one MSE key part, one
+    value part, codes and norms in the tile layout) with their first ``n_keys`` tokens in
+    the row layout."""
+    if len(keys) != 1 or len(values) != 1 or keys[0][4] is not None:
+        raise ValueError("layout='tiles' takes one MSE key part and one value part")
+    codes, norms, cent, nbits, signs, qn, scale = keys[0]
+    kc, kn = load(xp, codes, norms, 0, n_keys, "keys", key_dim, nbits)
+    vcodes, vnorms, vcent, vbits, big_d = values[0]
+    vc, vn = load(xp, vcodes, vnorms, 0, n_keys, "values", big_d, vbits)
+    return ((kc, kn, cent, nbits, signs, qn, scale),), ((vc, vn, vcent, vbits, big_d),)
+
+
+__all__ = ["TILE", "attention_rows", "load", "norm_slots", "order", "store", "supported"]

@@ -231,14 +231,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
     if layout not in ("rows", "tiles"):
         raise ValueError(f"layout must be 'rows' or 'tiles', got {layout!r}")
     if layout == "tiles":
-        if len(keys) != 1 or len(values) != 1 or keys[0][4] is not None:
-            raise ValueError("layout='tiles' takes one MSE key part and one value part")
-        codes, norms, cent, nbits, _, _, _ = keys[0]
-        kc, kn = tiles.load(np, codes, norms, 0, n_keys, "keys", queries[0][0].shape[2], nbits)
-        vcodes, vnorms, vcent, vbits, big_d = values[0]
-        vc, vn = tiles.load(np, vcodes, vnorms, 0, n_keys, "values", big_d, vbits)
-        keys = ((kc, kn, cent, nbits, None, None, 0.0),)
-        values = ((vc, vn, vcent, vbits, big_d),)
+        keys, values = tiles.attention_rows(np, keys, values, n_keys, queries[0][0].shape[2])
     q0, qs0 = queries[0]
     n_bh, n_rows = q0.shape[0], q0.shape[1]
     empty_q = np.zeros((n_bh, n_rows, 0), np.float32)

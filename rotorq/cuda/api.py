@@ -805,15 +805,6 @@ def attention_layout(key_dim, key_bits, key_mode, value_dim, value_bits):
     return "rows" if cfg is None else "tiles"
 
 
-def _untile(keys, values, n_keys, key_dim):
-    """``keys``, ``values`` of the tile layout (one MSE key part, one value part) as rows."""
-    codes, norms, cent, nbits, signs, qn, scale = keys[0]
-    kc, kn = _tiles.load(cp, codes, norms, 0, n_keys, "keys", key_dim, nbits)
-    vcodes, vnorms, vcent, vbits, big_d = values[0]
-    vc, vn = _tiles.load(cp, vcodes, vnorms, 0, n_keys, "values", big_d, vbits)
-    return ((kc, kn, cent, nbits, signs, qn, scale),), ((vc, vn, vcent, vbits, big_d),)
-
-
 def _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias, layout):
     """:func:`decode_attention` of more rows than the tensor-core kernel takes, as groups
     of at most :data:`~rotorq.cuda.attention.FAST_ROWS` rows that keep a query head's
@@ -895,7 +886,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
                                layout)
         tiled = layout == "tiles"
         if tiled and fast is None:
-            keys, values = _untile(keys, values, n_keys, dk0)
+            keys, values = _tiles.attention_rows(cp, keys, values, n_keys, dk0)
             k0, v0, tiled = kpart(0), vpart(0), False
         if fast is not None:
             per_block = _att.FAST_WARPS * 16
