@@ -59,10 +59,11 @@ def _kernel(which, d, bits, half):
         tiled = which == "attention-tiled"
         kern = attention.attention_kernel(d, bits, d, bits, tiled=tiled)
         f16, u16 = np.float16, np.uint16
-        norms = np.zeros((1, 8), u32) if tiled else np.zeros((1, 16), f16)
-        vcodes = (np.zeros((1, 16 * d * bits // 32), u32) if tiled
+        norms = np.zeros(8, u32) if tiled else np.zeros((1, 16), f16)
+        vcodes = (np.zeros(16 * d * bits // 32, u32) if tiled
                   else np.zeros((1, 16 * d * bits // 16), u16))
-        args = (np.zeros((1, 8, d), f32), np.zeros((1, 16 * d * bits // 32), u32),
+        kcodes = np.zeros(16 * d * bits // 32, u32)
+        args = (np.zeros((1, 8, d), f32), kcodes if tiled else kcodes.reshape(1, -1),
                 norms, np.zeros(1 << bits, f32), vcodes, norms,
                 np.zeros(1 << bits, f32), 0, 0, 0, 0, np.zeros((1, 1, 8, d), f32),
                 np.zeros((1, 1, 8), f32), np.zeros((1, 1, 8), f32))
@@ -144,9 +145,11 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, help="attention: launch-bounds blocks "
                     "(FAST_LAUNCH_BLOCKS; 0 uncapped)")
     ap.add_argument("--mulhi", type=int, help="attention-tiled: FAST_MULHI")
+    ap.add_argument("--unroll", type=int, help="attention-tiled: FAST_UNROLL")
     a = ap.parse_args(argv)
-    if a.depth is not None or a.blocks is not None or a.mulhi is not None:
+    if a.depth is not None or a.blocks is not None or a.mulhi is not None or a.unroll:
         from rotorq.cuda import attention
+        attention.FAST_UNROLL = a.unroll or attention.FAST_UNROLL
         attention.FAST_PREFETCH = a.depth or attention.FAST_PREFETCH
         if a.mulhi is not None:
             attention.FAST_MULHI = a.mulhi

@@ -902,17 +902,17 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         if fast is not None:
             kbias = ()
             if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
-                kbias = (_rows_of(_key_bias_scores(key_bias, n_bh, n_rows, n_keys),
-                                  np.dtype(np.float32), n_bh),)
+                kbias = (_key_bias_scores(key_bias, n_bh, n_rows, n_keys),)
             kern = _att.attention_kernel(*fast, bias=bool(kbias), tiled=tiled)
-            if tiled:  # norms as the words of tokens (g, g + 8)
-                kn, vn, vwords = k0[1].view(cp.uint32), v0[1].view(cp.uint32), _U32
+            scalars = (int(n_keys), int(n_q), int(causal_offset), int(chunk))
+            if tiled:
+                _tiled_attention(kern, n_split, qargs[0], k0[0], k0[1], k0[4], v0[0], v0[1],
+                                 v0[2], kbias, scalars, acc0, mx, sm)
             else:
-                kn, vn, vwords = k0[1], v0[1], _U16
-            launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
-                   (qargs[0], _rows_of(k0[0], _U32, n_bh), kn, k0[4],
-                    _rows_of(v0[0], vwords, n_bh), vn, v0[2], *kbias,
-                    int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, mx, sm))
+                launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
+                       (qargs[0], _rows_of(k0[0], _U32, n_bh), k0[1], k0[4],
+                        _rows_of(v0[0], _U16, n_bh), v0[1], v0[2],
+                        *(_rows_of(b, _F32, n_bh) for b in kbias), *scalars, acc0, mx, sm))
         else:
             if key_bias is None:
                 bias = (empty_q, empty_q, _empty((0,), cp.float64), 0)
@@ -938,6 +938,29 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
                4 * _att.merge_shared_floats(n_split, cols * ys),
                (mx, sm, acc0, acc1, out0, out1, m, lsum))
         return [out0, out1][:len(values)], m, lsum
+
+
+TILED_MAX_WORDS = 2**32 - 1
+"""Most uint32 words of one flat code or norm array the tile-layout attention kernel indexes
+(its offsets are 32-bit); tests lower it to exercise the launch per group of heads."""
+
+
+def _tiled_attention(kern, n_split, q, kc, kn, kcent, vc, vn, vcent, kbias, scalars, acc, mx,
+                     sm):
+    """Launch the tensor-core kernel on a tile-layout cache: codes and norms as flat uint32
+    words (the norms of tokens g, g + 8 in one word), which it indexes with 32-bit offsets —
+    so heads go in groups whose arrays stay below 2^32 words (one launch below 16 GB)."""
+    n_bh = q.shape[0]
+    per = min(n_bh, max(1, TILED_MAX_WORDS // max(a.nbytes // (4 * n_bh) for a in (kc, vc, kn))))
+    for lo in range(0, n_bh, per):
+        hi = min(n_bh, lo + per)
+        heads = [a if per == n_bh else a[lo:hi]
+                 for a in (q, kc, kn, vc, vn, *kbias, acc, mx, sm)]
+        qh, kch, knh, vch, vnh = heads[:5]
+        flat = [View(a, _U32, (a.nbytes // 4,)) for a in (kch, knh, vch, vnh)]
+        launch(kern, (n_split, hi - lo, 1), (32 * _att.FAST_WARPS, 1), 0,
+               (qh, flat[0], flat[1], kcent, flat[2], flat[3], vcent,
+                *(_rows_of(b, _F32, hi - lo) for b in heads[5:-3]), *scalars, *heads[-3:]))
 
 
 def _prefix_buffer(a):

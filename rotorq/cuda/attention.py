@@ -585,14 +585,21 @@ if SIMULATOR:
         """The float16 bits of ``lo`` (low half) and ``hi`` (high half) in one uint32."""
         return np.uint32(int(half_bits(lo)) | (int(half_bits(hi)) << 16))
 
-    def load_u4(arr, i):
-        """``arr[i : i + 4]`` of a uint32 array (one 16-byte load on the device; ``i`` a
-        multiple of 4)."""
-        return arr[i], arr[i + np.uint64(1)], arr[i + np.uint64(2)], arr[i + np.uint64(3)]
+    def load_u4(arr, i, c):
+        """``arr[i + c : i + c + 4]`` of a uint32 array (one 16-byte load on the device;
+        ``i + c`` a multiple of 4)."""
+        k = int(i) + int(c)
+        return arr[k], arr[k + 1], arr[k + 2], arr[k + 3]
 
-    def load_u2(arr, i):
-        """``arr[i : i + 2]`` of a uint32 array (one 8-byte load on the device; ``i`` even)."""
-        return arr[i], arr[i + np.uint64(1)]
+    def load_u2(arr, i, c):
+        """``arr[i + c : i + c + 2]`` of a uint32 array (one 8-byte load on the device;
+        ``i + c`` even)."""
+        k = int(i) + int(c)
+        return arr[k], arr[k + 1]
+
+    def load_u1(arr, i, c):
+        """``arr[i + c]`` of a uint32 array."""
+        return arr[int(i) + int(c)]
 
     def _half_of(u):
         return np.float64(np.array(int(u) & 0xFFFF, np.uint16).view(np.float16))
@@ -725,25 +732,34 @@ else:
                 and arr.layout == "C")
 
     def _load_words(n):
-        def typer(typingctx, arr, i):
+        def typer(typingctx, arr, i, c):
             if not _u32_array(arr):
                 return None
 
             def codegen(context, builder, signature, args):
                 ary = context.make_array(signature.args[0])(context, builder, args[0])
-                ptr = builder.gep(ary.data, [args[1]], inbounds=True)
+                i64 = ir.IntType(64)
+                # the 32-bit offset widened once (one wide multiply-add onto the row's
+                # pointer), the constant apart: it folds into the load's immediate
+                ptr = builder.gep(ary.data, [builder.zext(args[1], i64)], inbounds=True)
+                ptr = builder.gep(ptr, [builder.zext(args[2], i64)], inbounds=True)
+                if n == 1:
+                    return builder.load(ptr, align=4)
                 vty = ir.VectorType(ir.IntType(32), n)
                 v = builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4 * n)
                 vals = [builder.extract_element(v, ir.Constant(ir.IntType(32), k))
                         for k in range(n)]
                 return context.make_tuple(builder, signature.return_type, vals)
-            return types.UniTuple(types.uint32, n)(arr, types.uint64), codegen
+            ret = types.uint32 if n == 1 else types.UniTuple(types.uint32, n)
+            return ret(arr, types.uint32, types.uint32), codegen
         return typer
 
     load_u4 = intrinsic(_load_words(4))
-    load_u4.__doc__ = """``arr[i : i + 4]`` of a 1-D uint32 array in one 16-byte load (``i``:
-    uint64, a multiple of 4; the array 16-byte aligned)."""
+    load_u4.__doc__ = """``arr[i + c : i + c + 4]`` of a 1-D uint32 array in one 16-byte load
+    (``i``, ``c``: uint32, ``c`` a constant, ``i + c`` a multiple of 4; the array 16-byte
+    aligned)."""
     load_u2 = intrinsic(_load_words(2))
+    load_u1 = intrinsic(_load_words(1))
 
     @intrinsic
     def mma16816(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
@@ -786,6 +802,10 @@ if SIMULATOR:
         """32-bit ``a + b`` (uint32, wrapping)."""
         return np.uint32((int(a) + int(b)) & 0xFFFFFFFF)
 
+    def mul32(a, b):
+        """32-bit ``a · b`` (uint32, wrapping)."""
+        return np.uint32((int(a) * int(b)) & 0xFFFFFFFF)
+
     def min32(a, b):
         """Unsigned 32-bit ``min(a, b)``."""
         return np.uint32(min(int(a), int(b)))
@@ -821,6 +841,7 @@ else:
     and32 = _binop32("and_")
     or32 = _binop32("or_")
     add32 = _binop32("add")
+    mul32 = _binop32("mul")
 
     @intrinsic
     def min32(typingctx, a, b):
@@ -866,10 +887,11 @@ def _build(name, lines, env):
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
-           "or32": or32, "add32": add32, "min32": min32, "mulhi32": mulhi32, "exp2f": exp2f,
-           "word_at": word_at,
+           "or32": or32, "add32": add32, "mul32": mul32, "min32": min32, "mulhi32": mulhi32,
+           "exp2f": exp2f, "word_at": word_at,
            "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2,
-           "load_u4": load_u4, "load_u2": load_u2, "U16": np.uint16, "half_float": half_float}
+           "load_u4": load_u4, "load_u2": load_u2, "load_u1": load_u1, "U16": np.uint16,
+           "half_float": half_float}
     if SIMULATOR:
         glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
     else:
@@ -914,6 +936,9 @@ FAST_MULHI = 0
 every lookup (1), every other one (2) or none (0), to unload the ALU pipe."""
 FAST_PREFETCH = 2
 """Tiles in flight ahead of the one computed (tile layout; the row layout takes 1)."""
+FAST_UNROLL = None
+"""Tile layout: copies of the loop body per iteration; None: one per set of prefetch
+registers (:data:`FAST_PREFETCH` + 1), so no register moves carry them across iterations."""
 FAST_TABLE_COPIES = None
 """``(key, value)`` pair-table copies of the tensor-core kernel; None: :func:`table_copies`
 (benchmarks compare)."""
@@ -984,8 +1009,9 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     scores.
 
     ``tiled=True``: the codes and norms are in the tile layout of :mod:`rotorq.tiles` —
-    ``kc``, ``vc`` uint32 (BH, cap·D·bits/32) and ``kn``, ``vn`` uint32 (BH, cap/2), the
-    float16 norms of tokens ``g, g+8`` in one word; ``chunk`` a multiple of 16. A lane's
+    ``kc``, ``vc`` flat uint32 (BH·cap·D·bits/32,) and ``kn``, ``vn`` flat uint32
+    (BH·cap/2,), the float16 norms of tokens ``g, g+8`` in one word, each fewer than 2^32
+    words (32-bit offsets); ``chunk`` a multiple of 16. A lane's
     codes of a step are then a 16-byte and an 8-byte load per stream (coalesced across the
     warp) instead of 18 scattered ones, and the codes of tokens ``2t, 2t+1`` at each value
     coordinate are side by side, so a value pair lookup takes one field.
@@ -1004,7 +1030,9 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     copies = FAST_TABLE_COPIES if copies is None else copies
     depth = depth or (FAST_PREFETCH if tiled else 1)
     mulhi = FAST_MULHI if tiled else 0
-    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth, mulhi)
+    unroll = (FAST_UNROLL or depth + 1) if tiled else 1
+    key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth, mulhi,
+           unroll)
     nlook = [0]
 
     def tfield(word, p, bits, shift):
@@ -1096,15 +1124,22 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "    pw = warp * 128",
           # 32-bit token indices; each lane's words as a view from its first word, so a row's
           # address is one wide multiply-add
-          "    kcl = kc[bh]" if tiled else f"    kcl = kc[bh, t * {kw}:]",
-          "    vcl = vc[bh]" if tiled else f"    vcl = vc[bh, g * {vw}:]",
-          "    knb = kn[bh]",
-          "    vnb_ = vn[bh]"]
+          "    kcl = kc" if tiled else f"    kcl = kc[bh, t * {kw}:]",
+          "    vcl = vc" if tiled else f"    vcl = vc[bh, g * {vw}:]",
+          "    knb = kn" if tiled else "    knb = kn[bh]",
+          "    vnb_ = vn" if tiled else "    vnb_ = vn[bh]"]
     if tiled:
+        # 32-bit word offsets into the flat arrays (the caller keeps them below 2^32 words):
+        # a load's address is then one wide multiply-add onto the array's pointer, a kernel
+        # parameter, and no 64-bit row pointer is rematerialized in the loop
         L += ["    ltile = shr32(last, U32(4))",
-              "    l4 = U64(4 * lane)",
-              "    l2 = U64(2 * lane)",
-              "    gw = U64(g)"]
+              "    n_bh = q.shape[0]",
+              "    ubh = U32(bh)",
+              "    k16 = add32(mul32(ubh, U32(kc.shape[0] // n_bh)), lane4)",
+              "    k8 = add32(mul32(ubh, U32(kc.shape[0] // n_bh)), U32(2 * lane))",
+              "    v16 = add32(mul32(ubh, U32(vc.shape[0] // n_bh)), lane4)",
+              "    v8 = add32(mul32(ubh, U32(vc.shape[0] // n_bh)), U32(2 * lane))",
+              "    gw = add32(mul32(ubh, U32(kn.shape[0] // n_bh)), U32(g))"]
     if bias:  # the key-offset term of rows ra, rb (rows past n_rows are masked anyway)
         L += ["    kbl = kbias[bh]",
               "    rau = U64(ra)"]
@@ -1146,26 +1181,31 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     kslots = [f"ka{w}" for w in range(kw)] + [f"kb{w}" for w in range(kw)]
     vslots = [f"wa{w}" for w in range(vw)] + [f"wb{w}" for w in range(vw)]
 
-    def vector_loads(ind, pre, arr, first, slots):
-        """A lane's words ``slots`` of the tile at word ``first``: 16-byte chunks at
-        ``128c + 4·lane``, an 8-byte rest at ``128F + 2·lane`` (:mod:`rotorq.tiles`)."""
+    def vector_loads(ind, pre, arr, first, slots, o16, o8):
+        """A lane's words ``slots`` of the tile at word ``first`` of the row (uint32):
+        16-byte chunks at ``128c + 4·lane``, an 8-byte rest at ``128F + 2·lane``
+        (:mod:`rotorq.tiles`); ``o16``, ``o8``: the row's first word plus the lane's."""
         out, full = [], len(slots) // 4
         for c in range(full):
             dst = ", ".join(pre + n for n in slots[4 * c:4 * c + 4])
-            out.append(f"{ind}{dst} = load_u4({arr}, {first} + U64({128 * c}) + l4)")
+            out.append(f"{ind}{dst} = load_u4({arr}, add32({first}, {o16}), U32({128 * c}))")
         if len(slots) % 4:
             dst = ", ".join(pre + n for n in slots[4 * full:])
-            out.append(f"{ind}{dst} = load_u2({arr}, {first} + U64({128 * full}) + l2)")
+            out.append(f"{ind}{dst} = load_u2({arr}, add32({first}, {o8}), "
+                       f"U32({128 * full}))")
         return out
 
     def tiled_loads(ind, pre, base):
         """Loads of the tile at token ``base`` (a multiple of 16, clamped to the split's
         last tile) into ``{pre}…``."""
-        out = [f"{ind}{pre}tt = U64(min32(shr32({base}, U32(4)), ltile))"]
-        out += vector_loads(ind, pre, "kcl", f"{pre}tt * U64({16 * krow})", kslots)
-        out += vector_loads(ind, pre, "vcl", f"{pre}tt * U64({8 * vrow_w})", vslots)
-        out += [f"{ind}{pre}nkw = knb[{pre}tt * U64(8) + gw]",
-                f"{ind}{pre}nvw = vnb_[{pre}tt * U64(8) + gw]"]
+        out = [f"{ind}{pre}tt = min32(shr32({base}, U32(4)), ltile)"]
+        out += vector_loads(ind, pre, "kcl", f"mul32({pre}tt, U32({16 * krow}))", kslots,
+                            "k16", "k8")
+        out += vector_loads(ind, pre, "vcl", f"mul32({pre}tt, U32({8 * vrow_w}))", vslots,
+                            "v16", "v8")
+        out += [f"{ind}{pre}nx = add32(shl32({pre}tt, U32(3)), gw)",
+                f"{ind}{pre}nkw = load_u1(knb, {pre}nx, U32(0))",
+                f"{ind}{pre}nvw = load_u1(vnb_, {pre}nx, U32(0))"]
         if bias:
             out += [f"{ind}{pre}ja = min32(add32({base}, gu), last)",
                     f"{ind}{pre}jb = min32(add32({base}, g8u), last)",
@@ -1187,7 +1227,12 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     for i in range(1, depth):
         L += [f"    nbase{i} = add32(nbase, U32({16 * W * i}))"]
         L += loads("    ", pre[i], f"nbase{i}")
-    L.append("    for it in range(ntile):")
+    # a 32-bit loop count, the same for the whole block (Numba's range counts in 64 bits)
+    L += ["    ntu = U32(ntile)",
+          "    it = U32(0)",
+          "    while it < ntu:",
+          "        it = add32(it, U32(1))"]
+    body_at = len(L)
     ind = " " * 8
     L += [f"{ind}base = nbase",
           f"{ind}ta = add32(base, gu)",
@@ -1287,6 +1332,11 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         L += [f"{ind}a0 = {regs[0]}", f"{ind}a1 = {regs[1]}", f"{ind}a2 = {regs[2]}",
               f"{ind}a3 = {regs[3]}"]
         L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
+    # the body once per set of prefetch registers: each copy loads into the set the previous
+    # copy computed from, so the loop carries them without register moves
+    body = L[body_at:]
+    for _ in range(1, unroll):
+        L += [f"{ind}if it >= ntu:", f"{ind}    break", f"{ind}it = add32(it, U32(1))"] + body
     # finish: per-lane sums over the row's 8 lanes, then the block's warps merge
     ind = " " * 4
     if sim:

@@ -190,10 +190,11 @@ FAST_RTOL = 5e-3  # fp16 MMA inputs (queries, centroids, p·ν), fp32 accumulati
 def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
     """The tensor-core kernel against the CPU kernel, reading the row layout or the tile
     layout of :mod:`rotorq.tiles` (a partial last tile: its other slots hold other codes,
-    masked)."""
+    masked). On tiles, splits of 192 tokens: 2–3 steps per warp, through the loop body's
+    unrolled copies and their exit between copies."""
     att = importlib.import_module("rotorq.cuda.attention")
     case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), **FAST_CASES[name])
-    chunk = 64
+    chunk = 192 if tiled and name != "k2v4-rows3" else 64
     want = cpu_partials(case, chunk)
     n_split = len(range(0, case["n_keys"], chunk))
     got = outputs(case, n_split, fill=np.nan)
@@ -217,7 +218,7 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
             tc = rng.integers(0, 256, (n_bh, cap, codes.shape[2]), dtype=np.uint8)
             tn = rng.standard_normal((n_bh, cap)).astype(np.float16)
             tiles.store(np, tc, tn, codes[:, :n], nrm[:, :n], 0, kind, 128, bits)
-            bufs += [tc.view(np.uint32).reshape(n_bh, -1), tn.view(np.uint32)]
+            bufs += [tc.view(np.uint32).reshape(-1), tn.view(np.uint32).reshape(-1)]
         args = (bufs[0], bufs[1], kcent, bufs[2], bufs[3], vcent)
     else:
         args = (kc.view(np.uint32).reshape(n_bh, -1), kn, kcent,
@@ -467,13 +468,16 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("n_keys,n_rows,n_q,causal,n_freq", [
-    (70_001, 8, 1, False, 0), (9_000, 6, 2, True, 64), (1_000, 12, 1, False, 0),
-    (2_000, 18, 3, True, 0), (3_000, 24, 12, True, 64)])
-def test_backend_tiles_match_cpu_rows(rng, cp, n_keys, n_rows, n_q, causal, n_freq):
+@pytest.mark.parametrize("n_keys,n_rows,n_q,causal,n_freq,heads", [
+    (70_001, 8, 1, False, 0, None), (9_000, 6, 2, True, 64, None), (9_000, 6, 2, True, 64, 3),
+    (1_000, 12, 1, False, 0, None), (2_000, 18, 3, True, 0, None),
+    (3_000, 24, 12, True, 64, None)])
+def test_backend_tiles_match_cpu_rows(rng, cp, monkeypatch, n_keys, n_rows, n_q, causal,
+                                      n_freq, heads):
     """decode_attention on codes in the tile layout (rotorq.tiles; the tensor-core kernel
     reads them in place; past 8 rows in groups of whole heads, or of 8 queries of one head)
-    against the CPU on the row layout."""
+    against the CPU on the row layout. ``heads``: the kernel's 32-bit word limit lowered so
+    that it launches per group of that many heads (of 4)."""
     import rotorq.cuda as gpu
     from rotorq import cpu, tiles
     case = make_case(rng, n_bh=4, n_rows=n_rows, n_q=n_q, dk=(128, 0), dv=(128, 0),
@@ -488,6 +492,9 @@ def test_backend_tiles_match_cpu_rows(rng, cp, n_keys, n_rows, n_q, causal, n_fr
         tn = np.zeros((4, cap), np.float16)
         tiles.store(np, tc, tn, codes[:, :n_keys], nrm[:, :n_keys], 0, kind, 128, bits)
         tiled.append((cp.asarray(tc), cp.asarray(tn)))
+    if heads:  # the value codes (4 bits) are the largest array: cap·16 words a head
+        monkeypatch.setattr(importlib.import_module("rotorq.cuda.api"), "TILED_MAX_WORDS",
+                            heads * cap * 16 + 15)
     q = case["q"][0]
     args = (n_keys, n_q, case["causal_offset"])
     ba, bb, freqs, pos0 = case["bias"]
@@ -502,7 +509,7 @@ def test_backend_tiles_match_cpu_rows(rng, cp, n_keys, n_rows, n_q, causal, n_fr
     out_w = want[0][0] / want[2][..., None]
     out_g = got[0][0].get() / got[2].get()[..., None]
     err = _rel_err(out_g, out_w)
-    _REPORT[f"tiles-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}"] = err
+    _REPORT[f"tiles-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-h{heads}"] = err
     assert err < FAST_RTOL, err
     np.testing.assert_allclose(got[1].get() + np.log(got[2].get()), want[1] + np.log(want[2]),
                                rtol=2e-3, atol=2e-3)
@@ -566,17 +573,19 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
     att = importlib.import_module("rotorq.cuda.attention")
     f32, bh, r, d, cap = np.float32, 2, 8, 128, 4
     cap = 16 if tiled else cap
-    norms = np.zeros((bh, cap // 2), np.uint32) if tiled else np.zeros((bh, cap), np.float16)
-    vcodes = (np.zeros((bh, cap * d * vbits // 32), np.uint32) if tiled
+    norms = np.zeros(bh * cap // 2, np.uint32) if tiled else np.zeros((bh, cap), np.float16)
+    vcodes = (np.zeros(bh * cap * d * vbits // 32, np.uint32) if tiled
               else np.zeros((bh, cap * d * vbits // 16), np.uint16))
-    args = (np.zeros((bh, r, d), f32), np.zeros((bh, cap * d * kbits // 32), np.uint32),
+    kcodes = np.zeros(bh * cap * d * kbits // 32, np.uint32)
+    args = (np.zeros((bh, r, d), f32), kcodes if tiled else kcodes.reshape(bh, -1),
             norms, np.zeros(1 << kbits, f32), vcodes, norms,
             np.zeros(1 << vbits, f32), 1, 1, 1, 1, np.zeros((bh, 1, r, d), f32),
             np.zeros((bh, 1, r), f32), np.zeros((bh, 1, r), f32))
     kern = att.attention_kernel(*att.fast_config(d, kbits, d, vbits, d * kbits // 8,
                                                  d * vbits // 8), tiled=tiled)
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0))
-    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16
+    copies = (att.FAST_UNROLL or att.FAST_PREFETCH + 1) if tiled else 1  # loop body copies
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16 * copies
     assert ".local" not in ptx  # no local-memory arrays
 
 
