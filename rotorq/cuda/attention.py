@@ -645,6 +645,19 @@ if SIMULATOR:
         return np.float32(v)
 
     @device
+    def block_any(sx, p):
+        """Whether ``p`` holds on any thread of the block (emulates ``any_sync`` of the warp
+        with block barriers: a block-uniform, hence warp-uniform, answer)."""
+        tid = cuda.threadIdx.x
+        sx[tid] = np.float32(1.0) if p else np.float32(0.0)
+        cuda.syncthreads()
+        v = np.float32(0.0)
+        for i in range(cuda.blockDim.x):
+            v = max(v, sx[i])
+        cuda.syncthreads()
+        return v > np.float32(0.0)
+
+    @device
     def lanes_sum(sx, x):
         tid = cuda.threadIdx.x
         sx[tid] = x
@@ -817,6 +830,14 @@ if SIMULATOR:
     def word_at(arr, off):
         """The uint32 word of ``arr`` at byte offset ``off`` (a multiple of 4)."""
         return arr[int(off) >> 2]
+
+    def f32_at(arr, off, c):
+        """The float32 of ``arr`` at byte offset ``off + c``."""
+        return arr[(int(off) + int(c)) >> 2]
+
+    def set_f32_at(arr, off, c, v):
+        """``arr`` at byte offset ``off + c`` = ``v`` (float32)."""
+        arr[(int(off) + int(c)) >> 2] = v
 else:
     def _binop32(op):
         def typer(typingctx, a, b):
@@ -865,6 +886,39 @@ else:
             return builder.load(builder.bitcast(ptr, ir.IntType(32).as_pointer()))
         return types.uint32(arr, types.uint32), codegen
 
+    def _f32_ptr(context, builder, arrty, arr, off, c):
+        ary = context.make_array(arrty)(context, builder, arr)
+        i64 = ir.IntType(64)
+        base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+        ptr = builder.gep(base, [builder.zext(off, i64)], inbounds=True)
+        ptr = builder.gep(ptr, [builder.zext(c, i64)], inbounds=True)
+        return builder.bitcast(ptr, ir.FloatType().as_pointer())
+
+    def _f32_array(arr):
+        return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1
+
+    @intrinsic
+    def f32_at(typingctx, arr, off, c):
+        """The float32 of the 1-D ``arr`` at byte offset ``off + c`` (uint32; ``c`` a
+        constant: it folds into the load's immediate)."""
+        if not _f32_array(arr):
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.load(_f32_ptr(context, builder, signature.args[0], *args))
+        return types.float32(arr, types.uint32, types.uint32), codegen
+
+    @intrinsic
+    def set_f32_at(typingctx, arr, off, c, v):
+        """Store the float32 ``v`` at byte offset ``off + c`` of the 1-D ``arr``."""
+        if not _f32_array(arr):
+            return None
+
+        def codegen(context, builder, signature, args):
+            builder.store(args[3], _f32_ptr(context, builder, signature.args[0], *args[:3]))
+            return context.get_dummy_value()
+        return types.none(arr, types.uint32, types.uint32, types.float32), codegen
+
     @intrinsic
     def exp2f(typingctx, x):
         """``ex2.approx.ftz.f32``: ``2 ** x`` in one MUFU instruction (``math.exp`` takes
@@ -888,12 +942,13 @@ def _build(name, lines, env):
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
            "or32": or32, "add32": add32, "mul32": mul32, "min32": min32, "mulhi32": mulhi32,
-           "exp2f": exp2f, "word_at": word_at,
+           "exp2f": exp2f, "word_at": word_at, "f32_at": f32_at, "set_f32_at": set_f32_at,
            "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2,
            "load_u4": load_u4, "load_u2": load_u2, "load_u1": load_u1, "U16": np.uint16,
            "half_float": half_float}
     if SIMULATOR:
-        glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum)
+        glb.update(mma_sim=mma_sim, lanes_max=lanes_max, lanes_sum=lanes_sum,
+                   block_any=block_any)
     else:
         glb.update(mma16816=mma16816)
     glb.update(env)
@@ -1114,6 +1169,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "else U32(0)",
           "    m_a = neg_inf",
           "    m_b = neg_inf",
+          "    ref_a = np.float32(0.0)",
+          "    ref_b = np.float32(0.0)",
           "    l_a = np.float32(0.0)",
           "    l_b = np.float32(0.0)"]
     for mt in range(mtiles):
@@ -1121,7 +1178,8 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
             L.append(f"    o{mt}_{i} = np.float32(0.0)")
     L += [f"    ntile = (max(t1 - t0, 0) + {16 * W - 1}) // {16 * W}",
           "    cuda.syncthreads()",
-          "    pw = warp * 128",
+          "    pst = U32(4 * (warp * 128 + g * 8 + 2 * t))",
+          "    pld = U32(4 * (warp * 128 + 16 * t + g))",
           # 32-bit token indices; each lane's words as a view from its first word, so a row's
           # address is one wide multiply-add
           "    kcl = kc" if tiled else f"    kcl = kc[bh, t * {kw}:]",
@@ -1280,41 +1338,46 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           f"{ind}s3 = s3 * nb{add[3]} if tb < cnt_b else neg_inf",
           f"{ind}x_a = max(s0, s2)",
           f"{ind}x_b = max(s1, s3)"]
+    # the row maxima change only while some score of the warp exceeds them (rarely, past the
+    # first tiles): only then the reduction over the row's lanes, the running-sum and
+    # accumulator rescale; otherwise the scores are exponentiated against the standing maxima
+    # (one uniform branch: the MMAs below need the warp converged)
+    rise = "(x_a > m_a) | (x_b > m_b)"
+    L.append(f"{ind}if {'block_any(sx, ' if sim else 'cuda.any_sync(0xFFFFFFFF, '}{rise}):")
+    ind2 = ind + "    "
     if sim:
-        L += [f"{ind}x_a = lanes_max(sx, x_a)", f"{ind}x_b = lanes_max(sx, x_b)"]
+        L += [f"{ind2}x_a = lanes_max(sx, x_a)", f"{ind2}x_b = lanes_max(sx, x_b)"]
     else:
         for sh in (4, 8, 16):
-            L += [f"{ind}x_a = max(x_a, cuda.shfl_xor_sync(0xFFFFFFFF, x_a, {sh}))",
-                  f"{ind}x_b = max(x_b, cuda.shfl_xor_sync(0xFFFFFFFF, x_b, {sh}))"]
+            L += [f"{ind2}x_a = max(x_a, cuda.shfl_xor_sync(0xFFFFFFFF, x_a, {sh}))",
+                  f"{ind2}x_b = max(x_b, cuda.shfl_xor_sync(0xFFFFFFFF, x_b, {sh}))"]
     for r in ("a", "b"):
-        # al == 1 exactly while the row max stands (then the rescale below is skipped)
-        L += [f"{ind}mn = max(m_{r}, x_{r})",
-              f"{ind}al_{r} = exp2f(m_{r} - mn) if mn > m_{r} else one",
-              f"{ind}ref_{r} = mn if mn != neg_inf else np.float32(0.0)",
-              f"{ind}m_{r} = mn"]
+        L += [f"{ind2}mn = max(m_{r}, x_{r})",
+              f"{ind2}al_{r} = exp2f(m_{r} - mn) if mn > m_{r} else one",
+              f"{ind2}ref_{r} = mn if mn != neg_inf else np.float32(0.0)",
+              f"{ind2}m_{r} = mn",
+              f"{ind2}l_{r} *= al_{r}"]
+    for mt in range(mtiles):
+        L += [f"{ind2}o{mt}_0 *= al_a", f"{ind2}o{mt}_1 *= al_b",
+              f"{ind2}o{mt}_2 *= al_a", f"{ind2}o{mt}_3 *= al_b"]
     L += [f"{ind}p0 = exp2f(s0 - ref_a)",
           f"{ind}p1 = exp2f(s1 - ref_b)",
           f"{ind}p2 = exp2f(s2 - ref_a)",
           f"{ind}p3 = exp2f(s3 - ref_b)",
-          f"{ind}l_a = l_a * al_a + (p0 + p2)",
-          f"{ind}l_b = l_b * al_b + (p1 + p3)"]
-    if sim:
-        L.append(f"{ind}if al_a != one or al_b != one:")
-    else:  # one branch for the warp: the MMAs below need it converged
-        L.append(f"{ind}if cuda.any_sync(0xFFFFFFFF, (al_a != one) | (al_b != one)):")
-    for mt in range(mtiles):
-        L += [f"{ind}    o{mt}_0 *= al_a", f"{ind}    o{mt}_1 *= al_b",
-              f"{ind}    o{mt}_2 *= al_a", f"{ind}    o{mt}_3 *= al_b"]
-    L += [f"{ind}pt[pw + g * 8 + ra] = p0 * vna",
-          f"{ind}pt[pw + g * 8 + rb] = p1 * vna",
-          f"{ind}pt[pw + (g + 8) * 8 + ra] = p2 * vnb",
-          f"{ind}pt[pw + (g + 8) * 8 + rb] = p3 * vnb"]
+          f"{ind}l_a += p0 + p2",
+          f"{ind}l_b += p1 + p3"]
+    # p·ν to the B layout through the warp's 128 floats; 32-bit byte offsets with constant
+    # displacements (rows ra, rb = ra + 1; tokens g, g + 8 / 2t, 2t + 1, 2t + 8, 2t + 9)
+    L += [f"{ind}set_f32_at(pt, pst, U32(0), p0 * vna)",
+          f"{ind}set_f32_at(pt, pst, U32(4), p1 * vna)",
+          f"{ind}set_f32_at(pt, pst, U32(256), p2 * vnb)",
+          f"{ind}set_f32_at(pt, pst, U32(260), p3 * vnb)"]
     sync = "cuda.syncthreads()" if sim else "cuda.syncwarp(0xFFFFFFFF)"
     L += [f"{ind}{sync}",
-          f"{ind}pb0 = half_bits(pt[pw + (2 * t) * 8 + g]) | "
-          f"(half_bits(pt[pw + (2 * t + 1) * 8 + g]) << U32(16))",
-          f"{ind}pb1 = half_bits(pt[pw + (2 * t + 8) * 8 + g]) | "
-          f"(half_bits(pt[pw + (2 * t + 9) * 8 + g]) << U32(16))",
+          f"{ind}pb0 = half_bits(f32_at(pt, pld, U32(0))) | "
+          f"(half_bits(f32_at(pt, pld, U32(32))) << U32(16))",
+          f"{ind}pb1 = half_bits(f32_at(pt, pld, U32(256))) | "
+          f"(half_bits(f32_at(pt, pld, U32(288))) << U32(16))",
           f"{ind}{sync}"]
     for mt in range(mtiles):
         if tiled:  # coordinate j's codes of tokens (2t, 2t+1) side by side: one field
