@@ -989,7 +989,7 @@ STATIC_SHARED = 48 * 1024
 FAST_MULHI = 0
 """Tile layout: right shifts of the table-index fields done as ``mul.hi`` (FMA pipe) for
 every lookup (1), every other one (2) or none (0), to unload the ALU pipe."""
-FAST_PREFETCH = 2
+FAST_PREFETCH = 1
 """Tiles in flight ahead of the one computed (tile layout; the row layout takes 1)."""
 FAST_UNROLL = None
 """Tile layout: copies of the loop body per iteration; None: one per set of prefetch
