@@ -933,7 +933,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         out1 = _empty((n_bh, n_rows, v1[4]), cp.float32)
         m = _empty((n_bh, n_rows), cp.float32)
         lsum = _empty((n_bh, n_rows), cp.float32)
-        cols, ys = _att.MERGE_COLS, 8
+        cols, ys = _att.MERGE_COLS, _att.MERGE_ROWS
         launch(_att.merge_splits, (max(1, -(-(v0[4] + v1[4]) // cols)), n_rows, n_bh), (cols, ys),
                4 * _att.merge_shared_floats(n_split, cols * ys),
                (mx, sm, acc0, acc1, out0, out1, m, lsum))

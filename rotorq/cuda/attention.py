@@ -268,31 +268,59 @@ def decode_attention(q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
 
 
 MERGE_COLS = 32
-"""Accumulator columns per block of :func:`merge_splits` (``blockDim.x``)."""
+"""Accumulator columns per block of :func:`merge_splits` (``blockDim.x``: one warp)."""
+MERGE_ROWS = 16
+"""Warps per block of :func:`merge_splits` (``blockDim.y``): each sums its share of the
+splits, so few loads of a thread wait on each other."""
 
 
 def merge_shared_floats(n_split, threads):
-    """float32 words of dynamic shared memory of :func:`merge_splits`."""
-    return n_split + 2 * threads
+    """float32 words of dynamic shared memory of :func:`merge_splits` (whatever ``n_split``)."""
+    return 2 * threads
+
+
+if SIMULATOR:
+    @device
+    def _row_reduce(sc, v, is_max):
+        """Max or sum of ``v`` over the ``blockDim.x`` threads of this ``threadIdx.y``
+        (emulated with block barriers; every thread of the block calls it)."""
+        x, y, nx = cuda.threadIdx.x, cuda.threadIdx.y, cuda.blockDim.x
+        sc[y * nx + x] = v
+        cuda.syncthreads()
+        out = sc[y * nx]
+        for i in range(1, nx):
+            out = max(out, sc[y * nx + i]) if is_max else out + sc[y * nx + i]
+        cuda.syncthreads()
+        return out
+else:
+    @device
+    def _row_reduce(sc, v, is_max):
+        """Max or sum of ``v`` over the warp (``blockDim.x`` = 32), by shuffles."""
+        for sh in (16, 8, 4, 2, 1):
+            o = cuda.shfl_xor_sync(0xFFFFFFFF, v, sh)
+            v = max(v, o) if is_max else v + o
+        return v
 
 
 @device
-def _column_sum(wgt, acc, bh, r, col, y, ny, n_split):
-    """``Σ_{s ≡ y (mod ny)} wgt[s] · acc[bh, s, r, col]``, four splits per step: their loads
-    are in flight together (a plain loop waits for each load before the next)."""
+def _column_sum(max_in, safe, acc, bh, r, col, y, ny, n_split):
+    """``Σ_{s ≡ y (mod ny)} exp(max_in[bh, s, r] − safe) · acc[bh, s, r, col]``, four splits
+    per step: their loads are in flight together (a plain loop waits for each load)."""
     t0 = np.float32(0.0)
     t1 = np.float32(0.0)
     t2 = np.float32(0.0)
     t3 = np.float32(0.0)
     s = y
     while s + 3 * ny < n_split:
-        t0 += wgt[s] * acc[bh, s, r, col]
-        t1 += wgt[s + ny] * acc[bh, s + ny, r, col]
-        t2 += wgt[s + 2 * ny] * acc[bh, s + 2 * ny, r, col]
-        t3 += wgt[s + 3 * ny] * acc[bh, s + 3 * ny, r, col]
+        t0 += np.float32(math.exp(max_in[bh, s, r] - safe)) * acc[bh, s, r, col]
+        t1 += np.float32(math.exp(max_in[bh, s + ny, r] - safe)) * acc[bh, s + ny, r, col]
+        t2 += (np.float32(math.exp(max_in[bh, s + 2 * ny, r] - safe))
+               * acc[bh, s + 2 * ny, r, col])
+        t3 += (np.float32(math.exp(max_in[bh, s + 3 * ny, r] - safe))
+               * acc[bh, s + 3 * ny, r, col])
         s += 4 * ny
     while s < n_split:
-        t0 += wgt[s] * acc[bh, s, r, col]
+        t0 += np.float32(math.exp(max_in[bh, s, r] - safe)) * acc[bh, s, r, col]
         s += ny
     return (t0 + t1) + (t2 + t3)
 
@@ -301,11 +329,12 @@ def _column_sum(wgt, acc, bh, r, col, y, ny, n_split):
 def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_out):
     """Log-sum-exp merge of the splits: ``(BH, S, R[, D])`` partials → ``(BH, R[, D])``.
 
-    Grid ``(ceil((Dv0 + Dv1) / MERGE_COLS), R, BH)``, blocks ``(MERGE_COLS, Y)``: the block
-    computes the row's max and split weights ``exp(m_s − m)`` in shared memory (splits that
-    saw no key weigh 0), then thread ``(x, y)`` sums column ``x`` over the splits
-    ``s ≡ y (mod Y)`` (coalesced rows) and the ``Y`` partial sums are added in shared memory.
-    Dynamic shared memory: ``4 · merge_shared_floats(S, MERGE_COLS · Y)`` bytes.
+    Grid ``(ceil((Dv0 + Dv1) / MERGE_COLS), R, BH)``, blocks ``(MERGE_COLS, Y)`` (Y warps;
+    ``blockDim.x`` must be 32 on the device). Every warp finds the row's max over the splits
+    by shuffles (no block barrier); thread ``(x, y)`` then sums column ``x`` over the splits
+    ``s ≡ y (mod Y)`` (coalesced rows), each weighted ``exp(m_s − m)`` (splits that saw no
+    key weigh 0), and the ``Y`` partial sums are added in shared memory. Dynamic shared
+    memory: ``4 · merge_shared_floats(S, MERGE_COLS · Y)`` bytes.
     """
     r = cuda.blockIdx.y
     bh = cuda.blockIdx.z
@@ -319,56 +348,34 @@ def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_
     dv0 = acc0_in.shape[3]
     dv1 = acc1_in.shape[3]
     sh = cuda.shared.array(0, numba.float32)
-    wgt = sh[:n_split]
-    red = sh[n_split:n_split + threads]
-    part = sh[n_split + threads:n_split + 2 * threads]
+    part = sh[:threads]
+    sc = sh[threads:2 * threads]
     neg_inf = np.float32(-math.inf)
     mx = neg_inf
-    s = tid
+    s = x
     while s < n_split:
         mx = max(mx, max_in[bh, s, r])
-        s += threads
-    red[tid] = mx
-    cuda.syncthreads()
-    h = 1
-    while h < threads:
-        h <<= 1
-    h >>= 1
-    while h > 0:
-        if tid < h and tid + h < threads:
-            red[tid] = max(red[tid], red[tid + h])
-        cuda.syncthreads()
-        h >>= 1
-    mx = red[0]
-    cuda.syncthreads()
+        s += nx
+    mx = _row_reduce(sc, mx, True)
     safe = mx if mx != neg_inf else np.float32(0.0)
-    lsum = np.float32(0.0)
-    s = tid
-    while s < n_split:
-        w = np.float32(math.exp(max_in[bh, s, r] - safe))
-        wgt[s] = w
-        lsum += w * sum_in[bh, s, r]
-        s += threads
-    red[tid] = lsum
-    cuda.syncthreads()
-    h = 1
-    while h < threads:
-        h <<= 1
-    h >>= 1
-    while h > 0:
-        if tid < h and tid + h < threads:
-            red[tid] += red[tid + h]
-        cuda.syncthreads()
-        h >>= 1
+    if cuda.blockIdx.x == 0 and y == 0:
+        lsum = np.float32(0.0)
+        s = x
+        while s < n_split:
+            lsum += np.float32(math.exp(max_in[bh, s, r] - safe)) * sum_in[bh, s, r]
+            s += nx
+    else:
+        lsum = np.float32(0.0)
+    lsum = _row_reduce(sc, lsum, False)
     if tid == 0 and cuda.blockIdx.x == 0:
         m_out[bh, r] = mx
-        l_out[bh, r] = red[0]
+        l_out[bh, r] = lsum
     col = cuda.blockIdx.x * nx + x
     tot = np.float32(0.0)
     if col < dv0:
-        tot = _column_sum(wgt, acc0_in, bh, r, col, y, ny, n_split)
+        tot = _column_sum(max_in, safe, acc0_in, bh, r, col, y, ny, n_split)
     elif col < dv0 + dv1:
-        tot = _column_sum(wgt, acc1_in, bh, r, col - dv0, y, ny, n_split)
+        tot = _column_sum(max_in, safe, acc1_in, bh, r, col - dv0, y, ny, n_split)
     part[tid] = tot
     cuda.syncthreads()
     if y == 0 and col < dv0 + dv1:

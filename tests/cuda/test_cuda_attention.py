@@ -161,7 +161,7 @@ def test_sim_general_kernel_matches_cpu(rng, name):
     mo = [np.full((n_bh, n_rows, dv[0]), np.nan, np.float32),
           np.full((n_bh, n_rows, dv[1]), np.nan, np.float32),
           np.full((n_bh, n_rows), np.nan, np.float32), np.full((n_bh, n_rows), np.nan, np.float32)]
-    nx, ny = 4, 3
+    nx, ny = 32, 3  # a warp of columns (the device's shuffles), fewer rows than splits
     grid = (max(1, -(-(dv[0] + dv[1]) // nx)), n_rows, n_bh)
     att.merge_splits[grid, (nx, ny), 0, 4 * att.merge_shared_floats(n_split, nx * ny)](
         got[2], got[3], got[0], got[1], *mo)
