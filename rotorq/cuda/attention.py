@@ -275,8 +275,9 @@ splits, so few loads of a thread wait on each other."""
 
 
 def merge_shared_floats(n_split, threads):
-    """float32 words of dynamic shared memory of :func:`merge_splits` (whatever ``n_split``)."""
-    return 2 * threads
+    """float32 words of dynamic shared memory of :func:`merge_splits` (whatever ``n_split``;
+    at most 32 warps)."""
+    return 2 * threads + 64
 
 
 if SIMULATOR:
@@ -330,11 +331,12 @@ def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_
     """Log-sum-exp merge of the splits: ``(BH, S, R[, D])`` partials → ``(BH, R[, D])``.
 
     Grid ``(ceil((Dv0 + Dv1) / MERGE_COLS), R, BH)``, blocks ``(MERGE_COLS, Y)`` (Y warps;
-    ``blockDim.x`` must be 32 on the device). Every warp finds the row's max over the splits
-    by shuffles (no block barrier); thread ``(x, y)`` then sums column ``x`` over the splits
-    ``s ≡ y (mod Y)`` (coalesced rows), each weighted ``exp(m_s − m)`` (splits that saw no
-    key weigh 0), and the ``Y`` partial sums are added in shared memory. Dynamic shared
-    memory: ``4 · merge_shared_floats(S, MERGE_COLS · Y)`` bytes.
+    ``blockDim.x`` must be 32 on the device). The block finds the row's max over the splits
+    (one load per thread up to a split per thread, shuffles within the warps, one barrier
+    across them), then the running sums likewise; thread ``(x, y)`` sums column ``x`` over
+    the splits ``s ≡ y (mod Y)`` (coalesced rows), each weighted ``exp(m_s − m)`` (splits
+    that saw no key weigh 0), and the ``Y`` partial sums are added in shared memory. Dynamic
+    shared memory: ``4 · merge_shared_floats(S, MERGE_COLS · Y)`` bytes.
     """
     r = cuda.blockIdx.y
     bh = cuda.blockIdx.z
@@ -350,26 +352,29 @@ def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_
     sh = cuda.shared.array(0, numba.float32)
     part = sh[:threads]
     sc = sh[threads:2 * threads]
+    red_m = sh[2 * threads:2 * threads + 32]
+    red_l = sh[2 * threads + 32:2 * threads + 64]
     neg_inf = np.float32(-math.inf)
     mx = neg_inf
-    s = x
+    s = tid
     while s < n_split:
         mx = max(mx, max_in[bh, s, r])
-        s += nx
+        s += threads
     mx = _row_reduce(sc, mx, True)
+    if x == 0:
+        red_m[y] = mx
+    cuda.syncthreads()
+    for yy in range(ny):
+        mx = max(mx, red_m[yy])
     safe = mx if mx != neg_inf else np.float32(0.0)
-    if cuda.blockIdx.x == 0 and y == 0:
-        lsum = np.float32(0.0)
-        s = x
-        while s < n_split:
-            lsum += np.float32(math.exp(max_in[bh, s, r] - safe)) * sum_in[bh, s, r]
-            s += nx
-    else:
-        lsum = np.float32(0.0)
+    lsum = np.float32(0.0)
+    s = tid
+    while s < n_split:
+        lsum += np.float32(math.exp(max_in[bh, s, r] - safe)) * sum_in[bh, s, r]
+        s += threads
     lsum = _row_reduce(sc, lsum, False)
-    if tid == 0 and cuda.blockIdx.x == 0:
-        m_out[bh, r] = mx
-        l_out[bh, r] = lsum
+    if x == 0:
+        red_l[y] = lsum
     col = cuda.blockIdx.x * nx + x
     tot = np.float32(0.0)
     if col < dv0:
@@ -378,6 +383,12 @@ def merge_splits(max_in, sum_in, acc0_in, acc1_in, acc0_out, acc1_out, m_out, l_
         tot = _column_sum(max_in, safe, acc1_in, bh, r, col - dv0, y, ny, n_split)
     part[tid] = tot
     cuda.syncthreads()
+    if tid == 0 and cuda.blockIdx.x == 0:
+        lsum = np.float32(0.0)
+        for yy in range(ny):
+            lsum += red_l[yy]
+        m_out[bh, r] = mx
+        l_out[bh, r] = lsum
     if y == 0 and col < dv0 + dv1:
         for yy in range(1, ny):
             tot += part[yy * nx + x]
