@@ -1069,8 +1069,10 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     the contiguous coordinates ``[t·DK/4, (t+1)·DK/4)`` of its tokens ``g`` and ``g+8`` (the
     MMA's k-index is permuted to match, so every bit offset is a constant) and decodes two
     adjacent codes at once through a shared table of ``half2(c[a], c[b])`` pairs. The scores
-    times the key norms, masked, go through the online softmax (row max over the 8 lanes of a
-    row by shuffles; the running sum kept per lane and reduced at the end). Values:
+    times the key norms, masked, go through the online softmax: only when a score of the warp
+    exceeds its row's standing max (one warp vote) are the row maxima reduced over the row's
+    8 lanes by shuffles and the running sums and accumulators rescaled; the running sum is
+    kept per lane and reduced at the end. Values:
     ``accᵀ (DV × 8 rows) += Vᵀ (DV × 16 tok) · (p·ν)ᵀ`` with the M index permuted so that lane
     group ``g`` owns coordinates ``[g·DV/8, (g+1)·DV/8)``; ``p·ν`` is transposed to the B
     layout through a per-warp shared buffer. The block's warps merge in shared memory and
@@ -1090,12 +1092,14 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     coordinate are side by side, so a value pair lookup takes one field.
 
     The pair tables are replicated per lane where shared memory allows
-    (:func:`table_copies`), so a lookup is one wavefront. Token indices are 32-bit and each
-    lane reads its words through a view that starts at
-    its first word, so a row's address is one wide multiply-add; scores are kept in base 2
-    (the query carries log2 e; ``ex2.approx`` is one instruction) and turned back into
-    base e for ``max_out``; the accumulator rescale is skipped while no row max of the
-    warp moved (it would multiply by exactly 1).
+    (:func:`table_copies`), so a lookup is one wavefront. Token indices are 32-bit; in the
+    row layout each lane reads its words through a view that starts at its first word, in
+    the tile layout through 32-bit word offsets into the flat arrays, so a load's address is
+    one wide multiply-add onto the array's pointer. Tiles are prefetched ``depth`` steps
+    ahead (:data:`FAST_PREFETCH`) and the loop body is written once per set of prefetch
+    registers (:data:`FAST_UNROLL`), so no register moves carry them. Scores are kept in
+    base 2 (the query carries log2 e; ``ex2.approx`` is one instruction) and turned back
+    into base e for ``max_out``.
     """
     if blocks is None:  # wider heads keep more accumulators: capped, they would spill
         blocks = FAST_LAUNCH_BLOCKS if big_dk + big_dv <= 256 else 0
