@@ -66,7 +66,8 @@ def run(tokens, variants, reps, rng):
         api.ATTENTION_FAST = saved
     rows = []
     saved = (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
-             att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL)
+             att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
+             att.FAST_FUNNEL)
     for variant in variants:
         blocks = variant[0]
         copies = (variant[1],) * 2 if len(variant) > 1 and variant[1] else None
@@ -74,9 +75,11 @@ def run(tokens, variants, reps, rng):
         depth = variant[3] if len(variant) > 3 and variant[3] else saved[3]
         mulhi = variant[4] if len(variant) > 4 else saved[4]
         unroll = variant[5] if len(variant) > 5 and variant[5] else saved[5]
+        full = bool(variant[6]) if len(variant) > 6 else saved[6]
+        funnel = bool(variant[7]) if len(variant) > 7 else saved[7]
         (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
-         att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL) = (blocks, copies, per_sm, depth,
-                                                                 mulhi, unroll)
+         att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
+         att.FAST_FUNNEL) = (blocks, copies, per_sm, depth, mulhi, unroll, full, funnel)
         got = merged(fused(bufs[0]))
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         t = kernel_time(fused, bufs, reps)
@@ -85,14 +88,15 @@ def run(tokens, variants, reps, rng):
         regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
                 for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
         rows.append({"tokens": tokens, "layout": lay, "prefetch": depth, "mulhi": mulhi,
-                     "unroll": unroll or depth + 1,
+                     "unroll": unroll or depth + 1, "full_tiles": full, "funnel": funnel,
                      "blocks": blocks or None, "splits_per_sm": per_sm,
                      "copies": list(copies or att.table_copies(128, 3, 128, 3)),
                      "kernel_us": t * 1e6, "launch_us": parts,
                      "tbs": comp / t / 1e12, "rel_err_vs_general": err,
                      "registers": sorted(set(regs))})
     (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
-     att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL) = saved
+     att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
+     att.FAST_FUNNEL) = saved
     fb = max(1, min(64, -(-2 * l2_bytes() // (kt.numel() * 4))))
     fbufs = [(kt, vt)] + [(kt.clone(), vt.clone()) for _ in range(fb - 1)]
     qt = torch.randn(1, HQ, 1, 128, device="cuda", dtype=torch.float16)
@@ -113,12 +117,15 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1 << 16, 1 << 20])
     ap.add_argument("--variants", nargs="+", default=["4", "0", "4:1", "4:0:8"],
-                    help="BLOCKS[:COPIES[:PER_SM[:DEPTH[:MULHI[:UNROLL]]]]]: launch-bounds "
+                    help="BLOCKS[:COPIES[:PER_SM[:DEPTH[:MULHI[:UNROLL[:FULL[:FUNNEL]]]]]]]: "
+                         "launch-bounds "
                          "blocks (0: "
                          "uncapped); 1 for single (not replicated) pair tables, 0 the "
                          "default; split blocks per SM (FAST_BLOCKS_PER_SM; 0 the default); "
                          "tiles prefetched (FAST_PREFETCH, tile layout; 0 the default); "
-                         "FAST_MULHI; loop body copies (FAST_UNROLL; 0 the default)")
+                         "FAST_MULHI; loop body copies (FAST_UNROLL; 0 the default); "
+                         "unmasked full tiles (FAST_FULL_TILES, 1/0); funnel shifts "
+                         "(FAST_FUNNEL, 1/0)")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     rng = np.random.default_rng(7)
@@ -133,14 +140,16 @@ def main():
     with open(os.path.join(a.out, "gpu_attention_variants.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"{info['device']}, {info['date']}")
-    print("| T | codes | prefetch | body copies | mul.hi shifts | launch-bounds blocks | "
+    print("| T | codes | prefetch | body copies | unmasked full tiles | funnel shifts | "
+          "mul.hi shifts | launch-bounds blocks | "
           "split blocks per SM | "
           "table copies (K, V) | registers | kernels µs | "
           "alone: attention / merge µs | TB/s | general kernel µs | SDPA µs | SDPA / kernels | "
           "rel. diff vs general |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tokens']} | {r['layout']} | {r['prefetch']} | {r['unroll']} | "
+              f"{'yes' if r['full_tiles'] else 'no'} | {'yes' if r['funnel'] else 'no'} | "
               f"{r['mulhi']} | "
               f"{r['blocks'] or '—'} | "
               f"{r['splits_per_sm']} | {r['copies']} | "

@@ -823,6 +823,10 @@ if SIMULATOR:
         """32-bit ``a << s`` (uint32, truncated)."""
         return np.uint32((int(a) << int(s)) & 0xFFFFFFFF)
 
+    def fshr32(lo, hi, s):
+        """The low word of the 64-bit ``(hi:lo) >> s`` (``s`` < 32; uint32)."""
+        return np.uint32((((int(hi) << 32) | int(lo)) >> int(s)) & 0xFFFFFFFF)
+
     def and32(a, b):
         return np.uint32(int(a) & int(b))
 
@@ -876,6 +880,16 @@ else:
                               "=r,r,r")
             return builder.call(fn, args)
         return types.uint32(types.uint32, types.uint32), codegen
+    @intrinsic
+    def fshr32(typingctx, lo, hi, s):
+        """``shf.r.clamp.b32``: the low word of the 64-bit ``(hi:lo) >> s`` (one funnel
+        shift: a field across two words)."""
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            fn = ir.InlineAsm(ir.FunctionType(i32, [i32, i32, i32]),
+                              "shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r")
+            return builder.call(fn, args)
+        return types.uint32(types.uint32, types.uint32, types.uint32), codegen
     shl32 = _binop32("shl")
     and32 = _binop32("and_")
     or32 = _binop32("or_")
@@ -959,6 +973,7 @@ def _build(name, lines, env):
     linecache.cache[filename] = (len(src), None, src.splitlines(True), filename)
     glb = {"np": np, "cuda": cuda, "numba": numba, "math": math, "half_bits": half_bits,
            "U32": np.uint32, "U64": np.uint64, "shr32": shr32, "shl32": shl32, "and32": and32,
+           "fshr32": fshr32,
            "or32": or32, "add32": add32, "mul32": mul32, "min32": min32, "mulhi32": mulhi32,
            "exp2f": exp2f, "word_at": word_at, "f32_at": f32_at, "set_f32_at": set_f32_at,
            "half2_bits": half2_bits, "load_f2": load_f2, "store_f2": store_f2,
@@ -996,6 +1011,8 @@ def _field(word, p, bits, shift=0, mulhi=False):
         if s > shift:
             return f"and32(shr32({word}{w}, U32({s - shift})), U32({mask}))"
         return f"and32(shl32({word}{w}, U32({shift - s})), U32({mask}))"
+    if s >= shift and FAST_FUNNEL:  # across two words: one funnel shift puts it at `shift`
+        return f"and32(fshr32({word}{w}, {word}{w + 1}, U32({s - shift})), U32({mask}))"
     both = f"or32(shr32({word}{w}, U32({s})), shl32({word}{w + 1}, U32({32 - s})))"
     if shift:
         both = f"shl32({both}, U32({shift}))"
@@ -1012,6 +1029,12 @@ FAST_PREFETCH = 1
 FAST_UNROLL = None
 """Tile layout: copies of the loop body per iteration; None: one per set of prefetch
 registers (:data:`FAST_PREFETCH` + 1), so no register moves carry them across iterations."""
+FAST_FUNNEL = True
+"""A code field across two words as one funnel shift (``shf.r``); ``False``: two shifts and
+an or (benchmarks compare)."""
+FAST_FULL_TILES = True
+"""Skip the per-score mask on tiles every query row sees whole (a uniform branch per step);
+``False``: mask every score (benchmarks compare)."""
 FAST_TABLE_COPIES = None
 """``(key, value)`` pair-table copies of the tensor-core kernel; None: :func:`table_copies`
 (benchmarks compare)."""
@@ -1108,8 +1131,9 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     depth = depth or (FAST_PREFETCH if tiled else 1)
     mulhi = FAST_MULHI if tiled else 0
     unroll = (FAST_UNROLL or depth + 1) if tiled else 1
+    full_tiles = bool(FAST_FULL_TILES)
     key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth, mulhi,
-           unroll)
+           unroll, full_tiles, bool(FAST_FUNNEL))
     nlook = [0]
 
     def tfield(word, p, bits, shift):
@@ -1184,11 +1208,6 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "    t0 = s * chunk",
           "    t1 = min(n_keys, t0 + chunk, n_q + causal_offset)",
           "    last = U32(max(t1 - 1, 0))",
-          # tokens a row may see, as a count: ta < cnt (≤ t1) is the whole mask
-          "    cnt_a = U32(max(min(t1, ra % n_q + causal_offset + 1), 0)) if ra < n_rows "
-          "else U32(0)",
-          "    cnt_b = U32(max(min(t1, rb % n_q + causal_offset + 1), 0)) if rb < n_rows "
-          "else U32(0)",
           "    m_a = neg_inf",
           "    m_b = neg_inf",
           "    ref_a = np.float32(0.0)",
@@ -1308,10 +1327,22 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
         L += [f"    nbase{i} = add32(nbase, U32({16 * W * i}))"]
         L += loads("    ", pre[i], f"nbase{i}")
     # a 32-bit loop count, the same for the whole block (Numba's range counts in 64 bits)
+    # tokens a row may see, as a count: ta < cnt (≤ t1) is the whole mask (computed after
+    # the unmasked steps where there are: two registers fewer through them)
+    counts = ["    cnt_a = U32(max(min(t1, ra % n_q + causal_offset + 1), 0)) if ra < n_rows "
+              "else U32(0)",
+              "    cnt_b = U32(max(min(t1, rb % n_q + causal_offset + 1), 0)) if rb < n_rows "
+              "else U32(0)"]
+    if not full_tiles:
+        L += counts
     L += ["    ntu = U32(ntile)",
-          "    it = U32(0)",
-          "    while it < ntu:",
-          "        it = add32(it, U32(1))"]
+          "    it = U32(0)"]
+    if full_tiles:  # steps whose 16·W tokens every row sees whole (row 0 sees the fewest)
+        L += [f"    nfu = U32(min(ntile, max(min(t1, causal_offset + 1) - t0, 0) // {16 * W}))",
+              "    while it < nfu:"]
+    else:
+        L += ["    while it < ntu:"]
+    L += ["        it = add32(it, U32(1))"]
     body_at = len(L)
     ind = " " * 8
     L += [f"{ind}base = nbase",
@@ -1354,11 +1385,15 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     add = ([f" + ba_a * np.float32({LOG2E!r})", f" + bb_a * np.float32({LOG2E!r})",
             f" + ba_b * np.float32({LOG2E!r})", f" + bb_b * np.float32({LOG2E!r})"]
            if bias else [""] * 4)
-    L += [f"{ind}s0 = s0 * na{add[0]} if ta < cnt_a else neg_inf",
-          f"{ind}s1 = s1 * na{add[1]} if ta < cnt_b else neg_inf",
-          f"{ind}s2 = s2 * nb{add[2]} if tb < cnt_a else neg_inf",
-          f"{ind}s3 = s3 * nb{add[3]} if tb < cnt_b else neg_inf",
-          f"{ind}x_a = max(s0, s2)",
+    scaled = [f"s0 * na{add[0]}", f"s1 * na{add[1]}", f"s2 * nb{add[2]}", f"s3 * nb{add[3]}"]
+    masked = [f"{ind}s0 = {scaled[0]} if ta < cnt_a else neg_inf",
+              f"{ind}s1 = {scaled[1]} if ta < cnt_b else neg_inf",
+              f"{ind}s2 = {scaled[2]} if tb < cnt_a else neg_inf",
+              f"{ind}s3 = {scaled[3]} if tb < cnt_b else neg_inf"]
+    unmasked = [f"{ind}s{i} = {scaled[i]}" for i in range(4)]
+    mask_at = len(L)
+    L += unmasked if full_tiles else masked
+    L += [f"{ind}x_a = max(s0, s2)",
           f"{ind}x_b = max(s1, s3)"]
     # the row maxima change only while some score of the warp exceeds them (rarely, past the
     # first tiles): only then the reduction over the row's lanes, the running-sum and
@@ -1420,8 +1455,13 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     # the body once per set of prefetch registers: each copy loads into the set the previous
     # copy computed from, so the loop carries them without register moves
     body = L[body_at:]
+    stop = "nfu" if full_tiles else "ntu"
     for _ in range(1, unroll):
-        L += [f"{ind}if it >= ntu:", f"{ind}    break", f"{ind}it = add32(it, U32(1))"] + body
+        L += [f"{ind}if it >= {stop}:", f"{ind}    break", f"{ind}it = add32(it, U32(1))"] + body
+    if full_tiles:  # then the last steps (at most 1 + n_q/16·W), masked, one copy
+        k = mask_at - body_at
+        L += counts + ["    while it < ntu:", f"{ind}it = add32(it, U32(1))"]
+        L += body[:k] + masked + body[k + len(unmasked):]
     # finish: per-lane sums over the row's 8 lanes, then the block's warps merge
     ind = " " * 4
     if sim:

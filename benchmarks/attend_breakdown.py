@@ -1,0 +1,124 @@
+"""Where the time of ``rotorq.KVCache.attend`` goes on the GPU, per phase (the shape of
+``gpu_kv_bench.py``: 32 query / 4 KV heads, d = 128, 3-bit K and V, one query per head).
+
+For each ``--tokens`` it prints, in µs per call:
+
+- ``attend``: back-to-back calls, wall clock (no synchronization between calls);
+- ``host``: the same calls' host time alone (``cupyx.profiler.benchmark`` CPU time);
+- ``gpu``: the GPU time of one call (``cupyx.profiler.benchmark`` GPU time);
+- each phase of a call run alone between device synchronizations (wall): query checks,
+  query rotation, the fused kernels, the inverse rotation, the window kernel;
+- a cProfile of 50 calls (top functions by own time) to ``attend_profile_T.txt`` in ``--out``.
+
+Usage: ``python benchmarks/attend_breakdown.py [--tokens 4096 1048576] [--out DIR]``.
+"""
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+from cupyx.profiler import benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_kv_bench import HQ, build_cache
+
+
+def phase_times(cache, q, reps=20):
+    """Wall µs of each phase of attend, each run alone between synchronizations."""
+    be = cache._be
+    scale = 1.0 / np.sqrt(cache.head_dim)
+    qq, _, _, n_q, _ = cache._queries(q)
+    rq = tuple(cache._rotated_queries(qq, scale))
+    kargs, vargs = [], []
+    for part in cache._kparts:
+        buf, tq = part.buffers, part.tq
+        kargs.append((buf["codes"], buf["norms"], tq._consts(cp)["centroids"], tq.mse_bits,
+                      None, None, 0.0))
+    for part in cache._vparts:
+        buf, tq = part.buffers, part.tq
+        vargs.append((buf["codes"], buf["norms"], tq._consts(cp)["centroids"], tq.mse_bits,
+                      tq.stored_dim))
+    c = cache.compressed_tokens
+    total = len(cache)
+    accs, m_c, l_c = be.decode_attention(rq, tuple(kargs), tuple(vargs), c, n_q, total,
+                                         layout=cache._vparts[0].layout)
+    n_bh, n_rows = qq.shape[0], qq.shape[1]
+    part = cache._vparts[0]
+    exact = cache._exact_part()
+    acc_c = be.unrotate(accs[0].reshape(n_bh * n_rows, -1), part.tq.rotation).reshape(
+        n_bh, n_rows, -1)
+    phases = {
+        "queries": lambda: cache._queries(q),
+        "rotate": lambda: cache._rotated_queries(qq, scale),
+        "fused kernels": lambda: be.decode_attention(rq, tuple(kargs), tuple(vargs), c, n_q,
+                                                     total, layout=part.layout),
+        "unrotate": lambda: be.unrotate(accs[0].reshape(n_bh * n_rows, -1), part.tq.rotation),
+        "window": lambda: be.exact_attention(qq, exact[0], exact[1], exact[2], scale, n_q,
+                                             total, False, (acc_c, m_c, l_c)),
+        "attend": lambda: cache.attend(q),
+    }
+    out = {}
+    for name, fn in phases.items():
+        fn()
+        cp.cuda.runtime.deviceSynchronize()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            cp.cuda.runtime.deviceSynchronize()
+            ts.append(time.perf_counter() - t0)
+        out[name] = float(np.median(ts)) * 1e6
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 1 << 20])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reps", type=int, default=50)
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in a.tokens:
+        cache, _, _ = build_cache(t, rng)
+        q = cp.asarray(rng.standard_normal((HQ, 128), dtype=np.float32))
+        cache.attend(q)
+        cp.cuda.runtime.deviceSynchronize()
+        t0 = time.perf_counter()
+        for _ in range(a.reps):
+            cache.attend(q)
+        cp.cuda.runtime.deviceSynchronize()
+        wall = (time.perf_counter() - t0) / a.reps * 1e6
+        b = benchmark(cache.attend, (q,), n_repeat=a.reps, n_warmup=3)
+        host = float(np.median(b.cpu_times)) * 1e6
+        gpu = float(np.median(b.gpu_times[0])) * 1e6
+        ph = phase_times(cache, q)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(50):
+            cache.attend(q)
+        prof.disable()
+        cp.cuda.runtime.deviceSynchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, f"attend_profile_{t}.txt"), "w") as f:
+            f.write(s.getvalue())
+        rows.append((t, wall, host, gpu, ph))
+    names = list(rows[0][4])
+    print("| T | attend wall | host (cupyx) | gpu (cupyx) | "
+          + " | ".join(f"{n} (alone)" for n in names) + " |")
+    print("|---" * (4 + len(names)) + "|")
+    for t, wall, host, gpu, ph in rows:
+        print(f"| {t} | {wall:.1f} | {host:.1f} | {gpu:.1f} | "
+              + " | ".join(f"{ph[n]:.1f}" for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
