@@ -8,7 +8,10 @@ For each ``--tokens`` it prints, in µs per call:
 - ``gpu``: the GPU time of one call (``cupyx.profiler.benchmark`` GPU time);
 - each phase of a call run alone between device synchronizations (wall): query checks,
   query rotation, the fused kernels, the inverse rotation, the window kernel;
-- a cProfile of 50 calls (top functions by own time) to ``attend_profile_T.txt`` in ``--out``.
+- a cProfile of 50 calls (top functions by own time) to ``attend_profile_T.txt`` in ``--out``;
+- a decode loop (``--decode-steps``: append one token, attend) on that cache and on a
+  cache with ``KVCache``'s default recipe: µs per step, per append and per attend alone,
+  and a cProfile to ``decode_profile_*.txt``.
 
 Usage: ``python benchmarks/attend_breakdown.py [--tokens 4096 1048576] [--out DIR]``.
 """
@@ -25,8 +28,10 @@ import cupy as cp
 import numpy as np
 from cupyx.profiler import benchmark
 
+import rotorq
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_kv_bench import HQ, build_cache
+from gpu_kv_bench import HK, HQ, D, api, build_cache
 
 
 def phase_times(cache, q, reps=20):
@@ -77,11 +82,68 @@ def phase_times(cache, q, reps=20):
     return out
 
 
+def decode_steps(tokens, rng, steps, out_dir, default_recipe):
+    """A decode loop on a cache of ``tokens`` tokens: ``steps`` times append one token
+    (float16 on the GPU) and attend. Returns µs per step (wall, back to back), per append
+    and per attend (each alone between synchronizations) and writes a cProfile."""
+    grng = cp.random.default_rng(int(rng.integers(1 << 31)))
+    if default_recipe:
+        cache = rotorq.KVCache(HK, D)
+    else:
+        cache, _, _ = build_cache(tokens, rng)
+    if default_recipe:
+        saved, api.FAST_MIN_ROWS = api.FAST_MIN_ROWS, 1 << 62  # no long compile of a shape
+        try:
+            for lo in range(0, tokens, 1 << 18):
+                n = min(1 << 18, tokens - lo)
+                kv = grng.standard_normal((2, HK, n, D), dtype=cp.float32).astype(cp.float16)
+                cache.append(kv[0], kv[1])
+        finally:
+            api.FAST_MIN_ROWS = saved
+    new = grng.standard_normal((steps + 1, 2, HK, 1, D), dtype=cp.float32).astype(cp.float16)
+    qs = grng.standard_normal((steps + 1, HQ, D), dtype=cp.float32)
+    cache.append(new[0, 0], new[0, 1])
+    cache.attend(qs[0])
+    cp.cuda.runtime.deviceSynchronize()
+    t0 = time.perf_counter()
+    for i in range(1, steps + 1):
+        cache.append(new[i, 0], new[i, 1])
+        cache.attend(qs[i])
+    cp.cuda.runtime.deviceSynchronize()
+    step = (time.perf_counter() - t0) / steps * 1e6
+    ta, tt = [], []
+    for i in range(1, steps + 1):
+        cp.cuda.runtime.deviceSynchronize()
+        h0 = time.perf_counter()
+        cache.append(new[i, 0], new[i, 1])
+        cp.cuda.runtime.deviceSynchronize()
+        h1 = time.perf_counter()
+        cache.attend(qs[i])
+        cp.cuda.runtime.deviceSynchronize()
+        ta.append(h1 - h0)
+        tt.append(time.perf_counter() - h1)
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(1, steps + 1):
+        cache.append(new[i, 0], new[i, 1])
+        cache.attend(qs[i])
+    prof.disable()
+    cp.cuda.runtime.deviceSynchronize()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+    name = "default" if default_recipe else "bench"
+    with open(os.path.join(out_dir, f"decode_profile_{name}_{tokens}.txt"), "w") as f:
+        f.write(s.getvalue())
+    return step, float(np.median(ta)) * 1e6, float(np.median(tt)) * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 1 << 20])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--decode-steps", type=int, default=30,
+                    help="steps of the decode loop (append one token, attend); 0: none")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = []
@@ -111,6 +173,13 @@ def main():
         with open(os.path.join(a.out, f"attend_profile_{t}.txt"), "w") as f:
             f.write(s.getvalue())
         rows.append((t, wall, host, gpu, ph))
+    dec = []
+    if a.decode_steps:
+        for t in a.tokens:
+            for default in (False, True):
+                dec.append((t, "KVCache(4, 128) defaults" if default else
+                            "3/3 bits, window 128 fp32, no offset",
+                            *decode_steps(t, rng, a.decode_steps, a.out, default)))
     names = list(rows[0][4])
     print("| T | attend wall | host (cupyx) | gpu (cupyx) | "
           + " | ".join(f"{n} (alone)" for n in names) + " |")
@@ -118,6 +187,13 @@ def main():
     for t, wall, host, gpu, ph in rows:
         print(f"| {t} | {wall:.1f} | {host:.1f} | {gpu:.1f} | "
               + " | ".join(f"{ph[n]:.1f}" for n in names) + " |")
+    if dec:
+        print()
+        print("| T | cache | decode step (append 1 token + attend), back to back µs | "
+              "append alone µs | attend alone µs |")
+        print("|---|---|---|---|---|")
+        for t, name, step, ta, tt in dec:
+            print(f"| {t} | {name} | {step:.1f} | {ta:.1f} | {tt:.1f} |")
 
 
 if __name__ == "__main__":
