@@ -57,10 +57,19 @@ def float_array(x, name: str, *, dim: int | None = None, min_ndim: int = 1, orig
     return arr, origin, get(origin.device)
 
 
-def require_finite(xp, arr, name: str):
-    """Raise ``ValueError`` if ``arr`` holds NaN or Inf."""
-    if arr.size and not bool(xp.isfinite(arr).all()):
-        raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
+def require_finite(xp, arr, name: str, *more):
+    """Raise ``ValueError`` if ``arr`` (or any array of ``more``: ``arr2, name2, …``) holds
+    NaN or Inf, naming the first that does; one device synchronization in all."""
+    arrays = [(arr, name)] + list(zip(more[::2], more[1::2], strict=True))
+    ok = None
+    for a, _ in arrays:
+        if a.size:
+            fin = xp.isfinite(a).all()
+            ok = fin if ok is None else ok & fin
+    if ok is not None and not bool(ok):
+        for a, n in arrays:
+            if a.size and not bool(xp.isfinite(a).all()):
+                raise ValueError(f"{n} contains NaN or Inf; rotorq refuses non-finite input")
 
 
 def prepared_mismatch(x, name: str, origin: Origin, shape, dtype, contiguous: bool):

@@ -555,8 +555,7 @@ class KVCache:
             return
         xp = be.xp
         self._exact = None  # the decoded window of the last attend is stale from here on
-        _backend.require_finite(xp, k, "keys")
-        _backend.require_finite(xp, v, "values")
+        _backend.require_finite(xp, k, "keys", v, "values")
         n_bh = (1 if batch is None else batch) * self.num_kv_heads
         k = xp.ascontiguousarray(k.reshape(n_bh, t, self.head_dim), dtype=xp.float32)
         v = xp.ascontiguousarray(v.reshape(n_bh, t, self.head_dim), dtype=xp.float32)
@@ -814,9 +813,7 @@ class KVCache:
         for part in self._kparts:
             tq = part.tq
             rows = xp.ascontiguousarray(q[:, :, part.offset:part.offset + part.dim])
-            qrot = be.rotate(rows.reshape(-1, part.dim), tq.rotation)
-            if scale != 1.0:
-                qrot *= np.float32(scale)
+            qrot = be.rotate(rows.reshape(-1, part.dim), tq.rotation, scale)
             qrot = qrot.reshape(n_bh, n_rows, tq.stored_dim)
             qsk = None
             if tq.mode == "prod":

@@ -20,6 +20,7 @@ MODES = ("mse", "prod")
 CODEBOOKS = ("gaussian", "beta")
 _STREAM_SKETCH = 0x5EED_0002
 _FP16_MAX = float(np.finfo(np.float16).max)
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _positive_int(value, name):
@@ -29,10 +30,14 @@ def _positive_int(value, name):
 
 
 def store_norms(xp, norms, dtype, name="x"):
-    """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow."""
-    if norms.size and not bool(xp.isfinite(norms).all()):
-        raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
-    if dtype == "float16" and norms.size and float(norms.max()) > _FP16_MAX:
+    """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow.
+
+    One comparison decides both (``norms <= limit`` is false for NaN and Inf): one reduction
+    and, on a GPU, one device synchronization per call."""
+    limit = _FP16_MAX if dtype == "float16" else _F32_MAX
+    if norms.size and not bool((norms <= limit).all()):
+        if not bool(xp.isfinite(norms).all()):
+            raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
         raise ValueError(
             f"{name} has vector norms up to {float(norms.max()):.3g}, beyond float16's range; "
             "use norm_dtype='float32'"

@@ -212,3 +212,17 @@ def test_same_seed_same_codes_everywhere(rotation):
     assert hashlib.sha256(codes.tobytes()).hexdigest()[:16] == GOLDEN[rotation]
     other = rotorq.TurboQuant(64, 3, rotation=rotation, seed=1).quantize(x).codes
     assert not np.array_equal(codes, other)
+
+
+@pytest.mark.parametrize("rotation", ROTATIONS)
+def test_backend_rotate_scales_in_the_kernel(rng, rotation):
+    """``cpu.rotate(x, rot, s)`` — the scale KVCache.attend folds into the query rotation —
+    is ``s`` times the rotation (the kernels scale the input rows in float64)."""
+    from rotorq import cpu
+    tq = rotorq.TurboQuant(100, 3, rotation=rotation, seed=int(rng.integers(1 << 30)))
+    x = rng.standard_normal((33, 100)).astype(np.float32)
+    s = float(rng.uniform(0.05, 3.0))
+    plain = cpu.rotate(x, tq.rotation)
+    np.testing.assert_allclose(cpu.rotate(x, tq.rotation, s), s * plain, rtol=2e-6,
+                               atol=2e-6 * s * np.abs(plain).max())
+    assert not np.allclose(cpu.rotate(x, tq.rotation, s), plain, rtol=1e-3)

@@ -32,17 +32,21 @@ def _rows(x):
     return np.ascontiguousarray(x)
 
 
-def rotate(x, rot):
-    """Rows ``x`` (n, d) → rotated rows (n, D) float32."""
+def rotate(x, rot, scale=1.0):
+    """Rows ``x`` (n, d) → rotated rows (n, D) float32, times ``scale`` (applied to the
+    input rows in float64 by the kernels: no extra pass)."""
     x = _rows(x)
     p = rot.params(np)
     if rot.kind == "dense":
-        return np.ascontiguousarray(x.astype(np.float32, copy=False) @ p["matrix"].T)
+        out = np.ascontiguousarray(x.astype(np.float32, copy=False) @ p["matrix"].T)
+        if scale != 1.0:
+            out *= np.float32(scale)
+        return out
     out = np.empty((x.shape[0], rot.stored_dim), np.float32)
     if rot.kind == "hadamard":
-        _rot.rotate_hadamard(x, p["signs"], out)
+        _rot.rotate_hadamard(x, p["signs"], float(scale), out)
     else:
-        _rot.rotate_rotor(x, p["mats"], out)
+        _rot.rotate_rotor(x, p["mats"], float(scale), out)
     return out
 
 

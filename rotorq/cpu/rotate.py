@@ -59,12 +59,12 @@ def unrotor_row(y, mats, out):
 
 
 @jit_parallel
-def rotate_hadamard(x, signs, out):
-    """Rotate every row of ``x`` (n, d) into ``out`` (n, D) float32."""
+def rotate_hadamard(x, signs, scale, out):
+    """Rotate every row of ``x`` (n, d), times ``scale``, into ``out`` (n, D) float32."""
     n = x.shape[0]
     for t in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for r in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
-            hadamard_row(x[r], signs, 1.0, out[r])
+            hadamard_row(x[r], signs, scale, out[r])
 
 
 @jit_parallel
@@ -78,12 +78,13 @@ def unrotate_hadamard(y, signs, out):
 
 
 @jit_parallel
-def rotate_rotor(x, mats, out):
-    """Rotate every row of ``x`` (n, d) by the 3×3 rotor matrices into ``out`` (n, D)."""
+def rotate_rotor(x, mats, scale, out):
+    """Rotate every row of ``x`` (n, d), times ``scale``, by the 3×3 rotor matrices into
+    ``out`` (n, D)."""
     n = x.shape[0]
     for t in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for r in range(t * ROWS_PER_TASK, min(n, (t + 1) * ROWS_PER_TASK)):
-            rotor_row(x[r], mats, 1.0, out[r])
+            rotor_row(x[r], mats, scale, out[r])
 
 
 @jit_parallel

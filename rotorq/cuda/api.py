@@ -208,18 +208,22 @@ def _tiled_launch(kern, n, args):
 
 
 @_on_device
-def rotate(x, rot):
-    """Rows ``x`` (n, d) → rotated rows (n, D) float32."""
+def rotate(x, rot, scale=1.0):
+    """Rows ``x`` (n, d) → rotated rows (n, D) float32, times ``scale`` (in the kernel)."""
     x = _rows(x)
     p = rot.params(cp)
     if rot.kind == "dense":
-        return _c(x.astype(cp.float32, copy=False) @ p["matrix"].T)
+        out = _c(x.astype(cp.float32, copy=False) @ p["matrix"].T)
+        if scale != 1.0:
+            out *= np.float32(scale)
+        return out
     out = _empty((x.shape[0], rot.stored_dim), cp.float32)
     if rot.kind == "hadamard":
-        _row_launch(_rot.rotate_hadamard, x.shape[0], rot.stored_dim, (x, p["signs"], out))
+        _row_launch(_rot.rotate_hadamard, x.shape[0], rot.stored_dim,
+                    (x, p["signs"], float(scale), out))
     else:
-        _row_launch(_rot.rotate_rotor, x.shape[0], rot.stored_dim, (x, p["mats"], out),
-                    scratch=False)
+        _row_launch(_rot.rotate_rotor, x.shape[0], rot.stored_dim,
+                    (x, p["mats"], float(scale), out), scratch=False)
     return out
 
 

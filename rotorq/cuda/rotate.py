@@ -70,11 +70,12 @@ def unrotor_row(y, mats, out, lane, lanes):
 
 
 @kernel
-def rotate_hadamard(x, signs, out):
-    """Rotate every row of ``x`` (n, d) into ``out`` (n, D) float32. Row kernel (shared D)."""
+def rotate_hadamard(x, signs, scale, out):
+    """Rotate every row of ``x`` (n, d), times ``scale``, into ``out`` (n, D) float32. Row
+    kernel (shared D)."""
     lane, lanes, r, rr, active = row_thread(x.shape[0])
     _, buf, _ = row_scratch(signs.shape[0])
-    hadamard_row(x[rr], signs, 1.0, buf, lane, lanes)
+    hadamard_row(x[rr], signs, scale, buf, lane, lanes)
     if active:
         j = lane
         while j < buf.shape[0]:
@@ -100,11 +101,12 @@ def unrotate_hadamard(y, signs, out):
 
 
 @kernel
-def rotate_rotor(x, mats, out):
-    """Rotate every row of ``x`` (n, d) by the rotor matrices into ``out`` (n, D). Row kernel."""
+def rotate_rotor(x, mats, scale, out):
+    """Rotate every row of ``x`` (n, d), times ``scale``, by the rotor matrices into ``out``
+    (n, D). Row kernel."""
     lane, lanes, r, _, active = row_thread(x.shape[0])
     if active:
-        rotor_row(x[r], mats, 1.0, out[r], lane, lanes)
+        rotor_row(x[r], mats, scale, out[r], lane, lanes)
 
 
 @kernel

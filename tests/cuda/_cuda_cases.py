@@ -98,10 +98,11 @@ def _rotate_cases(rng, dtype):
         y = rng.standard_normal((n, big_d)).astype(np.float32)
         fwd, inv = np.zeros((n, big_d), np.float32), np.zeros((n, d), np.float32)
         efwd, einv = np.zeros_like(fwd), np.zeros_like(inv)
-        getattr(CPU["rotate"], f"rotate_{rotation}")(x.astype(np.float32), prm, efwd)
+        scale = float(rng.uniform(0.1, 2.0))
+        getattr(CPU["rotate"], f"rotate_{rotation}")(x.astype(np.float32), prm, scale, efwd)
         getattr(CPU["rotate"], f"unrotate_{rotation}")(y, prm, einv)
         yield Case(f"rotate_{rotation}-{np.dtype(dtype).name}", "rotate", f"rotate_{rotation}",
-                   ("rows", n, big_d), (x, prm, fwd), (2,), (efwd,))
+                   ("rows", n, big_d), (x, prm, scale, fwd), (3,), (efwd,))
         yield Case(f"unrotate_{rotation}", "rotate", f"unrotate_{rotation}",
                    ("rows", n, big_d), (y, prm, inv), (2,), (einv,))
     x = rng.standard_normal((n, 8)).astype(dtype)

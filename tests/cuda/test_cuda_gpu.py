@@ -187,6 +187,10 @@ def test_rotate_and_unrotate_match_cpu(rotation, dim):
     y = host(tq.rotate(cp.asarray(x)))
     y_ref = tq.rotate(x)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+    scale = float(rng.uniform(0.05, 3.0))  # the scale folded into the kernel (KVCache.attend)
+    ys = host(api.rotate(cp.asarray(x), tq.rotation, scale))
+    np.testing.assert_allclose(ys, cpu.rotate(x, tq.rotation, scale), rtol=1e-5,
+                               atol=1e-5 * scale * np.abs(y_ref).max())
     back = host(api.unrotate(cp.asarray(y_ref), tq.rotation))
     np.testing.assert_allclose(back, cpu.unrotate(y_ref, tq.rotation), rtol=1e-5,
                                atol=1e-5 * np.abs(x).max())
