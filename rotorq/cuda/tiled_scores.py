@@ -41,7 +41,7 @@ import functools
 import numpy as np
 
 from ._jit import SIMULATOR
-from .attention import _field, and32, half_bits, half_float, or32, shl32, shr32
+from .attention import _field, and32, fshr32, half_bits, half_float, or32, shl32, shr32
 from .fast import _build
 
 if SIMULATOR:
@@ -490,7 +490,7 @@ def group_kernel(big_d, bits, warps=WARPS, steps=STEPS, early=False):
           f"# launch bounds ({threads}, {GROUP_BLOCKS_PER_SM})"]
     kern = _build("score_group_tiled", L, {"mma_k": _mma, "half_bits": half_bits,
                                             "shr32": shr32, "shl32": shl32, "and32": and32,
-                                            "or32": or32, "U64": np.uint64})
+                                            "or32": or32, "fshr32": fshr32, "U64": np.uint64})
     kern.keys_per_tile = keys
     kern.threads = threads
     kern.launch_bounds = (threads, GROUP_BLOCKS_PER_SM)
