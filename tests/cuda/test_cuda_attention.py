@@ -585,6 +585,7 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
                                                  d * vbits // 8), tiled=tiled)
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0))
     copies = (att.FAST_UNROLL or att.FAST_PREFETCH + 1) if tiled else 1  # loop body copies
+    copies += 1 if att.FAST_FULL_TILES else 0  # and the masked copy for the last steps
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16 * copies
     assert ".local" not in ptx  # no local-memory arrays
 
