@@ -1033,8 +1033,9 @@ FAST_FUNNEL = True
 """A code field across two words as one funnel shift (``shf.r``); ``False``: two shifts and
 an or (benchmarks compare)."""
 FAST_FULL_TILES = True
-"""Skip the per-score mask on tiles every query row sees whole (a uniform branch per step);
-``False``: mask every score (benchmarks compare)."""
+"""Run the steps whose tiles every query row sees whole first, without the per-score mask,
+then the last steps in a masked copy of the loop body; ``False``: one loop, every score
+masked (benchmarks compare)."""
 FAST_TABLE_COPIES = None
 """``(key, value)`` pair-table copies of the tensor-core kernel; None: :func:`table_copies`
 (benchmarks compare)."""
