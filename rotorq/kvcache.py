@@ -82,9 +82,10 @@ class _Part:
             n += (tq.qjl_dim + 7) // 8 + _FP16_NORM_BYTES
         return n
 
-    def append(self, xp, rows, n_bh, n_tok, used):
-        """Quantize ``rows`` (n_bh·n_tok, dim) and write them after the ``used`` tokens."""
-        qv = self.tq.quantize(rows)
+    def append(self, xp, rows, n_bh, n_tok, used, check=True):
+        """Quantize ``rows`` (n_bh·n_tok, dim) and write them after the ``used`` tokens
+        (``check``: refuse non-finite rows and norms beyond the stored dtype)."""
+        qv = self.tq._quantize(rows, check)
         tiled = self.layout == "tiles"
         need = used + n_tok
         new_parts = {}
@@ -208,6 +209,13 @@ class KVCache:
     norm_correction : bool
         Store ``‖x‖/‖c[idx]‖`` as the norm (MATH.md §3), so decompressed keys and values
         keep their length.
+    check_finite : bool
+        Refuse appended keys and values that hold NaN or Inf, or whose norms exceed the
+        stored float16 range, with a ``ValueError`` (nothing is stored). On a GPU each check
+        is a device synchronization, one per append and one per quantizer call: the host
+        cannot queue work ahead of the GPU. ``False`` skips them, as ``check_finite`` does in
+        :mod:`scipy.linalg`: non-finite or out-of-range input is then stored as it comes, and
+        every later ``attend`` and ``scores`` over it gives NaN or Inf.
 
     Notes
     -----
@@ -254,7 +262,7 @@ class KVCache:
                  rotation="hadamard", residual_tokens=32, residual_bits="auto", sink_tokens=1,
                  key_offset=True, rope_base=None, offset_tokens=128, key_scales=None,
                  outlier_channels=0, outlier_bits=None, seed=0, block_tokens=None,
-                 norm_correction=True):
+                 norm_correction=True, check_finite=True):
         self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
         self.head_dim = _positive_int(head_dim, "head_dim")
         if key_mode not in MODES:
@@ -307,6 +315,9 @@ class KVCache:
             key_scales = sc.astype(np.float32)
         self.key_scales = key_scales
         nc = self.norm_correction = bool(norm_correction)
+        if not isinstance(check_finite, (bool, np.bool_)):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+        self.check_finite = bool(check_finite)
 
         self._explicit_outliers = None
         if isinstance(outlier_channels, (int, np.integer)) and not isinstance(outlier_channels, bool):
@@ -555,7 +566,8 @@ class KVCache:
             return
         xp = be.xp
         self._exact = None  # the decoded window of the last attend is stale from here on
-        _backend.require_finite(xp, k, "keys", v, "values")
+        if self.check_finite:
+            _backend.require_finite(xp, k, "keys", v, "values")
         n_bh = (1 if batch is None else batch) * self.num_kv_heads
         k = xp.ascontiguousarray(k.reshape(n_bh, t, self.head_dim), dtype=xp.float32)
         v = xp.ascontiguousarray(v.reshape(n_bh, t, self.head_dim), dtype=xp.float32)
@@ -722,7 +734,8 @@ class KVCache:
                 rows = xp.empty((n_bh, n_tok, part.dim), xp.float32)
                 for b in range(n_bh):
                     xp.take(block[b], cols[b], axis=1, out=rows[b])
-            part.append(xp, rows.reshape(n_bh * n_tok, part.dim), n_bh, n_tok, used)
+            part.append(xp, rows.reshape(n_bh * n_tok, part.dim), n_bh, n_tok, used,
+                        self.check_finite)
 
     def _decode(self, parts, inv, lo, hi):
         """Dequantized tokens ``lo..hi`` of ``parts`` in channel order, (BH, n, d)."""

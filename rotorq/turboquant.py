@@ -29,11 +29,15 @@ def _positive_int(value, name):
     return int(value)
 
 
-def store_norms(xp, norms, dtype, name="x"):
-    """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow.
+def store_norms(xp, norms, dtype, name="x", check=True):
+    """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow
+    (unless ``check`` is false).
 
     One comparison decides both (``norms <= limit`` is false for NaN and Inf): one reduction
     and, on a GPU, one device synchronization per call."""
+    if not check:  # the caller opted out: out-of-range norms become inf, quietly
+        with np.errstate(over="ignore", invalid="ignore"):
+            return norms.astype(dtype)
     limit = _FP16_MAX if dtype == "float16" else _F32_MAX
     if norms.size and not bool((norms <= limit).all()):
         if not bool(xp.isfinite(norms).all()):
@@ -182,6 +186,11 @@ class TurboQuant:
 
         Raises ``ValueError`` for NaN/Inf, ``TypeError`` for non-floating dtypes.
         """
+        return self._quantize(x, True)
+
+    def _quantize(self, x, check):
+        """:meth:`quantize`; ``check=False`` skips the finiteness and range check of the
+        norms (a device sync on a GPU; :class:`rotorq.KVCache` with ``check_finite=False``)."""
         arr, origin, be = _backend.float_array(x, "x", dim=self.dim)
         lead = tuple(arr.shape[:-1])
         rows = arr.reshape(-1, self.dim)
@@ -190,10 +199,11 @@ class TurboQuant:
             rows, self.rotation, k["boundaries"], k["centroids"], self.mse_bits,
             self.norm_correction, k["sketch"])
         parts = {"codes": codes.reshape(lead + codes.shape[1:]),
-                 "norms": store_norms(be.xp, norms, self.norm_dtype).reshape(lead)}
+                 "norms": store_norms(be.xp, norms, self.norm_dtype, check=check).reshape(lead)}
         if self.mode == "prod":
             parts["qjl_signs"] = signs.reshape(lead + signs.shape[1:])
-            parts["qjl_norms"] = store_norms(be.xp, qnorms, self.norm_dtype).reshape(lead)
+            parts["qjl_norms"] = store_norms(be.xp, qnorms, self.norm_dtype,
+                                             check=check).reshape(lead)
         return QuantizedVectors(parts, self.config, origin)
 
     def dequantize(self, codes: QuantizedVectors):

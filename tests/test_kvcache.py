@@ -589,6 +589,8 @@ def test_bad_input(rng):
     (dict(residual_bits=2.5), "residual_bits must be an int"),
     (dict(sink_tokens=-1), "sink_tokens"),
     (dict(key_offset=1), "key_offset must be a bool"),
+    (dict(check_finite=1), "check_finite must be a bool"),
+    (dict(check_finite="no"), "check_finite must be a bool"),
     (dict(key_offset=False, rope_base=1e4), "needs key_offset=True"),
     (dict(rope_base=float("nan")), "rope_base"),
     (dict(rope_base=0.5), "rope_base"),
@@ -626,3 +628,36 @@ def test_exact_attention_cpu_matches_reference(rng, causal, partial, n_q, offset
     if partial and offset < 0:  # nothing exact visible: the compressed part's own output
         acc, _, lsum = part
         np.testing.assert_allclose(got, acc / lsum[..., None], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(residual_bits=None, sink_tokens=0),
+                                    dict(key_mode="prod", outlier_channels=4)])
+def test_check_finite_false_skips_checks_and_stores_as_given(rng, kwargs):
+    """``check_finite=False``: finite input gives the very same cache; non-finite input is
+    stored instead of refused, and the heads that see it attend to NaN."""
+    d, t = 32, 200
+    k, v, q, _ = planted(rng, d, t)
+    on = rotorq.KVCache(H, d, residual_tokens=16, offset_tokens=32, **kwargs)
+    off = rotorq.KVCache(H, d, residual_tokens=16, offset_tokens=32, check_finite=False,
+                         **kwargs)
+    for cache in (on, off):
+        cache.append(k[:, :t - 3], v[:, :t - 3])
+        for i in range(t - 3, t):  # decode steps
+            cache.append(k[:, i:i + 1], v[:, i:i + 1])
+    assert off.compressed_tokens == on.compressed_tokens > 0
+    assert np.array_equal(off.attend(q), on.attend(q))
+    assert np.array_equal(off.scores(q), on.scores(q))
+    bad_k = k[:, :1].copy()
+    bad_k[1, 0, 5] = np.nan
+    with pytest.raises(ValueError, match="keys contains NaN or Inf"):
+        on.append(bad_k, v[:, :1])
+    off.append(bad_k, v[:, :1])  # no check: stored
+    assert len(off) == len(on) + 1
+    out = off.attend(q).reshape(H, G, q.shape[1], d)
+    assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+    if kwargs.get("residual_bits", "auto") is not None:  # quantized as they arrive
+        big = k[:, :1] * np.float32(1e5)  # norms beyond float16: inf norms when unchecked
+        with pytest.raises(ValueError, match="beyond float16"):
+            on.append(big, v[:, :1])
+        off.append(big, v[:, :1])
+        assert not np.isfinite(off.attend(q)).all()
