@@ -82,15 +82,16 @@ def phase_times(cache, q, reps=20):
     return out
 
 
-def decode_steps(tokens, rng, steps, out_dir, default_recipe):
+def decode_steps(tokens, rng, steps, out_dir, default_recipe, check_finite=True):
     """A decode loop on a cache of ``tokens`` tokens: ``steps`` times append one token
     (float16 on the GPU) and attend. Returns µs per step (wall, back to back), per append
     and per attend (each alone between synchronizations) and writes a cProfile."""
     grng = cp.random.default_rng(int(rng.integers(1 << 31)))
     if default_recipe:
-        cache = rotorq.KVCache(HK, D)
+        cache = rotorq.KVCache(HK, D, check_finite=check_finite)
     else:
         cache, _, _ = build_cache(tokens, rng)
+        cache.check_finite = check_finite
     if default_recipe:
         saved, api.FAST_MIN_ROWS = api.FAST_MIN_ROWS, 1 << 62  # no long compile of a shape
         try:
@@ -131,7 +132,8 @@ def decode_steps(tokens, rng, steps, out_dir, default_recipe):
     cp.cuda.runtime.deviceSynchronize()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
-    name = "default" if default_recipe else "bench"
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(45)
+    name = ("default" if default_recipe else "bench") + ("" if check_finite else "_nocheck")
     with open(os.path.join(out_dir, f"decode_profile_{name}_{tokens}.txt"), "w") as f:
         f.write(s.getvalue())
     return step, float(np.median(ta)) * 1e6, float(np.median(tt)) * 1e6
@@ -176,10 +178,12 @@ def main():
     dec = []
     if a.decode_steps:
         for t in a.tokens:
-            for default in (False, True):
-                dec.append((t, "KVCache(4, 128) defaults" if default else
-                            "3/3 bits, window 128 fp32, no offset",
-                            *decode_steps(t, rng, a.decode_steps, a.out, default)))
+            for default, check in ((False, True), (True, True), (False, False),
+                                   (True, False)):
+                name = ("KVCache(4, 128) defaults" if default else
+                        "3/3 bits, window 128 fp32, no offset")
+                dec.append((t, name + ("" if check else ", check_finite=False"),
+                            *decode_steps(t, rng, a.decode_steps, a.out, default, check)))
     names = list(rows[0][4])
     print("| T | attend wall | host (cupyx) | gpu (cupyx) | "
           + " | ".join(f"{n} (alone)" for n in names) + " |")

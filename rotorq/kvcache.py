@@ -388,7 +388,10 @@ class KVCache:
         self._compressed = 0
         self._window = 0
         self._win_k = self._win_v = None  # float32 window (residual_bits=None)
-        self._exact = None  # cached _exact_part()
+        # the exact part kept decoded across appends (_exact_part): float32 keys, values
+        # (BH, cap, d) and positions (cap,): the sinks, then the window's first _x_win tokens
+        self._xk = self._xv = self._xpos = None
+        self._x_sinks = self._x_win = 0
 
     # -- properties -------------------------------------------------------------------
     def __len__(self):
@@ -565,7 +568,6 @@ class KVCache:
         if t == 0:
             return
         xp = be.xp
-        self._exact = None  # the decoded window of the last attend is stale from here on
         if self.check_finite:
             _backend.require_finite(xp, k, "keys", v, "values")
         n_bh = (1 if batch is None else batch) * self.num_kv_heads
@@ -661,13 +663,19 @@ class KVCache:
             k = k * self._scales[:, None, :]
         return k
 
-    def _restore(self, kp, p0):
-        """Inverse of :meth:`_prep`."""
+    def _restore(self, kp, p0, offset=True):
+        """Inverse of :meth:`_prep` (``offset=False``: the key offset left out)."""
         if self._scales is not None:
             kp = kp / self._scales[:, None, :]
-        if self._mu is not None:
+        if self._mu is not None and offset:
             kp = kp + self._offsets(p0, kp.shape[1])
         return kp
+
+    def _offset_frame(self):
+        """Whether the sinks and window of the exact part are held minus the key offset:
+        with a post-RoPE offset (no ``rope_base``) its term ``q·μ`` is the same for every
+        key of a query, so attention leaves it out on both parts (softmax ignores it)."""
+        return self._mu is not None and self._freqs is None
 
     # -- storage ----------------------------------------------------------------------
     def _process(self, k, v, p0):
@@ -701,6 +709,7 @@ class KVCache:
                 for part in self._wkparts + self._wvparts:
                     part.drop_front(n_c, w + t)
                     _shrink(part, keep, 4 * (r_tok + blk))
+                self._drop_exact(n_c)
             self._compressed, self._window = target, w + t - n_c
             return
         from_win = min(n_c, w)
@@ -717,6 +726,8 @@ class KVCache:
                 self._compress(xp, block, parts, perm, c)
             self._compressed = target
         keep_w = w - from_win
+        if from_win:
+            self._drop_exact(from_win)
         for x, win in ((k, self._win_k), (v, self._win_v)):
             if from_win and keep_w:
                 win[:, :keep_w] = win[:, from_win:w].copy()
@@ -748,38 +759,67 @@ class KVCache:
 
     def _exact_part(self):
         """Keys, values (BH, E, d) float32 and positions (E,) of the tokens not in codes of
-        the base tier: pending, sinks and the window (dequantized and restored); kept until
-        the next append, so repeated queries decode the window once."""
-        if self._exact is None:
-            self._exact = self._build_exact_part()
-        return self._exact
-
-    def _build_exact_part(self):
+        the base tier: pending, or the sinks and the window (dequantized and restored).
+        The sinks and window are kept decoded across appends: a call decodes only the
+        window tokens that arrived since the last one. Their keys are minus the key offset
+        where :meth:`_offset_frame` says so."""
         xp = self._xp
         if self._pending:
             p = self._pending
             return self._pend_k[:, :p], self._pend_v[:, :p], xp.arange(p)
-        ks, vs, pos = [], [], []
-        if self._n_sink:
-            ks.append(self._sink_k[:, :self._n_sink].astype(xp.float32))
-            vs.append(self._sink_v[:, :self._n_sink].astype(xp.float32))
-            pos.append(xp.arange(self._n_sink))
-        w = self._window
-        if w:
-            p0 = self._n_sink + self._compressed
-            if self._wkparts is None:
-                ks.append(self._win_k[:, :w])
-                vs.append(self._win_v[:, :w])
-            else:
-                ks.append(self._restore(self._decode(self._wkparts, self._kinv, 0, w), p0))
-                vs.append(self._decode(self._wvparts, self._vinv, 0, w))
-            pos.append(xp.arange(p0, p0 + w))
-        if not ks:
+        n_s, w = self._n_sink, self._window
+        e = n_s + w
+        if not e:
             return None
-        if len(ks) == 1:
-            return ks[0], vs[0], pos[0]
-        return (xp.concatenate(ks, axis=1), xp.concatenate(vs, axis=1),
-                xp.concatenate(pos))
+        if self._xk is None or self._xk.shape[1] < e:
+            n_bh, d = self._n_bh(), self.head_dim
+            cap = max(e, n_s + self.residual_tokens + self.block_tokens,
+                      2 * (0 if self._xk is None else self._xk.shape[1]))
+            self._xk = xp.empty((n_bh, cap, d), xp.float32)
+            self._xv = xp.empty((n_bh, cap, d), xp.float32)
+            self._xpos = xp.empty(cap, xp.int64)
+            self._x_sinks = self._x_win = 0
+        frame = self._offset_frame()
+        if self._x_sinks != n_s:  # the window's rows start after the sinks: all stale
+            self._xk[:, :n_s] = self._sink_k[:, :n_s]
+            if frame:
+                self._xk[:, :n_s] -= self._mu[:, None, :]
+            self._xv[:, :n_s] = self._sink_v[:, :n_s]
+            self._xpos[:n_s] = xp.arange(n_s)
+            self._x_sinks, self._x_win = n_s, 0
+        lo = self._x_win
+        if lo < w:
+            p0 = n_s + self._compressed + lo
+            if self._wkparts is None:
+                kd, vd = self._win_k[:, lo:w], self._win_v[:, lo:w]
+                if frame:
+                    kd = kd - self._mu[:, None, :]
+            else:
+                kd = self._restore(self._decode(self._wkparts, self._kinv, lo, w), p0,
+                                   offset=not frame)
+                vd = self._decode(self._wvparts, self._vinv, lo, w)
+            self._xk[:, n_s + lo:e] = kd
+            self._xv[:, n_s + lo:e] = vd
+            self._xpos[n_s + lo:e] = xp.arange(p0, p0 + w - lo)
+            self._x_win = w
+        return self._xk[:, :e], self._xv[:, :e], self._xpos[:e]
+
+    def _n_bh(self):
+        """Sequences times KV heads."""
+        return (self._batch or 1) * self.num_kv_heads
+
+    def _drop_exact(self, n):
+        """The window's first ``n`` tokens left it: its decoded tokens after them move to
+        the front of the window's rows of the exact part."""
+        keep = self._x_win - n
+        if keep <= 0:
+            self._x_win = 0
+            return
+        a = self._x_sinks
+        for buf in (self._xk, self._xv):
+            buf[:, a:a + keep] = buf[:, a + n:a + n + keep].copy()
+        self._xpos[a:a + keep] = self._xpos[a + n:a + n + keep].copy()
+        self._x_win = keep
 
     # -- queries ----------------------------------------------------------------------
     def _queries(self, queries):
@@ -918,6 +958,8 @@ class KVCache:
             out = comp
         else:
             se = q @ xp.swapaxes(exact[0], 1, 2)
+            if self._offset_frame() and not self._pending:
+                se = se + self._offset_scores(q, 0, 1)
             if comp is None:
                 out = se
             else:
@@ -996,9 +1038,6 @@ class KVCache:
             acc_c = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces, axis=2)
             if self._vinv is not None:
                 acc_c = xp.take_along_axis(acc_c, self._vinv[:, None, :], axis=2)
-            if self._mu is not None and self._freqs is None:
-                # the post-RoPE offset's term q·μ is one constant per row: it shifts m only
-                m_c = m_c + (q @ self._mu[:, :, None])[:, :, 0] * np.float32(scale)
             if exact is None:
                 return self._shape_out((acc_c / l_c[:, :, None]).astype(xp.float32),
                                        lead_shape, n_q, squeeze, origin)

@@ -378,6 +378,40 @@ def test_paper_two_and_a_half_bit_layout():
     assert (96 * 2 + 32 * 3 + 2 * 16) / 128 == 2.5  # bits per coordinate, norms included
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(residual_bits=None, sink_tokens=3),
+    dict(rotation="rotor", outlier_channels=np.array([1, 5, 9]), rope_base=500.0,
+         sink_tokens=0),
+    dict(key_bits=3, value_bits=2, block_tokens=5, rope_base=1e4, sink_tokens=2)])
+def test_attending_between_appends_changes_nothing(rng, kwargs):
+    """The window is kept decoded across appends (only new tokens are decoded): a cache
+    attended after every append (through the pending phase, the sinks, and window tokens
+    leaving for the codes) answers as a fresh cache given the same tokens in one prefill.
+    (Row-wise rotations: a dense rotation's matrix products may round differently per
+    batch size, which can flip a code at a rounding boundary.)"""
+    d, t = 32, 75
+    k, v, q, _ = planted(rng, d, t, n_q=8)  # causal: the last 7 tokens masked for some rows
+    kw = dict(residual_tokens=12, offset_tokens=16) | kwargs
+    streamed = rotorq.KVCache(H, d, **kw)
+    sizes = [9, 1, 9, 1, 1, 2, 1, 14, 1, 1, 3, 1, 1, 1, 1, 7, 1, 1, 1, 4] + [1] * 14
+    checks, n = 0, 0
+    for size in sizes:
+        streamed.append(k[:, n:n + size], v[:, n:n + size])
+        n += size
+        got = streamed.attend(q, causal=True)
+        if n % 4 == 0 or n == t:  # against a prefill of the same tokens
+            fresh = rotorq.KVCache(H, d, **kw)
+            fresh.append(k[:, :n], v[:, :n])
+            np.testing.assert_allclose(got, fresh.attend(q, causal=True), rtol=1e-5,
+                                       atol=1e-6)
+            np.testing.assert_allclose(streamed.scores(q), fresh.scores(q), rtol=1e-5,
+                                       atol=1e-5)
+            checks += 1
+    assert n == t and checks >= 5
+    assert streamed.compressed_tokens > 0 and streamed.pending_tokens == 0
+
+
 @pytest.mark.parametrize("tiered", [True, False])
 def test_streaming_equals_prefill(rng, tiered):
     """One prefill, token-by-token decoding and random chunks give identical codes, sinks,

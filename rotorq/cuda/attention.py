@@ -1036,6 +1036,11 @@ FAST_FULL_TILES = True
 """Run the steps whose tiles every query row sees whole first, without the per-score mask,
 then the last steps in a masked copy of the loop body; ``False``: one loop, every score
 masked (benchmarks compare)."""
+FAST_PAIRED = False
+"""With :data:`FAST_FULL_TILES`: the unmasked loop runs only while all its body copies have
+a full step, so no exit test separates them and one step's value MMAs and the next step's
+key lookups fall in one basic block, where ptxas may interleave them (the masked loop takes
+the rest); ``False``: an exit test before each copy (benchmarks compare)."""
 FAST_TABLE_COPIES = None
 """``(key, value)`` pair-table copies of the tensor-core kernel; None: :func:`table_copies`
 (benchmarks compare)."""
@@ -1133,8 +1138,9 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     mulhi = FAST_MULHI if tiled else 0
     unroll = (FAST_UNROLL or depth + 1) if tiled else 1
     full_tiles = bool(FAST_FULL_TILES)
+    paired = full_tiles and bool(FAST_PAIRED) and unroll > 1
     key = (big_dk, kbits, big_dv, vbits, blocks, copies, bool(bias), bool(tiled), depth, mulhi,
-           unroll, full_tiles, bool(FAST_FUNNEL))
+           unroll, full_tiles, bool(FAST_FUNNEL), paired)
     nlook = [0]
 
     def tfield(word, p, bits, shift):
@@ -1340,7 +1346,7 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
           "    it = U32(0)"]
     if full_tiles:  # steps whose 16·W tokens every row sees whole (row 0 sees the fewest)
         L += [f"    nfu = U32(min(ntile, max(min(t1, causal_offset + 1) - t0, 0) // {16 * W}))",
-              "    while it < nfu:"]
+              f"    while add32(it, U32({unroll - 1})) < nfu:" if paired else "    while it < nfu:"]
     else:
         L += ["    while it < ntu:"]
     L += ["        it = add32(it, U32(1))"]
@@ -1458,8 +1464,9 @@ def attention_kernel(big_dk, kbits, big_dv, vbits, blocks=None, copies=None, bia
     body = L[body_at:]
     stop = "nfu" if full_tiles else "ntu"
     for _ in range(1, unroll):
-        L += [f"{ind}if it >= {stop}:", f"{ind}    break", f"{ind}it = add32(it, U32(1))"] + body
-    if full_tiles:  # then the last steps (at most 1 + n_q/16·W), masked, one copy
+        test = [] if paired else [f"{ind}if it >= {stop}:", f"{ind}    break"]
+        L += test + [f"{ind}it = add32(it, U32(1))"] + body
+    if full_tiles:  # then the last steps (at most unroll + n_q/16·W), masked, one copy
         k = mask_at - body_at
         L += counts + ["    while it < ntu:", f"{ind}it = add32(it, U32(1))"]
         L += body[:k] + masked + body[k + len(unmasked):]
