@@ -109,6 +109,12 @@ def norm_slots() -> np.ndarray:
 
 
 @functools.cache
+def _norm_slots_inverse() -> np.ndarray:
+    """Token of each slot of the tiled norms (the inverse of :func:`norm_slots`)."""
+    return np.argsort(norm_slots())
+
+
+@functools.cache
 def _gather(kind, dim, bits):
     """``(unit, to_rows, to_tiles)``: the tile unit (bit, or uint16 where the order moves
     whole aligned uint16, as for keys) at each row-major ``(token, unit)`` place of a tile,
@@ -123,12 +129,40 @@ def _gather(kind, dim, bits):
     return unit, to_rows, to_tiles
 
 
-def _permute(xp, src, index, unit):
-    """``src`` (…, n) uint8 with its units (bits or uint16) reordered by ``index``."""
+_ON_DEVICE: dict = {}
+
+
+def _on(xp, a):
+    """The constant numpy array ``a`` as an ``xp`` array: uploaded once per device (an
+    upload per call would be a host-to-device copy each time)."""
+    if xp is np:
+        return a
+    key = (xp.__name__, xp.cuda.runtime.getDevice(), id(a))
+    hit = _ON_DEVICE.get(key)
+    if hit is None:
+        hit = _ON_DEVICE[key] = (a, xp.asarray(a))  # ``a`` kept alive: its id stays its own
+    return hit[1]
+
+
+@functools.cache
+def _bit_sources(kind, dim, bits, inverse):
+    """Per output bit of :func:`_permute`: its source byte and the shift of its bit there,
+    and the shifts that pack 8 bits into a byte."""
+    _, to_rows, to_tiles = _gather(kind, dim, bits)
+    index = to_tiles if inverse else to_rows
+    return index // 8, (index % 8).astype(np.uint8), np.arange(8, dtype=np.uint8)
+
+
+def _permute(xp, src, kind, dim, bits, inverse):
+    """``src`` (…, n) uint8 with its units (bits or uint16, :func:`_gather`) reordered into
+    rows (or into tiles: ``inverse``)."""
+    unit, to_rows, to_tiles = _gather(kind, dim, bits)
     if unit == 16:
         halves = xp.ascontiguousarray(src).view(xp.uint16)
-        return xp.take(halves, xp.asarray(index), axis=-1).view(xp.uint8)
-    return _permute_bits(xp, src, index)
+        return xp.take(halves, _on(xp, to_tiles if inverse else to_rows), axis=-1).view(xp.uint8)
+    byte, shift, pack = (_on(xp, a) for a in _bit_sources(kind, dim, bits, inverse))
+    out_bits = (xp.take(src, byte, axis=-1) >> shift) & 1  # bit i of the output (LSB first)
+    return (out_bits.reshape(src.shape[:-1] + (-1, 8)) << pack).sum(axis=-1, dtype=xp.uint8)
 
 
 _CHUNK = 2048
@@ -136,27 +170,16 @@ _CHUNK = 2048
 byte)."""
 
 
-def _permute_bits(xp, src, index):
-    """``out[..., i] = bit index[i] of src[..., :]`` (uint8 rows, least significant bit
-    first), packed again: ``src`` (…, n) uint8 → (…, n) uint8."""
-    shifts = xp.arange(8, dtype=xp.uint8)
-    bits = ((src[..., None] >> shifts) & 1).reshape(src.shape[:-1] + (-1,))
-    bits = xp.take(bits, xp.asarray(index), axis=-1)
-    packed = bits.reshape(src.shape[:-1] + (-1, 8)) << shifts
-    return packed.sum(axis=-1, dtype=xp.uint8)
-
-
 def _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits):
     """Tiles ``t0 … t1 − 1`` in token order: uint8 ``(BH, 16·(t1 − t0), row)`` and norms
     ``(BH, 16·(t1 − t0))`` (new arrays)."""
     n_bh, _, row = codes.shape
-    unit, to_rows, _ = _gather(kind, dim, bits)
     tiles_b = codes.reshape(n_bh, -1, TILE * row)
     out = xp.empty((n_bh, t1 - t0, TILE * row), xp.uint8)
     for c in range(t0, t1, _CHUNK):
         e = min(t1, c + _CHUNK)
-        out[:, c - t0:e - t0] = _permute(xp, tiles_b[:, c:e], to_rows, unit)
-    tn = xp.take(norms.reshape(n_bh, -1, TILE)[:, t0:t1], xp.asarray(norm_slots()), axis=2)
+        out[:, c - t0:e - t0] = _permute(xp, tiles_b[:, c:e], kind, dim, bits, False)
+    tn = xp.take(norms.reshape(n_bh, -1, TILE)[:, t0:t1], _on(xp, norm_slots()), axis=2)
     return out.reshape(n_bh, TILE * (t1 - t0), row), tn.reshape(n_bh, -1)
 
 
@@ -205,15 +228,13 @@ def store(xp, codes, norms, rows, row_norms, first, kind, dim, bits):
         cur, cur_n = _tiles_in_rows(xp, codes, norms, t0, t1, kind, dim, bits)
         cur[:, lo:lo + n] = rows
         cur_n[:, lo:lo + n] = row_norms
-    unit, _, to_tiles = _gather(kind, dim, bits)
     cur = cur.reshape(n_bh, t1 - t0, -1)
     dst = codes.reshape(n_bh, -1, cur.shape[2])
     for c in range(0, t1 - t0, _CHUNK):
         e = min(t1 - t0, c + _CHUNK)
-        dst[:, t0 + c:t0 + e] = _permute(xp, cur[:, c:e], to_tiles, unit)
-    slots_inv = np.argsort(norm_slots())
+        dst[:, t0 + c:t0 + e] = _permute(xp, cur[:, c:e], kind, dim, bits, True)
     norms.reshape(n_bh, -1, TILE)[:, t0:t1] = xp.take(cur_n.reshape(n_bh, t1 - t0, TILE),
-                                                      xp.asarray(slots_inv), axis=2)
+                                                      _on(xp, _norm_slots_inverse()), axis=2)
 
 
 def load(xp, codes, norms, lo, hi, kind, dim, bits):
