@@ -67,7 +67,7 @@ def run(tokens, variants, reps, rng):
     rows = []
     saved = (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
              att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
-             att.FAST_FUNNEL, att.FAST_PAIRED)
+             att.FAST_FUNNEL, att.FAST_PAIRED, att.FAST_RESCALE_SLACK)
     for variant in variants:
         blocks = variant[0]
         copies = (variant[1],) * 2 if len(variant) > 1 and variant[1] else None
@@ -78,10 +78,11 @@ def run(tokens, variants, reps, rng):
         full = bool(variant[6]) if len(variant) > 6 else saved[6]
         funnel = bool(variant[7]) if len(variant) > 7 else saved[7]
         paired = bool(variant[8]) if len(variant) > 8 else saved[8]
+        slack = float(variant[9]) if len(variant) > 9 else saved[9]
         (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
          att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
-         att.FAST_FUNNEL, att.FAST_PAIRED) = (blocks, copies, per_sm, depth, mulhi, unroll, full,
-                                              funnel, paired)
+         att.FAST_FUNNEL, att.FAST_PAIRED, att.FAST_RESCALE_SLACK) = (
+            blocks, copies, per_sm, depth, mulhi, unroll, full, funnel, paired, slack)
         got = merged(fused(bufs[0]))
         err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
         t = kernel_time(fused, bufs, reps)
@@ -91,7 +92,7 @@ def run(tokens, variants, reps, rng):
                 for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
         rows.append({"tokens": tokens, "layout": lay, "prefetch": depth, "mulhi": mulhi,
                      "unroll": unroll or depth + 1, "full_tiles": full, "funnel": funnel,
-                     "paired": paired,
+                     "paired": paired, "rescale_slack": slack,
                      "blocks": blocks or None, "splits_per_sm": per_sm,
                      "copies": list(copies or att.table_copies(128, 3, 128, 3)),
                      "kernel_us": t * 1e6, "launch_us": parts,
@@ -99,7 +100,7 @@ def run(tokens, variants, reps, rng):
                      "registers": sorted(set(regs))})
     (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
      att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
-     att.FAST_FUNNEL, att.FAST_PAIRED) = saved
+     att.FAST_FUNNEL, att.FAST_PAIRED, att.FAST_RESCALE_SLACK) = saved
     fb = max(1, min(64, -(-2 * l2_bytes() // (kt.numel() * 4))))
     fbufs = [(kt, vt)] + [(kt.clone(), vt.clone()) for _ in range(fb - 1)]
     qt = torch.randn(1, HQ, 1, 128, device="cuda", dtype=torch.float16)
@@ -120,7 +121,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1 << 16, 1 << 20])
     ap.add_argument("--variants", nargs="+", default=["4", "0", "4:1", "4:0:8"],
-                    help="BLOCKS[:COPIES[:PER_SM[:DEPTH[:MULHI[:UNROLL[:FULL[:FUNNEL[:PAIR]]]]]]]]: "
+                    help="BLOCKS[:COPIES[:PER_SM[:DEPTH[:MULHI[:UNROLL[:FULL[:FUNNEL[:PAIR[:SLACK]]]]]]]]]: "
                          "launch-bounds "
                          "blocks (0: "
                          "uncapped); 1 for single (not replicated) pair tables, 0 the "
@@ -129,7 +130,7 @@ def main():
                          "FAST_MULHI; loop body copies (FAST_UNROLL; 0 the default); "
                          "unmasked full tiles (FAST_FULL_TILES, 1/0); funnel shifts "
                          "(FAST_FUNNEL, 1/0); no exit test between the unmasked body copies "
-                         "(FAST_PAIRED, 1/0)")
+                         "(FAST_PAIRED, 1/0); lazy-rescale slack (FAST_RESCALE_SLACK, base 2)")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     rng = np.random.default_rng(7)
@@ -150,11 +151,11 @@ def main():
           "table copies (K, V) | registers | kernels µs | "
           "alone: attention / merge µs | TB/s | general kernel µs | SDPA µs | SDPA / kernels | "
           "rel. diff vs general |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['tokens']} | {r['layout']} | {r['prefetch']} | {r['unroll']} | "
               f"{'yes' if r['full_tiles'] else 'no'} | {'yes' if r['funnel'] else 'no'} | "
-              f"{'yes' if r['paired'] else 'no'} | "
+              f"{'yes' if r['paired'] else 'no'} | {r['rescale_slack']:g} | "
               f"{r['mulhi']} | "
               f"{r['blocks'] or '—'} | "
               f"{r['splits_per_sm']} | {r['copies']} | "

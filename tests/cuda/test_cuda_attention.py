@@ -110,12 +110,15 @@ def merged(outs):
 
 
 def assert_merged_close(got, want, rtol):
-    """Merged outputs ``acc / l`` (and ``m``) within ``rtol`` of the row's accumulator norm."""
+    """Merged outputs ``acc / l`` within ``rtol`` of the row's accumulator norm, and the
+    log-normalizers ``m + log l`` (``m`` is a reference, not necessarily the maximum: the
+    tensor-core kernel's lazy rescaling may keep it above)."""
     g0, g1, gm, gl = got
     w0, w1, wm, wl = want
     np.testing.assert_array_equal(np.isfinite(gm), np.isfinite(wm))
     fin = np.isfinite(wm)
-    np.testing.assert_allclose(gm[fin], wm[fin], rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(gm[fin] + np.log(gl[fin]), wm[fin] + np.log(wl[fin]),
+                               rtol=rtol, atol=rtol)
     for g, w in ((g0, w0), (g1, w1)):
         if w.size == 0:
             continue
@@ -229,8 +232,10 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
     gm = merged([got[0], got[1], got[2], got[3]])
     wm = merged(want)
     assert_merged_close(gm, wm, FAST_RTOL)
-    np.testing.assert_allclose(got[3][np.isfinite(want[2])].sum(), want[3][np.isfinite(want[2])].sum(),
-                               rtol=FAST_RTOL)
+    fin = np.isfinite(want[2])  # each split's log-normalizer
+    np.testing.assert_allclose(got[2][fin] + np.log(got[3][fin]),
+                               want[2][fin] + np.log(want[3][fin]), rtol=FAST_RTOL,
+                               atol=FAST_RTOL)
 
 
 @pytest.mark.cudasim
@@ -455,8 +460,8 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
                                ((c(vc), c(vn), c(vcent), vb, 128),), *args, key_bias=bias_gpu)
     accs_w, m_w, l_w = want
     accs_g, m_g, l_g = got
-    # m alone moves with the score rounding (fp16 MMA inputs); m + log l does not
-    np.testing.assert_allclose(m_g.get(), m_w, rtol=1e-2, atol=2e-2)
+    # m alone moves with the score rounding (fp16 MMA inputs) and with lazy rescaling
+    # (FAST_RESCALE_SLACK); m + log l does not
     np.testing.assert_allclose(m_g.get() + np.log(l_g.get()), m_w + np.log(l_w),
                                rtol=2e-3, atol=2e-3)
     out_w = accs_w[0] / l_w[..., None]
