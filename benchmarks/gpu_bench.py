@@ -318,6 +318,11 @@ def _fast_jobs():
         "tiled_rotor_quantize": (lambda: trotor.quantize_kernel(D, BITS, True, False),
                                  (a(2 * D, dt=u32), a(3 * rd), a(lv - 1), a(lv),
                                   a(8 * ((rd * BITS + 7) // 8), dt=u32), a(4))),
+        # the tensor-core decode attention on a tile-layout cache (_tiled_attention's args)
+        "attention_tiled": (lambda: att.attention_kernel(D, BITS, D, BITS, tiled=True),
+                            (a(4, 8, D), a(64, dt=u32), a(64, dt=u32), a(lv), a(64, dt=u32),
+                             a(64, dt=u32), a(lv), 0, 0, 0, 0, a(4, 2, 8, D), a(4, 2, 8),
+                             a(4, 2, 8))),
         "key_bias": (lambda: att.key_bias_kernel(D // 2),
                      (a(4, 8, D // 2), a(4, 8, D // 2), a(D // 2, dt=np.float64), 0, 0, 0,
                       a(512), 0)),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session: CUDA tests, kernel benchmarks, decode-attention benchmark, other shapes,
-# one-query table plans -> $OUT.
+# One GPU session: CUDA tests, kernel benchmarks, decode-attention benchmark, KVCache host
+# costs, other shapes, one-query table plans -> $OUT.
 #
 # Usage (repository root, on the GPU machine; see ../shared/reference/GPU.md for the wheels):
-#   bash benchmarks/gpu_run.sh [tests|bench|kv|shapes|tables|variants|all] [pytest -k expression]
+#   bash benchmarks/gpu_run.sh [tests|bench|kv|attend|shapes|tables|variants|all] [pytest -k expression]
 # Precompile the generated kernels first where there is no GPU (the PTX cache travels):
 #   ROTORQ_PTX_CACHE=$PWD/.whl/ptxcache python3 benchmarks/gpu_bench.py --precompile-only
 set -u
@@ -28,6 +28,11 @@ if [[ $what == kv || $what == all ]]; then
     timeout "${KV_TIMEOUT:-180}" python3 benchmarks/gpu_kv_bench.py --out "$OUT" \
         > "$OUT/gpu_kv_bench.log" 2>&1
     echo "gpu_kv_bench rc=$?"
+fi
+if [[ $what == attend || $what == all ]]; then
+    timeout "${ATTEND_TIMEOUT:-180}" python3 benchmarks/attend_breakdown.py --out "$OUT" \
+        > "$OUT/attend_breakdown.log" 2>&1
+    echo "attend_breakdown rc=$?"
 fi
 if [[ $what == shapes || $what == all ]]; then
     timeout "${SHAPES_TIMEOUT:-180}" python3 benchmarks/gpu_shapes.py --out "$OUT" \
