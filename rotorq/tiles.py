@@ -31,6 +31,8 @@ import functools
 
 import numpy as np
 
+from . import _backend
+
 TILE = 16
 """Tokens per tile."""
 
@@ -137,7 +139,7 @@ def _on(xp, a):
     upload per call would be a host-to-device copy each time)."""
     if xp is np:
         return a
-    key = (xp.__name__, xp.cuda.runtime.getDevice(), id(a))
+    key = (_backend.namespace_key(xp), id(a))
     hit = _ON_DEVICE.get(key)
     if hit is None:
         hit = _ON_DEVICE[key] = (a, xp.asarray(a))  # ``a`` kept alive: its id stays its own
