@@ -31,19 +31,29 @@ also with those loads issued first (``early``) and in blocks of 256 threads (the
 the 8-row tensor-core kernel late (its default) and early."""
 
 
+OTHER_PER_SM = (6,)
+"""Resident blocks of 128 threads per SM (``one_query_kernel``'s ``per_sm``) also measured for
+the default plan: 6 allows 80 registers (the default before ``BLOCKS_PER_SM_SMALL``)."""
+
+
 def variants(bits):
     """``(label, kernel factory, query rows, blocks per SM)`` measured at ``bits``."""
     from rotorq.cuda import tiled_scores as ts
     per_sm = ts.BLOCKS_PER_SM
     out = [(f"{p} late, 128 threads",
-            lambda p=p: ts.one_query_kernel(D, bits, 128, plan=p, early=False), 1, per_sm)
+            lambda p=p: ts.one_query_kernel(D, bits, 128, plan=p, early=False, per_sm=per_sm),
+            1, per_sm)
            for p in PLANS[bits]]
     plan = ts.table_plan(D, bits)
     out.append((f"{plan} early, 128 threads",
-                lambda: ts.one_query_kernel(D, bits, 128, plan=plan), 1, per_sm))
+                lambda: ts.one_query_kernel(D, bits, 128, plan=plan, per_sm=per_sm), 1, per_sm))
     one = ts.one_query_kernel(D, bits, plan=plan)
     out.append((f"{plan} early, {one.threads} threads (default)", lambda: one, 1,
                 one.launch_bounds[1]))
+    for per in OTHER_PER_SM:  # the default plan with other resident blocks
+        k = ts.one_query_kernel(D, bits, plan=plan, per_sm=per)
+        out.append((f"{plan} early, {k.threads} threads, {k.launch_bounds[1]} per SM",
+                    lambda k=k: k, 1, k.launch_bounds[1]))
     out.append(("8 rows, tensor cores, late (default)",
                 lambda: ts.group_kernel(D, bits, early=False), 8, ts.GROUP_BLOCKS_PER_SM))
     out.append(("8 rows, tensor cores, early",
@@ -155,7 +165,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--log2n", type=int, nargs="+", default=[20, 22])
     ap.add_argument("--precompile-only", action="store_true")
+    ap.add_argument("--bits", type=int, nargs="+", choices=sorted(PLANS), default=sorted(PLANS))
     args = ap.parse_args()
+    for b in set(PLANS) - set(args.bits):
+        del PLANS[b]
     t0 = time.perf_counter()
     done = precompile()
     print(f"precompiled in {time.perf_counter() - t0:.1f} s: "

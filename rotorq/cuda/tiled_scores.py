@@ -52,9 +52,9 @@ else:
 THREADS = 128
 """Threads per block of :func:`group_kernel`."""
 ONE_THREADS = {2: 256, 3: 256, 4: 128}
-"""Threads per block of :func:`one_query_kernel` by bits. Blocks of 256 threads (3 per SM)
-build half as many tables per SM as blocks of 128 (6 per SM): for 2^20 keys on an H200 3 bits
-took 27.9 instead of 30.3 µs, 2 bits 21.8 instead of 22.0, 4 bits 37.9 instead of 36.2
+"""Threads per block of :func:`one_query_kernel` by bits. Blocks of 256 threads (then 3 per
+SM) build half as many tables per SM as blocks of 128 (6 per SM): for 2^20 keys on an H200 3
+bits took 27.9 instead of 30.3 µs, 2 bits 21.8 instead of 22.0, 4 bits 37.9 instead of 36.2
 (``benchmarks/gpu_score_tables.py``)."""
 WARPS = THREADS // 32
 """Warps per block of :func:`group_kernel`."""
@@ -62,8 +62,14 @@ STEPS = 2
 """16-key steps per warp and tile of :func:`group_kernel` (independent MMA chains)."""
 BLOCKS_PER_SM = 6
 """Resident blocks of 128 threads per SM the launch bounds of :func:`one_query_kernel` allow
-(at most 80 registers per thread; ptxas: no spills for D = 128, 2–4 bits); blocks of other
-sizes keep the same threads per SM."""
+for D > 128 (at most 80 registers per thread); blocks of other sizes keep the same threads
+per SM."""
+BLOCKS_PER_SM_SMALL = 8
+"""Same for D ≤ 128: at most 64 registers per thread, which ptxas fits without spills there
+(2–4 bits; the loop over tiles keeps its instruction count), so a third more warps hide the
+latency of the lookups; at D = 256 they spill. H200, D = 128, against 6 (same run): 2^22
+keys 85.1 instead of 88.4 µs at 3 bits, 70.4 / 71.6 at 2, 123.2 / 126.1 at 4; 2^20 keys
+within 0.4 µs either way (28.2 / 28.0 at 3 bits)."""
 GROUP_BLOCKS_PER_SM = 5
 """Same for :func:`group_kernel` (at most 96 registers: the 16 query fragment registers, 2×4
 accumulators and the prefetched words fit without spills)."""
@@ -204,17 +210,18 @@ def _first_tile(fetch):
             + fetch("        ", "tile"))
 
 
-def one_query_kernel(big_d, bits, threads=None, plan=None, early=True):
+def one_query_kernel(big_d, bits, threads=None, plan=None, early=True, per_sm=None):
     """Score kernel of one query row: ``(qrot f32 (Bq, M, D), qmap i64 (B,), cw u32 (Bk·N·W,),
     norms f32 (Bk, N), kmap i64 (B,), centroids f32 (L,), out f32 (B, 1, N))``.
 
     Grid: x strides over tiles of ``threads`` keys (one key per thread; default
     :data:`ONE_THREADS`), y over output batches. ``plan``: ``(G, half)`` instead of
     :func:`table_plan`'s; ``early``: issue the loads of the block's first code tile before
-    the table build, which then hides their latency (benchmarks compare both). See the
-    module docstring.
+    the table build, which then hides their latency (benchmarks compare both); ``per_sm``:
+    resident blocks of 128 threads per SM the launch bounds allow instead of
+    :data:`BLOCKS_PER_SM`. See the module docstring.
     """
-    key = ("one", big_d, bits, threads, plan, early)  # looked up on every scores call
+    key = ("one", big_d, bits, threads, plan, early, per_sm)  # looked up on every call
     if key in _kernels:
         return _kernels[key]
     default = one_query_config(big_d, bits) or (THREADS, table_plan(big_d, bits))
@@ -228,7 +235,8 @@ def one_query_kernel(big_d, bits, threads=None, plan=None, early=True):
     S = _pick_stride(W, lambda s: [[t * s + w for t in range(32)] for w in range(W)])
     parts = 4
     red = min(32, threads)
-    blocks = max(1, min(32, BLOCKS_PER_SM * THREADS // threads))  # same registers per thread
+    per_sm = per_sm or (BLOCKS_PER_SM_SMALL if big_d <= 128 else BLOCKS_PER_SM)
+    blocks = max(1, min(32, per_sm * THREADS // threads))  # same registers per thread
     fetch, store = _stage_lines(W, threads, threads, S)
     L = ["def score_one_tiled(qrot, qmap, cw, norms, kmap, centroids, out):",
          f"    tab = cuda.shared.array(({groups}, {1 << gb}), "
