@@ -29,7 +29,7 @@ import numpy as np
 from . import _backend, tiles
 from ._arrays import origin_of
 from .rotation import ROTATIONS
-from .turboquant import MODES, TurboQuant, _positive_int
+from .turboquant import MODES, TurboQuant, _positive_int, check_norms
 
 _FP16_NORM_BYTES = 2
 _WINDOW_BYTES = 4  # a full-precision window is float32
@@ -84,7 +84,8 @@ class _Part:
 
     def append(self, xp, rows, n_bh, n_tok, used, check=True):
         """Quantize ``rows`` (n_bh·n_tok, dim) and write them after the ``used`` tokens
-        (``check``: refuse non-finite rows and norms beyond the stored dtype)."""
+        (``check``: refuse non-finite rows and norms beyond the stored dtype; a list defers
+        that check to the caller, as :func:`rotorq.turboquant.store_norms` says)."""
         qv = self.tq._quantize(rows, check)
         tiled = self.layout == "tiles"
         need = used + n_tok
@@ -568,7 +569,11 @@ class KVCache:
         if t == 0:
             return
         xp = be.xp
-        if self.check_finite:
+        # Once every new token is quantized at once (past the pending phase and the sinks,
+        # with a quantized window), a NaN or Inf makes a non-finite norm, and the window's
+        # norm checks in _process (one sync) refuse it; tokens kept as they come: checked here.
+        quantized = self._fitted and self._wkparts is not None and len(self) >= self.sink_tokens
+        if self.check_finite and not quantized:
             _backend.require_finite(xp, k, "keys", v, "values")
         n_bh = (1 if batch is None else batch) * self.num_kv_heads
         k = xp.ascontiguousarray(k.reshape(n_bh, t, self.head_dim), dtype=xp.float32)
@@ -679,8 +684,13 @@ class KVCache:
 
     # -- storage ----------------------------------------------------------------------
     def _process(self, k, v, p0):
-        """Store tokens ``k, v`` (BH, t, d) float32 at positions ``p0..`` (offset fitted)."""
+        """Store tokens ``k, v`` (BH, t, d) float32 at positions ``p0..`` (offset fitted).
+
+        With ``check_finite`` and a quantized window, the window quantizers' norm checks
+        are deferred and made by one synchronization (:meth:`_check`) before anything else
+        is stored."""
         xp = self._xp
+        check = self.check_finite
         n_s = max(0, min(k.shape[1], self.sink_tokens - p0))
         if n_s:
             self._sink_k = _sink_store(xp, self._sink_k, k[:, :n_s], p0, self.sink_tokens)
@@ -698,13 +708,15 @@ class KVCache:
         if self._wkparts is not None:
             # every token enters the window at residual_bits; leaving it, it is re-quantized
             # from those codes (the same path for a prefill and for one token at a time)
-            self._compress(xp, self._prep(k, p0), self._wkparts, self._kperm, w)
-            self._compress(xp, v, self._wvparts, self._vperm, w)
+            deferred = [] if check else False
+            self._compress(xp, self._prep(k, p0), self._wkparts, self._kperm, w, deferred)
+            self._compress(xp, v, self._wvparts, self._vperm, w, deferred)
+            self._check(deferred, k, v)
             if n_c:
                 kd = self._decode(self._wkparts, self._kinv, 0, n_c)
                 vd = self._decode(self._wvparts, self._vinv, 0, n_c)
-                self._compress(xp, kd, self._kparts, self._kperm, c)
-                self._compress(xp, vd, self._vparts, self._vperm, c)
+                self._compress(xp, kd, self._kparts, self._kperm, c, check)
+                self._compress(xp, vd, self._vparts, self._vperm, c, check)
                 keep = w + t - n_c
                 for part in self._wkparts + self._wvparts:
                     part.drop_front(n_c, w + t)
@@ -723,7 +735,7 @@ class KVCache:
                     else xp.concatenate([old, x[:, :from_new]], axis=1))
                 if is_key:
                     block = self._prep(block, s0 + c)
-                self._compress(xp, block, parts, perm, c)
+                self._compress(xp, block, parts, perm, c, check)
             self._compressed = target
         keep_w = w - from_win
         if from_win:
@@ -734,8 +746,16 @@ class KVCache:
             win[:, keep_w:keep_w + t - from_new] = x[:, from_new:]
         self._window = keep_w + t - from_new
 
-    def _compress(self, xp, block, parts, perm, used):
-        """Quantize ``block`` (BH, n, d) float32 into the parts' buffers after ``used``."""
+    def _check(self, deferred, k, v):
+        """Make the deferred norm checks of :meth:`_process` (one synchronization): raise for
+        non-finite keys or values first, else for norms beyond the stored dtype."""
+        if deferred is not False:
+            check_norms(self._xp, deferred,
+                        lambda: _backend.require_finite(self._xp, k, "keys", v, "values"))
+
+    def _compress(self, xp, block, parts, perm, used, check):
+        """Quantize ``block`` (BH, n, d) float32 into the parts' buffers after ``used``
+        (``check``: :meth:`_Part.append`'s)."""
         n_bh, n_tok, _ = block.shape
         for part in parts:
             if perm is None:
@@ -745,8 +765,7 @@ class KVCache:
                 rows = xp.empty((n_bh, n_tok, part.dim), xp.float32)
                 for b in range(n_bh):
                     xp.take(block[b], cols[b], axis=1, out=rows[b])
-            part.append(xp, rows.reshape(n_bh * n_tok, part.dim), n_bh, n_tok, used,
-                        self.check_finite)
+            part.append(xp, rows.reshape(n_bh * n_tok, part.dim), n_bh, n_tok, used, check)
 
     def _decode(self, parts, inv, lo, hi):
         """Dequantized tokens ``lo..hi`` of ``parts`` in channel order, (BH, n, d)."""

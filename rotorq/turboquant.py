@@ -29,17 +29,27 @@ def _positive_int(value, name):
     return int(value)
 
 
+def _norms_ok(norms, dtype):
+    """Device (or numpy) boolean: every norm is finite and within ``dtype``'s range (one
+    comparison decides both: ``norms <= limit`` is false for NaN and Inf)."""
+    return (norms <= (_FP16_MAX if dtype == "float16" else _F32_MAX)).all()
+
+
 def store_norms(xp, norms, dtype, name="x", check=True):
     """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow
     (unless ``check`` is false).
 
-    One comparison decides both (``norms <= limit`` is false for NaN and Inf): one reduction
-    and, on a GPU, one device synchronization per call."""
-    if not check:  # the caller opted out: out-of-range norms become inf, quietly
+    One reduction and, on a GPU, one device synchronization per call. ``check`` may be a
+    list instead: the call appends ``(norms, dtype, name)`` to it and casts unchecked, and
+    the caller checks them all with one synchronization (:func:`check_norms`) before it
+    keeps the result."""
+    if isinstance(check, list):
+        check.append((norms, dtype, name))
+        check = False
+    if not check:  # the caller opted out (or checks later): out-of-range norms become inf
         with np.errstate(over="ignore", invalid="ignore"):
             return norms.astype(dtype)
-    limit = _FP16_MAX if dtype == "float16" else _F32_MAX
-    if norms.size and not bool((norms <= limit).all()):
+    if norms.size and not bool(_norms_ok(norms, dtype)):
         if not bool(xp.isfinite(norms).all()):
             raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
         raise ValueError(
@@ -47,6 +57,24 @@ def store_norms(xp, norms, dtype, name="x", check=True):
             "use norm_dtype='float32'"
         )
     return norms.astype(dtype)
+
+
+def check_norms(xp, deferred, inputs=None):
+    """Check the norms that :func:`store_norms` deferred into the list ``deferred`` with one
+    synchronization. On failure, call ``inputs`` (if given: it raises for the caller's
+    non-finite input, which makes non-finite norms), then raise :func:`store_norms`'s error
+    for the first norms that fail."""
+    ok = None
+    for norms, dtype, _ in deferred:
+        if norms.size:
+            flag = _norms_ok(norms, dtype)
+            ok = flag if ok is None else ok & flag
+    if ok is None or bool(ok):
+        return
+    if inputs is not None:
+        inputs()
+    for norms, dtype, name in deferred:
+        store_norms(xp, norms, dtype, name)
 
 
 class TurboQuant:
@@ -190,7 +218,8 @@ class TurboQuant:
 
     def _quantize(self, x, check):
         """:meth:`quantize`; ``check=False`` skips the finiteness and range check of the
-        norms (a device sync on a GPU; :class:`rotorq.KVCache` with ``check_finite=False``)."""
+        norms (a device sync on a GPU; :class:`rotorq.KVCache` with ``check_finite=False``),
+        a list defers it (:func:`store_norms`)."""
         arr, origin, be = _backend.float_array(x, "x", dim=self.dim)
         lead = tuple(arr.shape[:-1])
         rows = arr.reshape(-1, self.dim)

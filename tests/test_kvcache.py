@@ -695,3 +695,38 @@ def test_check_finite_false_skips_checks_and_stores_as_given(rng, kwargs):
             on.append(big, v[:, :1])
         off.append(big, v[:, :1])
         assert not np.isfinite(off.attend(q)).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(key_mode="prod", outlier_channels=4),
+                                    dict(residual_bits=None)])
+def test_refused_decode_appends_store_nothing(rng, kwargs):
+    """Decode steps check the input and every norm with one synchronization, after the new
+    tokens are quantized but before they count: a refused step — NaN keys, Inf values,
+    norms beyond float16, at a block boundary or not — leaves the cache answering exactly
+    as before, and the next good tokens land as if the refused ones had never come."""
+    d, t = 32, 120
+    k, v, q, _ = planted(rng, d, t + 16)
+    kw = dict(residual_tokens=16, offset_tokens=32, block_tokens=8) | kwargs
+    cache, clean = rotorq.KVCache(H, d, **kw), rotorq.KVCache(H, d, **kw)
+    for c in (cache, clean):
+        c.append(k[:, :t], v[:, :t])
+    nan_k, inf_v = k[:, t:t + 1].copy(), v[:, t:t + 1].copy()
+    nan_k[0, 0, 3] = np.nan
+    inf_v[1, 0, 7] = -np.inf
+    big = k[:, t:t + 1] * np.float32(1e5)  # finite, but norms beyond float16
+    for i in range(16):  # window positions 0..15 of a block of 8: boundaries included
+        before = cache.attend(q)
+        cases = [(nan_k, v[:, t + i:t + i + 1], "keys contains NaN or Inf"),
+                 (k[:, t + i:t + i + 1], inf_v, "values contains NaN or Inf")]
+        if kwargs.get("residual_bits", "auto") is not None:  # quantized as they come
+            cases.append((big, v[:, t + i:t + i + 1], "beyond float16"))
+        for bad_k, bad_v, msg in cases:
+            with pytest.raises(ValueError, match=msg):
+                cache.append(bad_k, bad_v)
+            assert len(cache) == t + i
+            assert np.array_equal(cache.attend(q), before)
+        for c in (cache, clean):
+            c.append(k[:, t + i:t + i + 1], v[:, t + i:t + i + 1])
+        assert np.array_equal(cache.attend(q), clean.attend(q))
+        assert np.array_equal(cache.scores(q), clean.scores(q))
+    assert cache.compressed_tokens == clean.compressed_tokens > t - 16

@@ -433,6 +433,41 @@ def test_kvcache_gpu_matches_numpy(rng, cp, fast_path, name, framework):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kw", [dict(), dict(key_bits=3, value_bits=3, rotation="rotor")])
+def test_kvcache_gpu_refused_decode_steps_store_nothing(rng, cp, kw):
+    """On the GPU, decode steps check the input and the window's norms with one sync after
+    quantizing (NaN and Inf go through the kernels): refused steps raise the input's error
+    and leave the cache (tile layout included) answering exactly as before."""
+    import rotorq
+    hk, hq, d, t = 2, 8, 128, 300
+    k = rng.standard_normal((hk, t + 12, d)).astype(np.float32)
+    v = rng.standard_normal((hk, t + 12, d)).astype(np.float32)
+    q = cp.asarray(rng.standard_normal((hq, 1, d)).astype(np.float32))
+    kw = dict(residual_tokens=16, block_tokens=8) | kw
+    cache, clean = rotorq.KVCache(hk, d, **kw), rotorq.KVCache(hk, d, **kw)
+    for c in (cache, clean):
+        c.append(cp.asarray(k[:, :t]), cp.asarray(v[:, :t]))
+    nan_k, inf_v = k[:, t:t + 1].copy(), v[:, t:t + 1].copy()
+    nan_k[1, 0, 9] = np.nan
+    inf_v[0, 0, 2] = np.inf
+    big = k[:, t:t + 1] * np.float32(1e5)
+    for i in range(12):
+        good_k, good_v = cp.asarray(k[:, t + i:t + i + 1]), cp.asarray(v[:, t + i:t + i + 1])
+        before = cp.asnumpy(cache.attend(q))
+        for bad_k, bad_v, msg in ((cp.asarray(nan_k), good_v, "keys contains NaN or Inf"),
+                                  (good_k, cp.asarray(inf_v), "values contains NaN or Inf"),
+                                  (cp.asarray(big), good_v, "beyond float16")):
+            with pytest.raises(ValueError, match=msg):
+                cache.append(bad_k, bad_v)
+            assert len(cache) == t + i
+            np.testing.assert_array_equal(cp.asnumpy(cache.attend(q)), before)
+        for c in (cache, clean):
+            c.append(good_k, good_v)
+        np.testing.assert_array_equal(cp.asnumpy(cache.attend(q)), cp.asnumpy(clean.attend(q)))
+    assert cache.compressed_tokens == clean.compressed_tokens > t - 16
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("n_keys,n_rows,n_q,causal,n_freq", [
     (70_001, 8, 1, False, 0), (9_000, 8, 2, True, 0), (3_000, 5, 1, False, 0),
     (20_000, 8, 1, False, 64), (5_000, 6, 3, True, 64)])
