@@ -219,7 +219,7 @@ def one_query_kernel(big_d, bits, threads=None, plan=None, early=True, per_sm=No
     :func:`table_plan`'s; ``early``: issue the loads of the block's first code tile before
     the table build, which then hides their latency (benchmarks compare both); ``per_sm``:
     resident blocks of 128 threads per SM the launch bounds allow instead of
-    :data:`BLOCKS_PER_SM`. See the module docstring.
+    :data:`BLOCKS_PER_SM_SMALL` (D ≤ 128) or :data:`BLOCKS_PER_SM`. See the module docstring.
     """
     key = ("one", big_d, bits, threads, plan, early, per_sm)  # looked up on every call
     if key in _kernels:
