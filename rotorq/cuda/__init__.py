@@ -26,7 +26,16 @@ else:
         _UNAVAILABLE = "cupy is not installed"
 
 if _UNAVAILABLE:
+    # The names :mod:`rotorq.cuda.api` exports (a test checks this list against its __all__).
+    BACKEND_FUNCTIONS = frozenset({
+        "attention_layout", "decode_attention", "dequantize", "dequantize_rotated",
+        "exact_attention", "name", "qjl_quantize", "qjl_scores", "quantize", "rotate",
+        "rotor_roundtrip", "scores", "unpack_codes", "unrotate", "view", "wht", "xp",
+    })
+
     def __getattr__(attr):
+        if attr not in BACKEND_FUNCTIONS:
+            raise AttributeError(f"module 'rotorq.cuda' has no attribute {attr!r}")
         raise ImportError(f"rotorq.cuda.{attr}: the CUDA backend is unavailable "
                           f"({_UNAVAILABLE}); install it with pip install 'rotorq[cuda13]' "
                           "(or [cuda12])")
