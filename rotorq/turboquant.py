@@ -378,6 +378,63 @@ class TurboQuant:
         """
         return PreparedScores(self, queries, codes)
 
+    # -- for containers that check many quantizations at once (rotorq.kv) -------------
+    def quantize_unchecked(self, x, deferred=None) -> QuantizedVectors:
+        """:meth:`quantize` with the check of the stored norms left to the caller.
+
+        :meth:`quantize` refuses NaN/Inf input and norms beyond ``norm_dtype``'s range at
+        once, which costs a device synchronization per call on a GPU. A container that
+        quantizes several blocks per operation (:class:`rotorq.KVCache`) checks them all
+        with one synchronization instead.
+
+        Parameters
+        ----------
+        x : array, (..., dim)
+            As :meth:`quantize`.
+        deferred : list, optional
+            Each stored norm array (float32 as the kernel computed it) is appended as
+            ``(norms, norm_dtype, name)``; :func:`rotorq.turboquant.check_norms` checks
+            such a list. ``None``: no check at all.
+
+        Returns
+        -------
+        QuantizedVectors
+            The codes of :meth:`quantize`. Unchecked: NaN/Inf input gives NaN norms, norms
+            beyond ``norm_dtype``'s range are stored as inf.
+
+        Examples
+        --------
+        >>> import numpy as np, rotorq
+        >>> tq = rotorq.TurboQuant(16, 3)
+        >>> x = np.random.default_rng(0).standard_normal((4, 16))
+        >>> later = []
+        >>> qv = tq.quantize_unchecked(x, later)
+        >>> [(norms.shape, dtype) for norms, dtype, _ in later]
+        [((4,), 'float16')]
+        >>> bool((qv.codes == tq.quantize(x).codes).all())
+        True
+        """
+        return self._quantize(x, False if deferred is None else deferred)
+
+    def device_constants(self, xp) -> dict:
+        """The codebook and the QJL sketch as arrays of namespace ``xp`` (numpy, or cupy on
+        the current device), made once per device and shared: do not write to them.
+
+        Returns
+        -------
+        dict
+            ``"centroids"`` (``2**mse_bits``,) and ``"boundaries"`` float32, ``"sketch"``
+            (``qjl_dim``, ``stored_dim``) float32 in prod mode, else None.
+
+        Examples
+        --------
+        >>> import numpy as np, rotorq
+        >>> c = rotorq.TurboQuant(64, 3, mode="prod").device_constants(np)
+        >>> c["centroids"].shape, c["boundaries"].shape, c["sketch"].shape
+        ((4,), (3,), (64, 64))
+        """
+        return self._consts(xp)
+
 
 class PreparedScores:
     """``quantizer.scores(·, codes)`` prepared for queries like an example:
