@@ -6,7 +6,7 @@ Importing rotorq loads numpy, scipy and Numba's CPU compiler only; the CUDA side
 
 from . import clifford
 from .codebook import lloyd_max
-from .kvcache import KVCache
+from .kv import KVCache
 from .qjl import QJL
 from .quantized import QuantizedVectors, load
 from .transforms import wht

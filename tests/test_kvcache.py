@@ -54,49 +54,45 @@ def held(cache):
     the sinks, the compressed tokens (each part's ``TurboQuant.dequantize``, channels put
     back, key transform undone), the window (decoded and restored, or as stored).
     Returns float64 ``(K̂, V̂)`` of shape ``(H, T, d)``."""
-    if cache.pending_tokens:
-        p = cache.pending_tokens
-        return (np.asarray(cache._pend_k[:, :p], np.float64),
-                np.asarray(cache._pend_v[:, :p], np.float64))
-    c, n_s = cache.compressed_tokens, cache.sink_count
+    st = cache._state
+    if st.pending.count:
+        return tuple(np.asarray(x, np.float64) for x in st.pending.tokens())
+    c, n_s, w = st.base.count, st.sinks.count, st.window.count
     ks, vs = [], []
     if n_s:
-        ks.append(np.asarray(cache._sink_k[:, :n_s], np.float64))
-        vs.append(np.asarray(cache._sink_v[:, :n_s], np.float64))
-    if c:
-        for parts, inv, out in ((cache._kparts, cache._kinv, ks), (cache._vparts, cache._vinv, vs)):
-            pieces = [p.tq.dequantize(QuantizedVectors(part_rows(p, c), p.tq.config))
-                      for p in parts]
+        ks.append(np.asarray(st.sinks.keys[:, :n_s], np.float64))
+        vs.append(np.asarray(st.sinks.values[:, :n_s], np.float64))
+    tiers = [(st.base.keys, st.base.values, c, n_s)]
+    if cache.residual_bits is not None:
+        tiers.append((st.window.keys, st.window.values, w, n_s + c))
+    for keys, values, n, p0 in tiers:
+        if not n:
+            continue
+        for codes, inv, out in ((keys, st.frame.kinv, ks), (values, st.frame.vinv, vs)):
+            pieces = [p.tq.dequantize(QuantizedVectors(part_rows(codes, i, n), p.tq.config))
+                      for i, p in enumerate(codes.parts)]
             x = np.concatenate(pieces, axis=2)
             if inv is not None:
                 x = np.take_along_axis(x, np.asarray(inv)[:, None, :], axis=2)
             if out is ks:
-                x = cache._restore(x, n_s)
+                x = st.frame.restore(x, p0)
             out.append(np.asarray(x, np.float64))
-    w = cache.window_tokens
-    if w:
-        if cache.residual_bits is None:
-            ks.append(np.asarray(cache._win_k[:, :w], np.float64))
-            vs.append(np.asarray(cache._win_v[:, :w], np.float64))
-        else:
-            for parts, inv, out in ((cache._wkparts, cache._kinv, ks),
-                                    (cache._wvparts, cache._vinv, vs)):
-                pieces = [p.tq.dequantize(QuantizedVectors(
-                    {n: b[:, :w] for n, b in p.buffers.items()}, p.tq.config)) for p in parts]
-                x = np.concatenate(pieces, axis=2)
-                if inv is not None:
-                    x = np.take_along_axis(x, np.asarray(inv)[:, None, :], axis=2)
-                if out is ks:
-                    x = cache._restore(x, n_s + c)
-                out.append(np.asarray(x, np.float64))
+    if cache.residual_bits is None and w:  # float32 window, as appended
+        ks.append(np.asarray(st.window.tokens()[0], np.float64))
+        vs.append(np.asarray(st.window.tokens()[1], np.float64))
     return np.concatenate(ks, axis=1), np.concatenate(vs, axis=1)
 
 
-def part_rows(part, n):
-    """The first ``n`` tokens of a cache part's buffers in token order (any layout)."""
-    out = {name: b[:, :n] for name, b in part.buffers.items()}
-    out["codes"], out["norms"] = part.rows(np, 0, n)
+def part_rows(codes, i, n):
+    """The first ``n`` tokens of part ``i`` of a tier's codes in token order (any layout)."""
+    out = {name: codes.array(i, name, 0, n) for name in codes.buffers[i]}
+    out["codes"], out["norms"] = codes.rows(np, i, 0, n)
     return out
+
+
+def stored_arrays(codes, n):
+    """Every array of a tier's codes, first ``n`` tokens, in token order."""
+    return [arr for i in range(len(codes.parts)) for arr in part_rows(codes, i, n).values()]
 
 
 LEGACY = dict(sink_tokens=0, key_offset=False, residual_bits=None)
@@ -273,7 +269,7 @@ def test_sinks_are_float16_unless_out_of_range(rng):
     k, v, q, _ = planted(rng, d, 200)
     cache = rotorq.KVCache(H, d, sink_tokens=4)
     cache.append(k, v)
-    assert cache.sink_count == 4 and cache._sink_k.dtype == np.float16
+    assert cache.sink_count == 4 and cache._state.sinks.keys.dtype == np.float16
     kh, _ = held(cache)
     np.testing.assert_array_equal(kh[:, :4], k[:, :4].astype(np.float16))
     big = k.copy()
@@ -281,7 +277,8 @@ def test_sinks_are_float16_unless_out_of_range(rng):
     cache = rotorq.KVCache(H, d, sink_tokens=4)
     for i in range(0, 200, 3):  # streamed: the overflow arrives after the first sinks
         cache.append(big[:, i:i + 3], v[:, i:i + 3])
-    assert cache._sink_k.dtype == np.float32 and cache._sink_v.dtype == np.float16
+    sinks = cache._state.sinks
+    assert sinks.keys.dtype == np.float32 and sinks.values.dtype == np.float16
     kh, _ = held(cache)
     np.testing.assert_array_equal(kh[:, :4], big[:, :4])  # float32 from the first write on
     assert np.all(np.isfinite(cache.attend(q)))
@@ -362,10 +359,11 @@ def test_nbytes_is_the_bit_budget(rng, rotation, d, key_mode, n_out, kb, vb, ob)
     want = 3 * H * (128 * per_token + 21 * win_token + 1 * 2 * d * 2 + d * 2)
     assert cache.nbytes == want
     assert cache.bits_per_coordinate == 8 * want / (3 * 150 * H * 2 * d)
-    held_bytes = sum(b[:, :n].nbytes for parts, n in ((cache._kparts + cache._vparts, 128),
-                                                      (cache._wkparts + cache._wvparts, 21))
-                     for p in parts for b in p.buffers.values())
-    held_bytes += cache._sink_k.nbytes + cache._sink_v.nbytes + cache._mu.size * 2
+    st = cache._state
+    held_bytes = sum(a.nbytes for codes, n in ((st.base.keys, 128), (st.base.values, 128),
+                                                (st.window.keys, 21), (st.window.values, 21))
+                     for a in stored_arrays(codes, n))
+    held_bytes += st.sinks.keys.nbytes + st.sinks.values.nbytes + st.frame.mu.size * 2
     assert cache.nbytes == held_bytes
 
 
@@ -441,16 +439,17 @@ def test_streaming_equals_prefill(rng, tiered):
         assert (len(other), other.sink_count, other.compressed_tokens, other.window_tokens) \
             == (t, 2, 272, 27)
         np.testing.assert_array_equal(other.key_offset_vector, prefill.key_offset_vector)
-        np.testing.assert_array_equal(other._sink_k, prefill._sink_k)
-        tiers = [(prefill._kparts + prefill._vparts, other._kparts + other._vparts, 272)]
+        a, b = prefill._state, other._state
+        np.testing.assert_array_equal(b.sinks.keys, a.sinks.keys)
+        tiers = [(a.base.keys, b.base.keys, 272), (a.base.values, b.base.values, 272)]
         if tiered:
-            tiers.append((prefill._wkparts + prefill._wvparts, other._wkparts + other._wvparts, 27))
+            tiers += [(a.window.keys, b.window.keys, 27), (a.window.values, b.window.values, 27)]
         else:
-            np.testing.assert_array_equal(other._win_k[:, :27], prefill._win_k[:, :27])
-        for parts_a, parts_b, n in tiers:
-            for pa, pb in zip(parts_a, parts_b, strict=True):
-                for name in pa.buffers:
-                    np.testing.assert_array_equal(pa.buffers[name][:, :n], pb.buffers[name][:, :n])
+            for x, y in zip(b.window.tokens(), a.window.tokens(), strict=True):
+                np.testing.assert_array_equal(x, y)
+        for codes_a, codes_b, n in tiers:
+            for x, y in zip(stored_arrays(codes_a, n), stored_arrays(codes_b, n), strict=True):
+                np.testing.assert_array_equal(x, y)
         np.testing.assert_array_equal(other.attend(q), prefill.attend(q))
         assert other.nbytes == prefill.nbytes
     # the offset: the mean of tokens 2..41, un-rotated (RoPE-aware), rounded to float16
@@ -465,10 +464,10 @@ def test_growth_buffers_keep_earlier_codes(rng):
     cache = rotorq.KVCache(1, d, residual_tokens=0, **LEGACY)
     k, v, _, _ = planted(rng, d, 1100, heads=1)
     cache.append(k[:, :200], v[:, :200])
-    first = cache._kparts[0].buffers["codes"][:, :200].copy()
+    first = cache._state.base.keys.buffers[0]["codes"][:, :200].copy()
     for a in range(200, 1100, 300):
         cache.append(k[:, a:a + 300], v[:, a:a + 300])
-    buf = cache._kparts[0].buffers["codes"]
+    buf = cache._state.base.keys.buffers[0]["codes"]
     assert buf.shape[1] < 2 * 1100  # capacity doubling, not one array per append
     np.testing.assert_array_equal(buf[:, :200], first)
     kh, vh = held(cache)

@@ -117,17 +117,20 @@ def test_cache_in_tiles_equals_cache_in_rows(rng, monkeypatch, rotation):
     tiled = rotorq.KVCache(heads, d, **kw)
     for a in range(0, t, 37):
         tiled.append(k[:, a:a + 37], v[:, a:a + 37])
+    st, st_rows = tiled._state, rows_cache._state
     if rotation == "rotor":  # stored_dim 129: not tileable, rows kept
-        assert tiled._kparts[0].layout == "rows"
+        assert st.base.keys.layout == "rows"
     else:
-        assert tiled._kparts[0].layout == tiled._vparts[0].layout == "tiles"
-        assert tiled._wkparts[0].layout == "rows"
+        assert st.base.keys.layout == st.base.values.layout == "tiles"
+        assert st.window.keys.layout == "rows"
     c = tiled.compressed_tokens
     assert c == rows_cache.compressed_tokens and c > 256
-    for pa, pb in zip(rows_cache._kparts + rows_cache._vparts,
-                      tiled._kparts + tiled._vparts, strict=True):
-        for got, want in zip(pb.rows(np, 0, c), pa.rows(np, 0, c), strict=True):
-            np.testing.assert_array_equal(got, want)
+    for codes_a, codes_b in ((st_rows.base.keys, st.base.keys),
+                             (st_rows.base.values, st.base.values)):
+        for i in range(len(codes_a.parts)):
+            for got, want in zip(codes_b.rows(np, i, 0, c), codes_a.rows(np, i, 0, c),
+                                 strict=True):
+                np.testing.assert_array_equal(got, want)
     q = rng.standard_normal((8, 3, d), dtype=np.float32)
     np.testing.assert_array_equal(tiled.attend(q, causal=True), rows_cache.attend(q, causal=True))
     np.testing.assert_array_equal(tiled.scores(q), rows_cache.scores(q))
