@@ -1,4 +1,4 @@
-"""Command line: ``python -m rotorq demo``."""
+"""Command line: ``rotorq demo`` (or ``python -m rotorq demo``) and ``rotorq --version``."""
 
 from __future__ import annotations
 
@@ -135,10 +135,55 @@ def _exact_attention(q, k, v):
     return p @ np.repeat(v, group, 0)
 
 
+DESCRIPTION = ("rotorq compresses vectors and KV caches to 2-4 bits per coordinate and "
+               "computes on the codes.")
+
+
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rotorq")
+    except PackageNotFoundError:  # run from a source tree that pip has not installed
+        import rotorq
+
+        return rotorq.__version__
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="rotorq", description=__doc__)
-    parser.add_argument("command", choices=["demo"], help="what to run")
+    """Run the command line ``rotorq`` (or ``python -m rotorq``) with ``argv``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        The exit status, 0 (argparse exits with status 2 on bad arguments).
+
+    Examples
+    --------
+    >>> main(["--version"])
+    rotorq 0.1.0
+    0
+    """
+    parser = argparse.ArgumentParser(prog="rotorq", description=DESCRIPTION)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands.add_parser(
+        "demo", help="quantize real SmolLM2-135M keys and values with every method and print "
+        "bits per coordinate, compression, error, score fidelity and timings",
+        description="Quantize real SmolLM2-135M keys and values with every method and print "
+        "bits per coordinate, compression against fp16, error, score fidelity and timings "
+        "(first call, which compiles, apart from later calls).")
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"rotorq {_version()}")
+        return 0
+    if args.command is None:
+        parser.error("a command is required: demo")
     if args.command == "demo":
         demo()
     return 0
