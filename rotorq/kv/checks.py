@@ -89,6 +89,8 @@ class Checks:
             top = max(float(n.max()) for n, _, _ in deferred if n.size)
             if not np.isfinite(top) and rows is not None:
                 top = _norm_max(xp, rows)
+            if not np.isfinite(top):  # e.g. a key offset beyond float16: the input's norms
+                top = _norm_max(xp, self._inputs[0 if name == "keys" else 2])
             self._raise_norms(name, top, " as stored (after the key offset, channel scales "
                               "and norm correction)" if name == "keys" else " as stored")
 

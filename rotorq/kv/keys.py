@@ -61,7 +61,9 @@ class KeyFrame:
         if key_offset:
             block = _host(k[:, s0:s0 + offset_tokens])
             mean = _mean_key(block, np.arange(s0, s0 + block.shape[1]), rope_base)
-            mu = xp.asarray(mean.astype(np.float16).astype(np.float32))  # one rounding
+            with np.errstate(over="ignore"):  # an offset beyond float16 makes inf norms:
+                mean = mean.astype(np.float16)  # the append is refused by its checks
+            mu = xp.asarray(mean.astype(np.float32))  # rounded once, to float16
             if rope_base is not None:
                 freqs = xp.asarray(rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d))
         if key_scales is not None:
