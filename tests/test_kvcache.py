@@ -688,11 +688,11 @@ def test_check_finite_false_skips_checks_and_stores_as_given(rng, kwargs):
     assert len(off) == len(on) + 1
     out = off.attend(q).reshape(H, G, q.shape[1], d)
     assert np.isnan(out[1]).all() and np.isfinite(out[0]).all()
+    big = k[:, :1] * np.float32(1e5)  # norms beyond float16: inf norms when unchecked
+    with pytest.raises(ValueError, match="beyond float16"):
+        on.append(big, v[:, :1])
+    off.append(big, v[:, :1])
     if kwargs.get("residual_bits", "auto") is not None:  # quantized as they arrive
-        big = k[:, :1] * np.float32(1e5)  # norms beyond float16: inf norms when unchecked
-        with pytest.raises(ValueError, match="beyond float16"):
-            on.append(big, v[:, :1])
-        off.append(big, v[:, :1])
         assert not np.isfinite(off.attend(q)).all()
 
 
@@ -701,8 +701,9 @@ def test_check_finite_false_skips_checks_and_stores_as_given(rng, kwargs):
 def test_refused_decode_appends_store_nothing(rng, kwargs):
     """Decode steps check the input and every norm with one synchronization, after the new
     tokens are quantized but before they count: a refused step — NaN keys, Inf values,
-    norms beyond float16, at a block boundary or not — leaves the cache answering exactly
-    as before, and the next good tokens land as if the refused ones had never come."""
+    norms beyond float16 (into a float32 window too), at a block boundary or not — leaves
+    the cache answering exactly as before, and the next good tokens land as if the refused
+    ones had never come."""
     d, t = 32, 120
     k, v, q, _ = planted(rng, d, t + 16)
     kw = dict(residual_tokens=16, offset_tokens=32, block_tokens=8) | kwargs
@@ -717,8 +718,8 @@ def test_refused_decode_appends_store_nothing(rng, kwargs):
         before = cache.attend(q)
         cases = [(nan_k, v[:, t + i:t + i + 1], "keys contains NaN or Inf"),
                  (k[:, t + i:t + i + 1], inf_v, "values contains NaN or Inf")]
-        if kwargs.get("residual_bits", "auto") is not None:  # quantized as they come
-            cases.append((big, v[:, t + i:t + i + 1], "beyond float16"))
+        cases.append((big, v[:, t + i:t + i + 1], "beyond float16"))
+        cases.append((k[:, t + i:t + i + 1], big, "values have vector norms .* beyond float16"))
         for bad_k, bad_v, msg in cases:
             with pytest.raises(ValueError, match=msg):
                 cache.append(bad_k, bad_v)
@@ -729,3 +730,107 @@ def test_refused_decode_appends_store_nothing(rng, kwargs):
         assert np.array_equal(cache.attend(q), clean.attend(q))
         assert np.array_equal(cache.scores(q), clean.scores(q))
     assert cache.compressed_tokens == clean.compressed_tokens > t - 16
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(residual_bits=None), dict(key_mode="prod"),
+                                    dict(residual_bits=None, key_scales=np.full((H, 32), 2.0))])
+@pytest.mark.parametrize("tier", ["pending", "window", "base"])
+def test_overflow_is_refused_on_its_own_append(rng, kwargs, tier):
+    """A finite token whose norms exceed float16 is refused by the append that brings it,
+    whichever tier it would enter — held pending, a float32 or quantized window, or the base
+    tier at once — and later valid appends go on (they were jammed, or wiped tokens)."""
+    d = 32
+    k, v, q, _ = planted(rng, d, 200)
+    kw = dict(residual_tokens=8, offset_tokens=32, sink_tokens=2) | kwargs
+    cache, clean = rotorq.KVCache(H, d, **kw), rotorq.KVCache(H, d, **kw)
+    first = {"pending": 10, "window": 100, "base": 100}[tier]
+    for c in (cache, clean):
+        c.append(k[:, :first], v[:, :first])
+    n = 1 if tier != "base" else 40  # 40 tokens: most go straight to the base tier
+    for scaled in ("keys", "values"):
+        bad_k, bad_v = k[:, first:first + n].copy(), v[:, first:first + n].copy()
+        (bad_k if scaled == "keys" else bad_v)[1, 0] *= np.float32(3e4)  # norm ~1e5..1e6
+        with pytest.raises(ValueError, match=f"{scaled} have vector norms up to .* beyond "
+                                             "float16's range") as err:
+            cache.append(bad_k, bad_v)
+        assert "norm_dtype" not in str(err.value)
+        assert (len(cache), cache.nbytes) == (first, clean.nbytes)
+    for a in range(first, 200, 7):  # every later valid append lands
+        for c in (cache, clean):
+            c.append(k[:, a:a + 7], v[:, a:a + 7])
+    assert len(cache) == 200 and cache.compressed_tokens > 0
+    np.testing.assert_array_equal(cache.attend(q), clean.attend(q))
+
+
+def test_large_finite_values_are_not_called_non_finite(rng):
+    """Finite values of 3e38 (norms past float32) are refused for their size, not as NaN or
+    Inf; sinks keep what float32 holds."""
+    d = 32
+    k, v, _, _ = planted(rng, d, 100)
+    for kw in (dict(), dict(residual_bits=None)):
+        cache = rotorq.KVCache(H, d, offset_tokens=16, **kw)
+        cache.append(k[:, :50], v[:, :50])
+        for big_k, big_v in ((np.full_like(k[:, :1], 3e38), v[:, :1]),
+                             (k[:, :1], np.full_like(v[:, :1], -3e38))):
+            with pytest.raises(ValueError, match="beyond float16's range") as err:
+                cache.append(big_k, big_v)
+            assert "NaN" not in str(err.value) and "norm_dtype" not in str(err.value)
+        pending = rotorq.KVCache(H, d, offset_tokens=16, **kw)
+        pending.append(k[:, :3], v[:, :3])
+        with pytest.raises(ValueError, match=r"keys have vector norms up to 1.7e\+39"):
+            pending.append(np.full_like(k[:, :1], 3e38), v[:, :1])
+    sinks = rotorq.KVCache(H, d, sink_tokens=2, offset_tokens=16)
+    sinks.append(np.full_like(k[:, :1], 3e38), v[:, :1])  # a sink: kept as it comes
+    assert len(sinks) == 1
+
+
+def test_empty_queries_give_empty_results(rng):
+    """Queries with 0 heads or 0 queries per head: empty results (numpy-style), as scores."""
+    d = 32
+    k, v, _, _ = planted(rng, d, 60)
+    cache = rotorq.KVCache(H, d, residual_tokens=8, offset_tokens=16)
+    cache.append(k, v)
+    for shape, want in (((0, d), (0, d)), ((0, 3, d), (0, 3, d)), ((4, 0, d), (4, 0, d))):
+        q = np.zeros(shape, np.float32)
+        out = cache.attend(q)
+        assert out.shape == want and out.dtype == np.float32
+        assert cache.scores(q).shape == want[:-1] + (60,)
+    assert cache.attend(np.zeros((4, 0, d)), causal=True).shape == (4, 0, d)
+    batched = rotorq.KVCache(H, d)
+    batched.append(k[None].repeat(2, 0), v[None].repeat(2, 0))
+    assert batched.attend(np.zeros((2, 0, d), np.float32)).shape == (2, 0, d)
+
+
+@pytest.mark.parametrize("seed", [True, False, np.bool_(True), 1.5, "0", None])
+def test_seed_must_be_an_int(seed):
+    with pytest.raises(TypeError, match="seed must be an int"):
+        rotorq.KVCache(H, 32, seed=seed)
+
+
+def test_streaming_and_prefill_differ_only_where_documented(rng):
+    """The docs promise identical caches for any chunking, except: automatic outlier
+    channels come from the tokens held when the pending phase ends, and a dense rotation
+    rounds per row count (attention then agrees to float32 rounding)."""
+    d, t = 32, 120
+    k, v, q, _ = planted(rng, d, t, n_out=3, factor=6.0)
+    kw = dict(residual_tokens=8, offset_tokens=16, sink_tokens=1)
+
+    def both(**extra):
+        prefill = rotorq.KVCache(H, d, **kw, **extra)
+        prefill.append(k, v)
+        streamed = rotorq.KVCache(H, d, **kw, **extra)
+        for i in range(t):
+            streamed.append(k[:, i:i + 1], v[:, i:i + 1])
+        return prefill, streamed
+
+    for rotation in ("hadamard", "rotor"):
+        prefill, streamed = both(rotation=rotation, outlier_channels=np.array([0, 3, 7]))
+        np.testing.assert_array_equal(streamed.attend(q), prefill.attend(q))
+    prefill, streamed = both(rotation="dense")
+    np.testing.assert_allclose(streamed.attend(q), prefill.attend(q), rtol=1e-3, atol=1e-3)
+    prefill, streamed = both(outlier_channels=3)
+    for cache, n_seen in ((prefill, t), (streamed, 1 + 16)):
+        first = np.arange(1, n_seen)  # the tokens after the sink held when the fit came
+        rms = np.sqrt((v[:, first] ** 2).mean(axis=1))
+        want = np.sort(np.argsort(-rms, axis=1, kind="stable")[:, :3], axis=1)
+        np.testing.assert_array_equal(cache.value_outlier_channels, want)
