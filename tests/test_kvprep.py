@@ -1,4 +1,4 @@
-"""rotorq.kvprep: exactness of the key transforms, optimality of the scales, bit budgets."""
+"""rotorq.kv.prep: exactness of the key transforms, optimality of the scales, bit budgets."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import rotorq
-from rotorq.kvprep import KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate, rope, unrope
+from rotorq.kv.prep import KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate, rope, unrope
 
 
 def softmax(s):
@@ -243,3 +243,13 @@ def test_bits_per_coordinate_counts_full_tokens_and_side_info():
     assert split - base == pytest.approx(0.25)
     with pytest.raises(ValueError):
         kv_bits_per_coordinate(t, d, 3, 3, full_tokens=t + 1)
+
+
+def test_old_module_name_still_imports():
+    """``rotorq.kvprep`` (the module's old name) gives the same functions."""
+    import rotorq.kv.prep
+    import rotorq.kvprep
+    for name in rotorq.kvprep.__all__:
+        assert getattr(rotorq.kvprep, name) is getattr(rotorq.kv.prep, name)
+    from rotorq.kvcache import KVCache
+    assert KVCache is rotorq.KVCache

@@ -77,6 +77,21 @@ def scores(state, exact, q):
     return xp.concatenate([se[:, :, :n_s], comp, se[:, :, n_s:]], axis=2).astype(xp.float32)
 
 
+def fused_arguments(state, q, scale, n_q, offset):
+    """The backend's ``decode_attention`` call for the base tier of ``state``: ``(args,
+    kwargs)`` — rotated queries, key parts, value parts, tokens, ``n_q``, causal offset;
+    the RoPE-aware offset's key bias and the codes' layout (query rows ``q`` (BH, R, d),
+    row ``r`` sees tokens up to ``r % n_q + offset`` of the whole cache)."""
+    xp, frame, base = state.setup.xp, state.frame, state.base
+    bias = None
+    if frame.freqs is not None:
+        bias = (*frame.bias_coefficients(q * np.float32(scale)), frame.freqs,
+                state.sinks.count)
+    args = (tuple(rotated_queries(state, q, scale)), base.keys.kernel_keys(xp),
+            base.values.kernel_values(xp), base.count, n_q, offset - state.sinks.count)
+    return args, {"key_bias": bias, "layout": base.layout}
+
+
 def attend(state, exact, q, scale, n_q, offset, causal):
     """Softmax attention of query rows ``q`` (BH, R, d) over every token: (BH, R, d)
     float32 (``offset``, ``causal``: row ``r`` sees tokens ``0 … r % n_q + offset`` when
@@ -89,14 +104,8 @@ def attend(state, exact, q, scale, n_q, offset, causal):
     rows = exact.rows(state)
     partial = None
     if c:  # base tier: fused kernel → (acc, m, l), acc in the value rotations' domains
-        bias = None
-        if frame.freqs is not None:
-            bias = (*frame.bias_coefficients(q * np.float32(scale)), frame.freqs,
-                    state.sinks.count)
-        accs, m_c, l_c = be.decode_attention(
-            tuple(rotated_queries(state, q, scale)), base.keys.kernel_keys(xp),
-            base.values.kernel_values(xp), c, n_q, offset - state.sinks.count,
-            key_bias=bias, layout=base.layout)
+        args, kwargs = fused_arguments(state, q, scale, n_q, offset)
+        accs, m_c, l_c = be.decode_attention(*args, **kwargs)
         pieces = [be.unrotate(a.reshape(n_bh * n_rows, -1), p.tq.rotation)
                   .reshape(n_bh, n_rows, p.dim) for a, p in zip(accs, base.values.parts,
                                                                  strict=True)]
