@@ -76,8 +76,9 @@ class KVCache:
         longer first append (without ``key_offset``: the first append) — so streams and
         prefills may choose different channels: give them as an array for identical
         caches. With ``rotation="dense"`` a matrix product rounds differently for
-        different numbers of rows (BLAS), so a code at a rounding boundary may differ and
-        attention agrees to float32 rounding (about 1e-4 relative) instead of exactly.
+        different numbers of rows (BLAS), so a coordinate at a rounding boundary may get
+        the neighbouring code: attention agrees closely (to about 1e-3) but not bit for
+        bit.
     residual_bits : int, "auto" or None
         Bits of the window tokens: they are quantized at ``residual_bits`` (MSE mode, own
         rotations) and, when they leave the window, re-quantized to the base bits *from
@@ -105,8 +106,9 @@ class KVCache:
         exact: the queries are divided by ``s``.
     outlier_channels : int or array of int
         ``k > 0``: the ``k`` channels of largest RMS per KV head (of the prepared keys, of
-        the values), chosen separately for keys and values when the cache starts
-        compressing, get their own quantizers at ``outlier_bits``. An array ``(k,)`` or
+        the values), chosen separately for keys and values from the tokens after the sinks
+        held when the pending phase ends (see ``residual_tokens``), get their own
+        quantizers at ``outlier_bits``. An array ``(k,)`` or
         ``(num_kv_heads, k)`` gives the channels explicitly. ``0``: no split.
     outlier_bits : int, optional
         Bits of the outlier parts (keys and values); default: base bits + 1 (max 8).
