@@ -130,9 +130,8 @@ class Codes:
             buffers.append(bufs)
             at = start + self.count
             if tiled:
-                tiq = part.tq
                 tiles.store(xp, bufs["codes"], bufs["norms"], arrays["codes"], arrays["norms"],
-                            at, part.kind, tiq.stored_dim, tiq.mse_bits)
+                            at, part.kind, part.tq.stored_dim, part.tq.mse_bits)
             else:
                 for name, arr in arrays.items():
                     bufs[name][:, at:at + n_tok] = arr
