@@ -2,10 +2,9 @@
 
 Each kernel is compiled by Numba once per argument signature and device
 (:func:`numba.cuda.compile_ptx`, types from :func:`rotorq.cuda._jit.kernel_signature`). The PTX
-is loaded with the CUDA driver through cupy and launched with a single packed parameter
-buffer (``CU_LAUNCH_PARAM_BUFFER_POINTER``), skipping Numba's generic dispatcher, which costs
-25–190 µs per launch on an H100 (PERFORMANCE.md). Set ``ROTORQ_CUDA_LAUNCH=numba`` to launch
-through Numba's dispatcher instead (slower; a cross-check).
+is loaded with the CUDA driver through cupy (one module per kernel, argument types and
+device) and launched with a single packed parameter buffer (``CU_LAUNCH_PARAM_BUFFER_POINTER``),
+skipping Numba's generic dispatcher and its per-launch host cost (docs/gpu.md).
 
 Numba's kernel ABI flattens a C-contiguous array argument into
 ``(meminfo, parent, nitems, itemsize, data, shape…, strides…)``, all 64-bit; scalars travel
@@ -27,11 +26,8 @@ import numpy as np
 from cupy.cuda import driver
 from numba import cuda, types
 
+from .. import config
 from ._jit import kernel_signature
-
-ROUTE = os.environ.get("ROTORQ_CUDA_LAUNCH", "ptx")
-if ROUTE not in ("ptx", "numba"):
-    raise ValueError(f"ROTORQ_CUDA_LAUNCH must be 'ptx' or 'numba', got {ROUTE!r}")
 
 SHARED_LIMIT = 48 * 1024
 """Dynamic shared memory a block may use without opting in to more."""
@@ -83,20 +79,17 @@ _SOURCES = None
 
 def _cache_path(kern, sig, cc):
     """File of ``kern``'s PTX in the PTX cache (None when disabled): keyed by the
-    generated source of :mod:`rotorq.cuda.fast` kernels, else by every source file of this
+    generated source of :mod:`rotorq.cuda.gen` kernels, else by every source file of this
     package, plus the signature, the compute capability, the numba-cuda version and the
     compile options (launch bounds: one source may be compiled under several).
 
-    The cache is ``$ROTORQ_PTX_CACHE``, by default ``$XDG_CACHE_HOME/rotorq/ptx`` (or
-    ``~/.cache/rotorq/ptx``); ``ROTORQ_PTX_CACHE=""`` disables it. The generated kernels take
-    tens of seconds (quantize: minutes) to compile, once per shape and machine."""
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                           "rotorq", "ptx")
-    root = os.environ.get("ROTORQ_PTX_CACHE", default)
-    if not root:
+    The cache directory is :func:`rotorq.config.ptx_cache_dir` (``$ROTORQ_PTX_CACHE``). The
+    generated kernels take seconds to compile, once per shape and machine."""
+    root = config.ptx_cache_dir()
+    if root is None:
         return None
     global _SOURCES
-    ident = getattr(kern, "rotorq_source", None)
+    ident = getattr(kern, "source", None)
     if ident is None:
         if _SOURCES is None:
             here = os.path.dirname(os.path.abspath(__file__))
@@ -116,17 +109,16 @@ def _cache_path(kern, sig, cc):
 
 
 def _options(kern):
-    """Extra :func:`numba.cuda.compile_ptx` options of a kernel: ``launch_bounds`` (the
-    kernels of :mod:`rotorq.cuda.tiled` cap their registers this way)."""
+    """Extra :func:`numba.cuda.compile_ptx` options of a kernel: ``launch_bounds`` (generated
+    kernels cap their registers this way)."""
     bounds = getattr(kern, "launch_bounds", None)
     return {"launch_bounds": bounds} if bounds else {}
 
 
 def compile_ptx(kern, sig, cc):
     """PTX of ``kern`` for the Numba types ``sig`` and compute capability ``cc``, through the
-    on-disk cache of :func:`_cache_path` (the generated kernels of
-    :mod:`rotorq.cuda.fast` take tens of seconds to compile). Cached PTX declares ISA 8.0 (what
-    sm_90 needs) so that PTX from a newer NVVM loads on an older driver."""
+    on-disk cache of :func:`_cache_path`. Cached PTX declares ISA 8.0 (what sm_90 needs) so
+    that PTX from a newer NVVM loads on an older driver."""
     path = _cache_path(kern, sig, cc)
     if path and os.path.exists(path):
         with open(path) as f:
@@ -151,8 +143,7 @@ def _compile(kern, args, device_id):
     expected = sum(5 + 2 * t.ndim if isinstance(t, types.Array) else 1 for t in sig)
     if len(params) != expected or any(p[1:] != "64" for p in params):
         raise RuntimeError(
-            f"{kern.__name__}: unexpected PTX parameters {params} for {sig}; "
-            "set ROTORQ_CUDA_LAUNCH=numba")
+            f"{kern.__name__}: unexpected PTX parameters {params} for {sig}")
     with cp.cuda.Device(device_id):
         try:
             module = driver.moduleLoadData(ptx.encode() + b"\0")
@@ -174,7 +165,7 @@ _TAIL = (_PARAM_BUFFER_POINTER, 0, _PARAM_BUFFER_SIZE, 0, _PARAM_END)
 class View:
     """The C-contiguous cupy array ``base`` seen as ``dtype`` with ``shape``, as a kernel
     argument only: :func:`launch` packs it directly, where ``base.view(dtype).reshape(shape)``
-    would build two cupy arrays (1.2–1.5 µs of host time each).
+    would build two cupy arrays (host time each).
 
     Parameters
     ----------
@@ -213,7 +204,7 @@ class View:
         self.itemsize, self.strides, self.size = itemsize, strides, size
 
     def array(self):
-        """The same as a cupy array (Numba's launch route needs one)."""
+        """The same as a cupy array."""
         return self.base.view(self.dtype).reshape(self.shape)
 
 
@@ -338,8 +329,6 @@ class Prepared:
                  "words")
 
     def __init__(self, kern, grid, block, shared, args, patch=(), device_id=None):
-        if ROUTE != "ptx":
-            raise RuntimeError("prepared launches need ROTORQ_CUDA_LAUNCH=ptx")
         types_, self.mem, self.extra = _pack(args)
         self.device_id = cp.cuda.runtime.getDevice() if device_id is None else device_id
         self.fn = _function(kern, self.device_id, types_, args)[1]
@@ -397,14 +386,6 @@ def launch(kern, grid, block, shared, args):
             cap.append((kern, grid, block, shared, args))
             return
     stream = cp.cuda.get_current_stream()
-    if ROUTE == "numba":
-        ptr = stream.ptr
-        if ptr not in _streams:
-            _streams[ptr] = cuda.external_stream(ptr) if ptr else cuda.legacy_default_stream()
-        kern[grid, block, _streams[ptr], shared](
-            *(int(a) if type(a) is bool else a.array() if type(a) is View else a
-              for a in args))
-        return
     types_, _keepalive, extra = _pack(args)  # the buffer lives until the driver copied it
     fn = _function(kern, cp.cuda.runtime.getDevice(), types_, args)
     driver.launchKernel(fn[1], grid[0], grid[1], grid[2], block[0], block[1], 1, shared,

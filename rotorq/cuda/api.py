@@ -9,31 +9,35 @@ arrays. Kernels read float16, float32 and float64 directly; bfloat16 is widened 
 """
 
 import functools
-import math
-import os
 import sys
 
 import cupy as cp
 import numpy as np
 from array_api_compat import is_torch_array
 
-from .. import _backend
 from .. import tiles as _tiles
-from . import _launch as _ln
 from . import attention as _att
 from . import bits as _bits
 from . import dequantize as _dq
-from . import fast as _fast
+from . import merge as _merge
 from . import qjl as _qjl
 from . import quantize as _q
 from . import rotate as _rot
 from . import rotor as _rotor
 from . import scores as _sc
-from . import tiled as _tiled
-from . import tiled_rotor as _trotor
 from . import wht as _wht
-from ._launch import SHARED_LIMIT, Prepared, View, current_stream, launch, torch_stream
+from ._launch import SHARED_LIMIT, View, current_stream, launch, torch_stream
 from ._threads import MAX_QUERIES, row_scratch_bytes
+from .gen import attention as _gen_att
+from .gen import key_bias as _gen_bias
+from .gen import quantize as _gen_quantize
+from .gen import quantize_rotor as _gen_rotor
+from .gen import row_tiles as _row_tiles
+from .gen import score_tiles as _score_tiles
+from .gen import scores_group as _gen_group
+from .gen import scores_one as _gen_one
+from .gen import scores_rows as _gen_rows
+from .gen import wht as _gen_wht
 
 xp = cp
 name = "cuda"
@@ -103,7 +107,7 @@ def _rows(x):
     return cp.ascontiguousarray(x)
 
 
-def _c(a):
+def _contiguous(a):
     return cp.ascontiguousarray(a)
 
 
@@ -147,21 +151,17 @@ def _score_launch(kern, out, per_query, levels, args):
            4 * (chunk * per_query + levels), args)
 
 
-FAST_THREADS = 128
-"""Threads per block of the generated kernels (:mod:`rotorq.cuda.fast`)."""
-FAST_BLOCKS_PER_SM = 16
-"""Resident blocks per SM the persistent score grid aims at."""
-FAST_MIN_ROWS = 8192
-"""Rows from which quantize uses the generated kernels (each shape compiles for tens of
-seconds once; below this size the generic kernels are as fast)."""
-FAST_MIN_KEYS = 8192
-"""Keys from which scoring uses the generated kernels."""
-TILED = os.environ.get("ROTORQ_CUDA_TILED", "1") != "0"
-"""From ``FAST_MIN_ROWS`` rows, run the WHT and the Hadamard quantize with the tiled kernels
-of :mod:`rotorq.cuda.tiled` (coalesced, shared-memory butterflies) and the rotor quantize
-with :mod:`rotorq.cuda.tiled_rotor`; ``False`` (or
-``ROTORQ_CUDA_TILED=0``): the one-row-per-thread kernels of :mod:`rotorq.cuda.fast`, kept for
-comparison."""
+GENERATED_MIN_ROWS = 8192
+"""Rows from which the WHT and quantize run the generated tiled kernels
+(:mod:`rotorq.cuda.gen.wht`, :mod:`~rotorq.cuda.gen.quantize`,
+:mod:`~rotorq.cuda.gen.quantize_rotor`) where they apply; each shape compiles once, and below
+this size the generic kernels are as fast."""
+GENERATED_MIN_KEYS = 8192
+"""Keys from which MSE scores run the generated kernels (:func:`_generated_score_kernel`)."""
+ROWS_SCORE_THREADS = 128
+"""Threads per block of the unrolled score kernel (:mod:`rotorq.cuda.gen.scores_rows`)."""
+ROWS_SCORE_BLOCKS_PER_SM = 16
+"""Resident blocks per SM the persistent grid of that kernel aims at."""
 
 
 @functools.cache
@@ -190,18 +190,18 @@ def _rows_of(a, dtype, lead):
 
 def codes_words(codes):
     """Packed code rows (…, nbytes), nbytes a multiple of 4, as uint32 words."""
-    return _c(codes).view(cp.uint32)
+    return _contiguous(codes).view(cp.uint32)
 
 
 def _words(rows):
     """Packed rows (…, nbytes) as uint32 words when whole words (fewer loads), else bytes."""
-    rows = _c(rows)
+    rows = _contiguous(rows)
     return rows.view(cp.uint32) if rows.shape[-1] % 4 == 0 else rows
 
 
 def _tiled_launch(kern, n, args):
-    """Launch a :mod:`rotorq.cuda.tiled` kernel over ``n`` rows: a persistent grid of the
-    blocks that fit on the device at once (each strides over tiles)."""
+    """Launch a tiled row kernel (:mod:`rotorq.cuda.gen.row_tiles`) over ``n`` rows: a
+    persistent grid of the blocks that fit on the device at once (each strides over tiles)."""
     tiles = -(-n // kern.rows_per_tile)
     grid = max(1, min(tiles, _sm_count() * kern.blocks_per_sm))
     launch(kern, (grid, 1, 1), (kern.threads, 1), 0, args)
@@ -213,7 +213,7 @@ def rotate(x, rot, scale=1.0):
     x = _rows(x)
     p = rot.params(cp)
     if rot.kind == "dense":
-        out = _c(x.astype(cp.float32, copy=False) @ p["matrix"].T)
+        out = _contiguous(x.astype(cp.float32, copy=False) @ p["matrix"].T)
         if scale != 1.0:
             out *= np.float32(scale)
         return out
@@ -230,10 +230,10 @@ def rotate(x, rot, scale=1.0):
 @_on_device
 def unrotate(y, rot):
     """Rotated rows ``y`` (n, D) → rows (n, d) float32."""
-    y = _c(y.astype(cp.float32, copy=False))
+    y = _contiguous(y.astype(cp.float32, copy=False))
     p = rot.params(cp)
     if rot.kind == "dense":
-        return _c(y @ p["matrix"])
+        return _contiguous(y @ p["matrix"])
     out = _empty((y.shape[0], rot.dim), cp.float32)
     if rot.kind == "hadamard":
         _row_launch(_rot.unrotate_hadamard, y.shape[0], rot.stored_dim, (y, p["signs"], out))
@@ -251,63 +251,51 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     """
     x = _rows(x)
     n = x.shape[0]
-    big_d = rot.stored_dim
-    sk = _empty((0, 1), cp.float32) if sketch is None else _c(sketch)
+    stored_dim = rot.stored_dim
+    sk = _empty((0, 1), cp.float32) if sketch is None else _contiguous(sketch)
     m = sk.shape[0]
-    nbytes = (big_d * nbits + 7) // 8
+    nbytes = (stored_dim * nbits + 7) // 8
     norms = _empty(n, cp.float32)
     signs = _empty((n, (m + 7) // 8), cp.uint8)
     qjl_norms = _empty(n, cp.float32)
     p = rot.params(cp)
-    if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
-            and _trotor.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
+    if n >= GENERATED_MIN_ROWS and x.ndim == 2 and _gen_rotor.applies(
+            rot.kind, x.shape[1], stored_dim, nbits, x.dtype, m):
         half = x.dtype == cp.float16
-        kern = _trotor.quantize_kernel(x.shape[1], int(nbits), half, bool(norm_correction))
-        whole = _empty((_trotor.padded_rows(n), nbytes), cp.uint8)  # the kernel writes whole tiles
-        _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_c(p["mats"])),
-                                _c(boundaries), _c(centroids), _flat(whole, _U32), norms))
+        kern = _gen_rotor.kernel(x.shape[1], int(nbits), half, bool(norm_correction))
+        whole = _empty((_gen_rotor.padded_rows(n), nbytes), cp.uint8)  # whole tiles written
+        _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_contiguous(p["mats"])),
+                                _contiguous(boundaries), _contiguous(centroids),
+                                _flat(whole, _U32), norms))
         qjl_norms.fill(0)
         return (whole if whole.shape[0] == n else whole[:n]), norms, signs, qjl_norms
     codes = _empty((n, nbytes), cp.uint8)
-    tail = (_c(boundaries), _c(centroids), int(nbits), int(norm_correction), sk,
-            codes, norms, signs, qjl_norms)
-    if (TILED and n >= FAST_MIN_ROWS and x.ndim == 2
-            and _tiled.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
+    tail = (_contiguous(boundaries), _contiguous(centroids), int(nbits), int(norm_correction),
+            sk, codes, norms, signs, qjl_norms)
+    if n >= GENERATED_MIN_ROWS and x.ndim == 2 and _gen_quantize.applies(
+            rot.kind, x.shape[1], stored_dim, nbits, x.dtype, m):
         half = x.dtype == cp.float16
         word_out = codes.shape[1] % 4 == 0
-        kern = _tiled.quantize_kernel(x.shape[1], big_d, int(nbits), half,
-                                      bool(norm_correction), word_out)
+        kern = _gen_quantize.kernel(x.shape[1], stored_dim, int(nbits), half,
+                                    bool(norm_correction), word_out)
         _tiled_launch(kern, n, (_flat(x, _U32 if half else None), p["signs"],
-                                _c(boundaries), _c(centroids),
+                                _contiguous(boundaries), _contiguous(centroids),
                                 _flat(codes, _U32 if word_out else None), norms))
         qjl_norms.fill(0)
         return codes, norms, signs, qjl_norms
-    if (n >= FAST_MIN_ROWS and x.ndim == 2
-            and _fast.quantize_applies(rot.kind, x.shape[1], big_d, nbits, x.dtype, m)):
-        half = x.dtype == cp.float16
-        word_out = codes.shape[1] % 4 == 0
-        kern = _fast.quantize_kernel(rot.kind, x.shape[1], big_d, int(nbits), half,
-                                     bool(norm_correction), word_out)
-        rarg = p["signs"] if rot.kind == "hadamard" else p["mats"]
-        launch(kern, (-(-n // FAST_THREADS), 1, 1), (FAST_THREADS, 1), 0,
-               (x.view(cp.uint32) if half else x, rarg, _c(boundaries), _c(centroids),
-                codes.view(cp.uint32) if word_out else codes, norms))
-        if m == 0:
-            qjl_norms.fill(0)
-        return codes, norms, signs, qjl_norms
     if rot.kind == "hadamard":
-        _row_launch(_q.quantize_hadamard, n, big_d, (x, p["signs"]) + tail)
+        _row_launch(_q.quantize_hadamard, n, stored_dim, (x, p["signs"]) + tail)
     elif rot.kind == "rotor":
-        _row_launch(_q.quantize_rotor, n, big_d, (x, p["mats"]) + tail)
+        _row_launch(_q.quantize_rotor, n, stored_dim, (x, p["mats"]) + tail)
     else:
-        _row_launch(_q.quantize_rotated, n, big_d, (rotate(x, rot),) + tail)
+        _row_launch(_q.quantize_rotated, n, stored_dim, (rotate(x, rot),) + tail)
     return codes, norms, signs, qjl_norms
 
 
 @_on_device
 def dequantize(codes, norms, rot, centroids, nbits):
     """Reconstruct rows (n, d) float32 from packed codes and norms."""
-    codes, norms, centroids = _c(codes), _c(norms), _c(centroids)
+    codes, norms, centroids = _contiguous(codes), _contiguous(norms), _contiguous(centroids)
     n = codes.shape[0]
     p = rot.params(cp)
     if rot.kind == "dense":
@@ -323,348 +311,94 @@ def dequantize(codes, norms, rot, centroids, nbits):
 
 
 @_on_device
-def dequantize_rotated(codes, norms, big_d, centroids, nbits):
+def dequantize_rotated(codes, norms, stored_dim, centroids, nbits):
     """Reconstructions in the rotated domain, (n, D) float32."""
-    codes = _c(codes)
-    out = _empty((codes.shape[0], big_d), cp.float32)
-    _row_launch(_dq.dequantize_rotated, codes.shape[0], big_d,
-                (codes, _c(norms), _c(centroids), int(nbits), out), scratch=False)
+    codes = _contiguous(codes)
+    out = _empty((codes.shape[0], stored_dim), cp.float32)
+    _row_launch(_dq.dequantize_rotated, codes.shape[0], stored_dim,
+                (codes, _contiguous(norms), _contiguous(centroids), int(nbits), out), scratch=False)
     return out
 
 
-from . import tiled_scores as _tscores  # noqa: E402
+@functools.cache
+def _generated_score_kernel(stored_dim, bits, n_m):
+    """``(kernel, query rows per z-block or 0)`` of the generated MSE score kernel for ``n_m``
+    query rows (``n_m`` up to 8; more take chunks of 8), or None where none applies.
 
-TILED_SCORES = os.environ.get("ROTORQ_CUDA_TILED_SCORES", "1") != "0"
-"""From ``FAST_MIN_KEYS`` keys, score MSE keys with the kernels of
-:mod:`rotorq.cuda.tiled_scores` (codes staged through shared memory with coalesced loads; one
-query row: lookup tables, float32 at 2 and 4 bits, float16 at 3 bits; 2–8 rows per pass:
-tensor cores; the float16 paths score within ~1e-3 of the float32 path relative to the
-largest score, :func:`rotorq.cuda.tiled_scores.tolerance`); ``False`` (or
-``ROTORQ_CUDA_TILED_SCORES=0``): the kernels of :mod:`rotorq.cuda.fast`, kept for comparison."""
+    The tiled kernels (:mod:`rotorq.cuda.gen.score_tiles`: codes staged through shared memory
+    with coalesced loads; one query row: lookup tables, float32 at 2 and 4 bits, float16 at 3
+    bits; 2–8 rows per pass: tensor cores; float16 paths score within ~1e-3 of the float32
+    path relative to the largest score, :func:`~rotorq.cuda.gen.score_tiles.tolerance`) take
+    every shape they apply to: they are the faster where both apply (benchmarks/RESULTS.md,
+    the "GPU kernels" sections: the "(fast.py, untiled)" rows are the unrolled kernel). The
+    unrolled one-key-per-thread kernel (:mod:`rotorq.cuda.gen.scores_rows`) takes the other
+    MSE shapes it applies to (1-bit codes; 2–8 rows where ``D·bits`` is not a multiple of 128,
+    e.g. D = 64 at 3 bits), where it is faster than the generic kernel of
+    :mod:`rotorq.cuda.scores`."""
+    if _score_tiles.applies(stored_dim, bits, n_m):
+        if n_m == 1:
+            return _gen_one.kernel(stored_dim, bits), 1
+        return _gen_group.kernel(stored_dim, bits), _score_tiles.MAX_ROWS
+    queries = _gen_rows.score_queries(stored_dim, bits, n_m)
+    if queries:
+        return _gen_rows.kernel(stored_dim, bits, queries), queries
+    return None
 
 
-def _tiled_scores(qrot, qmap, codes, norms, kmap, centroids, nbits, out):
-    """Launch :mod:`rotorq.cuda.tiled_scores` on a persistent grid (blocks stride over tiles)."""
+def _generated_scores(kern, per_z, qrot, qmap, codes, norms, kmap, centroids, out):
+    """Launch a generated score kernel on a persistent grid (blocks stride over key tiles)."""
     n_b, n_m, n_keys = out.shape
-    big_d = qrot.shape[2]
-    if n_m == 1:
-        kern, chunks = _tscores.one_query_kernel(big_d, nbits), 1
-    else:
-        kern, chunks = _tscores.group_kernel(big_d, nbits), -(-n_m // _tscores.MAX_ROWS)
-    tiles = -(-n_keys // kern.keys_per_tile)
-    gx = max(1, min(tiles, _sm_count() * kern.launch_bounds[1] // max(1, n_b * chunks)))
-    launch(kern, (gx, min(n_b, MAX_GRID_YZ), chunks), (kern.threads, 1), 0,
-           (qrot, _c(qmap), _flat(_c(codes), _U32), _c(norms), _c(kmap), _c(centroids), out))
+    chunks = -(-n_m // per_z)
+    if isinstance(kern.spec, _gen_rows.ScoresRowsSpec):  # codes as (Bk, N, W) words
+        threads, per_sm = ROWS_SCORE_THREADS, ROWS_SCORE_BLOCKS_PER_SM
+        per_block = threads * kern.keys_per_thread
+        words = codes_words(codes)
+    else:  # tiled: the codes as one flat array of words
+        per_block, threads, per_sm = kern.keys_per_tile, kern.threads, kern.launch_bounds[1]
+        words = _flat(_contiguous(codes), _U32)
+    tiles = -(-n_keys // per_block)
+    gx = max(1, min(tiles, _sm_count() * per_sm // max(1, n_b * chunks)))
+    launch(kern, (gx, min(n_b, MAX_GRID_YZ), chunks), (threads, 1), 0,
+           (qrot, _contiguous(qmap), words, _contiguous(norms), _contiguous(kmap),
+            _contiguous(centroids), out))
 
 
 @_on_device
 def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits,
            qjl_scale):
     """Scores (B, M, N) of rotated queries (Bq, M, D) against packed keys (Bk, N, ·)."""
-    qrot = _c(qrot.astype(cp.float32, copy=False))
+    qrot = _contiguous(qrot.astype(cp.float32, copy=False))
     out = _empty((qmap.shape[0], qrot.shape[1], codes.shape[1]), cp.float32)
     head = (qrot,)
-    keys = (_c(qmap), _words(codes), _c(norms))
-    tail = (_c(kmap), _c(centroids), int(nbits))
+    keys = (_contiguous(qmap), _words(codes), _contiguous(norms))
+    tail = (_contiguous(kmap), _contiguous(centroids), int(nbits))
     levels = centroids.shape[0]
-    n_b, n_m, n_keys = out.shape
+    _, n_m, n_keys = out.shape
     words_ok = (codes.shape[-1] % 4 == 0 and codes.shape[-1] * 8 == qrot.shape[2] * int(nbits))
-    if (TILED_SCORES and qsketch is None and n_keys >= FAST_MIN_KEYS and words_ok
-            and _tscores.applies(qrot.shape[2], int(nbits), n_m)):
-        if out.size:
-            _tiled_scores(qrot, qmap, codes, norms, kmap, centroids, int(nbits), out)
-        return out
-    queries = _fast.score_queries(qrot.shape[2], int(nbits), n_m) if qsketch is None else 0
-    if queries and n_keys >= FAST_MIN_KEYS and words_ok:
-        if out.size:
-            kern = _fast.score_kernel(qrot.shape[2], int(nbits), queries)
-            chunks = -(-n_m // queries)
-            per_block = FAST_THREADS * kern.keys_per_thread
-            tiles = -(-n_keys // per_block)
-            gx = max(1, min(tiles, _sm_count() * FAST_BLOCKS_PER_SM // max(1, n_b * chunks)))
-            launch(kern, (gx, min(n_b, MAX_GRID_YZ), chunks), (FAST_THREADS, 1), 0,
-                   head + (keys[0], codes_words(codes), keys[2]) + tail[:2] + (out,))
-        return out
+    if qsketch is None and n_keys >= GENERATED_MIN_KEYS and words_ok:
+        chosen = _generated_score_kernel(qrot.shape[2], int(nbits), min(n_m, 8))
+        if chosen is not None:
+            if out.size:
+                _generated_scores(*chosen, qrot, qmap, codes, norms, kmap, centroids, out)
+            return out
     if qsketch is None:
         _score_launch(_sc.scores_mse, out, qrot.shape[2], levels, head + keys + tail + (out,))
     else:
-        qsketch = _c(qsketch.astype(cp.float32, copy=False))
+        qsketch = _contiguous(qsketch.astype(cp.float32, copy=False))
         _score_launch(_sc.scores_prod, out, qrot.shape[2] + qsketch.shape[2], levels,
-                      (qrot, qsketch) + keys + (_words(signs), _c(qjl_norms)) + tail
+                      (qrot, qsketch) + keys + (_words(signs), _contiguous(qjl_norms)) + tail
                       + (float(qjl_scale), out))
     return out
 
 
-def _bind(launches, variables, device_id):
-    """:class:`~rotorq.cuda._launch.Prepared` launches of ``launches`` (from
-    :func:`~rotorq.cuda._launch.capture`): each array argument whose data pointer is that of
-    one of ``variables`` is patched per call. Returns ``[(prepared, indices into variables),
-    …]``."""
-    where = {v.data.ptr: i for i, v in enumerate(variables) if v.size}
-    bound, seen = [], set()
-    for kern, grid, block, shared, args in launches:
-        patch, which = [], []
-        for j, a in enumerate(args):
-            t = type(a)
-            if t is cp.ndarray or t is View:
-                i = where.get((a.base if t is View else a).data.ptr)
-                if i is not None:
-                    patch.append(j)
-                    which.append(i)
-        seen.update(which)
-        bound.append((Prepared(kern, grid, block, shared, args, patch, device_id), tuple(which)))
-    if bound and len(seen) != len(where):
-        raise RuntimeError("prepared call: an array of the call does not reach its kernels in "
-                           "place (converted or copied)")
-    return bound
-
-
-def _run(bound, stream_ptr, ptrs):
-    for prep, which in bound:
-        prep(stream_ptr, *[ptrs[i] for i in which])
-
-
-def _mismatch(x, name, framework, device_id, shape, dtype):
-    _backend.prepared_mismatch(x, name, _backend.Origin(framework, "cuda", device_id), shape,
-                               dtype, True)
-
-
-def _on_device_call(device_id, fn, *args):
-    """``fn(stream pointer, *args)`` on ``device_id`` and the stream :func:`_on_device` runs
-    backend functions on."""
-    if device_id != cp.cuda.runtime.getDevice():
-        with cp.cuda.Device(device_id):
-            stream = current_stream(device_id)
-            with stream:
-                return fn(stream.ptr, *args)
-    stream = torch_stream(device_id)
-    if stream is None:
-        return fn(cp.cuda.get_current_stream().ptr, *args)
-    with stream:
-        return fn(stream.ptr, *args)
-
-
 _F32 = np.dtype(np.float32)
-
-
-class ScoresPlan:
-    """:func:`scores` prepared for fixed keys and a fixed query shape: the checks, the choice
-    of kernel and the packing of its arguments are done once; a call patches the query and
-    output pointers into the packed arguments and launches.
-
-    Parameters
-    ----------
-    qrot, qsketch : cupy.ndarray
-        Examples of the rotated (and, in prod mode, sketched; else None) queries: only their
-        shape, dtype and device count.
-    qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits, qjl_scale
-        As :func:`scores`; they must not change while the plan is used (``norms`` of
-        another dtype or layout are converted once, here).
-
-    Notes
-    -----
-    Calls on one device. The kernel and launch geometry are the ones :func:`scores` chooses
-    (it runs once without launching, :func:`rotorq.cuda._launch.capture`), so the results
-    are the same. With ``ROTORQ_CUDA_LAUNCH=numba`` a call runs :func:`scores`.
-
-    Examples
-    --------
-    Score new rotated queries of the same shape (needs a GPU)::
-
-        plan = ScoresPlan(qrot, None, qmap, codes, norms, None, None, kmap, cent, 3, 0.0)
-        out = plan(qrot2)            # == scores(qrot2, None, qmap, codes, …)
-        plan(qrot3, out=out)         # into a preallocated (B, M, N) float32 array
-    """
-
-    def __init__(self, qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
-                 nbits, qjl_scale):
-        self.device_id = dev = qrot.device.id
-        self.qrot_spec = (tuple(qrot.shape), qrot.dtype)
-        self.qsketch_spec = None if qsketch is None else (tuple(qsketch.shape), qsketch.dtype)
-        self._keys = (qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits, qjl_scale)
-        with cp.cuda.Device(dev):
-            t_q = cp.empty(qrot.shape, cp.float32)
-            t_s = None if qsketch is None else cp.empty(qsketch.shape, cp.float32)
-            with _ln.capture() as launches:
-                t_out = scores(t_q, t_s, *self._keys)
-            self.out_shape = tuple(t_out.shape)
-            variables = (t_q, t_out) if t_s is None else (t_q, t_s, t_out)
-            self._launches = _bind(launches, variables, dev) if _ln.ROUTE == "ptx" else None
-
-    def _operand(self, x, spec, name):
-        shape, dtype = spec
-        if (type(x) is not cp.ndarray or x.shape != shape or x.dtype != dtype
-                or not x._c_contiguous or x.data.device_id != self.device_id):
-            _mismatch(x, name, "cupy", self.device_id, shape, dtype)
-        return x
-
-    def __call__(self, qrot, qsketch=None, out=None):
-        """Scores (B, M, N) float32 of ``qrot`` (and ``qsketch``), as :func:`scores`; into
-        ``out`` when given (C-contiguous float32 of that shape on the plan's device).
-
-        Raises
-        ------
-        TypeError, ValueError
-            An array of another framework, device, shape, dtype or not C-contiguous.
-        """
-        self._operand(qrot, self.qrot_spec, "qrot")
-        if self.qsketch_spec is not None:
-            self._operand(qsketch, self.qsketch_spec, "qsketch")
-        elif qsketch is not None:
-            raise ValueError("qsketch: the plan was prepared without a sketch (MSE scores)")
-        if out is not None:
-            self._operand(out, (self.out_shape, _F32), "out")
-        return _on_device_call(self.device_id, self._call, qrot, qsketch, out)
-
-    def _call(self, stream_ptr, qrot, qsketch, out):
-        if self._launches is None:
-            res = scores(qrot, qsketch, *self._keys)
-            if out is None:
-                return res
-            out[...] = res
-            return out
-        if qrot.dtype != _F32:
-            qrot = _c(qrot.astype(cp.float32))
-        if out is None:
-            out = _empty(self.out_shape, cp.float32)
-        if qsketch is None:
-            _run(self._launches, stream_ptr, (qrot.data.ptr, out.data.ptr))
-        else:
-            if qsketch.dtype != _F32:
-                qsketch = _c(qsketch.astype(cp.float32))
-            _run(self._launches, stream_ptr, (qrot.data.ptr, qsketch.data.ptr, out.data.ptr))
-        return out
-
-
-class QueryScoresPlan:
-    """TurboQuant scores of raw queries, prepared (the GPU side of
-    :meth:`rotorq.TurboQuant.prepare_scores`): the rotation of the queries is a prepared
-    launch of the kernel :func:`rotate` uses (the dense rotation stays a matrix product), the
-    prod mode's sketch a matrix product, and the scores a :class:`ScoresPlan`.
-
-    Parameters
-    ----------
-    queries : cupy.ndarray or torch.Tensor
-        Example of the queries (…, m, d) on the device: its framework, shape, dtype and
-        device are those of every call.
-    rows : cupy.ndarray
-        ``queries`` as :func:`view` sees it.
-    rot : rotorq.rotation.Rotation
-        The quantizer's rotation.
-    sketch : cupy.ndarray or None
-        The QJL matrix (m, D) in prod mode.
-    qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits, qjl_scale
-        As :func:`scores` (keys flattened to (Bk, N, ·)).
-    out_shape : tuple of int
-        Shape of the scores returned, ``(…, m, N)``.
-
-    Notes
-    -----
-    The rotated queries go to a buffer per stream that every call reuses.
-    """
-
-    def __init__(self, queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms, kmap,
-                 centroids, nbits, qjl_scale, out_shape):
-        self.device_id = dev = rows.device.id
-        self.shape, self.dtype = tuple(queries.shape), queries.dtype
-        self._torch = sys.modules["torch"] if is_torch_array(queries) else None
-        self._widen = self._torch is not None and queries.dtype == self._torch.bfloat16
-        if self._torch is not None:
-            self._tdevice = queries.device
-        self.out_shape = tuple(out_shape)
-        self._rot = rot
-        dim = self.shape[-1]
-        n_rows = math.prod(self.shape[:-1])
-        self._qrot_shape = (math.prod(self.shape[:-2]), self.shape[-2], rot.stored_dim)
-        self._sketch_t = None if sketch is None else sketch.T
-        self._scratch: dict = {}
-        with cp.cuda.Device(dev):
-            self._rotation = None
-            if rot.kind != "dense" and _ln.ROUTE == "ptx":
-                t_rows = cp.empty((n_rows, dim), rows.dtype)
-                with _ln.capture() as launches:
-                    t_rot = rotate(t_rows, rot)
-                self._rotation = _bind(launches, (t_rows, t_rot), dev)
-            t_qrot = cp.empty(self._qrot_shape, cp.float32)
-            t_qsk = None if sketch is None else cp.empty(self._qrot_shape[:2] + sketch.shape[:1],
-                                                         cp.float32)
-            self._scores = ScoresPlan(t_qrot, t_qsk, qmap, codes, norms, signs, qjl_norms,
-                                      kmap, centroids, nbits, qjl_scale)
-
-    def __call__(self, queries, out=None):
-        """Scores ``(…, m, N)`` float32 of ``queries`` in their framework, as
-        :meth:`rotorq.TurboQuant.scores`; into ``out`` when given (C-contiguous float32 of
-        that shape, same framework and device).
-
-        Raises
-        ------
-        TypeError, ValueError
-            An array of another framework, device, shape, dtype or not C-contiguous.
-        """
-        torch, dev = self._torch, self.device_id
-        if torch is None:
-            if (type(queries) is not cp.ndarray or queries.shape != self.shape
-                    or queries.dtype != self.dtype or not queries._c_contiguous
-                    or queries.data.device_id != dev):
-                _mismatch(queries, "queries", "cupy", dev, self.shape, self.dtype)
-            if out is not None and (type(out) is not cp.ndarray or out.shape != self.out_shape
-                                    or out.dtype != _F32 or not out._c_contiguous
-                                    or out.data.device_id != dev):
-                _mismatch(out, "out", "cupy", dev, self.out_shape, _F32)
-            return _on_device_call(dev, self._call, queries, queries.data.ptr, out)
-        if (not isinstance(queries, torch.Tensor) or queries.shape != self.shape
-                or queries.dtype != self.dtype or not queries.is_contiguous()
-                or queries.get_device() != dev):
-            _mismatch(queries, "queries", "torch", dev, self.shape, self.dtype)
-        if out is not None and (not isinstance(out, torch.Tensor) or out.shape != self.out_shape
-                                or out.dtype != torch.float32 or not out.is_contiguous()
-                                or out.get_device() != dev):
-            _mismatch(out, "out", "torch", dev, self.out_shape, torch.float32)
-        if self._widen:  # widened to float32 in the call's stream
-            return _on_device_call(dev, self._call, queries, None, out)
-        return _on_device_call(dev, self._call, queries, queries.data_ptr(), out)
-
-    def _call(self, stream_ptr, queries, qptr, out):
-        torch = self._torch
-        if qptr is None:
-            queries = view(queries)
-            qptr = queries.data.ptr
-        if out is None:
-            out = (_empty(self.out_shape, cp.float32) if torch is None
-                   else torch.empty(self.out_shape, dtype=torch.float32, device=self._tdevice))
-        optr = out.data.ptr if torch is None else out.data_ptr()
-        if self._scores._launches is None or self._rotation is None:
-            rows = view(queries).reshape(-1, self.shape[-1])
-            qrot = rotate(rows, self._rot).reshape(self._qrot_shape)
-        else:
-            qrot = self._scratch.get(stream_ptr)
-            if qrot is None:
-                if len(self._scratch) >= 8:
-                    self._scratch.clear()
-                qrot = self._scratch[stream_ptr] = cp.empty(self._qrot_shape, cp.float32)
-            _run(self._rotation, stream_ptr, (qptr, qrot.data.ptr))
-        if self._sketch_t is None:
-            qsk = None
-        else:
-            qsk = cp.ascontiguousarray(qrot @ self._sketch_t)
-        if self._scores._launches is None:
-            res = scores(qrot, qsk, *self._scores._keys).reshape(self.out_shape)
-            if torch is None:
-                out[...] = res
-            else:
-                out.copy_(torch.from_dlpack(res))
-        elif qsk is None:
-            _run(self._scores._launches, stream_ptr, (qrot.data.ptr, optr))
-        else:
-            _run(self._scores._launches, stream_ptr, (qrot.data.ptr, qsk.data.ptr, optr))
-        return out
 
 
 @_on_device
 def qjl_quantize(x, sketch):
     """Packed ``sign(sketch @ x)`` and norms of rows ``x``."""
     x = _rows(x)
-    sketch = _c(sketch)
+    sketch = _contiguous(sketch)
     signs = _empty((x.shape[0], (sketch.shape[0] + 7) // 8), cp.uint8)
     norms = _empty(x.shape[0], cp.float32)
     _row_launch(_qjl.qjl_quantize, x.shape[0], x.shape[1], (x, sketch, signs, norms))
@@ -674,10 +408,11 @@ def qjl_quantize(x, sketch):
 @_on_device
 def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
     """QJL estimates (B, M, N) from sketched queries (Bq, M, m) and packed signs."""
-    qsketch = _c(qsketch.astype(cp.float32, copy=False))
+    qsketch = _contiguous(qsketch.astype(cp.float32, copy=False))
     out = _empty((qmap.shape[0], qsketch.shape[1], signs.shape[1]), cp.float32)
     _score_launch(_qjl.qjl_scores, out, qsketch.shape[2], 0,
-                  (qsketch, _c(qmap), _words(signs), _c(norms), _c(kmap), float(scale), out))
+                  (qsketch, _contiguous(qmap), _words(signs), _contiguous(norms),
+                   _contiguous(kmap), float(scale), out))
     return out
 
 
@@ -689,17 +424,11 @@ def wht(x, out_dtype=cp.float32):
     out = _empty(x.shape, out_dtype)
     n, width = x.shape
     half_in, half_out = x.dtype == cp.float16, out.dtype == cp.float16
-    if (n >= FAST_MIN_ROWS and width <= _fast.MAX_UNROLL_DIM and width % 2 == 0
-            and width & (width - 1) == 0
+    if (n >= GENERATED_MIN_ROWS and _row_tiles.applies(width)
             and x.dtype in (cp.float16, cp.float32) and out.dtype in (cp.float16, cp.float32)):
-        if TILED and _tiled.applies(width):
-            kern = _tiled.wht_kernel(width, half_in, half_out)
-            _tiled_launch(kern, n, (_flat(x, _U32 if half_in else None),
-                                    _flat(out, _U32 if half_out else None)))
-            return out
-        kern = _fast.wht_kernel(width, half_in, half_out)
-        launch(kern, (-(-n // FAST_THREADS), 1, 1), (FAST_THREADS, 1), 0,
-               (x.view(cp.uint32) if half_in else x, out.view(cp.uint32) if half_out else out))
+        kern = _gen_wht.kernel(width, half_in, half_out)
+        _tiled_launch(kern, n, (_flat(x, _U32 if half_in else None),
+                                _flat(out, _U32 if half_out else None)))
     else:
         _row_launch(_wht.wht, n, width, (x, out))
     return out
@@ -708,7 +437,7 @@ def wht(x, out_dtype=cp.float32):
 @_on_device
 def unpack_codes(codes, nbits, count):
     """Unpack rows of packed codes into uint8 (n, count)."""
-    codes = _c(codes)
+    codes = _contiguous(codes)
     out = _empty((codes.shape[0], count), cp.uint8)
     _row_launch(_bits.unpack_codes, codes.shape[0], count, (codes, int(nbits), int(count), out),
                 scratch=False)
@@ -721,7 +450,7 @@ def rotor_roundtrip(x, rot, boundaries, centroids, norm_correction):
     x = _rows(x)
     out = _empty((x.shape[0], rot.dim), cp.float32)
     _row_launch(_rotor.rotor_roundtrip, x.shape[0], rot.stored_dim,
-                (x, rot.params(cp)["mats"], _c(boundaries), _c(centroids),
+                (x, rot.params(cp)["mats"], _contiguous(boundaries), _contiguous(centroids),
                  int(norm_correction), out))
     return out
 
@@ -730,13 +459,21 @@ def rotor_roundtrip(x, rot, boundaries, centroids, norm_correction):
 ATTENTION_THREADS = 64
 """Threads (tokens per tile) of the general decode-attention kernel."""
 ATTENTION_FAST = True
-"""Use the generated tensor-core kernel (:func:`rotorq.cuda.attention.attention_kernel`) where
-it applies (fp16 MMA inputs, fp32 accumulation: outputs within ~1e-3 of the float32 path);
-``False``: always the general float32 kernel."""
+"""Use the generated tensor-core kernel (:mod:`rotorq.cuda.gen.attention`) where it applies
+(fp16 MMA inputs, fp32 accumulation: outputs within ~1e-3 of the float32 path); ``False``:
+always the general float32 kernel (:func:`rotorq.cuda.attention.decode_attention`)."""
 KEY_BIAS_MMA = True
 """On the tensor-core path, compute the RoPE-aware key-offset term with
-:func:`rotorq.cuda.attention.key_bias_kernel` (fp16 MMAs) where it applies; ``False``: one
-thread per key, float32 sines and cosines (:func:`rotorq.cuda.attention.key_bias_scores`)."""
+:mod:`rotorq.cuda.gen.key_bias` (fp16 MMAs) where it applies; ``False``: one thread per key,
+float32 sines and cosines (:func:`rotorq.cuda.attention.key_bias_scores`)."""
+
+
+@functools.cache
+def _attention_kernel(key_dim, key_bits, value_dim, value_bits, bias, tiled):
+    """The tensor-core attention kernel of one shape (looked up once per decode call)."""
+    return _gen_att.kernel(key_dim, key_bits, value_dim, value_bits, bias=bias, tiled=tiled)
+
+
 _ATT_PLACEHOLDERS: dict = {}
 
 
@@ -752,16 +489,16 @@ def _att_placeholders(n_bh, n_rows):
     return ph[0], ph[1], ph[2], empty
 
 
-def _f16(a):
+def _contiguous_f16(a):
     if a.dtype == cp.float16 and a.flags.c_contiguous:
         return a
-    return _c(a.astype(cp.float16))
+    return _contiguous(a.astype(cp.float16))
 
 
-def _f32c(a):
+def _contiguous_f32(a):
     if a.dtype == cp.float32 and a.flags.c_contiguous:
         return a
-    return _c(a.astype(cp.float32))
+    return _contiguous(a.astype(cp.float32))
 
 
 def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
@@ -774,20 +511,20 @@ def _att_splits(n_keys, n_bh, per_block, min_chunk, per_sm):
 
 def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
     """The RoPE-aware key-offset term of every key and row, (BH, n_keys, 8) float32 (rows
-    past ``n_rows`` zero): on tensor cores (:func:`rotorq.cuda.attention.key_bias_kernel`)
+    past ``n_rows`` zero): on tensor cores (:mod:`rotorq.cuda.gen.key_bias`)
     up to 64 frequencies, else one thread per key
     (:func:`rotorq.cuda.attention.key_bias_scores`)."""
     ba, bb, freqs, pos0 = key_bias
-    ba, bb = _f32c(ba), _f32c(bb)
+    ba, bb = _contiguous_f32(ba), _contiguous_f32(bb)
     freqs = cp.ascontiguousarray(freqs, dtype=cp.float64)
     n_freq = ba.shape[2]
-    if KEY_BIAS_MMA and 0 < n_freq <= _att.BIAS_MAX_FREQ:
+    if KEY_BIAS_MMA and 0 < n_freq <= _gen_bias.BIAS_MAX_FREQ:
         kb = _empty((n_bh, n_keys, 8), cp.float32)
-        tiles = _att.bias_tiles(n_keys, n_bh, _sm_count())
+        tiles = _gen_bias.bias_tiles(n_keys, n_bh, _sm_count())
         n_tiles = -(-n_keys // 16)
         warps = -(-n_tiles // tiles)
-        launch(_att.key_bias_kernel(n_freq), (-(-warps // _att.BIAS_WARPS), n_bh, 1),
-               (32 * _att.BIAS_WARPS, 1), 0,
+        launch(_gen_bias.kernel(n_freq), (-(-warps // _gen_bias.BIAS_WARPS), n_bh, 1),
+               (32 * _gen_bias.BIAS_WARPS, 1), 0,
                (ba, bb, freqs, int(pos0), int(n_keys), int(tiles), _flat(kb), int(n_keys)))
     else:
         kb = (_empty if n_rows == 8 else cp.zeros)((n_bh, n_keys, 8), cp.float32)
@@ -804,18 +541,18 @@ def attention_layout(key_dim, key_bits, key_mode, value_dim, value_bits):
     if not (ATTENTION_FAST and key_mode == "mse" and _tiles.supported(key_dim, key_bits)
             and _tiles.supported(value_dim, value_bits)):
         return "rows"
-    cfg = _att.fast_config(key_dim, key_bits, value_dim, value_bits,
+    cfg = _gen_att.config(key_dim, key_bits, value_dim, value_bits,
                            key_dim * key_bits // 8, value_dim * value_bits // 8)
     return "rows" if cfg is None else "tiles"
 
 
 def _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias, layout):
     """:func:`decode_attention` of more rows than the tensor-core kernel takes, as groups
-    of at most :data:`~rotorq.cuda.attention.FAST_ROWS` rows that keep a query head's
+    of at most :data:`~rotorq.cuda.gen.attention.ROWS` rows that keep a query head's
     queries together (``n_q ≤ 8``: whole heads; else runs of 8 queries of one head, the
     causal offset moved to the run's first query), results concatenated."""
     q0 = queries[0][0]
-    n_rows, cap = q0.shape[1], _att.FAST_ROWS
+    n_rows, cap = q0.shape[1], _gen_att.ROWS
     if n_q <= cap:
         step = cap // n_q * n_q
         groups = [(a, min(n_rows, a + step), n_q, causal_offset)
@@ -829,7 +566,7 @@ def _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias, lay
         if key_bias is not None:
             ba, bb, freqs, pos0 = key_bias
             bias = (ba[:, a:b], bb[:, a:b], freqs, pos0)
-        acc, m, lsum = decode_attention(((_c(q0[:, a:b]), None),), keys, values, n_keys, nq,
+        acc, m, lsum = decode_attention(((_contiguous(q0[:, a:b]), None),), keys, values, n_keys, nq,
                                         off, key_bias=bias, layout=layout)
         outs.append(acc[0])
         ms.append(m)
@@ -856,7 +593,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         q1, qs1 = queries[1] if len(queries) > 1 else (empty_q, None)
 
         def qarr(a):
-            return empty_q if a is None else _f32c(a)
+            return empty_q if a is None else _contiguous_f32(a)
 
         def kpart(i):
             if i >= len(keys):
@@ -865,16 +602,17 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
             if signs is None:
                 signs, qn, scale = u8, f16, 0.0
             else:
-                signs, qn = _words(signs), _f16(qn)
-            return _words(codes), _f16(norms), signs, qn, _f32c(cent), int(nbits), float(scale)
+                signs, qn = _words(signs), _contiguous_f16(qn)
+            return (_words(codes), _contiguous_f16(norms), signs, qn, _contiguous_f32(cent),
+                    int(nbits), float(scale))
 
         def vpart(i):
             if i >= len(values):
                 return u8, f16, f32, 1, 0
-            codes, norms, cent, nbits, big_d = values[i]
+            codes, norms, cent, nbits, stored_dim = values[i]
             if not codes.flags.c_contiguous:
-                codes = _c(codes)
-            return codes, _f16(norms), _f32c(cent), int(nbits), int(big_d)
+                codes = _contiguous(codes)
+            return codes, _contiguous_f16(norms), _contiguous_f32(cent), int(nbits), int(stored_dim)
 
         v0, v1 = vpart(0), vpart(1)
         qargs = (qarr(q0), qarr(q1), qarr(qs0), qarr(qs1))
@@ -883,9 +621,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         fast = None
         if (ATTENTION_FAST and len(keys) == 1 and len(values) == 1 and qs0 is None
                 and n_keys > 0):
-            fast = _att.fast_config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
+            fast = _gen_att.config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
                                     values[0][0].shape[-1])
-        if fast is not None and n_rows > _att.FAST_ROWS:
+        if fast is not None and n_rows > _gen_att.ROWS:
             return _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias,
                                layout)
         tiled = layout == "tiles"
@@ -893,8 +631,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
             keys, values = _tiles.attention_rows(cp, keys, values, n_keys, dk0)
             k0, v0, tiled = kpart(0), vpart(0), False
         if fast is not None:
-            per_block = _att.FAST_WARPS * 16
-            chunk = _att_splits(n_keys, n_bh, per_block, 2 * per_block, _att.FAST_BLOCKS_PER_SM)
+            per_block = _gen_att.WARPS * 16
+            chunk = _att_splits(n_keys, n_bh, per_block, 2 * per_block,
+                                _gen_att.SPLIT_BLOCKS_PER_SM)
         else:
             threads = ATTENTION_THREADS
             chunk = _att_splits(n_keys, n_bh, threads, 256, 4)
@@ -907,13 +646,13 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
             kbias = ()
             if key_bias is not None:  # the key-offset term of every key, then the MMA kernel
                 kbias = (_key_bias_scores(key_bias, n_bh, n_rows, n_keys),)
-            kern = _att.attention_kernel(*fast, bias=bool(kbias), tiled=tiled)
+            kern = _attention_kernel(*fast, bool(kbias), tiled)
             scalars = (int(n_keys), int(n_q), int(causal_offset), int(chunk))
             if tiled:
                 _tiled_attention(kern, n_split, qargs[0], k0[0], k0[1], k0[4], v0[0], v0[1],
                                  v0[2], kbias, scalars, acc0, mx, sm)
             else:
-                launch(kern, (n_split, n_bh, 1), (32 * _att.FAST_WARPS, 1), 0,
+                launch(kern, (n_split, n_bh, 1), (32 * _gen_att.WARPS, 1), 0,
                        (qargs[0], _rows_of(k0[0], _U32, n_bh), k0[1], k0[4],
                         _rows_of(v0[0], _U16, n_bh), v0[1], v0[2],
                         *(_rows_of(b, _F32, n_bh) for b in kbias), *scalars, acc0, mx, sm))
@@ -922,7 +661,8 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
                 bias = (empty_q, empty_q, _empty((0,), cp.float64), 0)
             else:
                 ba, bb, freqs, pos0 = key_bias
-                bias = (_f32c(ba), _f32c(bb), cp.ascontiguousarray(freqs, dtype=cp.float64),
+                bias = (_contiguous_f32(ba), _contiguous_f32(bb),
+                        cp.ascontiguousarray(freqs, dtype=cp.float64),
                         int(pos0))
             shared = 4 * _att.shared_floats(threads, dk0, dk1, qargs[2].shape[2],
                                             qargs[3].shape[2], v0[4], v1[4], 0,
@@ -937,9 +677,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         out1 = _empty((n_bh, n_rows, v1[4]), cp.float32)
         m = _empty((n_bh, n_rows), cp.float32)
         lsum = _empty((n_bh, n_rows), cp.float32)
-        cols, ys = _att.MERGE_COLS, _att.MERGE_ROWS
-        launch(_att.merge_splits, (max(1, -(-(v0[4] + v1[4]) // cols)), n_rows, n_bh), (cols, ys),
-               4 * _att.merge_shared_floats(n_split, cols * ys),
+        cols, ys = _merge.MERGE_COLS, _merge.MERGE_ROWS
+        launch(_merge.merge_splits, (max(1, -(-(v0[4] + v1[4]) // cols)), n_rows, n_bh),
+               (cols, ys), 4 * _merge.merge_shared_floats(n_split, cols * ys),
                (mx, sm, acc0, acc1, out0, out1, m, lsum))
         return [out0, out1][:len(values)], m, lsum
 
@@ -962,7 +702,7 @@ def _tiled_attention(kern, n_split, q, kc, kn, kcent, vc, vn, vcent, kbias, scal
                  for a in (q, kc, kn, vc, vn, *kbias, acc, mx, sm)]
         qh, kch, knh, vch, vnh = heads[:5]
         flat = [View(a, _U32, (a.nbytes // 4,)) for a in (kch, knh, vch, vnh)]
-        launch(kern, (n_split, hi - lo, 1), (32 * _att.FAST_WARPS, 1), 0,
+        launch(kern, (n_split, hi - lo, 1), (32 * _gen_att.WARPS, 1), 0,
                (qh, flat[0], flat[1], kcent, flat[2], flat[3], vcent,
                 *(_rows_of(b, _F32, hi - lo) for b in heads[5:-3]), *scalars, *heads[-3:]))
 
@@ -980,7 +720,7 @@ def _prefix_buffer(a):
                 and base.strides == a.strides and base.shape[0] == a.shape[0]
                 and base.shape[2:] == a.shape[2:]):
             return base, a.shape[1]
-    return _f32c(a), a.shape[1]
+    return _contiguous_f32(a), a.shape[1]
 
 
 def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
@@ -990,12 +730,12 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
     array operations (:func:`rotorq.reference.exact_attention`)."""
     device = q.device
     with device, current_stream(device.id):
-        threads = _att.EXACT_THREADS
+        threads = _merge.EXACT_THREADS
         n_e = ke.shape[1]
-        if 4 * _att.exact_shared_floats(n_e, threads) > SHARED_LIMIT:
+        if 4 * _merge.exact_shared_floats(n_e, threads) > SHARED_LIMIT:
             from ..reference import exact_attention as ref
             return ref(cp, q, ke, ve, pos, scale, n_q, offset, causal, partial)
-        q = _f32c(q)
+        q = _contiguous_f32(q)
         kb, _ = _prefix_buffer(ke)
         vb, _ = _prefix_buffer(ve)
         n_bh, n_rows = q.shape[0], q.shape[1]
@@ -1003,16 +743,17 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
             ph = _att_placeholders(1, 1)[2]
             acc_c, m_c, l_c, has_c = ph.reshape(1, 1, 1), ph.reshape(1, 1), ph.reshape(1, 1), 0
         else:
-            acc_c, m_c, l_c = (_f32c(a) for a in partial)
+            acc_c, m_c, l_c = (_contiguous_f32(a) for a in partial)
             has_c = 1
         if pos.dtype != cp.int64 or not pos.flags.c_contiguous:
             pos = cp.ascontiguousarray(pos, dtype=cp.int64)
         out = _empty((n_bh, n_rows, vb.shape[2]), cp.float32)
-        launch(_att.exact_attention, (n_rows, n_bh, 1), (threads, 1),
-               4 * _att.exact_shared_floats(n_e, threads),
+        launch(_merge.exact_attention, (n_rows, n_bh, 1), (threads, 1),
+               4 * _merge.exact_shared_floats(n_e, threads),
                (q, kb, vb, pos, int(n_e), float(scale), int(n_q), int(offset), int(bool(causal)),
                 acc_c, m_c, l_c, has_c, out))
         return out
+
 
 
 __all__ = [

@@ -1,11 +1,11 @@
 """The fused rotor round trip on the GPU, the twin of :mod:`rotorq.cpu.rotor`.
 
 One launch per batch of rows: embed each 3-group of the normalized vector as a Cl(3,0)
-vector, apply its rotor sandwich ``R v R̃`` (as the equivalent 3×3 matrix, MATH.md §1.1),
+vector, apply its rotor sandwich ``R v R̃`` (as the equivalent 3×3 matrix, docs/math.md),
 quantize against the codebook, apply the inverse sandwich and extract the first ``d``
 coordinates: the reconstruction ``dequantize(quantize(x))`` with float32 norms, never
 leaving the chip. Unlike the public RotorQuant kernel this rotates (R̃(R x) ≠ x is the bug
-named in MATH.md) and uses the associative product table.
+named in docs/math.md) and uses the associative product table.
 """
 
 import numpy as np

@@ -166,7 +166,8 @@ def test_sim_general_kernel_matches_cpu(rng, name):
           np.full((n_bh, n_rows), np.nan, np.float32), np.full((n_bh, n_rows), np.nan, np.float32)]
     nx, ny = 32, 3  # a warp of columns (the device's shuffles), fewer rows than splits
     grid = (max(1, -(-(dv[0] + dv[1]) // nx)), n_rows, n_bh)
-    att.merge_splits[grid, (nx, ny), 0, 4 * att.merge_shared_floats(n_split, nx * ny)](
+    merge = importlib.import_module("rotorq.cuda.merge")
+    merge.merge_splits[grid, (nx, ny), 0, 4 * merge.merge_shared_floats(n_split, nx * ny)](
         got[2], got[3], got[0], got[1], *mo)
     ref = merged(want)
     for g, w in zip(mo, ref, strict=True):
@@ -195,7 +196,7 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
     layout of :mod:`rotorq.tiles` (a partial last tile: its other slots hold other codes,
     masked). On tiles, splits of 192 tokens: 2–3 steps per warp, through the loop body's
     unrolled copies and their exit between copies."""
-    att = importlib.import_module("rotorq.cuda.attention")
+    mma = importlib.import_module("rotorq.cuda.gen.attention")
     case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), **FAST_CASES[name])
     chunk = 192 if tiled and name != "k2v4-rows3" else 64
     want = cpu_partials(case, chunk)
@@ -203,7 +204,7 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
     got = outputs(case, n_split, fill=np.nan)
     kc, kn, _, _, kcent, kb, _ = case["keys"][0]
     vc, vn, vcent, vb = case["vals"][0]
-    cfg = att.fast_config(128, kb, 128, vb, kc.shape[-1], vc.shape[-1])
+    cfg = mma.config(128, kb, 128, vb, kc.shape[-1], vc.shape[-1])
     assert cfg is not None
     ba, bb, freqs, pos0 = case["bias"]
     kbias = ()
@@ -211,7 +212,7 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
         kb = np.zeros((case["n_bh"], case["n_keys"], 8), np.float32)
         CPU_ATT.key_bias_scores(ba, bb, freqs, pos0, case["n_keys"], kb)
         kbias = (kb.reshape(case["n_bh"], -1),)
-    kern = att.attention_kernel(*cfg, bias=bool(kbias), tiled=tiled)
+    kern = mma.kernel(*cfg, bias=bool(kbias), tiled=tiled)
     n_bh = case["n_bh"]
     if tiled:
         from rotorq import tiles
@@ -226,7 +227,7 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
     else:
         args = (kc.view(np.uint32).reshape(n_bh, -1), kn, kcent,
                 vc.view(np.uint16).reshape(n_bh, -1), vn, vcent)
-    kern[(n_split, n_bh), 32 * att.FAST_WARPS](
+    kern[(n_split, n_bh), 32 * mma.WARPS](
         case["q"][0], *args, *kbias,
         case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
     gm = merged([got[0], got[1], got[2], got[3]])
@@ -289,7 +290,7 @@ def test_sim_key_bias_mma_matches_cpu(rng, n_rows, n_freq, n_keys, tiles):
     """The tensor-core key term against the CPU twin: padded frequencies (6, 20), rows past
     R (5, 3), a short last tile, more than one tile per warp (coefficients rotated from tile
     to tile), positions past 2^20, rows 10^4 and 10^-4 times the rest (per-row scaling)."""
-    att = importlib.import_module("rotorq.cuda.attention")
+    key_bias = importlib.import_module("rotorq.cuda.gen.key_bias")
     case = make_case(rng, n_bh=2, n_rows=n_rows, n_freq=n_freq, pos0=(1 << 20) + 3,
                      n_keys=n_keys)
     ba, bb, freqs, pos0 = case["bias"]
@@ -301,20 +302,19 @@ def test_sim_key_bias_mma_matches_cpu(rng, n_rows, n_freq, n_keys, tiles):
     got = np.full_like(want, np.nan)
     n_tiles = -(-n_keys // 16)
     warps = -(-n_tiles // tiles)
-    kern = att.key_bias_kernel(n_freq)
-    kern[(-(-warps // att.BIAS_WARPS), 2), 32 * att.BIAS_WARPS](ba, bb, freqs, pos0, n_keys,
-                                                                tiles, got.reshape(-1),
-                                                                n_keys + 3)
+    kern = key_bias.kernel(n_freq)
+    kern[(-(-warps // key_bias.BIAS_WARPS), 2), 32 * key_bias.BIAS_WARPS](
+        ba, bb, freqs, pos0, n_keys, tiles, got.reshape(-1), n_keys + 3)
     check_key_bias(got, want, ba, bb, n_keys)
 
 
 def test_key_bias_kernel_rejects_frequency_counts():
     if SIMULATOR or _gpu() is None:
         pytest.importorskip("numba.cuda")
-    att = importlib.import_module("rotorq.cuda.attention")
+    key_bias = importlib.import_module("rotorq.cuda.gen.key_bias")
     for n in (0, 65):
         with pytest.raises(ValueError, match="frequencies"):
-            att.key_bias_kernel(n)
+            key_bias.spec(n)
 
 
 # ------------------------------------------------------------------------------ real GPU
@@ -496,7 +496,7 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     accs_w, m_w, l_w = want
     accs_g, m_g, l_g = got
     # m alone moves with the score rounding (fp16 MMA inputs) and with lazy rescaling
-    # (FAST_RESCALE_SLACK); m + log l does not
+    # (RESCALE_SLACK of rotorq.cuda.gen.attention); m + log l does not
     np.testing.assert_allclose(m_g.get() + np.log(l_g.get()), m_w + np.log(l_w),
                                rtol=2e-3, atol=2e-3)
     out_w = accs_w[0] / l_w[..., None]
@@ -610,7 +610,7 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
         pytest.skip(f"NVVM/NVRTC unavailable ({type(exc).__name__}: {exc})")
     monkeypatch.setattr(dispatcher, "get_current_device",
                         lambda: types.SimpleNamespace(compute_capability=(9, 0)))
-    att = importlib.import_module("rotorq.cuda.attention")
+    mma = importlib.import_module("rotorq.cuda.gen.attention")
     f32, bh, r, d, cap = np.float32, 2, 8, 128, 4
     cap = 16 if tiled else cap
     norms = np.zeros(bh * cap // 2, np.uint32) if tiled else np.zeros((bh, cap), np.float16)
@@ -621,11 +621,11 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
             norms, np.zeros(1 << kbits, f32), vcodes, norms,
             np.zeros(1 << vbits, f32), 1, 1, 1, 1, np.zeros((bh, 1, r, d), f32),
             np.zeros((bh, 1, r), f32), np.zeros((bh, 1, r), f32))
-    kern = att.attention_kernel(*att.fast_config(d, kbits, d, vbits, d * kbits // 8,
-                                                 d * vbits // 8), tiled=tiled)
+    kern = mma.kernel(*mma.config(d, kbits, d, vbits, d * kbits // 8, d * vbits // 8),
+                      tiled=tiled)
     ptx, _ = cuda.compile_ptx(kern.py_func, kernel_signature(args), cc=(9, 0))
-    copies = (att.FAST_UNROLL or att.FAST_PREFETCH + 1) if tiled else 1  # loop body copies
-    copies += 1 if att.FAST_FULL_TILES else 0  # and the masked copy for the last steps
+    copies = kern.spec.prefetch + 1 if tiled else 1  # loop body copies (unmasked steps)
+    copies += 1  # and the masked copy for the last steps
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 16 * copies
     assert ".local" not in ptx  # no local-memory arrays
 
@@ -636,7 +636,7 @@ def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
 @pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
 @pytest.mark.parametrize("causal,partial", [(False, True), (True, True), (True, False)])
 def test_sim_exact_kernel_matches_cpu(rng, causal, partial):
-    att = importlib.import_module("rotorq.cuda.attention")
+    merge = importlib.import_module("rotorq.cuda.merge")
     from rotorq import cpu
     q, ke, ve, pos, part = exact_attention_case(rng, 2, 3, 6, 5, 19, partial, 4 * 19 + 50)
     n_q, offset = (1, 40) if causal else (1, 0)
@@ -645,7 +645,7 @@ def test_sim_exact_kernel_matches_cpu(rng, causal, partial):
     ph = np.zeros((1, 1, 1), np.float32)
     acc, m, lsum = part if part else (ph, ph[0], ph[0])
     threads = 4  # fewer threads than tokens and than value columns: the strides
-    att.exact_attention[(3, 2), threads, 0, 4 * att.exact_shared_floats(19, threads)](
+    merge.exact_attention[(3, 2), threads, 0, 4 * merge.exact_shared_floats(19, threads)](
         q, ke, ve, pos, 19, 0.4, n_q, offset, int(causal), acc, m, lsum, int(bool(part)), got)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
 

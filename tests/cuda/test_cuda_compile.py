@@ -65,12 +65,9 @@ def test_kernel_compiles_for_sm90(compiler, case):
 
 
 def _tiled_cases():
-    """The tiled kernels (rotorq.cuda.tiled, tiled_rotor) at the benchmark shape, d = 128."""
-    import importlib
-
-    tiled = importlib.import_module("rotorq.cuda.tiled")
-    trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
-    att = importlib.import_module("rotorq.cuda.attention")
+    """The generated tiled row kernels (WHT, Hadamard and rotor quantize) and the key-offset
+    term at the benchmark shape, d = 128."""
+    from rotorq.cuda.gen import key_bias, quantize, quantize_rotor, wht
     u32, f32 = np.uint32, np.float32
 
     def a(n, dt=f32):
@@ -78,25 +75,25 @@ def _tiled_cases():
 
     q_args = (a(7), a(8), a(12, u32), a(4))
     return [
-        ("wht-f16-f16", lambda: tiled.wht_kernel(128, True, True), (a(64, u32), a(64, u32))),
-        ("wht-f16-f32", lambda: tiled.wht_kernel(128, True, False), (a(64, u32), a(128))),
-        ("wht-f32-f32", lambda: tiled.wht_kernel(128, False, False), (a(128), a(128))),
-        ("wht-f32-f16", lambda: tiled.wht_kernel(128, False, True), (a(128), a(64, u32))),
-        ("quantize-f16", lambda: tiled.quantize_kernel(128, 128, 3, True, False, True),
+        ("wht-f16-f16", lambda: wht.kernel(128, True, True), (a(64, u32), a(64, u32))),
+        ("wht-f16-f32", lambda: wht.kernel(128, True, False), (a(64, u32), a(128))),
+        ("wht-f32-f32", lambda: wht.kernel(128, False, False), (a(128), a(128))),
+        ("wht-f32-f16", lambda: wht.kernel(128, False, True), (a(128), a(64, u32))),
+        ("quantize-f16", lambda: quantize.kernel(128, 128, 3, True, False, True),
          (a(64, u32), a(128)) + q_args),
-        ("quantize-f16-nc", lambda: tiled.quantize_kernel(128, 128, 3, True, True, True),
+        ("quantize-f16-nc", lambda: quantize.kernel(128, 128, 3, True, True, True),
          (a(64, u32), a(128)) + q_args),
-        ("quantize-f32", lambda: tiled.quantize_kernel(128, 128, 3, False, False, True),
+        ("quantize-f32", lambda: quantize.kernel(128, 128, 3, False, False, True),
          (a(128), a(128)) + q_args),
-        ("quantize-f16-d96-bytes", lambda: tiled.quantize_kernel(96, 128, 2, True, False, False),
+        ("quantize-f16-d96-bytes", lambda: quantize.kernel(96, 128, 2, True, False, False),
          (a(48, u32), a(128), a(3), a(4), a(32, np.uint8), a(4))),
-        ("rotor-quantize-f16", lambda: trotor.quantize_kernel(128, 3, True, False),
+        ("rotor-quantize-f16", lambda: quantize_rotor.kernel(128, 3, True, False),
          (a(64, u32), a(387), a(7), a(8), a(392, u32), a(1))),
-        ("rotor-quantize-f16-nc", lambda: trotor.quantize_kernel(128, 3, True, True),
+        ("rotor-quantize-f16-nc", lambda: quantize_rotor.kernel(128, 3, True, True),
          (a(64, u32), a(387), a(7), a(8), a(392, u32), a(1))),
-        ("rotor-quantize-f32-4bit", lambda: trotor.quantize_kernel(128, 4, False, False),
+        ("rotor-quantize-f32-4bit", lambda: quantize_rotor.kernel(128, 4, False, False),
          (a(128), a(387), a(15), a(16), a(520, u32), a(1))),
-        ("key-bias-64-freq", lambda: att.key_bias_kernel(64),
+        ("key-bias-64-freq", lambda: key_bias.kernel(64),
          (np.zeros((2, 8, 64), f32), np.zeros((2, 8, 64), f32), a(64, np.float64), 0, 0, 0,
           a(256), 0)),
     ]
@@ -138,10 +135,8 @@ def test_tiled_kernel_compiles_for_sm90(compiler, case, tmp_path):
 
 
 def _tiled_score_cases():
-    """The tiled score kernels (rotorq.cuda.tiled_scores) at D = 128, 2/3/4 bits."""
-    import importlib
-
-    ts = importlib.import_module("rotorq.cuda.tiled_scores")
+    """The generated tiled score kernels at D = 128, 2/3/4 bits."""
+    from rotorq.cuda.gen import scores_group, scores_one
     f32, i64, u32 = np.float32, np.int64, np.uint32
 
     def args(bits, m):
@@ -151,18 +146,16 @@ def _tiled_score_cases():
 
     out = []
     for bits in (2, 3, 4):
-        out.append((f"one-query-{bits}bit", lambda b=bits: ts.one_query_kernel(128, b),
+        out.append((f"one-query-{bits}bit", lambda b=bits: scores_one.kernel(128, b),
                     args(bits, 1)))
-        out.append((f"group8-{bits}bit", lambda b=bits: ts.group_kernel(128, b), args(bits, 8)))
+        out.append((f"group8-{bits}bit", lambda b=bits: scores_group.kernel(128, b), args(bits, 8)))
     return out
 
 
 @pytest.mark.parametrize("case", _tiled_score_cases(), ids=lambda c: c[0])
 def test_tiled_score_kernel_compiles_for_sm90(compiler, case, tmp_path):
     """PTX for sm_90 with the launch bounds (the group kernel with ``mma.sync.m16n8k16``);
-    where ``ptxas`` is on the PATH: assembled without spills, registers within the bounds
-    (measured: 63–64 for the one-query kernel at 8 blocks of 128 threads or 4 of 256,
-    95–96 for the group kernel at 5 blocks of 128)."""
+    where ``ptxas`` is on the PATH: assembled without spills, registers within the bounds."""
     name, make, args = case
     ptx = _compile_and_assemble(compiler, make(), args, tmp_path)
     assert ("mma.sync.aligned.m16n8k16" in ptx) == name.startswith("group")

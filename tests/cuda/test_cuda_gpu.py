@@ -22,6 +22,9 @@ from rotorq import cpu  # noqa: E402
 
 api = importlib.import_module("rotorq.cuda.api")
 launch_mod = importlib.import_module("rotorq.cuda._launch")
+QUANTIZE_ROTOR = importlib.import_module("rotorq.cuda.gen.quantize_rotor")
+SCORE_TILES = importlib.import_module("rotorq.cuda.gen.score_tiles")
+SCORES_ROWS = importlib.import_module("rotorq.cuda.gen.scores_rows")
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("poisoned_outputs")]
 
@@ -260,17 +263,6 @@ def test_rotor_roundtrip_matches_cpu_and_dequantize(dim, norm_correction):
     assert bad.sum() <= FLIP_LIMIT * bad.size * tq.stored_dim
 
 
-@pytest.mark.parametrize("route", ["ptx", "numba"])
-def test_launch_routes_agree(route, monkeypatch):
-    monkeypatch.setattr(launch_mod, "ROUTE", route)
-    rng = np.random.default_rng(7)
-    tq = rotorq.TurboQuant(128, 4, mode="prod")
-    x = data(rng, (1000, 128))
-    qv = host_codes(tq.quantize(cp.asarray(x)))
-    ref = tq.quantize(x)
-    assert (code_flips(qv.codes, ref.codes, 3, 128) == 0).all()
-
-
 def test_torch_current_stream_is_used():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng()
@@ -304,19 +296,19 @@ def test_empty_inputs():
     assert tq.dequantize(qv).shape == (0, 64)
 
 
-FAST_N = 16384  # above api.FAST_MIN_ROWS / FAST_MIN_KEYS: the generated kernels (fast.py)
+FAST_N = 16384  # above api.GENERATED_MIN_ROWS / GENERATED_MIN_KEYS: the generated kernels
 
 
 @pytest.mark.parametrize("rotation", ("hadamard", "rotor"))
-def test_fast_kernels_match_cpu(rotation):
+def test_generated_kernels_match_cpu(rotation):
     """The benchmark's shapes (d = 128, 3 bits, fp16) through the generated kernels."""
-    assert FAST_N >= api.FAST_MIN_ROWS and FAST_N >= api.FAST_MIN_KEYS
+    assert FAST_N >= api.GENERATED_MIN_ROWS and FAST_N >= api.GENERATED_MIN_KEYS
     rng = np.random.default_rng()
     tq = rotorq.TurboQuant(128, 3, rotation=rotation, norm_dtype="float32")
     x = data(rng, (FAST_N, 128)).astype(np.float16)
     gpu = tq.quantize(cp.asarray(x))
     ref = tq.quantize(x)
-    same = assert_quantized_match(tq, gpu, ref, f"fast quantize {rotation} fp16")
+    same = assert_quantized_match(tq, gpu, ref, f"generated quantize {rotation} fp16")
     assert same.mean() > 0.99
     keys = rotorq.QuantizedVectors({k: v.reshape((1, FAST_N) + v.shape[1:])
                                     for k, v in gpu.parts.items()}, gpu.config, gpu.origin)
@@ -325,14 +317,13 @@ def test_fast_kernels_match_cpu(rotation):
         s = host(tq.scores(cp.asarray(q), keys))
         s_ref = tq.scores(q, host_codes(keys))
         err = np.abs(s - s_ref).max() / (np.abs(s_ref).max() + 1e-30)
-        _record(f"fast scores {heads} queries", s.size, 0, max_rel_err=err)
+        _record(f"generated scores {heads} queries", s.size, 0, max_rel_err=err)
         # tiled scores: fp16 tables (3 bits) or tensor-core inputs (~3e-4 of the largest score)
-        tol = api._tscores.tolerance(128, 3, heads) if api.TILED_SCORES else 2e-5
-        assert err < tol, (heads, err)
+        assert err < SCORE_TILES.tolerance(128, 3, heads), (heads, err)
 
 
 @pytest.mark.parametrize("out_dtype", ("float16", "float32"))
-def test_fast_wht_matches_cpu(out_dtype):
+def test_generated_wht_matches_cpu(out_dtype):
     rng = np.random.default_rng()
     x = rng.standard_normal((FAST_N, 128)).astype(np.float16)
     got = host(api.wht(cp.asarray(x), cp.dtype(out_dtype))).astype(np.float32)
@@ -341,27 +332,22 @@ def test_fast_wht_matches_cpu(out_dtype):
 
 
 @pytest.mark.parametrize("d,dtype", ((128, "float16"), (128, "float32"), (96, "float16")))
-def test_tiled_kernels_match_row_kernels(monkeypatch, d, dtype):
-    """The tiled kernels (rotorq.cuda.tiled, api.TILED) against the one-row-per-thread kernels
-    of rotorq.cuda.fast and the CPU: WHT bit-identical; quantize codes equal but for rounding
-    flips (float64 norms summed in another order), norms within 1e-6."""
+def test_tiled_kernels_match_cpu(d, dtype):
+    """The tiled Hadamard quantize and WHT (rotorq.cuda.gen.quantize, gen.wht) against the
+    CPU: WHT bit-identical; quantize codes equal but for rounding flips (float64 norms summed
+    in another order), norms within 1e-6."""
     rng = np.random.default_rng()
     x = data(rng, (FAST_N + 77, d)).astype(dtype)
     xg = cp.asarray(x)
     tq = rotorq.TurboQuant(d, 3, norm_dtype="float32")
     k = tq._consts(cp)
-    out = {}
-    for tiled in (True, False):
-        monkeypatch.setattr(api, "TILED", tiled)
-        codes, norms, _, _ = api.quantize(xg, tq.rotation, k["boundaries"], k["centroids"], 3,
-                                          False, None)
-        out[tiled] = host(codes), host(norms)
+    codes, norms, _, _ = api.quantize(xg, tq.rotation, k["boundaries"], k["centroids"], 3,
+                                      False, None)
     ref = tq.quantize(x)
-    same = (out[True][0] == np.asarray(ref.codes)).all(axis=1)
+    same = (host(codes) == np.asarray(ref.codes)).all(axis=1)
     _record(f"tiled quantize d={d} {dtype}", same.size, int((~same).sum()))
     assert same.mean() > 0.999
-    np.testing.assert_allclose(out[True][1], np.asarray(ref.norms), rtol=1e-6)
-    assert (out[True][0] == out[False][0]).all(axis=1).mean() > 0.999
+    np.testing.assert_allclose(host(norms), np.asarray(ref.norms), rtol=1e-6)
     if d == 128:
         for out_dtype in ("float16", "float32"):
             got = host(api.wht(xg, cp.dtype(out_dtype))).astype(np.float32)
@@ -373,13 +359,13 @@ def test_tiled_kernels_match_row_kernels(monkeypatch, d, dtype):
     (128, 3, "float16", False), (128, 3, "float32", True), (64, 2, "float16", True),
     (96, 4, "float16", False), (256, 3, "float16", False), (100, 1, "float32", False)))
 def test_tiled_rotor_quantize_matches_cpu(d, bits, dtype, norm_correction):
-    """The tiled rotor quantize (rotorq.cuda.tiled_rotor) against the CPU: codes equal but for
+    """The tiled rotor quantize (rotorq.cuda.gen.quantize_rotor) against the CPU: codes equal but for
     rounding flips, norms within 2e-6 (float64 sums in another order)."""
     rng = np.random.default_rng()
     x = data(rng, (FAST_N + 77, d)).astype(dtype)
     tq = rotorq.TurboQuant(d, bits, rotation="rotor", norm_dtype="float32",
                            norm_correction=norm_correction)
-    assert api._trotor.quantize_applies("rotor", d, tq.stored_dim, bits, x.dtype, 0)
+    assert QUANTIZE_ROTOR.applies("rotor", d, tq.stored_dim, bits, x.dtype, 0)
     gpu = tq.quantize(cp.asarray(x))
     same = assert_quantized_match(tq, gpu, tq.quantize(x), f"tiled rotor quantize d={d} b={bits}")
     assert same.mean() > 0.999
@@ -387,12 +373,12 @@ def test_tiled_rotor_quantize_matches_cpu(d, bits, dtype, norm_correction):
 
 @pytest.mark.parametrize("bits", (2, 3, 4))
 @pytest.mark.parametrize("heads", (1, 8, 5, 11))
-def test_tiled_scores_match_cpu(monkeypatch, bits, heads):
-    """The tiled score kernels (rotorq.cuda.tiled_scores, api.TILED_SCORES) against the CPU
-    and the kernels of rotorq.cuda.fast: one query with float32 tables (2, 4 bits) within 2e-5,
-    with float16 tables (3 bits) and 2+ query rows (tensor cores, fp16 inputs) within 1e-3 of
-    the largest score; 2 key batches, 3
-    output batches (GQA-style maps), a partial last tile."""
+def test_tiled_scores_match_cpu(bits, heads):
+    """The tiled score kernels (rotorq.cuda.gen.scores_one, scores_group) against the CPU and
+    the unrolled kernel (rotorq.cuda.gen.scores_rows, launched directly): one query with
+    float32 tables (2, 4 bits) within 2e-5, with float16 tables (3 bits) and 2+ query rows
+    (tensor cores, fp16 inputs) within 1e-3 of the largest score; 2 key batches, 3 output
+    batches (GQA-style maps), a partial last tile."""
     rng = np.random.default_rng()
     n = FAST_N + 77
     tq = rotorq.TurboQuant(128, bits, norm_dtype="float32")
@@ -404,29 +390,33 @@ def test_tiled_scores_match_cpu(monkeypatch, bits, heads):
     q = data(rng, (3, heads, 128))
     qrot = api.rotate(cp.asarray(q.reshape(-1, 128)), tq.rotation).reshape(3, heads, 128)
     qmap, kmap = cp.asarray([0, 1, 2]), cp.asarray([0, 1, 1])
-    got = {}
-    for tiled in (True, False):
-        monkeypatch.setattr(api, "TILED_SCORES", tiled)
-        got[tiled] = host(api.scores(qrot, None, qmap, codes, norms, None, None, kmap,
-                                     k["centroids"], bits, 0.0))
+    got = {True: host(api.scores(qrot, None, qmap, codes, norms, None, None, kmap,
+                                 k["centroids"], bits, 0.0))}
+    assert not isinstance(api._generated_score_kernel(128, bits, min(heads, 8))[0].spec,
+                          SCORES_ROWS.ScoresRowsSpec)
+    queries = SCORES_ROWS.score_queries(128, bits, heads)
+    out = cp.full((3, heads, n), cp.nan, cp.float32)
+    api._generated_scores(SCORES_ROWS.kernel(128, bits, queries), queries, qrot, qmap, codes,
+                          norms, kmap, k["centroids"], out)
+    got[False] = host(out)
     want = np.empty((3, heads, n), np.float32)
     importlib.import_module("rotorq.cpu.scores").scores_mse(
         host(qrot), host(qmap), host(codes), host(norms), host(kmap), tq.centroids, bits, want)
     scale = np.abs(want).max()
     err = np.abs(got[True] - want).max() / scale
     _record(f"tiled scores {bits}-bit {heads} queries", want.size, 0, max_rel_err=err)
-    assert err < api._tscores.tolerance(128, bits, heads), err
+    assert err < SCORE_TILES.tolerance(128, bits, heads), err
     assert np.abs(got[False] - want).max() / scale < 2e-5
 
 
 @pytest.mark.parametrize("d,bits", ((384, 2), (384, 3), (512, 2), (512, 3), (512, 4)))
 def test_one_query_large_dims(d, bits):
     """Head dims where the one-query kernel's shared memory needs smaller blocks or tables
-    (rotorq.cuda.tiled_scores.one_query_config), and D = 512 at 4 bits, where no table fits
-    and the generic kernel scores: the public scores against the CPU. Keys are quantized on
-    the CPU (the GPU quantize kernels of these shapes take minutes to compile)."""
+    (rotorq.cuda.gen.score_tiles.one_query_config), and D = 512 at 4 bits, where no table
+    fits and the unrolled kernel (rotorq.cuda.gen.scores_rows) scores: the public scores
+    against the CPU. Keys are quantized on the CPU."""
     rng = np.random.default_rng()
-    ts = importlib.import_module("rotorq.cuda.tiled_scores")
+    ts = SCORE_TILES
     rotation = "dense" if d == 384 else "hadamard"
     tq = rotorq.TurboQuant(d, bits, rotation=rotation, norm_dtype="float32")
     x = data(rng, (1, FAST_N // 2 + 809, d))
@@ -440,3 +430,25 @@ def test_one_query_large_dims(d, bits):
     err = np.abs(s - want).max() / np.abs(want).max()
     assert (ts.one_query_config(d, bits) is None) == (d == 512 and bits == 4)
     assert err < ts.tolerance(d, bits, 1), err
+
+
+@pytest.mark.parametrize("d,bits,heads", ((64, 3, 8), (64, 3, 3), (128, 1, 1), (128, 1, 8)))
+def test_rows_scores_match_cpu(d, bits, heads):
+    """Shapes the tiled score kernels do not take (1-bit codes; 2–8 rows where D·bits is not
+    a multiple of 128) go to the unrolled kernel (rotorq.cuda.gen.scores_rows): the public
+    scores against the CPU within 2e-5 of the largest score."""
+    rng = np.random.default_rng()
+    tq = rotorq.TurboQuant(d, bits, norm_dtype="float32")
+    assert isinstance(api._generated_score_kernel(d, bits, heads)[0].spec,
+                      SCORES_ROWS.ScoresRowsSpec)
+    x = data(rng, (1, FAST_N + 77, d))
+    hk = tq.quantize(x)
+    origin = tq.quantize(cp.asarray(x[0, :2])).origin
+    keys = rotorq.QuantizedVectors({k: cp.asarray(v) for k, v in hk.parts.items()}, hk.config,
+                                   origin)
+    q = data(rng, (2, heads, d))[1:]
+    s = host(tq.scores(cp.asarray(q), keys))
+    want = tq.scores(q, hk)
+    err = np.abs(s - want).max() / np.abs(want).max()
+    _record(f"unrolled scores d={d} {bits}-bit {heads} queries", s.size, 0, max_rel_err=err)
+    assert err < 2e-5, err

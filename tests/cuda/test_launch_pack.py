@@ -98,7 +98,6 @@ class FakeDriver:
 def fake_driver(monkeypatch):
     drv = FakeDriver()
     monkeypatch.setattr(launch, "driver", types.SimpleNamespace(launchKernel=drv.launchKernel))
-    monkeypatch.setattr(launch, "ROUTE", "ptx")
     return drv
 
 

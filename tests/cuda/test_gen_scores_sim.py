@@ -1,11 +1,12 @@
-"""The tiled score kernels of :mod:`rotorq.cuda.tiled_scores` under Numba's simulator against
-the CPU twin (:func:`rotorq.cpu.scores.scores_mse`).
+"""The generated tiled score kernels (:mod:`rotorq.cuda.gen.scores_one`,
+:mod:`rotorq.cuda.gen.scores_group`) under Numba's simulator against the CPU twin
+(:func:`rotorq.cpu.scores.scores_mse`).
 
 Tiny shapes: 37 keys in tiles of 4 (one query) or 16–32 keys (query groups) on 2 blocks, so
 that the grid-stride loop over tiles, the prefetch of the next tile, the partial last tile,
 the loop over output batches (3 batches on 2 blocks, two sharing one key batch) and, for more
 than 8 query rows, a second chunk of rows all run. One query: float32 tables at 2 and 4 bits
-(2e-5 relative tolerance, as :mod:`rotorq.cuda.fast`), float16 tables at 3 bits; query groups:
+(2e-5 relative tolerance), float16 tables at 3 bits; query groups:
 fp16 tensor-core inputs; float16 paths err at most 1e-3 of the largest score (measured ~3e-4).
 Run with ``NUMBA_ENABLE_CUDASIM=1 python -m pytest -m cudasim tests/cuda``.
 """
@@ -22,7 +23,9 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
 
 import rotorq
 
-ts = importlib.import_module("rotorq.cuda.tiled_scores")
+sct = importlib.import_module("rotorq.cuda.gen.score_tiles")
+scores_one = importlib.import_module("rotorq.cuda.gen.scores_one")
+scores_group = importlib.import_module("rotorq.cuda.gen.scores_group")
 CPU_SCORES = importlib.import_module("rotorq.cpu.scores")
 
 pytestmark = pytest.mark.cudasim
@@ -54,14 +57,14 @@ def test_one_query_matches_cpu(big_d, bits):
     float16), single-coordinate float32 tables (4 bits)."""
     threads = 4
     args, expected = _case(big_d, bits, 1, big_d + bits)
-    kern = ts.one_query_kernel(big_d, bits, threads)
+    kern = scores_one.kernel(big_d, bits, threads)
     plan = {2: (3, True) if big_d % 3 == 0 else (2, False), 3: (2, True), 4: (1, False)}[bits]
-    assert (kern.table_group, kern.table_half) == ts.table_plan(big_d, bits) == plan
+    assert (kern.table_group, kern.table_half) == sct.table_plan(big_d, bits) == plan
     assert -(-N_KEYS // kern.keys_per_tile) > 2  # more tiles than blocks
     kern[(2, 2), threads](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()
-    assert err < ts.tolerance(big_d, bits, 1), err
+    assert err < sct.tolerance(big_d, bits, 1), err
     if plan[1]:
         assert err > 1e-6  # float16 entries really were used
     else:
@@ -73,12 +76,12 @@ def test_one_query_column_table_build(big_d, bits, threads):
     """Blocks a multiple of the table width build it by columns (each thread one column's
     centroids, for every ``threads / width``-th group): same scores as the CPU."""
     args, expected = _case(big_d, bits, 1, 3 * big_d + bits)
-    kern = ts.one_query_kernel(big_d, bits, threads)
-    assert "col = tid &" in kern.rotorq_source
+    kern = scores_one.kernel(big_d, bits, threads)
+    assert "col = tid &" in kern.source
     kern[(2, 2), threads](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()
-    assert err < ts.tolerance(big_d, bits, 1), err
+    assert err < sct.tolerance(big_d, bits, 1), err
 
 
 @pytest.mark.parametrize("scale", (1e-6, 1e4))
@@ -89,7 +92,7 @@ def test_one_query_half_table_scaling(scale):
     args, expected = _case(64, 3, 1, 5, scale)
     args[0][1] = 0
     expected[1] = 0
-    kern = ts.one_query_kernel(64, 3, 5)
+    kern = scores_one.kernel(64, 3, 5)
     assert kern.table_half
     kern[(2, 2), 5](*args)
     out = args[-1]
@@ -104,7 +107,7 @@ def test_one_query_plans_agree():
     for plan in ((4, False), (2, False), (1, False), (2, True)):
         out = args[-1]
         out[:] = np.nan
-        ts.one_query_kernel(64, 2, 4, plan)[(2, 2), 4](*args)
+        scores_one.kernel(64, 2, 4, plan)[(2, 2), 4](*args)
         err = np.abs(out - expected).max() / np.abs(expected).max()
         assert err < (1e-3 if plan[1] else 2e-5), (plan, err)
 
@@ -114,8 +117,8 @@ def test_one_query_plans_agree():
 def test_group_matches_cpu(big_d, bits, n_m, steps):
     """Tensor-core kernel (MMA emulated): 2–11 rows (11: two row chunks), 1 warp."""
     args, expected = _case(big_d, bits, n_m, 7 * big_d + n_m)
-    kern = ts.group_kernel(big_d, bits, warps=1, steps=steps)
-    kern[(2, 2, -(-n_m // ts.MAX_ROWS)), 32](*args)
+    kern = scores_group.kernel(big_d, bits, warps=1, steps=steps)
+    kern[(2, 2, -(-n_m // sct.MAX_ROWS)), 32](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()
     assert err < 1e-3, err
@@ -130,10 +133,10 @@ def test_first_tile_order_gives_same_scores(which):
     out = {}
     for early in (True, False):
         if which == "one":
-            kern = ts.one_query_kernel(64, 2, 16, early=early)
+            kern = scores_one.kernel(64, 2, 16, early=early)
             kern[(2, 2), 16](*args)
         else:
-            kern = ts.group_kernel(64, 2, warps=1, steps=1, early=early)
+            kern = scores_group.kernel(64, 2, warps=1, steps=1, early=early)
             kern[(2, 2, 1), 32](*args)
         out[early] = args[-1].copy()
     np.testing.assert_array_equal(out[True], out[False])
@@ -146,41 +149,9 @@ def test_group_query_scaling(scale):
     args, expected = _case(64, 4, 4, 3, scale)
     args[0][1, 2] = 0
     expected[1, 2] = 0
-    kern = ts.group_kernel(64, 4, warps=1, steps=1)
+    kern = scores_group.kernel(64, 4, warps=1, steps=1)
     kern[(2, 2, 1), 32](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()
     assert err < 1e-3, err
     assert (out[1, 2] == 0).all()
-
-
-def test_applies_and_strides():
-    """Which shapes the tiled kernels take; code-tile reads of the benchmark shape are
-    conflict-free (one wavefront per warp access)."""
-    assert ts.applies(128, 3, 1) and ts.applies(128, 3, 8) and ts.applies(128, 2, 5)
-    assert ts.applies(128, 4, 1) and not ts.applies(128, 1, 1)
-    assert not ts.applies(96, 3, 8)  # D·bits not a multiple of 128: lanes' words not aligned
-    assert ts.group_size(128, 3) == 2 and ts.group_size(128, 2) == 2
-    assert ts.group_size(128, 4) == 1
-    # the one-query kernel's static shared memory fits 48 KB at every size it takes: smaller
-    # blocks, then smaller float32 tables, else not applicable (4 bits from D = 384)
-    for d in range(32, 513, 32):
-        for bits in (2, 3, 4):
-            config = ts.one_query_config(d, bits)
-            assert (config is not None) == ts.applies(d, bits, 1)
-            if config:
-                assert ts._one_shared_bytes(d, bits, *config) <= ts.STATIC_SHARED
-    assert ts.one_query_config(512, 3) == (128, (1, False))
-    assert ts.one_query_config(384, 4) is None and not ts.applies(512, 4, 1)
-    # a group's table within the 32 banks' 128 bytes: one wavefront per random warp lookup
-    for d, bits in ((128, 2), (128, 3), (128, 4), (96, 2), (256, 3)):
-        g, half = ts.table_plan(d, bits)
-        assert (2 if half else 4) << (g * bits) <= 128 and d % g == 0
-    w = 12
-    s = ts._pick_stride(w, lambda s: [[t * s + k for t in range(32)] for k in range(w)])
-    assert s == 13
-    src = ts.one_query_kernel(128, 3).rotorq_source
-    assert "ct[rb + U32(11)]" in src and "rb = U32(tid) * U32(13)" in src
-    # constant table row per pair (folds into the shared load's address), 64-bit code words
-    assert "half_float(tab[63, (q5 >> U64(58)) & U64(63)])" in src
-    assert "tab[10, ((q0 >> U64(60)) | (q1 << U64(4))) & U64(63)]" in src

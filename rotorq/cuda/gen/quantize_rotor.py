@@ -1,8 +1,8 @@
-"""Tiled fused rotor quantize (RotorQuant, MSE mode) for batches of rows.
+"""Generated tiled fused rotor quantize (RotorQuant, MSE mode) for batches of rows.
 
 The same results as :func:`rotorq.cpu.quantize.quantize_rotor` (its CPU twin, up to the
 documented rounding flips: NVVM contracts the 3×3 products into FMAs, as in
-:func:`rotorq.cuda.rotate.rotor_row`), laid out like :func:`rotorq.cuda.tiled.quantize_kernel`
+:func:`rotorq.cuda.rotate.rotor_row`), laid out like :mod:`rotorq.cuda.gen.quantize`
 so that global memory sees only whole lines.
 
 A block of ``T = R·P`` threads owns a tile of ``R`` rows (32 on the GPU: the lanes of a warp
@@ -27,7 +27,7 @@ iteration of the grid-stride loop over tiles:
    the same matrix: broadcasts) — for float32 rows the CPU's scaled
    ``v = float32(float64(x)·inv_n)``, for fp16 rows the unscaled ``x`` (exact in float32),
    compared with ``boundary·float32(n)`` per row as in
-   :func:`rotorq.cuda.tiled.quantize_kernel` (rare extra rounding flips, 13% fewer
+   :mod:`rotorq.cuda.gen.quantize` (rare extra rounding flips, 13% fewer
    instructions) — decides the codes as that kernel does (a register bisection, by sign and
    magnitude for fp16 rows of 2–4 bits; a heap bisection in shared memory for float32 rows of
    4 bits) and packs them with constant shifts into a shared code tile laid out as the output
@@ -38,19 +38,14 @@ iteration of the grid-stride loop over tiles:
    tiles (:func:`padded_rows`), so no store is guarded.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ._jit import SIMULATOR
-from .fast import _build
-from .tiled import (
-    _decision,
-    _Gen,
-    _heap_decide,
-    _heap_order,
-    _reg_boundaries,
-    _reg_decide,
-    _sym_decide,
-)
+from .._jit import SIMULATOR
+from . import decide
+from . import row_tiles as rt
+from .build import Source, Spec, build
 
 ROWS = 32
 """Rows per tile (the lanes of a warp) used by :mod:`rotorq.cuda.api`."""
@@ -58,20 +53,18 @@ GROUPS = 8
 """``Q``: 3-groups per thread at every bit width (``3Q·bits`` code bits are whole bytes)."""
 REGS_HALF = 56
 """Register budget per thread for fp16 rows, which sets the resident blocks (launch bounds):
-at d = 128 (192 threads) 6 blocks, 48 registers used, no spills — 168.5 µs at N = 2^20 against
-178.8 with 5 blocks (64 registers) and 177.1 with 8 (40) on an H200."""
+at d = 128 (192 threads) 6 blocks, 48 registers used, no spills; the fastest of 5, 6 and 8
+blocks (benchmarks/RESULTS.md, "Launch bounds of the tiled quantize kernels")."""
 MAT = 12
 """Floats per 3×3 matrix in shared memory (9 used; 48 bytes keeps each 16-byte aligned)."""
 
-_kernels: dict = {}
 
-
-def quantize_applies(kind, d, big_d, bits, dtype, sketch_rows):
-    """Whether :func:`quantize_kernel` handles this call (MSE mode, fp16 rows of even ``d`` or
+def applies(kind, d, stored_dim, bits, dtype, sketch_rows):
+    """Whether the tiled rotor quantize handles this call (MSE mode, fp16 rows of even ``d`` or
     float32 rows, at most 32 parts per row)."""
-    if kind != "rotor" or sketch_rows or not 1 <= bits <= 4 or big_d != 3 * (-(-d // 3)):
+    if kind != "rotor" or sketch_rows or not 1 <= bits <= 4 or stored_dim != 3 * (-(-d // 3)):
         return False
-    if -(-(big_d // 3) // GROUPS) * ROWS > 1024:
+    if -(-(stored_dim // 3) // GROUPS) * ROWS > 1024:
         return False
     return dtype == np.float32 or (dtype == np.float16 and d % 2 == 0)
 
@@ -81,7 +74,8 @@ def padded_rows(n, rows=ROWS):
     return -(-n // rows) * rows
 
 
-def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
+@dataclass(frozen=True)
+class RotorQuantizeSpec(Spec):
     """Tiled fused rotor MSE quantize of rows of ``d`` coordinates (fp16 or float32).
 
     ``(x, mats, boundaries, centroids, codes, norms)``: ``x`` flat (n·d/2,) uint32 fp16 pairs
@@ -89,22 +83,46 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
     matrices); ``codes`` the packed rows as flat uint32 words, with room for
     :func:`padded_rows` rows (``padded_rows(n)·nbytes / 4`` words; the rows past ``n`` get
     codes of zero rows); ``norms`` (n,) float32. ``rows`` must be a multiple of 4. ``regs``:
-    the register budget per thread that sets the resident blocks (default :data:`REGS_HALF`
-    for fp16 rows, 80 for float32; ``benchmarks/gpu_launch_bounds.py`` compares). Launch
+    the register budget per thread that sets the resident blocks. Launch
     ``kern.threads`` threads per block, any grid (blocks stride over tiles of ``rows`` rows).
     """
-    key = (d, bits, half, bool(norm_correction), rows, regs)
+
+    d: int
+    bits: int
+    half: bool
+    norm_correction: bool
+    rows: int
+    regs: int
+
+    def generate(self):
+        return _generate(self.d, self.bits, self.half, self.norm_correction, self.rows,
+                         self.regs)
+
+
+def spec(d, bits, half, norm_correction, rows=ROWS, regs=None):
+    """The :class:`RotorQuantizeSpec` of one call shape; ``regs=None``: :data:`REGS_HALF` for
+    fp16 rows, 80 for float32 rows (twice the prefetched words; 64 spilled at 4 bits)."""
     if rows % 4:
         raise ValueError(f"rows per tile must be a multiple of 4, got {rows}")
-    if key in _kernels:
-        return _kernels[key]
+    if regs is None:
+        regs = REGS_HALF if half else 80
+    return RotorQuantizeSpec(int(d), int(bits), bool(half), bool(norm_correction), int(rows),
+                             int(regs))
+
+
+def kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
+    """The compiled kernel of :func:`spec`."""
+    return build(spec(d, bits, half, norm_correction, rows, regs))
+
+
+def _generate(d, bits, half, norm_correction, rows, regs):
     n_groups = -(-d // 3)
-    big_d = 3 * n_groups
+    stored_dim = 3 * n_groups
     q_n = GROUPS
     p_n = -(-n_groups // q_n)
     q_last = n_groups - q_n * (p_n - 1)  # groups of the last part
     threads = rows * p_n
-    gen = _Gen(16 * p_n, threads, half, d)  # (r, p) = (tid % rows, tid // rows)
+    gen = rt.RowTiles(16 * p_n, threads, half, d)  # (r, p) = (tid % rows, tid // rows)
     assert gen.R == rows
     wq = 3 * q_n // 2 if half else 3 * q_n  # input words per part
     sw = wq * p_n | 1
@@ -114,11 +132,11 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
         gen.S, gen.SH = sw, None
     w_in = gen.w_in
     pp = p_n | 1  # float64 partials per row
-    n_bytes = -(-big_d * bits // 8)
+    n_bytes = -(-stored_dim * bits // 8)
     b_n = 3 * q_n * bits // 8  # code bytes per part
     tile_words = rows * n_bytes // 4
     levels = 1 << bits
-    decision = _decision(bits, half)
+    decision = decide.decision(bits, half)
     in_regs = decision != "heap"
     tile_name = "raw" if half else "ft"
     L = gen.L
@@ -157,7 +175,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
             gen.add(4, "    cs[t] = centroids[t]")
         gen.add(4, f"    t += {threads}")
     scaled = half and in_regs  # fp16 rows: compare unscaled rotations with n·boundaries
-    reg_bd = _reg_boundaries(bits, decision) if in_regs else []
+    reg_bd = decide.register_boundaries(bits, decision) if in_regs else []
     gen.add(4, *[f"{'bq' if scaled else 'bd'}{i} = boundaries[{j}]" for i, j in enumerate(reg_bd)])
     gen.prologue()
     gen.add(4, "n_rows = U64(norms.shape[0])", "total_out = U64(codes.shape[0])",
@@ -191,7 +209,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
         gen.add(8, "n = math.sqrt(acc)", "inv_n = 1.0 / n if n > 0.0 else 0.0")
     if not norm_correction:
         gen.add(8, "if p == U64(0) and row < n_rows:", "    norms[row] = n")
-    decide = {"regs": _reg_decide, "sym": _sym_decide, "heap": _heap_decide}[decision]
+    decide_lines = decide.LINES[decision]
     n_w = (n_c * bits + 31) // 32
     gen.add(8, *[f"o{w} = U32(0)" for w in range(n_w)])
     if norm_correction:
@@ -214,7 +232,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
             gen.add(ind, f"y{k} = m{3 * k} * v0 + m{3 * k + 1} * v1 + m{3 * k + 2} * v2")
         for k in range(3):
             c = f"c{3 * q + k}"
-            gen.add(ind, *decide(f"y{k}", c, bits))
+            gen.add(ind, *decide_lines(f"y{k}", c, bits))
             if norm_correction:
                 gen.add(ind, f"f = np.float64(cs[{c}])", "cn += f * f")
             pos = (3 * q + k) * bits
@@ -249,17 +267,7 @@ def quantize_kernel(d, bits, half, norm_correction, rows=ROWS, regs=None):
             ind = 12
         gen.add(ind, f"codes[g + U64({i * threads})] = cw[tid + U64({i * threads})]")
     gen.add(8, "tile = nxt")
-    # registers per thread: REGS_HALF for fp16 rows, 80 for float32 rows (twice the
-    # prefetched words; 64 spilled at 4 bits)
-    if regs is None:
-        regs = REGS_HALF if half else 80
     blocks = max(1, min(32, 2048 // threads, 65536 // (regs * threads)))
     L.append(f"# rows per tile {rows}, launch bounds ({threads}, {blocks})")
-    kern = _build("quantize_rotor_tiled", L, {"U64": np.uint64, "HEAP": _heap_order(bits)})
-    kern.rows_per_tile = rows
-    kern.threads = threads
-    kern.blocks_per_sm = blocks
-    kern.launch_bounds = (threads, blocks)
-    _kernels[key] = kern
-    return kern
-
+    return Source("quantize_rotor_tiled", L, {"HEAP": decide.heap_order(bits)},
+                  rt.launch_attrs(rows, threads, blocks))
