@@ -2,8 +2,11 @@
 
 The kernel modules mirror :mod:`rotorq.cpu` module by module and function by function
 (``bits``, ``wht``, ``rotate``, ``quantize``, ``dequantize``, ``scores``, ``qjl``, ``rotor``,
-``attention``); the backend functions (defined in :mod:`rotorq.cuda.api`, re-exported here)
-take cupy arrays and launch the kernels on the caller's current stream. Importing this package
+``attention``, with the split merge and the window attention in ``merge``); the kernels
+generated per shape for the hot paths are in :mod:`rotorq.cuda.gen`. The backend functions
+(defined in :mod:`rotorq.cuda.api`, re-exported here) take cupy arrays and launch the kernels
+on the caller's current stream (:mod:`rotorq.cuda._launch`); :mod:`rotorq.cuda.plans` prepares
+repeated score calls. Importing this package
 imports cupy and numba.cuda, which is why :mod:`rotorq` imports it only when a GPU array arrives.
 
 Without cupy, or under the Numba simulator (``NUMBA_ENABLE_CUDASIM=1``), only the kernel

@@ -164,13 +164,10 @@ ROWS_SCORE_BLOCKS_PER_SM = 16
 """Resident blocks per SM the persistent grid of that kernel aims at."""
 
 
-@functools.cache
-def _sm_count_of(device_id):
-    return cp.cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
+@cp.memoize(for_each_device=True)
 def _sm_count():
-    return _sm_count_of(cp.cuda.runtime.getDevice())
+    """Streaming multiprocessors of the current device (cached per device)."""
+    return cp.cuda.Device().attributes["MultiProcessorCount"]
 
 
 _U32, _U16 = np.dtype(np.uint32), np.dtype(np.uint16)
@@ -474,19 +471,12 @@ def _attention_kernel(key_dim, key_bits, value_dim, value_bits, bias, tiled):
     return _gen_att.kernel(key_dim, key_bits, value_dim, value_bits, bias=bias, tiled=tiled)
 
 
-_ATT_PLACEHOLDERS: dict = {}
-
-
+@cp.memoize(for_each_device=True)
 def _att_placeholders(n_bh, n_rows):
-    dev = cp.cuda.runtime.getDevice()
-    ph = _ATT_PLACEHOLDERS.get(dev)
-    if ph is None:
-        ph = _ATT_PLACEHOLDERS[dev] = (cp.zeros((1, 1, 1), cp.uint8), cp.zeros((1, 1), cp.float16),
-                                       cp.zeros(1, cp.float32), {})
-    empty = ph[3].get((n_bh, n_rows))
-    if empty is None:
-        empty = ph[3][(n_bh, n_rows)] = cp.zeros((n_bh, n_rows, 0), cp.float32)
-    return ph[0], ph[1], ph[2], empty
+    """Arguments standing for absent parts of :func:`decode_attention` on the current device
+    (uint8 codes, float16 norms, float32 centroids, a (BH, R, 0) query), cached per device."""
+    return (cp.zeros((1, 1, 1), cp.uint8), cp.zeros((1, 1), cp.float16), cp.zeros(1, cp.float32),
+            cp.zeros((n_bh, n_rows, 0), cp.float32))
 
 
 def _contiguous_f16(a):

@@ -23,7 +23,7 @@ from .qjl import sign_dots
 
 
 @device
-def code_dots(row, bits, big_d, q_sh, c_sh, count, queries, acc):
+def code_dots(row, bits, stored_dim, q_sh, c_sh, count, queries, acc):
     """``acc[i] += Σ_k q_sh[i·D + k] · c_sh[code k]`` for ``i < count ≤ queries``.
 
     ``queries`` is a constant at each call site, so the query loop unrolls into registers.
@@ -32,12 +32,12 @@ def code_dots(row, bits, big_d, q_sh, c_sh, count, queries, acc):
     w = 0
     buf = 0
     nbuf = 0
-    for k in range(big_d):
+    for k in range(stored_dim):
         code, w, buf, nbuf = read_code(row, wbits, bits, w, buf, nbuf)
         c = c_sh[code]
         for i in range(queries):
             if i < count:
-                acc[i] += q_sh[i * big_d + k] * c
+                acc[i] += q_sh[i * stored_dim + k] * c
 
 
 @device
@@ -45,12 +45,12 @@ def _scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids
             qjl_scale, use_qjl, out):
     n_b, n_m, n_keys = out.shape
     tid, threads, j, first, count = key_thread(n_keys, n_m)
-    big_d = qrot.shape[2]
+    stored_dim = qrot.shape[2]
     m = qsketch.shape[2] if use_qjl else 0
     sh = cuda.shared.array(0, numba.float32)
-    q_sh = sh[:count * big_d]
-    s_sh = sh[count * big_d:count * (big_d + m)]
-    c_sh = sh[count * (big_d + m):count * (big_d + m) + centroids.shape[0]]
+    q_sh = sh[:count * stored_dim]
+    s_sh = sh[count * stored_dim:count * (stored_dim + m)]
+    c_sh = sh[count * (stored_dim + m):count * (stored_dim + m) + centroids.shape[0]]
     t = tid
     while t < centroids.shape[0]:
         c_sh[t] = centroids[t]
@@ -69,9 +69,9 @@ def _scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids
                 acc[i] = 0.0
                 qacc[i] = 0.0
             if count == 1:
-                code_dots(codes[kb, j], bits, big_d, q_sh, c_sh, 1, 1, acc)
+                code_dots(codes[kb, j], bits, stored_dim, q_sh, c_sh, 1, 1, acc)
             else:
-                code_dots(codes[kb, j], bits, big_d, q_sh, c_sh, count, MAX_QUERIES, acc)
+                code_dots(codes[kb, j], bits, stored_dim, q_sh, c_sh, count, MAX_QUERIES, acc)
             w = norms[kb, j]
             gamma = np.float32(0.0)
             if use_qjl:

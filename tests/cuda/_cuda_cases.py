@@ -57,12 +57,12 @@ def _quantize_cases(rng, dtype):
     for rotation, d in (("hadamard", 6), ("rotor", 7), ("dense", 5)):
         for mode, nc in (("mse", False), ("prod", True)):
             tq = rotorq.TurboQuant(d, 3, mode=mode, rotation=rotation)
-            big_d = tq.stored_dim
+            stored_dim = tq.stored_dim
             x = (rng.standard_normal((n, d)) * 3).astype(dtype)
             x[2] = 0.0  # a zero vector
             xf = x.astype(np.float64 if dtype == np.float64 else np.float32)
             sk = tq.sketch if tq.sketch is not None else np.empty((0, 1), np.float32)
-            outs = (np.zeros((n, (big_d * tq.mse_bits + 7) // 8), np.uint8),
+            outs = (np.zeros((n, (stored_dim * tq.mse_bits + 7) // 8), np.uint8),
                     np.zeros(n, np.float32), np.zeros((n, (sk.shape[0] + 7) // 8), np.uint8),
                     np.zeros(n, np.float32))
             tail = (tq.boundaries, tq.centroids, tq.mse_bits, int(nc), sk)
@@ -76,16 +76,16 @@ def _quantize_cases(rng, dtype):
             getattr(CPU["quantize"], kern)(xf, *prm, *tail, *expected)
             first = 1 + len(prm) + len(tail)
             yield Case(f"{kern}-{mode}-{np.dtype(x.dtype).name}", "quantize", kern,
-                       ("rows", n, big_d), (x, *prm, *tail, *outs),
+                       ("rows", n, stored_dim), (x, *prm, *tail, *outs),
                        tuple(range(first, first + 4)), expected)
             codes, norms = expected[:2]
             kern = "dequantize_rotated" if rotation == "dense" else f"dequantize_{rotation}"
-            out = np.zeros((n, big_d if rotation == "dense" else d), np.float32)
+            out = np.zeros((n, stored_dim if rotation == "dense" else d), np.float32)
             exp = np.zeros_like(out)
             args = (codes, norms, *prm, tq.centroids, tq.mse_bits)
             getattr(CPU["dequantize"], kern)(*args, exp)
             yield Case(f"{kern}-{mode}", "dequantize", kern,
-                       ("rows", n, big_d), (*args, out), (len(args),), (exp,))
+                       ("rows", n, stored_dim), (*args, out), (len(args),), (exp,))
 
 
 def _rotate_cases(rng, dtype):
@@ -93,18 +93,18 @@ def _rotate_cases(rng, dtype):
     for rotation, d in (("hadamard", 6), ("rotor", 7)):
         tq = rotorq.TurboQuant(d, 3, rotation=rotation)
         prm = tq.rotation.params(np)["signs" if rotation == "hadamard" else "mats"]
-        big_d = tq.stored_dim
+        stored_dim = tq.stored_dim
         x = rng.standard_normal((n, d)).astype(dtype)
-        y = rng.standard_normal((n, big_d)).astype(np.float32)
-        fwd, inv = np.zeros((n, big_d), np.float32), np.zeros((n, d), np.float32)
+        y = rng.standard_normal((n, stored_dim)).astype(np.float32)
+        fwd, inv = np.zeros((n, stored_dim), np.float32), np.zeros((n, d), np.float32)
         efwd, einv = np.zeros_like(fwd), np.zeros_like(inv)
         scale = float(rng.uniform(0.1, 2.0))
         getattr(CPU["rotate"], f"rotate_{rotation}")(x.astype(np.float32), prm, scale, efwd)
         getattr(CPU["rotate"], f"unrotate_{rotation}")(y, prm, einv)
         yield Case(f"rotate_{rotation}-{np.dtype(dtype).name}", "rotate", f"rotate_{rotation}",
-                   ("rows", n, big_d), (x, prm, scale, fwd), (3,), (efwd,))
+                   ("rows", n, stored_dim), (x, prm, scale, fwd), (3,), (efwd,))
         yield Case(f"unrotate_{rotation}", "rotate", f"unrotate_{rotation}",
-                   ("rows", n, big_d), (y, prm, inv), (2,), (einv,))
+                   ("rows", n, stored_dim), (y, prm, inv), (2,), (einv,))
     x = rng.standard_normal((n, 8)).astype(dtype)
     out = np.zeros((n, 8), np.float32)
     exp = np.zeros_like(out)
@@ -159,12 +159,12 @@ def _scores_cases(rng):
     """MSE and prod scores; D = 32 rows (12 code bytes, 4 sign bytes) also as uint32 words."""
     bq, bk, n_m, n_k, b = 2, 2, 3, 5, 3
     qmap, kmap = np.array([0, 1, 1], np.int64), np.array([1, 0, 1], np.int64)
-    for big_d in (8, 32):
-        tq = rotorq.TurboQuant(big_d, b + 1, mode="prod")
+    for stored_dim in (8, 32):
+        tq = rotorq.TurboQuant(stored_dim, b + 1, mode="prod")
         m = tq.qjl_dim
-        qrot = rng.standard_normal((bq, n_m, big_d)).astype(np.float32)
+        qrot = rng.standard_normal((bq, n_m, stored_dim)).astype(np.float32)
         qsk = rng.standard_normal((bq, n_m, m)).astype(np.float32)
-        codes = rng.integers(0, 256, (bk, n_k, (big_d * b + 7) // 8)).astype(np.uint8)
+        codes = rng.integers(0, 256, (bk, n_k, (stored_dim * b + 7) // 8)).astype(np.uint8)
         norms = rng.random((bk, n_k)).astype(np.float32)
         signs = rng.integers(0, 256, (bk, n_k, (m + 7) // 8)).astype(np.uint8)
         qn = rng.random((bk, n_k)).astype(np.float32)
@@ -175,14 +175,14 @@ def _scores_cases(rng):
                                   tq.centroids, b, tq.qjl_scale, e_prod)
         levels = tq.centroids.shape[0]
         views = [("bytes", codes, signs)]
-        if big_d == 32:
+        if stored_dim == 32:
             views.append(("words", codes.view(np.uint32), signs.view(np.uint32)))
         for kind, c, sg in views:
-            yield Case(f"scores_mse-{big_d}-{kind}", "scores", "scores_mse",
-                       ("scores", big_d, levels),
+            yield Case(f"scores_mse-{stored_dim}-{kind}", "scores", "scores_mse",
+                       ("scores", stored_dim, levels),
                        (qrot, qmap, c, norms, kmap, tq.centroids, b, out), (7,), (e_mse,))
-            yield Case(f"scores_prod-{big_d}-{kind}", "scores", "scores_prod",
-                       ("scores", big_d + m, levels),
+            yield Case(f"scores_prod-{stored_dim}-{kind}", "scores", "scores_prod",
+                       ("scores", stored_dim + m, levels),
                        (qrot, qsk, qmap, c, norms, sg, qn, kmap, tq.centroids, b,
                         tq.qjl_scale, out), (11,), (e_prod,))
     qjl = rotorq.QJL(8, 64)

@@ -32,13 +32,13 @@ pytestmark = pytest.mark.cudasim
 N_KEYS = 37
 
 
-def _case(big_d, bits, n_m, seed, scale=1.0):
+def _case(stored_dim, bits, n_m, seed, scale=1.0):
     rng = np.random.default_rng(seed)
-    rotation = "hadamard" if big_d & (big_d - 1) == 0 else "dense"  # stored dimension big_d
-    tq = rotorq.TurboQuant(big_d, bits, rotation=rotation, norm_dtype="float32")
-    keys = tq.quantize(rng.standard_normal((2, N_KEYS, big_d)).astype(np.float32))
-    q = (rng.standard_normal((3, n_m, big_d)) * scale).astype(np.float32)
-    qrot = np.asarray(tq.rotate(q)).reshape(3, n_m, big_d).astype(np.float32)
+    rotation = "hadamard" if stored_dim & (stored_dim - 1) == 0 else "dense"  # stored dimension stored_dim
+    tq = rotorq.TurboQuant(stored_dim, bits, rotation=rotation, norm_dtype="float32")
+    keys = tq.quantize(rng.standard_normal((2, N_KEYS, stored_dim)).astype(np.float32))
+    q = (rng.standard_normal((3, n_m, stored_dim)) * scale).astype(np.float32)
+    qrot = np.asarray(tq.rotate(q)).reshape(3, n_m, stored_dim).astype(np.float32)
     qmap = np.array([0, 1, 2], np.int64)
     kmap = np.array([0, 1, 1], np.int64)
     codes = np.ascontiguousarray(np.asarray(keys.codes).reshape(2, N_KEYS, -1))
@@ -50,38 +50,38 @@ def _case(big_d, bits, n_m, seed, scale=1.0):
     return args, expected
 
 
-@pytest.mark.parametrize("big_d,bits", ((32, 3), (64, 2), (32, 4), (64, 4), (128, 3), (128, 4),
+@pytest.mark.parametrize("stored_dim,bits", ((32, 3), (64, 2), (32, 4), (64, 4), (128, 3), (128, 4),
                                          (96, 2)))
-def test_one_query_matches_cpu(big_d, bits):
+def test_one_query_matches_cpu(stored_dim, bits):
     """Pair tables (2 bits: float32, 3 bits: float16), triple tables (2 bits at D = 96:
     float16), single-coordinate float32 tables (4 bits)."""
     threads = 4
-    args, expected = _case(big_d, bits, 1, big_d + bits)
-    kern = scores_one.kernel(big_d, bits, threads)
-    plan = {2: (3, True) if big_d % 3 == 0 else (2, False), 3: (2, True), 4: (1, False)}[bits]
-    assert (kern.table_group, kern.table_half) == sct.table_plan(big_d, bits) == plan
+    args, expected = _case(stored_dim, bits, 1, stored_dim + bits)
+    kern = scores_one.kernel(stored_dim, bits, threads)
+    plan = {2: (3, True) if stored_dim % 3 == 0 else (2, False), 3: (2, True), 4: (1, False)}[bits]
+    assert (kern.table_group, kern.table_half) == sct.table_plan(stored_dim, bits) == plan
     assert -(-N_KEYS // kern.keys_per_tile) > 2  # more tiles than blocks
     kern[(2, 2), threads](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()
-    assert err < sct.tolerance(big_d, bits, 1), err
+    assert err < sct.tolerance(stored_dim, bits, 1), err
     if plan[1]:
         assert err > 1e-6  # float16 entries really were used
     else:
         np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("big_d,bits,threads", ((64, 2, 16), (64, 4, 32), (64, 3, 64)))
-def test_one_query_column_table_build(big_d, bits, threads):
+@pytest.mark.parametrize("stored_dim,bits,threads", ((64, 2, 16), (64, 4, 32), (64, 3, 64)))
+def test_one_query_column_table_build(stored_dim, bits, threads):
     """Blocks a multiple of the table width build it by columns (each thread one column's
     centroids, for every ``threads / width``-th group): same scores as the CPU."""
-    args, expected = _case(big_d, bits, 1, 3 * big_d + bits)
-    kern = scores_one.kernel(big_d, bits, threads)
+    args, expected = _case(stored_dim, bits, 1, 3 * stored_dim + bits)
+    kern = scores_one.kernel(stored_dim, bits, threads)
     assert "col = tid &" in kern.source
     kern[(2, 2), threads](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()
-    assert err < sct.tolerance(big_d, bits, 1), err
+    assert err < sct.tolerance(stored_dim, bits, 1), err
 
 
 @pytest.mark.parametrize("scale", (1e-6, 1e4))
@@ -112,12 +112,12 @@ def test_one_query_plans_agree():
         assert err < (1e-3 if plan[1] else 2e-5), (plan, err)
 
 
-@pytest.mark.parametrize("big_d,bits,n_m,steps", ((32, 4, 3, 1), (64, 2, 8, 2), (64, 4, 2, 1),
+@pytest.mark.parametrize("stored_dim,bits,n_m,steps", ((32, 4, 3, 1), (64, 2, 8, 2), (64, 4, 2, 1),
                                                   (128, 3, 8, 1), (64, 2, 11, 1)))
-def test_group_matches_cpu(big_d, bits, n_m, steps):
+def test_group_matches_cpu(stored_dim, bits, n_m, steps):
     """Tensor-core kernel (MMA emulated): 2–11 rows (11: two row chunks), 1 warp."""
-    args, expected = _case(big_d, bits, n_m, 7 * big_d + n_m)
-    kern = scores_group.kernel(big_d, bits, warps=1, steps=steps)
+    args, expected = _case(stored_dim, bits, n_m, 7 * stored_dim + n_m)
+    kern = scores_group.kernel(stored_dim, bits, warps=1, steps=steps)
     kern[(2, 2, -(-n_m // sct.MAX_ROWS)), 32](*args)
     out = args[-1]
     err = np.abs(out - expected).max() / np.abs(expected).max()

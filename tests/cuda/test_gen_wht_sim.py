@@ -27,17 +27,17 @@ CPU_WHT = importlib.import_module("rotorq.cpu.wht")
 
 @pytest.mark.parametrize("half_in,half_out", ((True, True), (True, False), (False, False),
                                               (False, True)))
-@pytest.mark.parametrize("big_d,threads", ((16, 3), (32, 4), (128, 16), (256, 32), (512, 64)))
-def test_tiled_wht_matches_cpu(big_d, threads, half_in, half_out):
+@pytest.mark.parametrize("stored_dim,threads", ((16, 3), (32, 4), (128, 16), (256, 32), (512, 64)))
+def test_tiled_wht_matches_cpu(stored_dim, threads, half_in, half_out):
     """Bit-identical to the CPU's WHT (fp16 output: the CPU's float32 result rounded once)."""
-    rng = np.random.default_rng(big_d + 2 * half_in + half_out)
+    rng = np.random.default_rng(stored_dim + 2 * half_in + half_out)
     n = 7
-    x = rng.standard_normal((n, big_d)).astype(np.float16 if half_in else np.float32)
-    ref = np.empty((n, big_d), np.float32)
+    x = rng.standard_normal((n, stored_dim)).astype(np.float16 if half_in else np.float32)
+    ref = np.empty((n, stored_dim), np.float32)
     CPU_WHT.wht(x.astype(np.float32), ref)
-    out = np.full((n, big_d // 2) if half_out else (n, big_d), 0xFFFF,
+    out = np.full((n, stored_dim // 2) if half_out else (n, stored_dim), 0xFFFF,
                   np.uint32 if half_out else np.float32)
-    kern = wht.kernel(big_d, half_in, half_out, threads)
+    kern = wht.kernel(stored_dim, half_in, half_out, threads)
     assert kern.rows_per_tile * 2 < n  # more tiles than blocks, partial last tile
     kern[2, threads]((x.view(np.uint32) if half_in else x).reshape(-1), out.reshape(-1))
     got = out.view(np.float16).astype(np.float32) if half_out else out

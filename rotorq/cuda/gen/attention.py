@@ -51,18 +51,18 @@ codes (a single 64-entry table takes two: its 2 entries per bank are both wanted
 every lookup of 32 random codes)."""
 
 
-def _red_stride(big_dv):
+def _red_stride(value_dim):
     """Row stride (floats) of the warps' accumulator exchange: ≡ 4 (mod 16), so the stores
     of a warp's ``(row 2t[+1], coordinate 8j + g)`` fall in 32 distinct banks."""
-    return big_dv + 4
+    return value_dim + 4
 
 
-def table_copies(big_dk, kbits, big_dv, vbits):
+def table_copies(key_dim, key_bits, value_dim, value_bits):
     """``(key table copies, value table copies)`` of :class:`MmaAttentionSpec` (each
     :data:`REPLICAS` or 1: replicate the smaller tables first) within
     :data:`STATIC_SHARED`, or None when even single tables do not fit."""
-    lk2, lv2 = 1 << (2 * kbits), 1 << (2 * vbits)
-    fixed = 4 * (WARPS * 128 + 2 * WARPS * 8 + WARPS * 8 * _red_stride(big_dv))
+    lk2, lv2 = 1 << (2 * key_bits), 1 << (2 * value_bits)
+    fixed = 4 * (WARPS * 128 + 2 * WARPS * 8 + WARPS * 8 * _red_stride(value_dim))
     options = [(REPLICAS, REPLICAS), (1, REPLICAS) if lv2 <= lk2 else (REPLICAS, 1),
                (REPLICAS, 1) if lv2 <= lk2 else (1, REPLICAS), (1, 1)]
     for ck, cv in options:
@@ -71,17 +71,18 @@ def table_copies(big_dk, kbits, big_dv, vbits):
     return None
 
 
-def config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
-    """``(DK, kbits, DV, vbits)`` for :class:`MmaAttentionSpec` if it applies, else None."""
-    if dk % 128 or dv % 128 or not (0 < dk <= 512 and 0 < dv <= 512):
+def config(key_dim, key_bits, value_dim, value_bits, key_row_bytes, value_row_bytes):
+    """``(key_dim, key_bits, value_dim, value_bits)`` for :class:`MmaAttentionSpec` if the
+    tensor-core kernel takes these dimensions, bit widths and packed row sizes, else None."""
+    if key_dim % 128 or value_dim % 128 or not (0 < key_dim <= 512 and 0 < value_dim <= 512):
         return None
-    if not (1 <= kbits <= 4 and 1 <= vbits <= 4):
+    if not (1 <= key_bits <= 4 and 1 <= value_bits <= 4):
         return None
-    if k_row_bytes * 8 != dk * kbits or v_row_bytes * 8 != dv * vbits:
+    if key_row_bytes * 8 != key_dim * key_bits or value_row_bytes * 8 != value_dim * value_bits:
         return None
-    if table_copies(dk, kbits, dv, vbits) is None:  # D_v = 384, 512: the general kernel
+    if table_copies(key_dim, key_bits, value_dim, value_bits) is None:  # D_v = 384, 512
         return None
-    return (int(dk), int(kbits), int(dv), int(vbits))
+    return (int(key_dim), int(key_bits), int(value_dim), int(value_bits))
 
 
 
@@ -89,8 +90,8 @@ def config(dk, kbits, dv, vbits, k_row_bytes, v_row_bytes):
 class MmaAttentionSpec(Spec):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
 
-    ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·kbits/32), kn f16 (BH, cap), kcent f32,
-    vc u16 (BH, cap·DV·vbits/16), vn f16 (BH, cap), vcent f32, n_keys, n_q, causal_offset,
+    ``(q f32 (BH, R, DK), kc u32 (BH, cap·DK·key_bits/32), kn f16 (BH, cap), kcent f32,
+    vc u16 (BH, cap·DV·value_bits/16), vn f16 (BH, cap), vcent f32, n_keys, n_q, causal_offset,
     chunk, acc_out f32 (BH, S, R, DV), max_out, sum_out f32 (BH, S, R))`` — the partials of
     the general kernel's contract. Grid ``(S, BH)``, :data:`WARPS` warps per block.
 
@@ -174,19 +175,19 @@ def kernel(key_dim, key_bits, value_dim, value_bits, *, bias=False, tiled=False,
                       blocks=blocks, copies=copies, prefetch=prefetch))
 
 
-def _generate(big_dk, kbits, big_dv, vbits, blocks, copies, bias, tiled, depth):
+def _generate(key_dim, key_bits, value_dim, value_bits, blocks, copies, bias, tiled, depth):
     unroll = depth + 1 if tiled else 1
     slack = RESCALE_SLACK
-    kw = big_dk * kbits // 128  # uint32 key words per lane (DK/4 coordinates)
-    vw = big_dv * vbits // 128  # uint16 value words per lane group (DV/8 coordinates)
+    kw = key_dim * key_bits // 128  # uint32 key words per lane (DK/4 coordinates)
+    vw = value_dim * value_bits // 128  # uint16 value words per lane group (DV/8 coordinates)
     nx = (vw + 1) // 2
-    kch = big_dk // 16
-    mtiles = big_dv // 16
-    lk2, lv2 = 1 << (2 * kbits), 1 << (2 * vbits)
+    kch = key_dim // 16
+    mtiles = value_dim // 16
+    lk2, lv2 = 1 << (2 * key_bits), 1 << (2 * value_bits)
     W = WARPS
     sim = SIMULATOR
     ck, cv = copies
-    S = _red_stride(big_dv)
+    S = _red_stride(value_dim)
     L = [f"def attn_fast(q, kc, kn, kcent, vc, vn, vcent, {'kbias, ' if bias else ''}"
          "n_keys, n_q, causal_offset, chunk,",
          "              acc_out, max_out, sum_out):",
@@ -211,27 +212,27 @@ def _generate(big_dk, kbits, big_dv, vbits, blocks, copies, bias, tiled, depth):
           "    lane4 = U32(4 * lane)",
           # the centroids as float16 bits in shared memory first: the (replicated) table
           # build then reads no global memory in its loop
-          f"    if tid < {1 << kbits}:",
+          f"    if tid < {1 << key_bits}:",
           "        pt[tid] = kcent[tid]",
-          f"    elif tid - {1 << kbits} < {1 << vbits}:",
-          f"        pt[tid] = vcent[tid - {1 << kbits}]",
+          f"    elif tid - {1 << key_bits} < {1 << value_bits}:",
+          f"        pt[tid] = vcent[tid - {1 << key_bits}]",
           "    cuda.syncthreads()",
           "    e = tid",
           f"    while e < {lk2 * ck}:",
           f"        en = e // {ck}",
-          f"        tabk[e] = half_bits(pt[en & {(1 << kbits) - 1}]) | "
-          f"(half_bits(pt[en >> {kbits}]) << U32(16))",
+          f"        tabk[e] = half_bits(pt[en & {(1 << key_bits) - 1}]) | "
+          f"(half_bits(pt[en >> {key_bits}]) << U32(16))",
           f"        e += {32 * W}",
           "    e = tid",
           f"    while e < {lv2 * cv}:",
           f"        en = e // {cv}",
-          f"        tabv[e] = half_bits(pt[{1 << kbits} + (en & {(1 << vbits) - 1})]) | "
-          f"(half_bits(pt[{1 << kbits} + (en >> {vbits})]) << U32(16))",
+          f"        tabv[e] = half_bits(pt[{1 << key_bits} + (en & {(1 << value_bits) - 1})]) | "
+          f"(half_bits(pt[{1 << key_bits} + (en >> {value_bits})]) << U32(16))",
           f"        e += {32 * W}",
           "    qr = min(g, n_rows - 1)",
           # scores in base 2: the query carries log2(e), the softmax uses ex2 (one MUFU)
           f"    qz = np.float32({LOG2E!r}) if g < n_rows else np.float32(0.0)",
-          f"    qo = t * {big_dk // 4}"]
+          f"    qo = t * {key_dim // 4}"]
     for c in range(kch):
         for h in range(2):
             o = 4 * c + 2 * h
@@ -283,7 +284,7 @@ def _generate(big_dk, kbits, big_dv, vbits, blocks, copies, bias, tiled, depth):
           "    ox2 = U32(2 * t + 8)",
           "    ox3 = U32(2 * t + 9)",
           "    nbase = U32(t0 + warp * 16)"]
-    krow, vrow_w = big_dk * kbits // 32, big_dv * vbits // 16
+    krow, vrow_w = key_dim * key_bits // 32, value_dim * value_bits // 16
 
     def loads(ind, pre, base):
         """Loads of the tile at ``base`` (indices clamped into the split) into ``{pre}…``."""
@@ -405,8 +406,8 @@ def _generate(big_dk, kbits, big_dv, vbits, blocks, copies, bias, tiled, depth):
         return f"or32({expr}, lane4)" if copies > 1 else expr
 
     for c in range(kch):
-        p0, p1 = 4 * c * kbits, (4 * c + 2) * kbits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
-        L += [f"{ind}a{i} = word_at(tabk, {lookup(field32(w, p, 2 * kbits, kshift), ck)})"
+        p0, p1 = 4 * c * key_bits, (4 * c + 2) * key_bits  # pairs (4c, 4c+1) and (4c+2, 4c+3)
+        L += [f"{ind}a{i} = word_at(tabk, {lookup(field32(w, p, 2 * key_bits, kshift), ck)})"
               for i, (w, p) in enumerate((("ka", p0), ("kb", p0), ("ka", p1), ("kb", p1)))]
         acc = "s0, s1, s2, s3" if c % 2 == 0 else "z0, z1, z2, z3"
         L.append(mma("a0, a1, a2, a3", f"qb{c}_0, qb{c}_1", acc))
@@ -471,14 +472,14 @@ def _generate(big_dk, kbits, big_dv, vbits, blocks, copies, bias, tiled, depth):
         if tiled:  # coordinate j's codes of tokens (2t, 2t+1) side by side: one field
             for i, (w, j) in enumerate((("wa", 2 * mt), ("wa", 2 * mt + 1), ("wb", 2 * mt),
                                         ("wb", 2 * mt + 1))):
-                fld = field32(w, 2 * j * vbits, 2 * vbits, vshift)
+                fld = field32(w, 2 * j * value_bits, 2 * value_bits, vshift)
                 L.append(f"{ind}a{i} = word_at(tabv, {lookup(fld, cv)})")
             L.append(mma("a0, a1, a2, a3", "pb0, pb1", f"o{mt}_0, o{mt}_1, o{mt}_2, o{mt}_3"))
             continue
         regs = []
         for x0, x1, j in ((0, 1, 2 * mt), (0, 1, 2 * mt + 1), (2, 3, 2 * mt), (2, 3, 2 * mt + 1)):
-            lo = lookup(field32(f"v{x0}_", j * vbits, vbits, shift=vshift), cv)
-            hi = field32(f"v{x1}_", j * vbits, vbits, shift=vbits + vshift)
+            lo = lookup(field32(f"v{x0}_", j * value_bits, value_bits, shift=vshift), cv)
+            hi = field32(f"v{x1}_", j * value_bits, value_bits, shift=value_bits + vshift)
             regs.append(f"word_at(tabv, or32({lo}, {hi}))")
         L += [f"{ind}a0 = {regs[0]}", f"{ind}a1 = {regs[1]}", f"{ind}a2 = {regs[2]}",
               f"{ind}a3 = {regs[3]}"]
@@ -514,19 +515,19 @@ def _generate(big_dk, kbits, big_dv, vbits, blocks, copies, bias, tiled, depth):
               f"{ind}red_a[ob + rb * {S} + {16 * mt + 8}] = o{mt}_3"]
     L += [f"{ind}cuda.syncthreads()",
           f"{ind}u = tid",
-          f"{ind}while u < n_rows * {big_dv + 1}:",
-          f"{ind}    if u < n_rows * {big_dv}:",
-          f"{ind}        r = u // {big_dv}",
-          f"{ind}        cp = u - r * {big_dv}",
-          f"{ind}        col = (cp % 8) * {big_dv // 8} + cp // 8",
+          f"{ind}while u < n_rows * {value_dim + 1}:",
+          f"{ind}    if u < n_rows * {value_dim}:",
+          f"{ind}        r = u // {value_dim}",
+          f"{ind}        cp = u - r * {value_dim}",
+          f"{ind}        col = (cp % 8) * {value_dim // 8} + cp // 8",
           f"{ind}    else:",
-          f"{ind}        r = u - n_rows * {big_dv}",
+          f"{ind}        r = u - n_rows * {value_dim}",
           f"{ind}    mx = neg_inf"]
     for w in range(W):
         L.append(f"{ind}    mx = max(mx, red_m[{8 * w} + r])")
     L += [f"{ind}    sf = mx if mx != neg_inf else np.float32(0.0)",
           f"{ind}    tot = np.float32(0.0)",
-          f"{ind}    if u < n_rows * {big_dv}:"]
+          f"{ind}    if u < n_rows * {value_dim}:"]
     for w in range(W):
         L.append(f"{ind}        tot += exp2f(red_m[{8 * w} + r] - sf) * "
                  f"red_a[{w * 8 * S} + r * {S} + cp]")
