@@ -308,11 +308,12 @@ def dequantize(codes, norms, rot, centroids, nbits):
 
 
 @_on_device
-def dequantize_rotated(codes, norms, stored_dim, centroids, nbits):
-    """Reconstructions in the rotated domain, (n, D) float32."""
+def dequantize_rotated(codes, norms, big_d, centroids, nbits):
+    """Reconstructions in the rotated domain, (n, D) float32 (``big_d``: the stored
+    dimension D; the name is the backend contract's)."""
     codes = _contiguous(codes)
-    out = _empty((codes.shape[0], stored_dim), cp.float32)
-    _row_launch(_dq.dequantize_rotated, codes.shape[0], stored_dim,
+    out = _empty((codes.shape[0], big_d), cp.float32)
+    _row_launch(_dq.dequantize_rotated, codes.shape[0], big_d,
                 (codes, _contiguous(norms), _contiguous(centroids), int(nbits), out), scratch=False)
     return out
 

@@ -174,7 +174,7 @@ def test_sim_general_kernel_matches_cpu(rng, name):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
-FAST_CASES = {
+MMA_CASES = {
     "k3v3-gqa8": dict(n_rows=8, kbits=(3, 2), vbits=(3, 4), n_keys=150),
     "k4v2-causal": dict(n_rows=6, n_q=3, kbits=(4, 2), vbits=(2, 4), n_keys=140,
                         causal_offset=97),
@@ -184,20 +184,20 @@ FAST_CASES = {
     "k3v3-rope-bias": dict(n_rows=6, n_q=2, kbits=(3, 2), vbits=(3, 4), n_keys=140,
                            causal_offset=120, n_freq=64, pos0=5000),
 }
-FAST_RTOL = 5e-3  # fp16 MMA inputs (queries, centroids, p·ν), fp32 accumulation
+MMA_RTOL = 5e-3  # fp16 MMA inputs (queries, centroids, p·ν), fp32 accumulation
 
 
 @pytest.mark.cudasim
 @pytest.mark.skipif(not SIMULATOR, reason="simulator test: NUMBA_ENABLE_CUDASIM=1 -m cudasim")
 @pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiles"])
-@pytest.mark.parametrize("name", sorted(FAST_CASES))
-def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
+@pytest.mark.parametrize("name", sorted(MMA_CASES))
+def test_sim_mma_kernel_matches_cpu(rng, name, tiled):
     """The tensor-core kernel against the CPU kernel, reading the row layout or the tile
     layout of :mod:`rotorq.tiles` (a partial last tile: its other slots hold other codes,
     masked). On tiles, splits of 192 tokens: 2–3 steps per warp, through the loop body's
     unrolled copies and their exit between copies."""
     mma = importlib.import_module("rotorq.cuda.gen.attention")
-    case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), **FAST_CASES[name])
+    case = make_case(rng, n_bh=2, dk=(128, 0), dv=(128, 0), **MMA_CASES[name])
     chunk = 192 if tiled and name != "k2v4-rows3" else 64
     want = cpu_partials(case, chunk)
     n_split = len(range(0, case["n_keys"], chunk))
@@ -232,11 +232,11 @@ def test_sim_fast_kernel_matches_cpu(rng, name, tiled):
         case["n_keys"], case["n_q"], case["causal_offset"], chunk, got[0], got[2], got[3])
     gm = merged([got[0], got[1], got[2], got[3]])
     wm = merged(want)
-    assert_merged_close(gm, wm, FAST_RTOL)
+    assert_merged_close(gm, wm, MMA_RTOL)
     fin = np.isfinite(want[2])  # each split's log-normalizer
     np.testing.assert_allclose(got[2][fin] + np.log(got[3][fin]),
-                               want[2][fin] + np.log(want[3][fin]), rtol=FAST_RTOL,
-                               atol=FAST_RTOL)
+                               want[2][fin] + np.log(want[3][fin]), rtol=MMA_RTOL,
+                               atol=MMA_RTOL)
 
 
 @pytest.mark.cudasim
@@ -504,7 +504,7 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     err = _rel_err(out_g, out_w)
     fast = fast_path  # with n_freq: the per-key term, then the tensor-core kernel
     _REPORT[f"kernel-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-{'fast' if fast else 'general'}"] = err
-    assert err < (FAST_RTOL if fast else 1e-4), err
+    assert err < (MMA_RTOL if fast else 1e-4), err
 
 
 @pytest.mark.cuda
@@ -550,7 +550,7 @@ def test_backend_tiles_match_cpu_rows(rng, cp, monkeypatch, n_keys, n_rows, n_q,
     out_g = got[0][0].get() / got[2].get()[..., None]
     err = _rel_err(out_g, out_w)
     _REPORT[f"tiles-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-h{heads}"] = err
-    assert err < FAST_RTOL, err
+    assert err < MMA_RTOL, err
     np.testing.assert_allclose(got[1].get() + np.log(got[2].get()), want[1] + np.log(want[2]),
                                rtol=2e-3, atol=2e-3)
 
@@ -592,7 +592,7 @@ def test_key_bias_gpu_matches_cpu(rng, cp, monkeypatch, mma, n_keys, n_rows, n_f
 @pytest.mark.skipif(SIMULATOR, reason="compile tests need the real numba.cuda")
 @pytest.mark.parametrize("tiled", [False, True], ids=["rows", "tiles"])
 @pytest.mark.parametrize("kbits,vbits", [(3, 3), (4, 2)])
-def test_fast_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
+def test_mma_kernel_compiles_to_mma_ptx(monkeypatch, kbits, vbits, tiled):
     """The tensor-core kernel (inline-PTX MMA, 32-bit intrinsics) compiles for sm_90."""
     import types
 

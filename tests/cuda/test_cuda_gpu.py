@@ -296,21 +296,21 @@ def test_empty_inputs():
     assert tq.dequantize(qv).shape == (0, 64)
 
 
-FAST_N = 16384  # above api.GENERATED_MIN_ROWS / GENERATED_MIN_KEYS: the generated kernels
+GENERATED_N = 16384  # above api.GENERATED_MIN_ROWS / GENERATED_MIN_KEYS: the generated kernels
 
 
 @pytest.mark.parametrize("rotation", ("hadamard", "rotor"))
 def test_generated_kernels_match_cpu(rotation):
     """The benchmark's shapes (d = 128, 3 bits, fp16) through the generated kernels."""
-    assert FAST_N >= api.GENERATED_MIN_ROWS and FAST_N >= api.GENERATED_MIN_KEYS
+    assert GENERATED_N >= api.GENERATED_MIN_ROWS and GENERATED_N >= api.GENERATED_MIN_KEYS
     rng = np.random.default_rng()
     tq = rotorq.TurboQuant(128, 3, rotation=rotation, norm_dtype="float32")
-    x = data(rng, (FAST_N, 128)).astype(np.float16)
+    x = data(rng, (GENERATED_N, 128)).astype(np.float16)
     gpu = tq.quantize(cp.asarray(x))
     ref = tq.quantize(x)
     same = assert_quantized_match(tq, gpu, ref, f"generated quantize {rotation} fp16")
     assert same.mean() > 0.99
-    keys = rotorq.QuantizedVectors({k: v.reshape((1, FAST_N) + v.shape[1:])
+    keys = rotorq.QuantizedVectors({k: v.reshape((1, GENERATED_N) + v.shape[1:])
                                     for k, v in gpu.parts.items()}, gpu.config, gpu.origin)
     for heads in (1, 8, 5):
         q = data(rng, (2, heads, 128))[1:]  # data()'s first row is zero
@@ -325,7 +325,7 @@ def test_generated_kernels_match_cpu(rotation):
 @pytest.mark.parametrize("out_dtype", ("float16", "float32"))
 def test_generated_wht_matches_cpu(out_dtype):
     rng = np.random.default_rng()
-    x = rng.standard_normal((FAST_N, 128)).astype(np.float16)
+    x = rng.standard_normal((GENERATED_N, 128)).astype(np.float16)
     got = host(api.wht(cp.asarray(x), cp.dtype(out_dtype))).astype(np.float32)
     want = host(rotorq.wht(x.astype(np.float32))).astype(out_dtype).astype(np.float32)
     np.testing.assert_array_equal(got, want)
@@ -337,7 +337,7 @@ def test_tiled_kernels_match_cpu(d, dtype):
     CPU: WHT bit-identical; quantize codes equal but for rounding flips (float64 norms summed
     in another order), norms within 1e-6."""
     rng = np.random.default_rng()
-    x = data(rng, (FAST_N + 77, d)).astype(dtype)
+    x = data(rng, (GENERATED_N + 77, d)).astype(dtype)
     xg = cp.asarray(x)
     tq = rotorq.TurboQuant(d, 3, norm_dtype="float32")
     k = tq._consts(cp)
@@ -362,7 +362,7 @@ def test_tiled_rotor_quantize_matches_cpu(d, bits, dtype, norm_correction):
     """The tiled rotor quantize (rotorq.cuda.gen.quantize_rotor) against the CPU: codes equal but for
     rounding flips, norms within 2e-6 (float64 sums in another order)."""
     rng = np.random.default_rng()
-    x = data(rng, (FAST_N + 77, d)).astype(dtype)
+    x = data(rng, (GENERATED_N + 77, d)).astype(dtype)
     tq = rotorq.TurboQuant(d, bits, rotation="rotor", norm_dtype="float32",
                            norm_correction=norm_correction)
     assert QUANTIZE_ROTOR.applies("rotor", d, tq.stored_dim, bits, x.dtype, 0)
@@ -380,7 +380,7 @@ def test_tiled_scores_match_cpu(bits, heads):
     (tensor cores, fp16 inputs) within 1e-3 of the largest score; 2 key batches, 3 output
     batches (GQA-style maps), a partial last tile."""
     rng = np.random.default_rng()
-    n = FAST_N + 77
+    n = GENERATED_N + 77
     tq = rotorq.TurboQuant(128, bits, norm_dtype="float32")
     k = tq._consts(cp)
     x = data(rng, (2 * n, 128)).astype(np.float16)
@@ -419,7 +419,7 @@ def test_one_query_large_dims(d, bits):
     ts = SCORE_TILES
     rotation = "dense" if d == 384 else "hadamard"
     tq = rotorq.TurboQuant(d, bits, rotation=rotation, norm_dtype="float32")
-    x = data(rng, (1, FAST_N // 2 + 809, d))
+    x = data(rng, (1, GENERATED_N // 2 + 809, d))
     hk = tq.quantize(x)
     origin = tq.quantize(cp.asarray(x[0, :2])).origin
     keys = rotorq.QuantizedVectors({k: cp.asarray(v) for k, v in hk.parts.items()}, hk.config,
@@ -441,7 +441,7 @@ def test_rows_scores_match_cpu(d, bits, heads):
     tq = rotorq.TurboQuant(d, bits, norm_dtype="float32")
     assert isinstance(api._generated_score_kernel(d, bits, heads)[0].spec,
                       SCORES_ROWS.ScoresRowsSpec)
-    x = data(rng, (1, FAST_N + 77, d))
+    x = data(rng, (1, GENERATED_N + 77, d))
     hk = tq.quantize(x)
     origin = tq.quantize(cp.asarray(x[0, :2])).origin
     keys = rotorq.QuantizedVectors({k: cp.asarray(v) for k, v in hk.parts.items()}, hk.config,

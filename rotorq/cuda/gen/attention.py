@@ -85,7 +85,6 @@ def config(key_dim, key_bits, value_dim, value_bits, key_row_bytes, value_row_by
     return (int(key_dim), int(key_bits), int(value_dim), int(value_bits))
 
 
-
 @dataclass(frozen=True)
 class MmaAttentionSpec(Spec):
     """Tensor-core decode attention: one MSE key part, one value part, ≤ 8 query rows.
@@ -104,17 +103,18 @@ class MmaAttentionSpec(Spec):
     exceeds its row's standing reference (one warp vote) are the row maxima reduced over the
     row's 8 lanes by shuffles, the reference set to the maximum plus
     :data:`RESCALE_SLACK`, and the running sums and accumulators rescaled; the running sum is
-    kept per lane and reduced at the end. Values:
+    kept per lane and reduced at the end. The steps whose tokens every query row sees whole
+    run first, without the per-score mask; the last steps run in a masked copy of the loop
+    body. Values:
     ``accᵀ (DV × 8 rows) += Vᵀ (DV × 16 tok) · (p·ν)ᵀ`` with the M index permuted so that lane
     group ``g`` owns coordinates ``[g·DV/8, (g+1)·DV/8)``; ``p·ν`` is transposed to the B
     layout through a per-warp shared buffer. The block's warps merge in shared memory and
     write one partial per split.
 
     ``bias=True``: one more argument after ``vcent``, ``kbias`` f32 (BH, ≥ 8·n_keys): key
-    ``j``'s 8 rows at ``8j … 8j+7`` (the layout of :mod:`.key_bias`), the
-    RoPE-aware key-offset term of each key and row
-    (:func:`rotorq.cuda.attention.key_bias_scores`), added to the
-    scores.
+    ``j``'s 8 rows at ``8j … 8j+7`` (the layout of :mod:`.key_bias`), the RoPE-aware
+    key-offset term of each key and row (:func:`rotorq.cuda.attention.key_bias_scores`),
+    added to the scores.
 
     ``tiled=True``: the codes and norms are in the tile layout of :mod:`rotorq.tiles` —
     ``kc``, ``vc`` flat uint32 (BH·cap·D·bits/32,) and ``kn``, ``vn`` flat uint32

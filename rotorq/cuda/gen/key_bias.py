@@ -68,7 +68,8 @@ def spec(n_freq):
     """The :class:`KeyBiasSpec` of ``n_freq`` frequencies (1 to :data:`BIAS_MAX_FREQ`)."""
     steps = -(-int(n_freq) // 8)
     if not 1 <= steps <= BIAS_MAX_FREQ // 8:
-        raise ValueError(f"key_bias_kernel takes 1..{BIAS_MAX_FREQ} frequencies, got {n_freq}")
+        raise ValueError(f"the tensor-core key term takes 1..{BIAS_MAX_FREQ} frequencies, "
+                         f"got {n_freq}")
     return KeyBiasSpec(steps)
 
 
