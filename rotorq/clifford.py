@@ -2,7 +2,7 @@
 
 Multivectors are arrays of shape ``(..., 8)`` in the basis
 ``[1, e1, e2, e3, e12, e13, e23, e123]`` with ``e_i² = +1``. The product table is
-the one of MATH.md §1.1 (associative; public RotorQuant code has 18 flipped signs).
+the one of docs/math.md §1.3 (associative; public RotorQuant code has 18 flipped signs).
 A rotor ``R = cos(θ/2) + sin(θ/2) B̂`` rotates a vector by the sandwich ``R v R̃``;
 :func:`rotor_to_matrix` turns it into the equivalent 3×3 matrix (9 FMA per vector).
 """

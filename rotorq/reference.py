@@ -1,6 +1,6 @@
 """Plain numpy reference of every method: the test oracle, in float64, no Numba.
 
-It follows the formulas of MATH.md literally (explicit rotation matrices, searchsorted
+It follows the formulas of docs/math.md literally (explicit rotation matrices, searchsorted
 encoding, numpy bit packing) so that the kernels can be checked against it.
 """
 

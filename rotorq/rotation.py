@@ -13,7 +13,7 @@ hadamard    next power of two   ``H (s ⊙ pad(x))``, d·log₂D adds. Padding c
 dense       d                   Haar matrix from QR with sign fix, d² FMA (a matmul).
 rotor       3·⌈d/3⌉             one Haar rotor per 3-group, as a 3×3 matrix (9 FMA per group);
                                 block-diagonal, so it cannot spread an outlier channel over
-                                the whole vector (MATH.md §6).
+                                the whole vector (docs/math.md §6).
 ==========  ==================  ============================================================
 """
 

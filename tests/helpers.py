@@ -58,7 +58,7 @@ def unit_vectors(rng, n, d, dtype=np.float64):
 
 
 def outlier_vectors(rng, n, d, channels=4, factor=15.0):
-    """Unit vectors after scaling a few fixed channels by ``factor`` (MATH.md §6)."""
+    """Unit vectors after scaling a few fixed channels by ``factor`` (docs/math.md §6)."""
     x = rng.standard_normal((n, d))
     x[:, rng.choice(d, channels, replace=False)] *= factor
     return x / np.linalg.norm(x, axis=1, keepdims=True)
