@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _backend
 from .quantized import QuantizedVectors
-from .turboquant import _positive_int, store_norms
+from .turboquant import _finish_scores, _flag, _positive_int, _seed, _unit_rows, store_norms
 
 _STREAM_QJL = 0x5EED_0003
 
@@ -75,7 +75,7 @@ class QJL:
     sketch_dim : int
         Number of sign bits ``m`` per vector.
     seed : int
-        Seed of the sketch matrix.
+        Seed of the sketch matrix, in ``[0, 2**64)``.
     orthogonal : bool
         Block-orthogonalize the sketch (lower variance, same estimator).
 
@@ -97,8 +97,8 @@ class QJL:
         self.sketch_dim = _positive_int(sketch_dim, "sketch_dim")
         if norm_dtype not in ("float16", "float32"):
             raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
-        self.seed = int(seed)
-        self.orthogonal = bool(orthogonal)
+        self.seed = _seed(seed)
+        self.orthogonal = _flag(orthogonal, "orthogonal")
         self.norm_dtype = norm_dtype
         self.sketch = qjl_matrix(self.dim, self.sketch_dim, self.seed,
                                  orthogonal=self.orthogonal).astype(np.float32)
@@ -125,7 +125,8 @@ class QJL:
         lead = tuple(arr.shape[:-1])
         signs, norms = be.qjl_quantize(arr.reshape(-1, self.dim), self._sketch(be.xp))
         parts = {"qjl_signs": signs.reshape(lead + signs.shape[1:]),
-                 "norms": store_norms(be.xp, norms, self.norm_dtype).reshape(lead)}
+                 "norms": store_norms(be.xp, norms, self.norm_dtype,
+                                      source=arr).reshape(lead)}
         return QuantizedVectors(parts, self.config, origin)
 
     def scores(self, queries, codes: QuantizedVectors):
@@ -142,6 +143,10 @@ class QJL:
                              "move them to the same device")
         _backend.require_finite(be.xp, q, "queries")
         xp = be.xp
+        host = xp is np
+        q_in, exps = q, None
+        if host:
+            q, exps = _unit_rows(q)
         shape, qmap, kmap = _backend.batch_maps(q.shape[:-2], codes.shape[:-2])
         m_q, n_k = q.shape[-2], codes.shape[-2]
         bq, bk = math.prod(q.shape[:-2]), math.prod(codes.shape[:-2])
@@ -150,4 +155,7 @@ class QJL:
         signs = codes.qjl_signs.reshape(bk, n_k, codes.qjl_signs.shape[-1])
         norms = codes.norms.reshape(bk, n_k).astype(xp.float32)
         out = be.qjl_scores(qsk, xp.asarray(qmap), signs, norms, xp.asarray(kmap), self.scale)
-        return _backend.to_framework(out.reshape(shape + (m_q, n_k)), origin)
+        out = out.reshape(shape + (m_q, n_k))
+        if host:
+            out = _finish_scores(out, exps, q_in, codes.norms)
+        return _backend.to_framework(out, origin)

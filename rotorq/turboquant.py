@@ -23,10 +23,32 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+SEED_RANGE = (0, 1 << 64)
+"""Seeds are ints in ``[0, 2**64)``: each gives its own rotation and sketch (numpy's PCG64
+is seeded with the 64-bit word), so no two accepted seeds give the same quantizer."""
+
+
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
+
+
+def _seed(value, name="seed"):
+    """``value`` as a seed: an int (not a bool) in :data:`SEED_RANGE`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    lo, hi = SEED_RANGE
+    if not lo <= value < hi:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return int(value)
+
+
+def _flag(value, name):
+    """``value`` as a bool; refuses anything else (a string such as "no" is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def _norms_ok(norms, dtype):
@@ -35,14 +57,24 @@ def _norms_ok(norms, dtype):
     return (norms <= (_FP16_MAX if dtype == "float16" else _F32_MAX)).all()
 
 
-def store_norms(xp, norms, dtype, name="x", check=True):
+def _top_norm(xp, rows):
+    """The largest row norm of finite ``rows`` as a Python float (float64, no overflow for
+    values up to float64's range: the rows are divided by their largest magnitude first)."""
+    top = float(xp.abs(rows).max())
+    if top == 0.0:
+        return 0.0
+    return top * math.sqrt(float(((rows.astype(xp.float64) / top) ** 2).sum(axis=-1).max()))
+
+
+def store_norms(xp, norms, dtype, name="x", check=True, source=None):
     """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow
     (unless ``check`` is false).
 
     One reduction and, on a GPU, one device synchronization per call. ``check`` may be a
     list instead: the call appends ``(norms, dtype, name)`` to it and casts unchecked, and
     the caller checks them all with one synchronization (:func:`check_norms`) before it
-    keeps the result."""
+    keeps the result. ``source`` (the rows whose norms these are) tells, when norms are not
+    finite, NaN or Inf input from finite input whose norms overflow float32."""
     if isinstance(check, list):
         check.append((norms, dtype, name))
         check = False
@@ -50,13 +82,57 @@ def store_norms(xp, norms, dtype, name="x", check=True):
         with np.errstate(over="ignore", invalid="ignore"):
             return norms.astype(dtype)
     if norms.size and not bool(_norms_ok(norms, dtype)):
-        if not bool(xp.isfinite(norms).all()):
+        finite = bool(xp.isfinite(norms).all())
+        if source is not None and source.size:
+            if not bool(xp.isfinite(source).all()):
+                raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
+            top = _top_norm(xp, source)
+        elif not finite:
             raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
-        raise ValueError(
-            f"{name} has vector norms up to {float(norms.max()):.3g}, beyond float16's range; "
-            "use norm_dtype='float32'"
-        )
+        else:
+            top = float(norms.max())
+        if top > _F32_MAX:
+            raise ValueError(f"{name} has vector norms up to {top:.3g}, beyond float32's range "
+                             "(3.4e+38), the widest norm_dtype")
+        hint = "; use norm_dtype='float32'" if dtype == "float16" else ""
+        if top > _FP16_MAX and dtype == "float16":
+            raise ValueError(f"{name} has vector norms up to {top:.3g}, beyond float16's range "
+                             f"(65504){hint}")
+        raise ValueError(f"{name} has vector norms up to {top:.3g}: its stored norms (corrected "
+                         f"or residual) overflow {dtype}{hint}")
     return norms.astype(dtype)
+
+
+_BIG_ROW = 2.0 ** 40
+
+
+def _unit_rows(q):
+    """Host queries ``q (..., dim)`` with every row whose largest magnitude exceeds 2**40
+    scaled by a power of two to below 1, and the exponents ``(...)`` that undo it (None when
+    no row is scaled). Scores are linear in each query row and a power of two scales float
+    arithmetic exactly, so scaled rows give the same scores without overflowing inside the
+    rotation or the dot products."""
+    if not q.size:
+        return q, None
+    top = np.abs(q).max(axis=-1)
+    if not (top > _BIG_ROW).any():
+        return q, None
+    exps = np.where(top > _BIG_ROW, np.frexp(top)[1], 0).astype(np.int32)
+    return np.ldexp(q, -exps[..., None]).astype(q.dtype, copy=False), exps
+
+
+def _finish_scores(out, exps, queries, key_norms):
+    """Host scores: undo :func:`_unit_rows`'s scaling (``out (..., m, n)``, ``exps (..., m)``)
+    and refuse scores beyond float32's range (inf, or NaN from inf - inf)."""
+    if exps is not None:
+        with np.errstate(over="ignore"):
+            out = np.ldexp(out, exps[..., None]).astype(np.float32, copy=False)
+    if out.size and not np.isfinite(out).all():
+        k_top = float(np.asarray(key_norms, np.float64).max()) if key_norms.size else 0.0
+        raise ValueError(f"scores exceed float32's range: queries with vector norms up to "
+                         f"{_top_norm(np, queries):.3g} against keys with norms up to "
+                         f"{k_top:.3g}; scale the queries down")
+    return out
 
 
 def check_norms(xp, deferred, inputs=None):
@@ -93,13 +169,15 @@ class TurboQuant:
     rotation : {"hadamard", "dense", "rotor"}
         See :mod:`rotorq.rotation` for the stored dimension each implies.
     seed : int
-        Seed of the rotation and the QJL matrix; same seed, same codes everywhere.
+        Seed of the rotation and the QJL matrix, in ``[0, 2**64)``; same seed, same codes
+        everywhere, and distinct seeds give distinct rotations.
     qjl_dim : int, optional
         QJL sketch size ``m`` in prod mode (default: the stored dimension).
     codebook : {"gaussian", "beta"}
         Lloyd-Max model of the rotated coordinates.
     norm_correction : bool
-        Store ``‖x‖/‖c[idx]‖`` so reconstructions keep the input's length.
+        Store ``‖x‖/‖c[idx]‖`` so reconstructions keep the input's length (True or False;
+        other values are refused).
     norm_dtype : {"float16", "float32"}
         Storage of norms; float16 overflow above 65504 raises. float16 keeps a relative
         precision of 2^-11 from 6.1e-5 up; smaller norms are float16 subnormals with an
@@ -139,9 +217,9 @@ class TurboQuant:
             raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
         self.bits = int(bits)
         self.mode = mode
-        self.seed = int(seed)
+        self.seed = _seed(seed)
         self.codebook = codebook
-        self.norm_correction = bool(norm_correction)
+        self.norm_correction = _flag(norm_correction, "norm_correction")
         self.norm_dtype = norm_dtype
         self.rotation = make_rotation(rotation, self.dim, self.seed)
         self.mse_bits = self.bits - (1 if mode == "prod" else 0)
@@ -228,11 +306,12 @@ class TurboQuant:
             rows, self.rotation, k["boundaries"], k["centroids"], self.mse_bits,
             self.norm_correction, k["sketch"])
         parts = {"codes": codes.reshape(lead + codes.shape[1:]),
-                 "norms": store_norms(be.xp, norms, self.norm_dtype, check=check).reshape(lead)}
+                 "norms": store_norms(be.xp, norms, self.norm_dtype, check=check,
+                                      source=rows).reshape(lead)}
         if self.mode == "prod":
             parts["qjl_signs"] = signs.reshape(lead + signs.shape[1:])
-            parts["qjl_norms"] = store_norms(be.xp, qnorms, self.norm_dtype,
-                                             check=check).reshape(lead)
+            parts["qjl_norms"] = store_norms(be.xp, qnorms, self.norm_dtype, check=check,
+                                             source=rows).reshape(lead)
         return QuantizedVectors(parts, self.config, origin)
 
     def dequantize(self, codes: QuantizedVectors):
@@ -268,8 +347,10 @@ class TurboQuant:
         Computed on the packed codes: the queries are rotated once, then each key is a
         gather-dot ``norm · ⟨Π q, c[idx]⟩`` (plus the QJL term in prod mode). Leading
         batch axes broadcast. Returns float32 ``(..., m, n)`` in the queries' framework.
-        NaN/Inf queries raise ``ValueError`` on the CPU; on a GPU they are not checked (that
-        would force a device sync per call) and give NaN scores.
+        On the CPU, NaN/Inf queries and scores beyond float32's range raise ``ValueError``
+        (query rows of any finite magnitude are scored without overflow inside); on a GPU
+        neither is checked (that would force a device sync per call): they give NaN or Inf
+        scores.
 
         Examples
         --------
@@ -284,13 +365,19 @@ class TurboQuant:
         """
         q, origin, be, key_args, out_shape = self._score_inputs(queries, codes)
         xp = be.xp
+        host = xp is np
+        q_in, exps = q, None
+        if host:
+            q, exps = _unit_rows(q)
         bq, m_q = math.prod(q.shape[:-2]), q.shape[-2]
         qrot = be.rotate(q.reshape(-1, self.dim), self.rotation).reshape(bq, m_q, self.stored_dim)
         qsk = None
         if self.mode == "prod":
             qsk = xp.ascontiguousarray(qrot @ self._consts(xp)["sketch"].T)
-        out = be.scores(qrot, qsk, *key_args)
-        return _backend.to_framework(out.reshape(out_shape), origin)
+        out = be.scores(qrot, qsk, *key_args).reshape(out_shape)
+        if host:
+            out = _finish_scores(out, exps, q_in, codes.norms)
+        return _backend.to_framework(out, origin)
 
     def _score_inputs(self, queries, codes):
         """Check the arguments of :meth:`scores`; returns ``(queries as the backend sees
