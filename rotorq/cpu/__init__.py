@@ -1,7 +1,9 @@
 """CPU backend: Numba ``@njit`` kernels behind the same functions as :mod:`rotorq.cuda`.
 
 Every function takes and returns numpy arrays; the public API validated them already.
-Inputs are float32/float64, C-contiguous, 2-D (rows) unless said otherwise.
+Inputs are float32/float64, C-contiguous, 2-D (rows) unless said otherwise. Functions that
+launch ``parallel=True`` kernels are :func:`._threads.serialized` (safe from several threads
+under every Numba threading layer).
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -10,6 +12,7 @@ import numba
 import numpy as np
 
 from .. import tiles
+from . import _threads
 from . import attention as _att
 from . import bits
 from . import dequantize as _dq
@@ -32,6 +35,7 @@ def _rows(x):
     return np.ascontiguousarray(x)
 
 
+@_threads.serialized
 def rotate(x, rot, scale=1.0):
     """Rows ``x`` (n, d) → rotated rows (n, D) float32, times ``scale`` (applied to the
     input rows in float64 by the kernels: no extra pass)."""
@@ -50,6 +54,7 @@ def rotate(x, rot, scale=1.0):
     return out
 
 
+@_threads.serialized
 def unrotate(y, rot):
     """Rotated rows ``y`` (n, D) → rows (n, d) float32."""
     y = _rows(y).astype(np.float32, copy=False)
@@ -64,6 +69,7 @@ def unrotate(y, rot):
     return out
 
 
+@_threads.serialized
 def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     """Fused quantization of rows ``x``; ``sketch`` (m, D) float32 or None.
 
@@ -89,6 +95,7 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     return codes, norms, signs, qjl_norms
 
 
+@_threads.serialized
 def dequantize(codes, norms, rot, centroids, nbits):
     """Reconstruct rows (n, d) float32 from packed codes and norms."""
     n = codes.shape[0]
@@ -104,6 +111,7 @@ def dequantize(codes, norms, rot, centroids, nbits):
     return unrotate(dequantize_rotated(codes, norms, rot.stored_dim, centroids, nbits), rot)
 
 
+@_threads.serialized
 def dequantize_rotated(codes, norms, big_d, centroids, nbits):
     """Reconstructions in the rotated domain, (n, D) float32."""
     out = np.empty((codes.shape[0], big_d), np.float32)
@@ -111,6 +119,7 @@ def dequantize_rotated(codes, norms, big_d, centroids, nbits):
     return out
 
 
+@_threads.serialized
 def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits,
            qjl_scale):
     """Scores (B, M, N) of rotated queries (Bq, M, D) against packed keys (Bk, N, ·)."""
@@ -123,6 +132,7 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
     return out
 
 
+@_threads.serialized
 def qjl_quantize(x, sketch):
     """Packed ``sign(sketch @ x)`` and norms of rows ``x``."""
     x = _rows(x)
@@ -132,6 +142,7 @@ def qjl_quantize(x, sketch):
     return signs, norms
 
 
+@_threads.serialized
 def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
     """QJL estimates (B, M, N) from sketched queries (Bq, M, m) and packed signs."""
     out = np.empty((qmap.shape[0], qsketch.shape[1], signs.shape[1]), np.float32)
@@ -139,6 +150,7 @@ def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
     return out
 
 
+@_threads.serialized
 def wht(x):
     """Orthonormal WHT of rows (n, D), D a power of two, float32 out."""
     x = _rows(x)
@@ -147,6 +159,7 @@ def wht(x):
     return out
 
 
+@_threads.serialized
 def unpack_codes(codes, nbits, count):
     """Unpack rows of packed codes into uint8 (n, count)."""
     out = np.empty((codes.shape[0], count), np.uint8)
@@ -312,6 +325,7 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None, tw
     return out
 
 
+@_threads.serialized
 def rotor_roundtrip(x, rot, boundaries, centroids, norm_correction):
     """Rotor-quantized reconstructions (n, d) float32 of rows ``x``, in one fused pass."""
     x = _rows(x)
