@@ -12,9 +12,8 @@ import numba
 import numpy as np
 
 from .. import tiles
-from . import _threads
+from . import _threads, bits
 from . import attention as _att
-from . import bits
 from . import dequantize as _dq
 from . import qjl as _qjl
 from . import quantize as _q
