@@ -12,7 +12,15 @@ import numpy as np
 
 from . import _backend
 from .quantized import QuantizedVectors
-from .turboquant import _finish_scores, _flag, _positive_int, _seed, _unit_rows, store_norms
+from .turboquant import (
+    _config_arguments,
+    _finish_scores,
+    _flag,
+    _positive_int,
+    _seed,
+    _unit_rows,
+    store_norms,
+)
 
 _STREAM_QJL = 0x5EED_0003
 
@@ -93,22 +101,61 @@ class QJL:
     method = "qjl"
 
     def __init__(self, dim, sketch_dim, *, seed=0, orthogonal=True, norm_dtype="float16"):
-        self.dim = _positive_int(dim, "dim")
-        self.sketch_dim = _positive_int(sketch_dim, "sketch_dim")
-        if norm_dtype not in ("float16", "float32"):
-            raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
-        self.seed = _seed(seed)
-        self.orthogonal = _flag(orthogonal, "orthogonal")
-        self.norm_dtype = norm_dtype
+        cfg = self._settings(dim, sketch_dim, seed=seed, orthogonal=orthogonal,
+                             norm_dtype=norm_dtype)
+        self.dim, self.sketch_dim, self.seed = cfg["dim"], cfg["sketch_dim"], cfg["seed"]
+        self.orthogonal, self.norm_dtype = cfg["orthogonal"], cfg["norm_dtype"]
         self.sketch = qjl_matrix(self.dim, self.sketch_dim, self.seed,
                                  orthogonal=self.orthogonal).astype(np.float32)
         self.scale = math.sqrt(math.pi / 2) / self.sketch_dim
         self._device_sketch: dict = {}
+        self._expected_parts = self._parts_layout(self.config)
+
+    @staticmethod
+    def _settings(dim, sketch_dim, *, seed=0, orthogonal=True, norm_dtype="float16"):
+        """The constructor's arguments checked, in canonical form (the config without
+        ``"method"``). Draws nothing."""
+        if not isinstance(norm_dtype, str) or norm_dtype not in ("float16", "float32"):
+            raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
+        return {"dim": _positive_int(dim, "dim"),
+                "sketch_dim": _positive_int(sketch_dim, "sketch_dim"), "seed": _seed(seed),
+                "orthogonal": _flag(orthogonal, "orthogonal"), "norm_dtype": str(norm_dtype)}
 
     @property
     def config(self) -> dict:
+        """Everything that determines the codes; equal configs give equal codes."""
         return {"method": self.method, "dim": self.dim, "sketch_dim": self.sketch_dim,
                 "seed": self.seed, "orthogonal": self.orthogonal, "norm_dtype": self.norm_dtype}
+
+    @classmethod
+    def from_config(cls, config: dict) -> QJL:
+        """Rebuild the quantizer that produced codes with ``config``.
+
+        Raises ``TypeError``/``ValueError`` as the constructor does, and for a config that
+        is not a dict, names another method, lacks ``dim`` or ``sketch_dim``, or has unknown
+        keys.
+
+        Examples
+        --------
+        >>> import rotorq
+        >>> qjl = rotorq.QJL(64, 256, seed=3)
+        >>> rotorq.QJL.from_config(qjl.config).config == qjl.config
+        True
+        """
+        return cls(**_config_arguments(cls, config))
+
+    @classmethod
+    def _canonical_config(cls, config: dict) -> dict:
+        """``config`` checked as :meth:`from_config` checks it, in canonical form."""
+        return {"method": cls.method, **cls._settings(**_config_arguments(cls, config))}
+
+    @classmethod
+    def _parts_layout(cls, config: dict) -> dict:
+        """``{name: (dtype, row)}`` of the arrays codes of ``config`` hold (see
+        :meth:`rotorq.TurboQuant._parts_layout`)."""
+        cfg = cls._canonical_config(config)
+        return {"qjl_signs": ("uint8", (cfg["sketch_dim"] + 7) // 8),
+                "norms": (cfg["norm_dtype"], None)}
 
     def __repr__(self):
         return f"QJL(dim={self.dim}, sketch_dim={self.sketch_dim}, seed={self.seed})"
@@ -127,7 +174,7 @@ class QJL:
         parts = {"qjl_signs": signs.reshape(lead + signs.shape[1:]),
                  "norms": store_norms(be.xp, norms, self.norm_dtype,
                                       source=arr).reshape(lead)}
-        return QuantizedVectors(parts, self.config, origin)
+        return QuantizedVectors._trusted(parts, self.config, origin)
 
     def scores(self, queries, codes: QuantizedVectors):
         """Unbiased estimates of ``queries (..., m, dim) · keys (..., n, dim)ᵀ`` → ``(..., m, n)``."""
@@ -135,12 +182,13 @@ class QJL:
             raise TypeError(f"codes must be QuantizedVectors, got {type(codes).__name__}")
         if codes.config != self.config:
             raise ValueError(f"codes were made by a different quantizer: {codes.config}")
-        if codes.ndim < 2:
-            raise ValueError(f"codes must have shape (..., n, dim), got {codes.shape}")
         q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=2)
         if origin.device != codes.device:
             raise ValueError(f"queries are on {origin.device} but codes are on {codes.device}; "
                              "move them to the same device")
+        codes._check_layout(self._expected_parts)
+        if codes.ndim < 2:
+            raise ValueError(f"codes must have shape (..., n, dim), got {codes.shape}")
         _backend.require_finite(be.xp, q, "queries")
         xp = be.xp
         host = xp is np

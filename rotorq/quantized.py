@@ -4,12 +4,47 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
+import zlib
 
 import numpy as np
+from array_api_compat import is_cupy_array
 
 from ._arrays import Origin
 
 FORMAT_VERSION = 1
+_META = "__meta__"
+_MAX_META_BYTES = 1 << 20
+
+
+def quantizer_class(config):
+    """The quantizer class (:class:`rotorq.TurboQuant` or :class:`rotorq.QJL`) that
+    ``config["method"]`` names."""
+    from .qjl import QJL
+    from .turboquant import TurboQuant
+
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    classes = {TurboQuant.method: TurboQuant, QJL.method: QJL}
+    method = config.get("method")
+    if not isinstance(method, str) or method not in classes:
+        raise ValueError(f"config names no rotorq method (one of {sorted(classes)}): "
+                         f"method {method!r}")
+    return classes[method]
+
+
+def _checked_config(config):
+    """``(config, layout)``: ``config`` exactly as its quantizer reports it (rebuilt through
+    the quantizer's own argument checks; a config that differs in any key, or lacks one, is
+    refused) and the arrays its codes hold."""
+    cls = quantizer_class(config)
+    canonical = cls._canonical_config(config)
+    if canonical != config:
+        diff = {k: (config.get(k, "<missing>"), v) for k, v in canonical.items()
+                if k not in config or config[k] != v}
+        raise ValueError(f"config is not a {cls.__name__} config as it reports it "
+                         f"(given vs expected): {diff}")
+    return canonical, cls._parts_layout(canonical)
 
 
 class QuantizedVectors:
@@ -25,6 +60,29 @@ class QuantizedVectors:
     Indexing and slicing act on the leading axes. Arrays live on the device that
     produced them (numpy on the CPU, cupy on a GPU).
 
+    Quantizers make these; the constructor is for codes from elsewhere and checks them as
+    untrusted input, since the kernels index by them.
+
+    Parameters
+    ----------
+    parts : dict
+        Exactly the arrays ``config`` implies (above), numpy arrays for the CPU or cupy
+        arrays on the origin's GPU: uint8 codes and signs whose rows have the byte length the
+        config implies, norms of the config's ``norm_dtype``, finite and non-negative, and
+        one leading shape for all.
+    config : dict
+        The :attr:`rotorq.TurboQuant.config` (or :attr:`rotorq.QJL.config`) of the quantizer
+        that made the codes, exactly as it reports it: the quantizer's own argument checks
+        rebuild it, and a config that differs (or lacks a key) is refused.
+    origin : Origin, optional
+        Framework and device of the inputs the codes came from (default: numpy on the CPU).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the first array or config key that does not fit. On a GPU the norm check
+        costs one device synchronization.
+
     Examples
     --------
     >>> import numpy as np, rotorq
@@ -35,9 +93,31 @@ class QuantizedVectors:
     """
 
     def __init__(self, parts: dict, config: dict, origin: Origin | None = None):
-        self.parts = parts
-        self.config = dict(config)
-        self.origin = origin or Origin("numpy", "cpu")
+        if origin is None:
+            origin = Origin("numpy", "cpu")
+        if not isinstance(origin, Origin):
+            raise TypeError(f"origin must be a rotorq Origin, got {type(origin).__name__}")
+        if not isinstance(parts, dict):
+            raise TypeError(f"parts must be a dict of arrays, got {type(parts).__name__}")
+        config, layout = _checked_config(config)
+        parts = {name: np.asarray(a) if isinstance(a, np.generic) else a
+                 for name, a in parts.items()}
+        _check_parts(parts, layout, origin)
+        _check_norm_values(parts, layout)
+        self.parts, self.config, self.origin = parts, config, origin
+
+    @classmethod
+    def _trusted(cls, parts, config, origin):
+        """Codes a quantizer or an operation on checked codes just made: no checks."""
+        self = object.__new__(cls)
+        self.parts, self.config, self.origin = parts, config, origin
+        return self
+
+    def _check_layout(self, layout, name="codes"):
+        """Raise ``ValueError``/``TypeError`` unless the arrays are those of ``layout`` (the
+        quantizer's ``_parts_layout``) with consistent shapes, on the device of the origin.
+        Metadata only (no pass over the data): quantizers call it before every kernel."""
+        _check_parts(self.parts, layout, self.origin, name)
 
     @property
     def dim(self) -> int:
@@ -94,8 +174,9 @@ class QuantizedVectors:
             raise IndexError(f"too many indices: QuantizedVectors index only the {lead} leading axes")
         parts = {}
         for name, arr in self.parts.items():
-            parts[name] = arr[key + (slice(None),)] if arr.ndim > lead else arr[key]
-        return QuantizedVectors(parts, self.config, self.origin)
+            part = arr[key + (slice(None),)] if arr.ndim > lead else arr[key]
+            parts[name] = np.asarray(part) if isinstance(part, np.generic) else part
+        return QuantizedVectors._trusted(parts, self.config, self.origin)
 
     def __repr__(self):
         return (f"QuantizedVectors(shape={self.shape}, method={self.config.get('method')}, "
@@ -124,8 +205,96 @@ def _to_host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
+def _check_names(names, layout, name):
+    missing = sorted(set(layout) - set(names))
+    extra = sorted(str(k) for k in set(names) - set(layout))
+    if missing or extra:
+        raise ValueError(f"{name} must hold exactly the arrays {sorted(layout)} for this config; "
+                         + (f"missing {missing}" if missing else "")
+                         + ("; " if missing and extra else "")
+                         + (f"unexpected {extra}" if extra else ""))
+
+
+def _check_parts(parts, layout, origin, name="codes"):
+    """The structural checks of :class:`QuantizedVectors` (see its constructor)."""
+    _check_names(parts, layout, name)
+    lead = None
+    for part, (dtype, row) in layout.items():
+        a = parts[part]
+        on_gpu = is_cupy_array(a)
+        if origin.device == "cpu" and not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: {part} must be a numpy array (the codes live on the CPU), "
+                            f"got {type(a).__name__}")
+        if origin.device == "cuda" and (not on_gpu or a.device.id != origin.device_id):
+            raise TypeError(f"{name}: {part} must be a cupy array on GPU {origin.device_id}, got "
+                            f"{type(a).__name__}"
+                            + (f" on GPU {a.device.id}" if on_gpu else ""))
+        if a.dtype != np.dtype(dtype):
+            raise TypeError(f"{name}: {part} must be {dtype} for this config, got {a.dtype}")
+        shape = tuple(a.shape)
+        if row is not None:
+            if not shape or shape[-1] != row:
+                raise ValueError(f"{name}: {part} must have rows of {row} bytes for this config "
+                                 f"(the last axis), got shape {shape}")
+            shape = shape[:-1]
+        if lead is None:
+            lead = shape
+        elif shape != lead:
+            raise ValueError(f"{name}: the arrays' leading shapes differ: {part} has {shape}, "
+                             f"{next(iter(layout))} has {lead}")
+
+
+def _check_norm_values(parts, layout, name="codes"):
+    """Norms must be finite and non-negative (one pass; on a GPU, one synchronization)."""
+    for part, (dtype, row) in layout.items():
+        a = parts[part]
+        if row is None and a.size:
+            top = float(np.finfo(np.dtype(dtype)).max)
+            if not bool(((a >= 0) & (a <= top)).all()):
+                raise ValueError(f"{name}: {part} must be finite and non-negative")
+
+
+def _read_npy(zf, info, path, expect=None, max_bytes=None):
+    """Read one ``.npy`` member of an archive, checking its header first: the dtype (and
+    the shape, through ``expect(shape, dtype)``) before any data is read, and that the data
+    fits the member."""
+    from numpy.lib import format as npf
+
+    with zf.open(info) as f:
+        version = npf.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"unsupported .npy version {version}")
+        reader = npf.read_array_header_1_0 if version == (1, 0) else npf.read_array_header_2_0
+        shape, fortran, dtype = reader(f)
+        if dtype.hasobject:
+            raise ValueError("object arrays (pickles) are refused")
+        if expect is not None:
+            expect(shape, dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if max_bytes is not None and nbytes > max_bytes:
+            raise ValueError(f"{nbytes} bytes, more than {max_bytes}")
+        if nbytes > info.file_size - f.tell():
+            raise ValueError(f"truncated: its header declares {nbytes} bytes of data, the "
+                             f"archive holds {info.file_size - f.tell()}")
+        data = f.read(nbytes)
+        if len(data) != nbytes or f.read(1):
+            raise ValueError("the data does not match its header's size")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
 def load(path) -> QuantizedVectors:
     """Read :class:`QuantizedVectors` written by :meth:`QuantizedVectors.save` (host arrays).
+
+    The file is untrusted input: it must be an ``.npz`` archive of exactly the arrays its
+    config implies, each checked as the :class:`QuantizedVectors` constructor checks them
+    (dtypes, row lengths, leading shapes, finite non-negative norms), and the headers are
+    checked before any array data is read. Pickled objects are refused.
+
+    Raises
+    ------
+    ValueError
+        For anything but such a file (``TypeError`` for a wrong array type), naming what is
+        wrong; ``OSError`` as ``open`` raises it.
 
     Examples
     --------
@@ -135,9 +304,63 @@ def load(path) -> QuantizedVectors:
     >>> rotorq.load(path).shape
     (8,)
     """
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"]))
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: unsupported rotorq format {meta.get('format')!r}")
-        parts = {name: f[name] for name in f.files if name != "__meta__"}
-    return QuantizedVectors(parts, meta["config"])
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"{path}: not a rotorq file (not an .npz archive: {exc})") from None
+    with zf:
+        members = {}
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy") or info.filename[:-4] in members:
+                raise ValueError(f"{path}: not a rotorq file (unexpected member "
+                                 f"{info.filename!r})")
+            members[info.filename[:-4]] = info
+        if _META not in members:
+            raise ValueError(f"{path}: not a rotorq file (no {_META})")
+
+        def expect_meta(shape, dtype):
+            if shape != () or dtype.kind != "U":
+                raise ValueError(f"{_META} must be a string, got {dtype} {shape}")
+
+        try:
+            raw = _read_npy(zf, members.pop(_META), path, expect_meta, _MAX_META_BYTES)
+            meta = json.loads(str(raw))
+        except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
+                RuntimeError) as exc:
+            raise ValueError(f"{path}: unreadable {_META}: {exc}") from None
+        if not isinstance(meta, dict) or set(meta) != {"format", "config"}:
+            raise ValueError(f"{path}: {_META} must hold exactly 'format' and 'config', got "
+                             f"{meta if not isinstance(meta, dict) else sorted(meta)}")
+        if meta["format"] != FORMAT_VERSION or isinstance(meta["format"], bool):
+            raise ValueError(f"{path}: unsupported rotorq format {meta['format']!r}")
+        try:
+            config, layout = _checked_config(meta["config"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from None
+        _check_names(members, layout, f"{path}: the file")
+        parts, lead = {}, []
+
+        for name, (dtype, row) in layout.items():
+            def expect(shape, got, name=name, dtype=dtype, row=row):
+                if got != np.dtype(dtype):
+                    raise TypeError(f"must be {dtype} for this config, got {got}")
+                if row is not None:
+                    if not shape or shape[-1] != row:
+                        raise ValueError(f"must have rows of {row} bytes for this config, got "
+                                         f"shape {shape}")
+                    shape = shape[:-1]
+                if lead and shape != lead[0]:
+                    raise ValueError(f"leading shape {shape} differs from the others' {lead[0]}")
+                lead[:] = [shape]
+
+            try:
+                parts[name] = _read_npy(zf, members[name], path, expect)
+            except TypeError as exc:
+                raise TypeError(f"{path}: {name} {exc}") from None
+            except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
+                    RuntimeError) as exc:
+                raise ValueError(f"{path}: {name} {exc}") from None
+    try:
+        return QuantizedVectors(parts, config)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

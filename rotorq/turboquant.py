@@ -66,6 +66,39 @@ def _top_norm(xp, rows):
     return top * math.sqrt(float(((rows.astype(xp.float64) / top) ** 2).sum(axis=-1).max()))
 
 
+def stored_dim_of(rotation, dim):
+    """Stored dimension of ``rotation`` ("hadamard", "dense" or "rotor") for vectors of
+    ``dim``, without drawing the rotation (:mod:`rotorq.rotation`'s ``stored_dim``)."""
+    if rotation == "hadamard":
+        return 1 << max(0, (dim - 1).bit_length())
+    if rotation == "rotor":
+        return 3 * -(-dim // 3)
+    return dim
+
+
+def _config_arguments(cls, config):
+    """The constructor's keyword arguments in ``config`` (a quantizer's :attr:`config`),
+    with clear errors for a non-dict, another method, missing or unknown keys."""
+    import inspect
+
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    cfg = dict(config)
+    method = cfg.pop("method", cls.method)
+    if method != cls.method:
+        raise ValueError(f"config is not a {cls.__name__} config (method {method!r}): {config}")
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p != "self"]
+    required = [p for p in allowed if params[p].default is inspect.Parameter.empty]
+    unknown = sorted(str(k) for k in cfg if k not in allowed)
+    if unknown:
+        raise ValueError(f"config has unknown keys {unknown} for {cls.__name__}: {config}")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"config lacks {missing} for {cls.__name__}: {config}")
+    return cfg
+
+
 def store_norms(xp, norms, dtype, name="x", check=True, source=None):
     """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow
     (unless ``check`` is false).
@@ -114,7 +147,7 @@ def _unit_rows(q):
     rotation or the dot products."""
     if not q.size:
         return q, None
-    top = np.abs(q).max(axis=-1)
+    top = np.abs(q).max(axis=-1).astype(np.float64)
     if not (top > _BIG_ROW).any():
         return q, None
     exps = np.where(top > _BIG_ROW, np.frexp(top)[1], 0).astype(np.int32)
@@ -200,48 +233,62 @@ class TurboQuant:
 
     def __init__(self, dim, bits, *, mode="mse", rotation="hadamard", seed=0, qjl_dim=None,
                  codebook="gaussian", norm_correction=False, norm_dtype="float16"):
-        self.dim = _positive_int(dim, "dim")
-        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-            raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        low = 2 if mode == "prod" else 1
-        if not low <= bits <= 8:
-            raise ValueError(f"bits must be in {low}..8 for mode={mode!r}, got {bits}"
-                             + (" (prod mode spends 1 bit on QJL)" if mode == "prod" else ""))
-        if rotation not in ROTATIONS:
-            raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
-        if codebook not in CODEBOOKS:
-            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
-        if norm_dtype not in ("float16", "float32"):
-            raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
-        self.bits = int(bits)
-        self.mode = mode
-        self.seed = _seed(seed)
-        self.codebook = codebook
-        self.norm_correction = _flag(norm_correction, "norm_correction")
-        self.norm_dtype = norm_dtype
+        cfg = self._settings(dim, bits, mode=mode, rotation=rotation, seed=seed,
+                             qjl_dim=qjl_dim, codebook=codebook,
+                             norm_correction=norm_correction, norm_dtype=norm_dtype)
+        self.dim, self.bits, self.mode, self.seed = cfg["dim"], cfg["bits"], cfg["mode"], cfg["seed"]
+        self.codebook, self.norm_dtype = cfg["codebook"], cfg["norm_dtype"]
+        self.norm_correction = cfg["norm_correction"]
+        rotation, qjl_dim = cfg["rotation"], cfg["qjl_dim"]
         self.rotation = make_rotation(rotation, self.dim, self.seed)
-        self.mse_bits = self.bits - (1 if mode == "prod" else 0)
+        self.mse_bits = self.bits - (1 if self.mode == "prod" else 0)
         big_d = self.rotation.stored_dim
         # Hadamard spreads the energy over the padded D coordinates; the others keep ~1/d.
         coord_dim = big_d if rotation == "hadamard" else self.dim
-        if codebook == "beta" and coord_dim >= 2:
+        if self.codebook == "beta" and coord_dim >= 2:
             c, b = lloyd_max(self.mse_bits, coord_dim, distribution="beta")
         else:
             c, b = lloyd_max(self.mse_bits, coord_dim)
         self.centroids = c.astype(np.float32)
         self.boundaries = b.astype(np.float32)
-        self.qjl_dim = None
+        self.qjl_dim = qjl_dim
         self.sketch = None
-        if mode == "prod":
-            self.qjl_dim = big_d if qjl_dim is None else _positive_int(qjl_dim, "qjl_dim")
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, _STREAM_SKETCH])
+        if self.mode == "prod":
+            rng = np.random.default_rng([self.seed, _STREAM_SKETCH])
             self.sketch = rng.standard_normal((self.qjl_dim, big_d)).astype(np.float32)
             self.qjl_scale = math.sqrt(math.pi / 2) / self.qjl_dim
+        self._device_consts: dict = {}
+        self._expected_parts = self._parts_layout(self.config)
+
+    @staticmethod
+    def _settings(dim, bits, *, mode="mse", rotation="hadamard", seed=0, qjl_dim=None,
+                  codebook="gaussian", norm_correction=False, norm_dtype="float16"):
+        """The constructor's arguments checked and in canonical form: the config without
+        ``"method"`` (``qjl_dim`` resolved in prod mode). Draws nothing."""
+        dim = _positive_int(dim, "dim")
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+            raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+        if not isinstance(mode, str) or mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        low = 2 if mode == "prod" else 1
+        if not low <= bits <= 8:
+            raise ValueError(f"bits must be in {low}..8 for mode={mode!r}, got {bits}"
+                             + (" (prod mode spends 1 bit on QJL)" if mode == "prod" else ""))
+        if not isinstance(rotation, str) or rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+        if not isinstance(codebook, str) or codebook not in CODEBOOKS:
+            raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
+        if not isinstance(norm_dtype, str) or norm_dtype not in ("float16", "float32"):
+            raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
+        if mode == "prod":
+            qjl_dim = stored_dim_of(rotation, dim) if qjl_dim is None else _positive_int(
+                qjl_dim, "qjl_dim")
         elif qjl_dim is not None:
             raise ValueError("qjl_dim is only used with mode='prod'")
-        self._device_consts: dict = {}
+        return {"dim": dim, "bits": int(bits), "mode": str(mode), "rotation": str(rotation),
+                "seed": _seed(seed), "qjl_dim": qjl_dim, "codebook": str(codebook),
+                "norm_correction": _flag(norm_correction, "norm_correction"),
+                "norm_dtype": str(norm_dtype)}
 
     # -- configuration ----------------------------------------------------------------
     @property
@@ -254,11 +301,39 @@ class TurboQuant:
 
     @classmethod
     def from_config(cls, config: dict) -> TurboQuant:
-        """Rebuild the quantizer that produced codes with ``config``."""
-        cfg = dict(config)
-        if cfg.pop("method", cls.method) != cls.method:
-            raise ValueError(f"config is not a {cls.__name__} config: {config}")
-        return cls(cfg.pop("dim"), cfg.pop("bits"), **cfg)
+        """Rebuild the quantizer that produced codes with ``config``.
+
+        Raises ``TypeError``/``ValueError`` as the constructor does, and for a config that
+        is not a dict, names another method, lacks ``dim`` or ``bits``, or has unknown keys.
+
+        Examples
+        --------
+        >>> import rotorq
+        >>> tq = rotorq.TurboQuant(64, 3, mode="prod", seed=5)
+        >>> rotorq.TurboQuant.from_config(tq.config).config == tq.config
+        True
+        """
+        return cls(**_config_arguments(cls, config))
+
+    @classmethod
+    def _canonical_config(cls, config: dict) -> dict:
+        """``config`` checked as :meth:`from_config` checks it, in the canonical form that
+        :attr:`config` reports, without building the quantizer (no rotation is drawn)."""
+        return {"method": cls.method, **cls._settings(**_config_arguments(cls, config))}
+
+    @classmethod
+    def _parts_layout(cls, config: dict) -> dict:
+        """The arrays that codes of ``config`` hold: ``{name: (dtype, row)}``, ``row`` the
+        length of the last axis (bytes of packed codes or signs) or None for one value per
+        vector. Draws nothing."""
+        cfg = cls._canonical_config(config)
+        big_d = stored_dim_of(cfg["rotation"], cfg["dim"])
+        mse_bits = cfg["bits"] - (1 if cfg["mode"] == "prod" else 0)
+        out = {"codes": ("uint8", (big_d * mse_bits + 7) // 8), "norms": (cfg["norm_dtype"], None)}
+        if cfg["mode"] == "prod":
+            out["qjl_signs"] = ("uint8", (cfg["qjl_dim"] + 7) // 8)
+            out["qjl_norms"] = (cfg["norm_dtype"], None)
+        return out
 
     @property
     def stored_dim(self) -> int:
@@ -278,13 +353,15 @@ class TurboQuant:
             }
         return self._device_consts[key]
 
-    def _check_codes(self, codes, name="codes"):
+    def _check_codes(self, codes, name="codes", layout=True):
         if not isinstance(codes, QuantizedVectors):
             raise TypeError(f"{name} must be QuantizedVectors, got {type(codes).__name__}")
         if codes.config != self.config:
             diff = {k: (codes.config.get(k), v) for k, v in self.config.items()
                     if codes.config.get(k) != v}
             raise ValueError(f"{name} were made by a different quantizer (codes vs this): {diff}")
+        if layout:
+            codes._check_layout(self._expected_parts, name)
 
     # -- verbs ------------------------------------------------------------------------
     def quantize(self, x) -> QuantizedVectors:
@@ -312,7 +389,7 @@ class TurboQuant:
             parts["qjl_signs"] = signs.reshape(lead + signs.shape[1:])
             parts["qjl_norms"] = store_norms(be.xp, qnorms, self.norm_dtype, check=check,
                                              source=rows).reshape(lead)
-        return QuantizedVectors(parts, self.config, origin)
+        return QuantizedVectors._trusted(parts, self.config, origin)
 
     def dequantize(self, codes: QuantizedVectors):
         """Reconstruct float32 vectors ``(..., dim)`` (prod mode adds the QJL residual term)."""
@@ -383,13 +460,14 @@ class TurboQuant:
         """Check the arguments of :meth:`scores`; returns ``(queries as the backend sees
         them, origin, backend, (qmap, codes, norms, signs, qjl_norms, kmap, centroids, bits,
         qjl_scale) as be.scores takes them, result shape)``."""
-        self._check_codes(codes)
-        if codes.ndim < 2:
-            raise ValueError(f"codes must have shape (..., n, dim), got {codes.shape}")
+        self._check_codes(codes, layout=False)
         q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=2)
         if origin.device != codes.device:
             raise ValueError(f"queries are on {origin.device} but codes are on {codes.device}; "
                              "move them to the same device")
+        codes._check_layout(self._expected_parts)
+        if codes.ndim < 2:
+            raise ValueError(f"codes must have shape (..., n, dim), got {codes.shape}")
         xp = be.xp
         if xp is np:
             # On a GPU the check would cost a device sync per call (~10× the launch): there,
