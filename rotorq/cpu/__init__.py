@@ -287,7 +287,8 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
             empty_q if qs1 is None else np.ascontiguousarray(qs1, np.float32), *bias,
             *kpart(0), *kpart(1), *v0[:4], *v1[:4],
             int(n_keys), int(n_q), int(causal_offset), int(chunk), acc0, acc1, mx, sm)
-    _run_tasks(_att.decode_attention, n_bh * n_split, args)
+    from . import attention_fast as _fast  # the twin's arguments and outputs, tiled for BLAS
+    _fast.run(_run_tasks, n_bh * n_split, args)
     m = mx.max(axis=1)
     safe = np.where(np.isfinite(m), m, np.float32(0.0))
     w = np.exp(mx - safe[:, None, :])  # 0 for splits that saw nothing
