@@ -8,10 +8,11 @@ from . import clifford
 from .codebook import lloyd_max
 from .kv import KVCache
 from .qjl import QJL
-from .quantized import QuantizedVectors, load
+from .quantized import QuantizedVectors, concatenate, load
 from .transforms import wht
 from .turboquant import TurboQuant
 
 __version__ = "0.1.0"
 
-__all__ = ["QJL", "KVCache", "QuantizedVectors", "TurboQuant", "clifford", "lloyd_max", "load", "wht"]
+__all__ = ["QJL", "KVCache", "QuantizedVectors", "TurboQuant", "clifford", "concatenate", "lloyd_max",
+           "load", "wht"]

@@ -3,6 +3,10 @@
 Frameworks are recognised with array-api-compat's ``is_*_array`` helpers, which look at
 the type and never import torch or cupy. Host memory is viewed as numpy without a copy
 (``np.from_dlpack``); GPU memory is handed to :mod:`rotorq.cuda`, imported only then.
+
+rotorq has no autograd: no gradient flows through quantization, scores or attention, so
+torch tensors that require grad are refused here, where every array comes in (pass
+``x.detach()``), rather than detached silently.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ def origin_of(x, name="x") -> Origin:
     if is_numpy_array(x) or isinstance(x, np.generic):
         return Origin("numpy", "cpu")
     if is_torch_array(x):
+        if x.requires_grad:
+            raise TypeError(f"{name} requires grad, but rotorq has no autograd (no gradient "
+                            f"flows through its kernels); pass {name}.detach()")
         if x.device.type == "cpu":
             return Origin("torch", "cpu")
         if x.device.type == "cuda":
@@ -77,8 +84,6 @@ def host_view(x, name="x") -> np.ndarray:
     if is_numpy_array(x):
         return x
     if is_torch_array(x):
-        if x.requires_grad:
-            x = x.detach()
         if _is_bfloat16(x):
             torch = sys.modules["torch"]
             return widen_bfloat16(np.from_dlpack(x.contiguous().view(torch.int16)))

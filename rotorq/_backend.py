@@ -9,8 +9,11 @@ GPU array arrives.
 from __future__ import annotations
 
 import numpy as np
+from array_api_compat import is_cupy_array, is_torch_array
 
 from ._arrays import Origin, common_origin, host_view, origin_of, to_framework
+
+_RESULT_DTYPES = ("float16", "float32", "float64")
 
 
 def get(device: str):
@@ -40,7 +43,8 @@ def float_array(x, name: str, *, dim: int | None = None, min_ndim: int = 1, orig
     """Validate a floating array argument; returns ``(array, origin, backend)``.
 
     Checks the dtype (fp16/bf16/fp32/fp64), the rank and the trailing dimension, each with
-    an error that names the argument.
+    an error that names the argument; torch tensors that require grad are refused
+    (:func:`rotorq._arrays.origin_of`: rotorq has no autograd).
     """
     origin = origin or origin_of(x, name)
     arr = view(x, origin, name)
@@ -55,6 +59,60 @@ def float_array(x, name: str, *, dim: int | None = None, min_ndim: int = 1, orig
     if dim is not None and arr.shape[-1] != dim:
         raise ValueError(f"{name} must have a last dimension of {dim}, got shape {tuple(arr.shape)}")
     return arr, origin, get(origin.device)
+
+
+def result_dtype(dtype, name="dtype"):
+    """The numpy dtype of a ``dtype=`` argument: float32 for None; float16, float32 or
+    float64 given as a numpy dtype, a type, a name or a torch dtype."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    text = str(dtype)
+    if text.startswith("torch."):  # torch.float16 -> "float16"
+        dtype = text[len("torch."):]
+    try:
+        out = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be float16, float32 or float64, got {dtype!r}") from None
+    if out.name not in _RESULT_DTYPES:
+        raise TypeError(f"{name} must be float16, float32 or float64, got {out.name}")
+    return out
+
+
+def check_out(out, shape, origin: Origin, name="out"):
+    """Check an ``out=`` argument: a writable float32 array of ``shape`` in the framework
+    and on the device a result for inputs of ``origin`` has (numpy on the CPU but for torch
+    tensors, cupy on a GPU); ``ValueError`` naming what differs."""
+    if origin.framework == "torch":
+        ok, kind = is_torch_array(out), "torch Tensor"
+    elif origin.device == "cpu":
+        ok, kind = isinstance(out, np.ndarray), "ndarray"
+    else:
+        ok, kind = is_cupy_array(out), "cupy ndarray"
+    shape = tuple(shape)
+    if (not ok or tuple(out.shape) != shape
+            or str(out.dtype).rsplit(".", 1)[-1] != "float32"):
+        raise ValueError(f"{name} must be a float32 {kind} of shape {shape}, got "
+                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))} "
+                         f"{getattr(out, 'dtype', '')}")
+    got = origin_of(out, name)
+    if (got.device, got.device_id) != (origin.device, origin.device_id):
+        raise ValueError(f"{name} is on {got.device}:{got.device_id} but the inputs are on "
+                         f"{origin.device}:{origin.device_id}; move them to the same device")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def write_out(out, result):
+    """Copy ``result`` (of the framework :func:`check_out` checked ``out`` against) into
+    ``out``; returns ``out``."""
+    if isinstance(out, np.ndarray):
+        np.copyto(out, result)
+    elif is_torch_array(out):
+        out.copy_(result)
+    else:
+        out[...] = result
+    return out
 
 
 def require_finite(xp, arr, name: str, *more):
@@ -142,12 +200,15 @@ def batch_maps(q_batch, k_batch, q_name="queries", k_name="codes"):
 __all__ = [
     "Origin",
     "batch_maps",
+    "check_out",
     "common_origin",
     "device_batch_maps",
     "float_array",
     "get",
     "prepared_mismatch",
     "require_finite",
+    "result_dtype",
     "to_framework",
     "view",
+    "write_out",
 ]

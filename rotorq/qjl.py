@@ -49,8 +49,9 @@ def qjl_matrix(dim, sketch_dim, seed=0, *, orthogonal=True):
 
     With ``orthogonal=True`` each block of ``dim`` rows is orthogonalized (QR), which lowers
     the variance, and its rows rescaled to :func:`orthogonal_row_norm` so that the ``√(π/2)/m``
-    estimator stays unbiased. (Rows of norm ``√dim``, as in MATH.md §4 and the QJL reference
-    code, overestimate every inner product by a factor ``≈ 1 + 1/(4·dim)``: 3% at dim 8.)
+    estimator stays unbiased. (Rows of norm ``√dim``, as in the QJL reference code,
+    overestimate every inner product by a factor ``≈ 1 + 1/(4·dim)``: 3% at dim 8;
+    docs/math.md §4.)
 
     Examples
     --------
@@ -86,6 +87,13 @@ class QJL:
         Seed of the sketch matrix, in ``[0, 2**64)``.
     orthogonal : bool
         Block-orthogonalize the sketch (lower variance, same estimator).
+    norm_dtype : {"float16", "float32"}
+        Storage of the norms.
+
+    Notes
+    -----
+    As :class:`rotorq.TurboQuant`: any array framework in, the same out; no autograd
+    (torch tensors that require grad are refused: pass ``x.detach()``).
 
     Examples
     --------
@@ -176,13 +184,32 @@ class QJL:
                                       source=arr).reshape(lead)}
         return QuantizedVectors._trusted(parts, self.config, origin)
 
-    def scores(self, queries, codes: QuantizedVectors):
-        """Unbiased estimates of ``queries (..., m, dim) · keys (..., n, dim)ᵀ`` → ``(..., m, n)``."""
+    def scores(self, queries, codes: QuantizedVectors, *, out=None):
+        """Unbiased estimates of ``queries (..., m, dim) · keys (..., n, dim)ᵀ`` → ``(..., m, n)``.
+
+        As :meth:`rotorq.TurboQuant.scores`: leading batch axes broadcast, a 1-D query
+        ``(dim,)`` gives ``(..., n)``, ``out`` (a float32 array of the result's shape,
+        framework and device) receives the result, NaN/Inf queries raise ``ValueError``, and
+        on the CPU scores beyond float32's range too.
+
+        Examples
+        --------
+        >>> import numpy as np, rotorq
+        >>> rng = np.random.default_rng(0)
+        >>> qjl = rotorq.QJL(32, 128)
+        >>> codes = qjl.quantize(rng.standard_normal((10, 32)))
+        >>> out = np.empty(10, np.float32)
+        >>> qjl.scores(rng.standard_normal(32), codes, out=out) is out
+        True
+        """
         if not isinstance(codes, QuantizedVectors):
             raise TypeError(f"codes must be QuantizedVectors, got {type(codes).__name__}")
         if codes.config != self.config:
             raise ValueError(f"codes were made by a different quantizer: {codes.config}")
-        q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=2)
+        q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=1)
+        one = q.ndim == 1
+        if one:
+            q = q[None]
         if origin.device != codes.device:
             raise ValueError(f"queries are on {origin.device} but codes are on {codes.device}; "
                              "move them to the same device")
@@ -191,19 +218,23 @@ class QJL:
             raise ValueError(f"codes must have shape (..., n, dim), got {codes.shape}")
         _backend.require_finite(be.xp, q, "queries")
         xp = be.xp
+        shape, qmap, kmap = _backend.batch_maps(q.shape[:-2], codes.shape[:-2])
+        m_q, n_k = q.shape[-2], codes.shape[-2]
+        out_shape = shape + ((n_k,) if one else (m_q, n_k))
+        if out is not None:
+            _backend.check_out(out, out_shape, origin)
         host = xp is np
         q_in, exps = q, None
         if host:
             q, exps = _unit_rows(q)
-        shape, qmap, kmap = _backend.batch_maps(q.shape[:-2], codes.shape[:-2])
-        m_q, n_k = q.shape[-2], codes.shape[-2]
         bq, bk = math.prod(q.shape[:-2]), math.prod(codes.shape[:-2])
         qf = q.reshape(-1, self.dim).astype(xp.float32)
         qsk = xp.ascontiguousarray((qf @ self._sketch(xp).T).reshape(bq, m_q, self.sketch_dim))
         signs = codes.qjl_signs.reshape(bk, n_k, codes.qjl_signs.shape[-1])
         norms = codes.norms.reshape(bk, n_k).astype(xp.float32)
-        out = be.qjl_scores(qsk, xp.asarray(qmap), signs, norms, xp.asarray(kmap), self.scale)
-        out = out.reshape(shape + (m_q, n_k))
+        res = be.qjl_scores(qsk, xp.asarray(qmap), signs, norms, xp.asarray(kmap), self.scale)
+        res = res.reshape(shape + (m_q, n_k))
         if host:
-            out = _finish_scores(out, exps, q_in, codes.norms)
-        return _backend.to_framework(out, origin)
+            res = _finish_scores(res, exps, q_in, codes.norms)
+        res = _backend.to_framework(res.reshape(out_shape), origin)
+        return res if out is None else _backend.write_out(out, res)

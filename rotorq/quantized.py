@@ -178,6 +178,20 @@ class QuantizedVectors:
             parts[name] = np.asarray(part) if isinstance(part, np.generic) else part
         return QuantizedVectors._trusted(parts, self.config, self.origin)
 
+    def __array_function__(self, func, types, args, kwargs):
+        """numpy's protocol: ``np.concatenate`` of QuantizedVectors is :func:`concatenate`,
+        ``np.shape`` and ``np.ndim`` give :attr:`shape` and :attr:`ndim`; every other numpy
+        function raises ``TypeError`` (codes are not an array of numbers)."""
+        if func is np.concatenate:
+            return _np_concatenate(*args, **kwargs)
+        if func is np.shape:
+            return self.shape
+        if func is np.ndim:
+            return self.ndim
+        raise TypeError(f"numpy.{func.__name__} does not apply to QuantizedVectors (packed "
+                        "codes, not numbers): index them, join them with rotorq.concatenate, "
+                        "or decode them with the quantizer's dequantize")
+
     def __repr__(self):
         return (f"QuantizedVectors(shape={self.shape}, method={self.config.get('method')}, "
                 f"bits={self.config.get('bits')}, nbytes={self.nbytes}, device={self.device})")
@@ -205,6 +219,94 @@ def _to_host(a):
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
+def concatenate(codes, axis=0) -> QuantizedVectors:
+    """Join :class:`QuantizedVectors` of one quantizer along a leading axis.
+
+    ``np.concatenate`` of QuantizedVectors calls this function.
+
+    Parameters
+    ----------
+    codes : sequence of QuantizedVectors
+        Made by quantizers of equal :attr:`~rotorq.TurboQuant.config`, on one device, of
+        equal shapes but along ``axis``.
+    axis : int
+        A leading axis: ``0 <= axis < ndim - 1``, or negative from ``-ndim`` to ``-2`` (the
+        last axis holds the vectors and cannot be joined).
+
+    Returns
+    -------
+    QuantizedVectors
+        Their arrays joined (numpy or cupy ``concatenate``); the result's framework (of
+        :meth:`~rotorq.TurboQuant.dequantize`'s output) is the first one's.
+
+    Raises
+    ------
+    TypeError
+        For anything but a non-empty sequence of QuantizedVectors.
+    ValueError
+        For other configs, devices, ranks or shapes, or the vector axis.
+
+    Examples
+    --------
+    >>> import numpy as np, rotorq
+    >>> tq = rotorq.TurboQuant(64, 3)
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = tq.quantize(rng.standard_normal((2, 5, 64))), tq.quantize(rng.standard_normal((2, 3, 64)))
+    >>> rotorq.concatenate([a, b], axis=1).shape
+    (2, 8, 64)
+    >>> np.concatenate([a, a]).shape
+    (4, 5, 64)
+    """
+    if isinstance(codes, QuantizedVectors) or not hasattr(codes, "__iter__"):
+        raise TypeError(f"codes must be a sequence of QuantizedVectors, got {type(codes).__name__}")
+    items = list(codes)
+    if not items:
+        raise ValueError("need at least one QuantizedVectors to concatenate")
+    for i, item in enumerate(items):
+        if not isinstance(item, QuantizedVectors):
+            raise TypeError(f"codes[{i}] must be QuantizedVectors, got {type(item).__name__}")
+    first = items[0]
+    layout = quantizer_class(first.config)._parts_layout(first.config)
+    for i, item in enumerate(items):
+        if item.config != first.config:
+            diff = {k: (item.config.get(k), v) for k, v in first.config.items()
+                    if item.config.get(k) != v}
+            raise ValueError(f"codes[{i}] were made by a different quantizer than codes[0] "
+                             f"(codes[{i}] vs codes[0]): {diff}")
+        o, f = item.origin, first.origin
+        if (o.device, o.device_id) != (f.device, f.device_id):
+            raise ValueError(f"codes[{i}] are on {o.device}:{o.device_id} but codes[0] on "
+                             f"{f.device}:{f.device_id}; move them to the same device")
+        item._check_layout(layout, f"codes[{i}]")
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    ndim = first.ndim
+    ax = int(axis) + ndim if axis < 0 else int(axis)
+    if ndim < 2 or not 0 <= ax < ndim - 1:
+        raise ValueError(f"axis {axis} is not a leading axis of QuantizedVectors of shape "
+                         f"{first.shape} (the last axis holds the vectors)")
+    for i, item in enumerate(items):
+        if item.ndim != ndim or item.shape[:ax] + item.shape[ax + 1:] != (
+                first.shape[:ax] + first.shape[ax + 1:]):
+            raise ValueError(f"codes[{i}] of shape {item.shape} cannot be joined with codes[0] "
+                             f"of shape {first.shape} along axis {axis}")
+    xp = np
+    if first.device == "cuda":
+        from . import _backend
+        xp = _backend.get("cuda").xp
+    parts = {name: xp.concatenate([item.parts[name] for item in items], axis=ax)
+             for name in layout}
+    return QuantizedVectors._trusted(parts, first.config, first.origin)
+
+
+def _np_concatenate(arrays, axis=0, out=None, *, dtype=None, casting=None):
+    if out is not None or dtype is not None or casting is not None:
+        raise TypeError("np.concatenate of QuantizedVectors takes no out, dtype or casting")
+    if axis is None:
+        raise ValueError("np.concatenate of QuantizedVectors needs a leading axis, not None")
+    return concatenate(arrays, axis)
+
+
 def _check_names(names, layout, name):
     missing = sorted(set(layout) - set(names))
     extra = sorted(str(k) for k in set(names) - set(layout))
@@ -225,10 +327,9 @@ def _check_parts(parts, layout, origin, name="codes"):
         if origin.device == "cpu" and not isinstance(a, np.ndarray):
             raise TypeError(f"{name}: {part} must be a numpy array (the codes live on the CPU), "
                             f"got {type(a).__name__}")
-        if origin.device == "cuda" and (not on_gpu or a.device.id != origin.device_id):
-            raise TypeError(f"{name}: {part} must be a cupy array on GPU {origin.device_id}, got "
-                            f"{type(a).__name__}"
-                            + (f" on GPU {a.device.id}" if on_gpu else ""))
+        if origin.device == "cuda" and not on_gpu:
+            raise TypeError(f"{name}: {part} must be a cupy array (the codes live on a GPU), "
+                            f"got {type(a).__name__}")
         if a.dtype != np.dtype(dtype):
             raise TypeError(f"{name}: {part} must be {dtype} for this config, got {a.dtype}")
         shape = tuple(a.shape)

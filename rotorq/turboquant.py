@@ -217,6 +217,13 @@ class TurboQuant:
         absolute precision of 6e-8 (under 3e-8 they store as 0): use ``"float32"`` for
         vectors of such tiny length.
 
+    Notes
+    -----
+    Arrays in may be numpy arrays, torch tensors, cupy arrays or DLPack objects; results
+    come back in the input's framework and on its device. rotorq has no autograd: no
+    gradient flows through quantization or scores, so torch tensors that require grad are
+    refused with a ``TypeError`` (pass ``x.detach()``).
+
     Examples
     --------
     >>> import numpy as np, rotorq
@@ -367,7 +374,8 @@ class TurboQuant:
     def quantize(self, x) -> QuantizedVectors:
         """Compress ``x`` of shape ``(..., dim)`` (float16/bfloat16/float32/float64).
 
-        Raises ``ValueError`` for NaN/Inf, ``TypeError`` for non-floating dtypes.
+        Raises ``ValueError`` for NaN/Inf and for norms beyond ``norm_dtype``'s range,
+        ``TypeError`` for non-floating dtypes and for torch tensors that require grad.
         """
         return self._quantize(x, True)
 
@@ -391,8 +399,31 @@ class TurboQuant:
                                              source=rows).reshape(lead)
         return QuantizedVectors._trusted(parts, self.config, origin)
 
-    def dequantize(self, codes: QuantizedVectors):
-        """Reconstruct float32 vectors ``(..., dim)`` (prod mode adds the QJL residual term)."""
+    def dequantize(self, codes: QuantizedVectors, dtype=None):
+        """Reconstruct vectors ``(..., dim)`` (prod mode adds the QJL residual term).
+
+        Parameters
+        ----------
+        codes : QuantizedVectors
+            Made by this quantizer (or one of equal :attr:`config`).
+        dtype : {None, "float16", "float32", "float64"}, optional
+            Of the result (numpy dtypes, types and torch dtypes are accepted too); computed
+            in float32 and cast. Default float32.
+
+        Returns
+        -------
+        array (..., dim)
+            In the framework and on the device of the quantized input.
+
+        Examples
+        --------
+        >>> import numpy as np, rotorq
+        >>> tq = rotorq.TurboQuant(32, 4)
+        >>> qv = tq.quantize(np.random.default_rng(0).standard_normal((5, 32)))
+        >>> tq.dequantize(qv).dtype, tq.dequantize(qv, dtype="float16").dtype
+        (dtype('float32'), dtype('float16'))
+        """
+        dtype = _backend.result_dtype(dtype)
         self._check_codes(codes)
         be = _backend.get(codes.device)
         xp = be.xp
@@ -410,6 +441,9 @@ class TurboQuant:
             gamma = codes.qjl_norms.reshape(-1, 1).astype(xp.float32) * np.float32(self.qjl_scale)
             rot_out += (pm @ k["sketch"]) * gamma
             out = be.unrotate(rot_out, self.rotation)
+        if dtype != np.float32:
+            with np.errstate(over="ignore"):  # float16: beyond 65504 becomes inf, as astype
+                out = out.astype(dtype)
         return _backend.to_framework(out.reshape(lead + (self.dim,)), codes.origin)
 
     def rotate(self, x):
@@ -418,16 +452,21 @@ class TurboQuant:
         out = be.rotate(arr.reshape(-1, self.dim), self.rotation)
         return _backend.to_framework(out.reshape(arr.shape[:-1] + (self.stored_dim,)), origin)
 
-    def scores(self, queries, codes: QuantizedVectors):
+    def scores(self, queries, codes: QuantizedVectors, *, out=None):
         """Estimated inner products of ``queries (..., m, dim)`` with ``codes (..., n, dim)``.
 
         Computed on the packed codes: the queries are rotated once, then each key is a
         gather-dot ``norm · ⟨Π q, c[idx]⟩`` (plus the QJL term in prod mode). Leading
-        batch axes broadcast. Returns float32 ``(..., m, n)`` in the queries' framework.
+        batch axes broadcast. Returns float32 ``(..., m, n)`` in the queries' framework; a
+        1-D query ``(dim,)`` gives ``(..., n)`` (its axis dropped, as numpy's matmul does).
         On the CPU, NaN/Inf queries and scores beyond float32's range raise ``ValueError``
         (query rows of any finite magnitude are scored without overflow inside); on a GPU
         neither is checked (that would force a device sync per call): they give NaN or Inf
         scores.
+
+        ``out``, when given, receives the scores and is returned: a float32 array of the
+        result's shape, in the framework and on the device the result has (numpy for numpy
+        queries, torch for torch tensors, cupy on a GPU); else ``ValueError``.
 
         Examples
         --------
@@ -439,8 +478,12 @@ class TurboQuant:
         >>> exact = q @ keys.transpose(0, 2, 1)
         >>> s.shape, bool(np.corrcoef(s.ravel(), exact.ravel())[0, 1] > 0.99)
         ((2, 3, 500), True)
+        >>> tq.scores(q[0], tq.quantize(keys)).shape  # one query: its axis dropped
+        (2, 500)
         """
-        q, origin, be, key_args, out_shape = self._score_inputs(queries, codes)
+        q, origin, be, key_args, full_shape, out_shape = self._score_inputs(queries, codes)
+        if out is not None:
+            _backend.check_out(out, out_shape, origin)
         xp = be.xp
         host = xp is np
         q_in, exps = q, None
@@ -451,17 +494,22 @@ class TurboQuant:
         qsk = None
         if self.mode == "prod":
             qsk = xp.ascontiguousarray(qrot @ self._consts(xp)["sketch"].T)
-        out = be.scores(qrot, qsk, *key_args).reshape(out_shape)
+        res = be.scores(qrot, qsk, *key_args).reshape(full_shape)
         if host:
-            out = _finish_scores(out, exps, q_in, codes.norms)
-        return _backend.to_framework(out, origin)
+            res = _finish_scores(res, exps, q_in, codes.norms)
+        res = _backend.to_framework(res.reshape(out_shape), origin)
+        return res if out is None else _backend.write_out(out, res)
 
     def _score_inputs(self, queries, codes):
         """Check the arguments of :meth:`scores`; returns ``(queries as the backend sees
-        them, origin, backend, (qmap, codes, norms, signs, qjl_norms, kmap, centroids, bits,
-        qjl_scale) as be.scores takes them, result shape)``."""
+        them (..., m, dim), origin, backend, (qmap, codes, norms, signs, qjl_norms, kmap,
+        centroids, bits, qjl_scale) as be.scores takes them, the shape (..., m, n), the
+        result's shape)``; a 1-D query is seen as (1, dim) and dropped from the result."""
         self._check_codes(codes, layout=False)
-        q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=2)
+        q, origin, be = _backend.float_array(queries, "queries", dim=self.dim, min_ndim=1)
+        one = q.ndim == 1
+        if one:
+            q = q[None]
         if origin.device != codes.device:
             raise ValueError(f"queries are on {origin.device} but codes are on {codes.device}; "
                              "move them to the same device")
@@ -487,7 +535,8 @@ class TurboQuant:
             qn = codes.qjl_norms.reshape(bk, n_k).astype(xp.float32, copy=False)
             key_args = (qmap, flat, norms, signs, qn, kmap, k["centroids"], self.mse_bits,
                         self.qjl_scale)
-        return q, origin, be, key_args, tuple(shape) + (m_q, n_k)
+        full = tuple(shape) + (m_q, n_k)
+        return q, origin, be, key_args, full, (full[:-2] + (n_k,) if one else full)
 
     def prepare_scores(self, queries, codes: QuantizedVectors) -> PreparedScores:
         """:meth:`scores` against fixed ``codes``, prepared for many calls with queries of
@@ -495,12 +544,13 @@ class TurboQuant:
 
         The arguments are checked, and on a GPU the kernels chosen and their arguments packed,
         once; a call then checks the new queries' attributes and, on a GPU, launches the
-        prepared rotation and score kernels with the new data pointers (a few µs of host time
-        instead of tens). The result equals :meth:`scores` of the same queries and codes.
+        prepared rotation and score kernels with the new data pointers, which spends far less
+        host time per call than :meth:`scores`. The result equals :meth:`scores` of the same
+        queries and codes.
 
         Parameters
         ----------
-        queries : array (..., m, dim)
+        queries : array (..., m, dim) or (dim,)
             Example queries (numpy, torch or cupy; values unused): every call takes arrays of
             this framework, device, shape and dtype.
         codes : QuantizedVectors
@@ -609,16 +659,19 @@ class PreparedScores:
         if not hasattr(queries, "shape") or not hasattr(queries, "dtype"):
             raise TypeError("queries must be an array (numpy, torch or cupy), got "
                             f"{type(queries).__name__}")
-        q, origin, be, key_args, out_shape = quantizer._score_inputs(queries, codes)
+        q, origin, be, key_args, full_shape, out_shape = quantizer._score_inputs(queries, codes)
         self.quantizer, self.codes, self.origin = quantizer, codes, origin
         self.shape, self.dtype = tuple(queries.shape), queries.dtype
         self.out_shape = out_shape
+        self._full_shape = full_shape
+        self._one = len(self.shape) == 1  # a 1-D query: the plan sees (1, dim)
         self._plan = None
         if origin.device == "cuda" and origin.framework in ("cupy", "torch"):
-            from .cuda import api
+            from .cuda import plans
             k = quantizer._consts(be.xp)
-            self._plan = api.QueryScoresPlan(queries, q, quantizer.rotation, k["sketch"],
-                                             *key_args, out_shape)
+            self._plan = plans.QueryScoresPlan(queries[None] if self._one else queries, q,
+                                               quantizer.rotation, k["sketch"], *key_args,
+                                               full_shape)
 
     def __repr__(self):
         return (f"PreparedScores({self.quantizer!r}, queries {self.shape} {self.dtype} on "
@@ -627,24 +680,17 @@ class PreparedScores:
     def __call__(self, queries, out=None):
         """``quantizer.scores(queries, codes)``, into ``out`` when given."""
         if self._plan is not None:
-            return self._plan(queries, out)
+            if not self._one:
+                return self._plan(queries, out)
+            if hasattr(queries, "shape") and tuple(queries.shape) == self.shape:
+                queries = queries[None]
+            if out is None:
+                return self._plan(queries, None).reshape(self.out_shape)
+            fits = hasattr(out, "shape") and tuple(out.shape) == self.out_shape
+            self._plan(queries, out.reshape(self._full_shape) if fits else out)
+            return out
         o = self.origin
         if (_arrays.origin_of(queries, "queries") != o or not hasattr(queries, "shape")
                 or tuple(queries.shape) != self.shape or queries.dtype != self.dtype):
             _backend.prepared_mismatch(queries, "queries", o, self.shape, self.dtype, False)
-        if out is not None:
-            res_type = np.ndarray if o.framework in ("numpy", "dlpack") else type(queries)
-            if (not isinstance(out, res_type) or tuple(out.shape) != self.out_shape
-                    or str(out.dtype).rsplit(".", 1)[-1] != "float32"):
-                raise ValueError(f"out must be a float32 {res_type.__name__} of shape "
-                                 f"{self.out_shape}, got {type(out).__name__} "
-                                 f"{tuple(getattr(out, 'shape', ()))} "
-                                 f"{getattr(out, 'dtype', '')}")
-        res = self.quantizer.scores(queries, self.codes)
-        if out is None:
-            return res
-        if isinstance(out, np.ndarray):
-            np.copyto(out, res)
-        else:
-            out.copy_(res)
-        return out
+        return self.quantizer.scores(queries, self.codes, out=out)

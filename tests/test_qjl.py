@@ -102,5 +102,9 @@ def test_bad_input(rng):
     codes = qjl.quantize(rng.standard_normal((5, 16)))
     with pytest.raises(ValueError, match="different quantizer"):
         rotorq.QJL(16, 32, seed=3).scores(np.ones((1, 16)), codes)
-    with pytest.raises(ValueError, match="at least 2"):
-        qjl.scores(np.ones(16), codes)
+    with pytest.raises(ValueError, match="at least 1"):
+        qjl.scores(np.float64(1.0), codes)
+    with pytest.raises(ValueError, match="codes must have shape"):
+        qjl.scores(np.ones(16), codes[0])
+    with pytest.raises(ValueError, match="queries contains NaN"):
+        qjl.scores(np.full(16, np.nan), codes)
