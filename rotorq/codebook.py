@@ -226,7 +226,7 @@ def codebook_mse(bits, dim=None, *, distribution="gaussian"):
     """Expected squared error of one coordinate under the model the codebook was built for.
 
     Multiplied by ``dim`` for a ``dim``-scaled codebook it is the per-vector MSE
-    ``E‖x - x̂‖²`` of unit vectors (docs/math.md).
+    ``E‖x - x̂‖²`` of unit vectors (docs/math.md §2).
 
     Examples
     --------

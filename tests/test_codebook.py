@@ -5,7 +5,7 @@ from scipy import stats
 import rotorq
 from rotorq.codebook import codebook_mse
 
-# MATH.md §2: positive unit-variance centroids and per-coordinate MSE.
+# docs/math.md §2: positive unit-variance centroids and per-coordinate MSE.
 TABLE = {
     1: ([0.7979], 0.36338),
     2: ([0.4528, 1.5104], 0.11748),

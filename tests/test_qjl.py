@@ -63,7 +63,7 @@ def test_error_matches_published_and_variance_bound(rng):
     x, q = unit_vectors(rng, n, d), unit_vectors(rng, n, d)
     qjl = rotorq.QJL(d, d, seed=int(rng.integers(1 << 30)), orthogonal=False)
     err = qjl.scores(q[:, None, :], qjl.quantize(x[:, None, :]))[:, 0, 0] - np.sum(q * x, axis=1)
-    # MATH.md §3 table, b = 1 Prod row (pure QJL, m = d): error × d = 1.534 on random pairs,
+    # docs/math.md §3 table, b = 1 Prod row (pure QJL, m = d): error × d = 1.534 on random pairs,
     # below the bound (π/2)‖q‖²‖k‖²/m of §4.
     assert np.mean(err ** 2) * d == pytest.approx(1.534, rel=0.08)
     # The bound holds in expectation over S; one draw of S fluctuates by a few percent.

@@ -14,10 +14,10 @@ from helpers import (
 from rotorq import reference
 
 ROTATIONS = ["hadamard", "dense", "rotor"]
-# MATH.md §2: per-vector MSE of unit vectors at d = 128 (exact sphere-coordinate law;
+# docs/math.md §2: per-vector MSE of unit vectors at d = 128 (exact sphere-coordinate law;
 # the N(0, 1/d) model's 0.36338, 0.11748, 0.03455, 0.00950 are 0.7-2% higher).
 MSE_TABLE = {1: 0.3609, 2: 0.1160, 3: 0.0340, 4: 0.00931}
-# MATH.md §3, d = 128: MSE-only inner-product error × d and slope; Prod error × d.
+# docs/math.md §3, d = 128: MSE-only inner-product error × d and slope; Prod error × d.
 IP_MSE = {1: (0.358, 0.638), 2: (0.117, 0.883), 3: (0.034, 0.964), 4: (0.0093, 0.990)}
 IP_PROD = {2: 0.552, 3: 0.176, 4: 0.053}
 
