@@ -160,7 +160,10 @@ def test_beta_mse_matches_sampled_sphere_coordinates(rng, dim, bits):
 def test_beta_codebook_quantizers_at_small_dims(rng, rotation):
     """TurboQuant(dim, bits, codebook="beta") reconstructs finite vectors with an error
     close to the Gaussian codebook's at every small dim and bit width (dim 2 at 7 bits
-    reconstructed NaN)."""
+    reconstructed NaN). Rotors rotate 3-groups, so their coordinates do not follow the
+    dim-sphere law the codebook models: at dim 2 one rotor's draw can make the beta codebook
+    up to ~1.5x worse; Hadamard and dense rotations follow the law (beta never worse)."""
+    bound = 2.0 if rotation == "rotor" else 1.1
     for dim in (2, 3, 5, 8):
         x = rng.standard_normal((2000, dim))
         for bits in range(1, 9):
@@ -171,4 +174,4 @@ def test_beta_codebook_quantizers_at_small_dims(rng, rotation):
                 x_hat = tq.dequantize(tq.quantize(x))
                 assert np.all(np.isfinite(x_hat)), (dim, bits, codebook)
                 err[codebook] = np.sum((x - x_hat) ** 2) / np.sum(x ** 2)
-            assert err["beta"] < 1.25 * err["gaussian"] + 1e-6, (dim, bits, err)
+            assert err["beta"] < bound * err["gaussian"] + 1e-6, (dim, bits, err)
