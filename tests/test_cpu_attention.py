@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import rotorq.cpu as backend
+from rotorq import _ops as ops
 from rotorq import reference
 from rotorq.cpu import attention as twin
 from rotorq.cpu import attention_fast as fast
@@ -149,6 +150,9 @@ CASES = {
                                n_rows=2),
     "masked-splits": dict(n_rows=2, n_q=2, causal_offset=3, n_keys=301),
     "one-token": dict(n_keys=1, cap_extra=0),
+    "rows-5": dict(n_rows=5, kbits=(2,), vbits=(4,), n_keys=150),
+    "rows-12-blas-lanes16": dict(n_rows=12, n_q=3, causal_offset=180, n_keys=190),
+    "rows-9-blas-lanes8-prod": dict(n_rows=9, dk=(64,), dv=(192,), m=(64,), n_keys=77),
 }
 
 
@@ -172,13 +176,14 @@ def test_backend_wrapper_runs_the_fast_kernel_on_threads(rng):
     """``rotorq.cpu.decode_attention`` (several threads) gives exactly the fast kernel's
     serial result merged, and the twin's within float32 rounding."""
     case = make_case(rng, n_bh=3, n_keys=1500, kbits=(3,), vbits=(3,))
-    queries = tuple((k["q"], None) for k in case["keys"])
-    keys = tuple((k["codes"], k["norms"], k["cent"], k["bits"], None, None, 0.0)
+    queries = tuple(ops.RotatedQuery(k["q"]) for k in case["keys"])
+    keys = tuple(ops.KeyPart(k["codes"], k["norms"], k["cent"], k["bits"])
                  for k in case["keys"])
-    values = tuple((v["codes"], v["norms"], v["cent"], v["bits"], v["idx"].shape[2])
-                   for v in case["vals"])
-    accs, m, l_sum = backend.decode_attention(queries, keys, values, case["n_keys"],
-                                              case["n_q"], case["causal_offset"])
+    values = tuple(ops.ValuePart(v["codes"], v["norms"], v["cent"], v["bits"],
+                                 v["idx"].shape[2]) for v in case["vals"])
+    got = backend.decode_attention(queries, keys, values, case["n_keys"], case["n_q"],
+                                   case["causal_offset"])
+    accs, m, l_sum = got.accs, got.max, got.sum
     chunk = backend._split_chunk(case["n_keys"], case["n_bh"])
     args, n_tasks, outs = twin_args(case, chunk)
     fast.run(_serial, n_tasks, args)
@@ -216,8 +221,12 @@ def test_permutation_and_block_widths():
                 continue
             perm = fast.permutation(d, lanes)
             np.testing.assert_array_equal(np.sort(perm), np.arange(d))
+    for d in (64, 128, 192, 256):
+        np.testing.assert_array_equal(np.sort(fast.order(d, fast.FUSED, True)), np.arange(d))
     assert fast.block_lanes(128, 4) == 16 and fast.block_lanes(192, 3) == 8
     assert fast.block_lanes(40, 2) == 0 and fast.block_lanes(128, 5) == 0
+    assert fast.part_mode(128, 3, 4) == fast.FUSED and fast.part_mode(128, 3, 12) == 16
+    assert fast.part_mode(64, 5, 4) == 0 and fast.part_mode(40, 2, 1) == 0
     # block s, code c of word g sits at 8·lanes·s + lanes·c + g: coordinate 8(lanes·s + g) + c
     assert fast.permutation(128, 16)[16 * 3 + 5] == 8 * 5 + 3
 

@@ -1,44 +1,58 @@
-"""Decode attention on packed keys and values, tiled for the CPU's vector units and BLAS.
+"""Decode attention on packed keys and values, laid out for the CPU's vector units.
 
 The same computation and contract as the CUDA kernel's CPU twin
-(:func:`rotorq.cpu.attention.decode_attention`, whose module docstring states it), with
-three differences in how the work is laid out:
+(:func:`rotorq.cpu.attention.decode_attention`, whose module docstring states it); the
+work is laid out differently, so sums run in another order and results agree with the
+twin's within float32 rounding, not bit for bit. Fastmath stays off.
 
-- **Coordinate order.** Codes are cut from words of eight codes (``bits`` bytes each) and
-  ``lanes`` words at a time, so code ``c`` of word ``g`` of block ``s`` lands at position
-  ``8·lanes·s + lanes·c + g`` of the decoded row (:func:`permutation`). Every part whose
-  dimension is a multiple of ``8·lanes`` and whose codes have at most 4 bits is decoded
-  this way; the caller permutes the query rows of a key part the same way and un-permutes
-  the value accumulators of a value part (dot products and linear sums do not care about
-  the order). Other parts (``lanes = 0``) keep the natural order.
-- **Decoding.** One block (``8·lanes`` codes) is a vector load of ``bits·lanes`` bytes,
-  shifts and masks, and a variable permute of the centroid table held in a vector
-  register (LLVM lowers the table lookup of :func:`_decoder` to ``vpermps`` where the CPU
-  has it). The norms multiply the scores and the probabilities, not the decoded rows.
-- **Products.** A tile of ``TILE`` tokens is decoded into a float32 block; the scores
-  ``Q Kᵀ`` of the group's rows and the value sums ``P V`` are ``np.dot`` calls (BLAS).
+Tokens are taken ``TILE`` at a time (online softmax per tile). Each key or value part
+runs in one of three modes (:func:`part_mode`), chosen from its dimension, bits and the
+number of query rows ``R``:
 
-Sums therefore run in another order than in the twin: results agree within float32
-rounding, not bit for bit. Fastmath stays off.
+- ``FUSED`` (``1 <= bits <= 4``, dimension a multiple of 64, ``R <= FUSED_ROWS``): the
+  vector intrinsics of :mod:`rotorq.cpu.simd` decode and multiply in registers — the
+  scores of 16 keys at a time (:func:`rotorq.cpu.simd.key_scores`, keys in vector lanes,
+  query coordinates broadcast) and the value sums of a tile with the accumulators held in
+  registers (:func:`rotorq.cpu.simd.value_sums`, coordinates in vector lanes, in the
+  order :func:`rotorq.cpu.simd.value_position`).
+- 16 or 8 (*lanes*; codes of at most 4 bits, dimension a multiple of ``8·lanes``): a tile
+  is decoded by the permute decoder (:func:`rotorq.cpu.simd.decoder`, code ``c`` of word
+  ``w`` of block ``s`` at ``8·lanes·s + lanes·c + w``, :func:`permutation`) into a
+  float32 block, and ``Q Kᵀ`` or ``P V`` is an ``np.dot`` call (BLAS).
+- 0: the same with the twin's scalar decoder in natural order (any bits and dimension).
+
+The caller puts each part's query rows in the order its mode decodes (:func:`order`) and
+restores the natural order of the value accumulators (:func:`run` does both). The QJL
+signs of prod-mode keys are 1-bit codes with the table ``(−1, +1)`` (lanes or natural
+mode). The norms multiply the scores and the probabilities, not the decoded rows.
 """
 
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
+from . import simd
 from ._jit import jit
 from .attention import _bias_tile, decode_row
 
-TILE = 64  # tokens decoded per step: a decoded (TILE, 128) float32 block stays in L1
-TABLE = 16  # centroid table entries held in one vector (codes of at most 4 bits)
+TILE = 64  # tokens per online-softmax step (a multiple of 16); a (64, 128) float32 block is L1-sized
+TABLE = simd.TABLE
+FUSED = 1
+FUSED_ROWS = 8  # above this many query rows, the BLAS modes decode each tile only once
+
+_DEC16 = tuple(simd.decoder(b, 16) for b in (1, 2, 3, 4))
+_DEC8 = tuple(simd.decoder(b, 8) for b in (1, 2, 3, 4))
+_D1_16, _D2_16, _D3_16, _D4_16 = _DEC16
+_D1_8, _D2_8, _D3_8, _D4_8 = _DEC8
+_KS1_4, _KS2_4, _KS3_4, _KS4_4 = (simd.key_scores(b, 4) for b in (1, 2, 3, 4))
+_KS1_1, _KS2_1, _KS3_1, _KS4_1 = (simd.key_scores(b, 1) for b in (1, 2, 3, 4))
+_VS1_4, _VS2_4, _VS3_4, _VS4_4 = (simd.value_sums(b, 4) for b in (1, 2, 3, 4))
+_VS1_1, _VS2_1, _VS3_1, _VS4_1 = (simd.value_sums(b, 1) for b in (1, 2, 3, 4))
 
 
 def block_lanes(dim, bits):
-    """Words of eight codes decoded together for a part of ``dim`` coordinates at
-    ``bits`` bits: 16 or 8, or 0 where the vector decoder does not apply (natural order)."""
+    """Words decoded together by the permute decoder for a part of ``dim`` coordinates at
+    ``bits`` bits: 16 or 8, or 0 where it does not apply (natural order)."""
     if not 1 <= bits <= 4:
         return 0
     if dim % 128 == 0:
@@ -48,8 +62,17 @@ def block_lanes(dim, bits):
     return 0
 
 
+def part_mode(dim, bits, rows):
+    """``FUSED``, 16, 8 or 0: how a part of ``dim`` coordinates and ``bits``-bit codes is
+    read for ``rows`` query rows (module docstring)."""
+    if 1 <= bits <= 4 and dim % simd.BLOCK == 0 and 0 < rows <= FUSED_ROWS:
+        return FUSED
+    return block_lanes(dim, bits)
+
+
 def permutation(dim, lanes):
-    """``perm`` (dim,) int64: decoded position ``i`` holds coordinate ``perm[i]``."""
+    """``perm`` (dim,) int64: position ``i`` of a row decoded by the permute decoder with
+    ``lanes`` words per block holds coordinate ``perm[i]`` (identity for ``lanes = 0``)."""
     if lanes == 0:
         return np.arange(dim, dtype=np.int64)
     pos = np.arange(dim, dtype=np.int64)
@@ -58,64 +81,18 @@ def permutation(dim, lanes):
     return 8 * (lanes * block + g) + c
 
 
-def _decoder(bits, lanes):
-    """Intrinsic ``dec(codes, off, table, out, o0)``: decode the ``8·lanes`` codes of
-    ``bits`` bits at byte ``off`` of the C-contiguous array ``codes`` into
-    ``out.flat[o0 : o0 + 8·lanes]`` (block order of :func:`permutation`), each code
-    replaced by ``table[code]`` (``table``: at least ``TABLE`` float32)."""
-    nbytes = bits * lanes
-    tsize = TABLE if (bits == 4 or lanes == 16) else 8
-
-    @intrinsic
-    def dec(typingctx, codes, off, table, out, o0):
-        sig = types.void(codes, off, table, out, o0)
-
-        def codegen(context, builder, signature, args):
-            codes_a = context.make_array(signature.args[0])(context, builder, args[0])
-            table_a = context.make_array(signature.args[2])(context, builder, args[2])
-            out_a = context.make_array(signature.args[3])(context, builder, args[3])
-            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
-            v_bytes = ir.VectorType(i8, nbytes)
-            v_words = ir.VectorType(i32, lanes)
-            v_out = ir.VectorType(f32, lanes)
-            src = builder.load(builder.bitcast(builder.gep(codes_a.data, [args[1]]),
-                                               v_bytes.as_pointer()), align=1)
-            # word g: bytes g·bits … g·bits+bits−1 of the block, zero-extended to 32 bits
-            mask = [g * bits + k if k < bits else nbytes
-                    for g in range(lanes) for k in range(4)]
-            w8 = builder.shuffle_vector(src, ir.Constant(v_bytes, [0] * nbytes),
-                                        ir.Constant(ir.VectorType(i32, 4 * lanes), mask))
-            words = builder.bitcast(w8, v_words)
-            tab = builder.load(builder.bitcast(table_a.data,
-                                               ir.VectorType(f32, tsize).as_pointer()),
-                               align=4)
-            code_mask = ir.Constant(v_words, [(1 << bits) - 1] * lanes)
-            for c in range(8):
-                idx = builder.and_(builder.lshr(words, ir.Constant(v_words, [bits * c] * lanes)),
-                                   code_mask)
-                res = ir.Constant(v_out, None)
-                for lane in range(lanes):
-                    e = builder.extract_element(idx, ir.Constant(i32, lane))
-                    res = builder.insert_element(res, builder.extract_element(tab, e),
-                                                 ir.Constant(i32, lane))
-                o = builder.add(args[4], ir.Constant(args[4].type, c * lanes))
-                builder.store(res, builder.bitcast(builder.gep(out_a.data, [o]),
-                                                   v_out.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return dec
-
-
-_D4_16, _D3_16, _D2_16, _D1_16 = (_decoder(b, 16) for b in (4, 3, 2, 1))
-_D4_8, _D3_8, _D2_8, _D1_8 = (_decoder(b, 8) for b in (4, 3, 2, 1))
+def order(dim, mode, value):
+    """Coordinate at each position of a row in ``mode`` (``value``: a value part's
+    accumulator row, else a key part's query row)."""
+    if mode == FUSED:
+        return simd.value_position(dim) if value else np.arange(dim, dtype=np.int64)
+    return permutation(dim, mode)
 
 
 @jit
 def _decode_tile(codes, bh, j0, nt, bits, lanes, table, cent, big_d, idx, out):
     """Rows ``j0 … j0+nt−1`` of ``codes[bh]`` decoded to centroid values into
-    ``out[:nt·big_d]`` (row-major (nt, big_d), the order :func:`permutation` gives)."""
+    ``out[:nt·big_d]`` (row-major (nt, big_d), in :func:`permutation` order)."""
     cap = codes.shape[1]
     nb = codes.shape[2]
     if lanes == 16:
@@ -152,20 +129,50 @@ def _decode_tile(codes, bh, j0, nt, bits, lanes, table, cent, big_d, idx, out):
                        out[jj * big_d:(jj + 1) * big_d])
 
 
-@intrinsic
-def _f32_bits(typingctx, bits):
-    """The float32 whose IEEE bit pattern is the low 32 bits of the integer ``bits``."""
-    if not isinstance(bits, types.Integer):
-        return None
-    sig = types.float32(bits)
+@jit
+def _key_group(bits, four, codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out,
+               ooff, ostride):
+    """:func:`rotorq.cpu.simd.key_scores` for 4 rows (``four``) or 1 row at ``bits``."""
+    if four:
+        if bits == 4:
+            _KS4_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        elif bits == 3:
+            _KS3_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        elif bits == 2:
+            _KS2_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        else:
+            _KS1_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+    elif bits == 4:
+        _KS4_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+    elif bits == 3:
+        _KS3_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+    elif bits == 2:
+        _KS2_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+    else:
+        _KS1_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
 
-    def codegen(context, builder, signature, args):
-        v = args[0]
-        if v.type.width > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
 
-    return sig, codegen
+@jit
+def _value_group(bits, four, codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff,
+                 astride):
+    """:func:`rotorq.cpu.simd.value_sums` for 4 rows (``four``) or 1 row at ``bits``."""
+    if four:
+        if bits == 4:
+            _VS4_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        elif bits == 3:
+            _VS3_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        elif bits == 2:
+            _VS2_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        else:
+            _VS1_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+    elif bits == 4:
+        _VS4_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+    elif bits == 3:
+        _VS3_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+    elif bits == 2:
+        _VS2_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+    else:
+        _VS1_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
 
 
 @jit
@@ -174,8 +181,8 @@ def _half(h):
     sign = (h & 0x8000) << 16
     e = h & 0x7C00
     mant = h & 0x3FF
-    normal = _f32_bits(sign | (((h & 0x7FFF) << 13) + 0x38000000))
-    special = _f32_bits(sign | 0x7F800000 | (mant << 13))
+    normal = simd.f32_bits(sign | (((h & 0x7FFF) << 13) + 0x38000000))
+    special = simd.f32_bits(sign | 0x7F800000 | (mant << 13))
     sub = np.float32(mant) * np.float32(5.9604644775390625e-08)  # mant · 2^-24, exact
     sub = -sub if sign != 0 else sub
     return sub if e == 0 else (special if e == 0x7C00 else normal)
@@ -183,10 +190,13 @@ def _half(h):
 
 @jit
 def _norms(bits16, bh, j0, nt, out):
-    """``out[:nt]`` = the float16 bit patterns ``bits16[bh, j0 : j0+nt]`` as float32."""
+    """``out[:nt]`` = the float16 bit patterns ``bits16[bh, j0 : j0+nt]`` as float32;
+    zeros up to the next multiple of 16."""
     row = bits16[bh]
     for jj in range(nt):
         out[jj] = _half(np.int32(row[j0 + jj]))
+    for jj in range(nt, min(out.shape[0], (nt + 15) & ~15)):
+        out[jj] = 0.0
 
 
 @jit
@@ -205,7 +215,7 @@ def _exp(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     p = p * (r * r) + r + np.float32(1.0)
-    val = p * _f32_bits((np.int32(n) + 127) << 23)
+    val = p * simd.f32_bits((np.int32(n) + 127) << 23)
     return np.float32(0.0) if under else val
 
 
@@ -252,43 +262,91 @@ def _exp_sum(row, n, mx):
 
 
 @jit
-def _key_scores(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, lanes, slanes, bh, j0,
-                nt, idx, kf, kv_n, sc, sc2):
-    """``sc`` (R, nt) = key part scores of tokens ``j0 … j0+nt−1`` for the rows of ``bh``
-    (``sc2``: scratch of the same shape, for the QJL term)."""
+def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh, j0, nt,
+              idx, kf, kv_n, tail, flat, sc):
+    """``sc[:, :nt]`` (R, TILE) = the scores of key part tokens ``j0 … j0+nt−1`` for the
+    rows of ``bh`` (``flat``: scratch of R·TILE float32; ``tail``: uint8 (1, 16, ≥ row
+    bytes), room for 16 rows of codes)."""
+    n_rows = q.shape[1]
     big_d = q.shape[2]
-    _decode_tile(kc, bh, j0, nt, bits, lanes, table, cent, big_d, idx, kf)
-    np.dot(q[bh], kf[:nt * big_d].reshape((nt, big_d)).T, sc)
     _norms(kn, bh, j0, nt, kv_n)
-    n_rows = sc.shape[0]
-    for r in range(n_rows):
-        for jj in range(nt):
-            sc[r, jj] *= kv_n[jj]
+    if mode == FUSED:
+        qb = q[bh]
+        cap = kc.shape[1]
+        nb = kc.shape[2]
+        n_blk = big_d // simd.BLOCK
+        for g0 in range(0, nt, 16):
+            src = kc
+            off = ((bh * cap) + j0 + g0) * nb
+            if g0 + 16 > nt:  # last keys of the tile: 16 rows from a zero-padded copy
+                src = tail
+                off = 0
+                flat_tail = tail.reshape(tail.size)
+                flat_tail[:16 * nb] = 0
+                for t in range(nt - g0):
+                    flat_tail[t * nb:(t + 1) * nb] = kc[bh, j0 + g0 + t]
+            r0 = 0
+            while r0 + 4 <= n_rows:
+                _key_group(bits, True, src, off, nb, n_blk, qb, r0 * big_d, big_d, table,
+                           kv_n, g0, sc, r0 * TILE + g0, TILE)
+                r0 += 4
+            while r0 < n_rows:
+                _key_group(bits, False, src, off, nb, n_blk, qb, r0 * big_d, big_d, table,
+                           kv_n, g0, sc, r0 * TILE + g0, TILE)
+                r0 += 1
+    else:
+        _decode_tile(kc, bh, j0, nt, bits, mode, table, cent, big_d, idx, kf)
+        out = flat[:n_rows * nt].reshape((n_rows, nt))
+        np.dot(q[bh], kf[:nt * big_d].reshape((nt, big_d)).T, out)
+        for r in range(n_rows):
+            for jj in range(nt):
+                sc[r, jj] = out[r, jj] * kv_n[jj]
     m = qs.shape[2]
     if m > 0:
         signs = np.zeros(TABLE, np.float32)
         signs[0] = -1.0
         signs[1] = 1.0
         _decode_tile(ks, bh, j0, nt, 1, slanes, signs, signs, m, idx, kf)
-        np.dot(qs[bh], kf[:nt * m].reshape((nt, m)).T, sc2)
+        out = flat[:n_rows * nt].reshape((n_rows, nt))
+        np.dot(qs[bh], kf[:nt * m].reshape((nt, m)).T, out)
         _norms(kg, bh, j0, nt, kv_n)
         for jj in range(nt):
             kv_n[jj] = np.float32(qscale * kv_n[jj])
         for r in range(n_rows):
             for jj in range(nt):
-                sc[r, jj] += kv_n[jj] * sc2[r, jj]
+                sc[r, jj] += kv_n[jj] * out[r, jj]
 
 
 @jit
-def _value_sums(vc, vn, table, cent, bits, lanes, bh, j0, nt, idx, vf, kv_n, p, pv, tmp,
+def _value_part(vc, vn, table, cent, bits, mode, bh, j0, nt, idx, vf, kv_n, sc, pbuf, tmp,
                 acc):
-    """``acc`` (R, Dv) += Σ_j p[r, j] · ν_j · c[jdx_j] over tokens ``j0 … j0+nt−1``."""
+    """``acc`` (R, Dv) += Σ_j sc[r, j] · ν_j · c[jdx_j] over tokens ``j0 … j0+nt−1``."""
     n_rows, big_d = acc.shape
-    _decode_tile(vc, bh, j0, nt, bits, lanes, table, cent, big_d, idx, vf)
     _norms(vn, bh, j0, nt, kv_n)
+    if mode == FUSED:
+        pv = pbuf.reshape((n_rows, TILE))
+        for r in range(n_rows):
+            for jj in range(nt):
+                pv[r, jj] = sc[r, jj] * kv_n[jj]
+        cap = vc.shape[1]
+        nb = vc.shape[2]
+        off = ((bh * cap) + j0) * nb
+        n_blk = big_d // simd.BLOCK
+        r0 = 0
+        while r0 + 4 <= n_rows:
+            _value_group(bits, True, vc, off, nb, nt, n_blk, table, pv, r0 * TILE, TILE, acc,
+                         r0 * big_d, big_d)
+            r0 += 4
+        while r0 < n_rows:
+            _value_group(bits, False, vc, off, nb, nt, n_blk, table, pv, r0 * TILE, TILE, acc,
+                         r0 * big_d, big_d)
+            r0 += 1
+        return
+    _decode_tile(vc, bh, j0, nt, bits, mode, table, cent, big_d, idx, vf)
+    pv = pbuf[:n_rows * nt].reshape((n_rows, nt))
     for r in range(n_rows):
         for jj in range(nt):
-            pv[r, jj] = p[r, jj] * kv_n[jj]
+            pv[r, jj] = sc[r, jj] * kv_n[jj]
     np.dot(pv, vf[:nt * big_d].reshape((nt, big_d)), tmp)
     for r in range(n_rows):
         for k in range(big_d):
@@ -296,11 +354,31 @@ def _value_sums(vc, vn, table, cent, bits, lanes, bh, j0, nt, idx, vf, kv_n, p, 
 
 
 @jit
+def _prefetch_tile(bh, j0, nt, two_k, two_v, kc0, kn0, vc0, vn0, kc1, kn1, vc1, vn1):
+    """Cache hints for the codes and norms of tokens ``j0 … j0+nt−1`` (the next tile,
+    read while this one is computed)."""
+    if nt <= 0:
+        return
+    cap = kc0.shape[1]
+    row = bh * cap + j0
+    simd.prefetch(kc0, row * kc0.shape[2], nt * kc0.shape[2])
+    simd.prefetch(vc0, row * vc0.shape[2], nt * vc0.shape[2])
+    simd.prefetch(kn0, row, 2 * nt)
+    simd.prefetch(vn0, row, 2 * nt)
+    if two_k:
+        simd.prefetch(kc1, row * kc1.shape[2], nt * kc1.shape[2])
+        simd.prefetch(kn1, row, 2 * nt)
+    if two_v:
+        simd.prefetch(vc1, row * vc1.shape[2], nt * vc1.shape[2])
+        simd.prefetch(vn1, row, 2 * nt)
+
+
+@jit
 def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
-                kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, klanes0, slanes0,
-                kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, klanes1, slanes1,
-                vc0, vn0, vcent0, vtab0, vbits0, vlanes0,
-                vc1, vn1, vcent1, vtab1, vbits1, vlanes1,
+                kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
+                kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
+                vc0, vn0, vcent0, vtab0, vbits0, vmode0,
+                vc1, vn1, vcent1, vtab1, vbits1, vmode1,
                 n_keys, n_q, causal_offset, chunk,
                 acc0_out, acc1_out, max_out, sum_out):
     """Online softmax over the tokens of split ``s`` for the rows of ``bh``."""
@@ -315,9 +393,11 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
     idx = np.empty(dmax, np.uint8)
     kf = np.empty(TILE * dmax, np.float32)
     kv_n = np.empty(TILE, np.float32)
-    sc_buf = np.empty(n_rows * TILE, np.float32)
-    sc2_buf = np.empty(n_rows * TILE, np.float32)
-    sc3_buf = np.empty(n_rows * TILE if dk1 > 0 else 0, np.float32)
+    tail = np.empty((1, 16, max(kc0.shape[2], kc1.shape[2])), np.uint8)
+    flat = np.empty(n_rows * TILE, np.float32)
+    pbuf = np.empty(n_rows * TILE, np.float32)
+    sc = np.empty((n_rows, TILE), np.float32)
+    sc1 = np.empty((n_rows if dk1 > 0 else 0, TILE), np.float32)
     tmp0 = np.empty((n_rows, dv0), np.float32)
     tmp1 = np.empty((n_rows, dv1), np.float32)
     n_freq = kfreq.shape[0]
@@ -336,17 +416,16 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
             acc1[r, k] = 0.0
     for j0 in range(t0, t1, TILE):
         nt = min(t1, j0 + TILE) - j0
-        sc = sc_buf[:n_rows * nt].reshape((n_rows, nt))
-        sc2 = sc2_buf[:n_rows * nt].reshape((n_rows, nt))
-        _key_scores(q0, qs0, kc0, kn0, ks0, kg0, ktab0, kcent0, kbits0, kscale0, klanes0,
-                    slanes0, bh, j0, nt, idx, kf, kv_n, sc, sc2)
+        _prefetch_tile(bh, j0 + TILE, min(t1, j0 + 2 * TILE) - j0 - TILE, dk1 > 0, dv1 > 0,
+                       kc0, kn0, vc0, vn0, kc1, kn1, vc1, vn1)
+        _key_part(q0, qs0, kc0, kn0, ks0, kg0, ktab0, kcent0, kbits0, kscale0, kmode0,
+                  slanes0, bh, j0, nt, idx, kf, kv_n, tail, flat, sc)
         if dk1 > 0:
-            sc3 = sc3_buf[:n_rows * nt].reshape((n_rows, nt))
-            _key_scores(q1, qs1, kc1, kn1, ks1, kg1, ktab1, kcent1, kbits1, kscale1,
-                        klanes1, slanes1, bh, j0, nt, idx, kf, kv_n, sc3, sc2)
+            _key_part(q1, qs1, kc1, kn1, ks1, kg1, ktab1, kcent1, kbits1, kscale1, kmode1,
+                      slanes1, bh, j0, nt, idx, kf, kv_n, tail, flat, sc1)
             for r in range(n_rows):
                 for jj in range(nt):
-                    sc[r, jj] += sc3[r, jj]
+                    sc[r, jj] += sc1[r, jj]
         if n_freq > 0:
             _bias_tile(kba, kbb, kfreq, kpos0, bh, j0, nt, tcos, tsin, sc)
         # causal mask (row r sees a prefix of the tile), then the online-softmax step
@@ -367,41 +446,41 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     acc1[r, k] *= alpha
                 m[r] = mt
             lsum[r] += _exp_sum(row, nv, m[r])
-        _value_sums(vc0, vn0, vtab0, vcent0, vbits0, vlanes0, bh, j0, nt, idx, kf, kv_n,
-                    sc, sc2, tmp0, acc0)
+        _value_part(vc0, vn0, vtab0, vcent0, vbits0, vmode0, bh, j0, nt, idx, kf, kv_n, sc,
+                    pbuf, tmp0, acc0)
         if dv1 > 0:
-            _value_sums(vc1, vn1, vtab1, vcent1, vbits1, vlanes1, bh, j0, nt, idx, kf,
-                        kv_n, sc, sc2, tmp1, acc1)
+            _value_part(vc1, vn1, vtab1, vcent1, vbits1, vmode1, bh, j0, nt, idx, kf, kv_n,
+                        sc, pbuf, tmp1, acc1)
 
 
 @jit
 def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
-                     kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, klanes0, slanes0,
-                     kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, klanes1, slanes1,
-                     vc0, vn0, vcent0, vtab0, vbits0, vlanes0,
-                     vc1, vn1, vcent1, vtab1, vbits1, vlanes1,
+                     kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
+                     kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
+                     vc0, vn0, vcent0, vtab0, vbits0, vmode0,
+                     vc1, vn1, vcent1, vtab1, vbits1, vmode1,
                      n_keys, n_q, causal_offset, chunk,
                      acc0_out, acc1_out, max_out, sum_out):
     """Split-K attention over packed keys/values, tasks ``task_lo … task_hi − 1``.
 
     The arguments of :func:`rotorq.cpu.attention.decode_attention`, plus per part its
     centroid table padded to ``TABLE`` float32 (``ktab_p``, ``vtab_p``) and its
-    :func:`block_lanes` (``klanes_p``, ``vlanes_p``; ``slanes_p`` for the QJL signs, read
-    as 1-bit codes with the table ``(−1, +1)``). The rows ``q_p`` come with part ``p``'s
-    coordinates in :func:`permutation` order for ``klanes_p``, the sketched rows ``qs_p``
-    in that order for ``slanes_p``, and each value part's ``acc_out`` is returned in that
-    order for ``vlanes_p``. C-contiguous arrays only.
+    :func:`part_mode` (``kmode_p``, ``vmode_p``; ``slanes_p``: the :func:`block_lanes` of
+    the QJL signs). The rows ``q_p`` and ``qs_p`` come in the :func:`order` of their part's
+    mode (of ``slanes_p`` for ``qs_p``), and each value part's ``acc_out`` is returned in
+    that order. C-contiguous arrays only.
     """
     n_split = acc0_out.shape[1]
     for task in range(task_lo, task_hi):
         bh = task // n_split
         _split_task(bh, task - bh * n_split, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
-                    kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, klanes0, slanes0,
-                    kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, klanes1, slanes1,
-                    vc0, vn0, vcent0, vtab0, vbits0, vlanes0,
-                    vc1, vn1, vcent1, vtab1, vbits1, vlanes1,
+                    kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
+                    kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
+                    vc0, vn0, vcent0, vtab0, vbits0, vmode0,
+                    vc1, vn1, vcent1, vtab1, vbits1, vmode1,
                     n_keys, n_q, causal_offset, chunk,
                     acc0_out, acc1_out, max_out, sum_out)
+
 
 def _table(cent):
     tab = np.zeros(max(TABLE, cent.shape[0]), np.float32)
@@ -412,28 +491,29 @@ def _table(cent):
 def run(run_tasks, n_tasks, args):
     """Run :func:`decode_attention` on the arguments ``args`` of the twin
     (:func:`rotorq.cpu.attention.decode_attention` without the task range) with
-    ``run_tasks(kernel, n_tasks, args)``: the query rows are permuted, the tables padded,
-    and the value accumulators ``args[34]``, ``args[35]`` come back in natural order, as
-    the twin writes them."""
+    ``run_tasks(kernel, n_tasks, args)``: the query rows are put in order, the tables
+    padded, and the value accumulators ``args[34]``, ``args[35]`` come back in natural
+    order, as the twin writes them."""
     q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0 = args[:8]
     kparts = (args[8:15], args[15:22])
     vparts = (args[22:26], args[26:30])
     n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm = args[30:]
+    n_rows = q0.shape[1]
     out = [None, None, None, None, kba, kbb, kfreq, kpos0]
     for i, (q, qs, (kc, kn, ks, kg, cent, bits, scale)) in enumerate(
             zip((q0, q1), (qs0, qs1), kparts)):
-        lanes = block_lanes(q.shape[2], bits) if q.shape[2] else 0
+        mode = part_mode(q.shape[2], bits, n_rows) if q.shape[2] else 0
         slanes = block_lanes(qs.shape[2], 1) if qs.shape[2] else 0
-        out[i] = np.ascontiguousarray(q[..., permutation(q.shape[2], lanes)])
+        out[i] = np.ascontiguousarray(q[..., order(q.shape[2], mode, False)])
         out[2 + i] = np.ascontiguousarray(qs[..., permutation(qs.shape[2], slanes)])
         out += [np.ascontiguousarray(kc), kn, np.ascontiguousarray(ks), kg, cent, _table(cent),
-                bits, scale, lanes, slanes]
+                bits, scale, mode, slanes]
+    modes = []
     for acc, (vc, vn, cent, bits) in zip((acc0, acc1), vparts):
-        lanes = block_lanes(acc.shape[3], bits) if acc.shape[3] else 0
-        out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, lanes]
+        modes.append(part_mode(acc.shape[3], bits, n_rows) if acc.shape[3] else 0)
+        out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, modes[-1]]
     out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm]
     run_tasks(decode_attention, n_tasks, tuple(out))
-    for acc, (_, _, _, bits) in zip((acc0, acc1), vparts):
-        lanes = block_lanes(acc.shape[3], bits) if acc.shape[3] else 0
-        if lanes:
-            acc[..., permutation(acc.shape[3], lanes)] = acc.copy()
+    for acc, mode in zip((acc0, acc1), modes):
+        if mode:
+            acc[..., order(acc.shape[3], mode, True)] = acc.copy()
