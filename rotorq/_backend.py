@@ -11,7 +11,15 @@ from __future__ import annotations
 import numpy as np
 from array_api_compat import is_cupy_array, is_torch_array
 
-from ._arrays import Origin, common_origin, host_view, origin_of, to_framework
+from ._arrays import (
+    Origin,
+    common_origin,
+    host_view,
+    namespace_key,
+    origin_of,
+    prepared_mismatch,
+    to_framework,
+)
 
 _RESULT_DTYPES = ("float16", "float32", "float64")
 
@@ -130,40 +138,6 @@ def require_finite(xp, arr, name: str, *more):
                 raise ValueError(f"{n} contains NaN or Inf; rotorq refuses non-finite input")
 
 
-def prepared_mismatch(x, name: str, origin: Origin, shape, dtype, contiguous: bool):
-    """Raise the error that says how ``x`` differs from the arrays a prepared call takes:
-    ``origin``'s device and framework, ``shape``, ``dtype`` and, with ``contiguous``,
-    C-contiguity. The slow path behind a prepared call's cheap per-call checks."""
-    got = origin_of(x, name)
-    if (got.device, got.device_id) != (origin.device, origin.device_id):
-        raise ValueError(f"{name} are on {got.device}:{got.device_id} but the call was prepared "
-                         f"for {origin.device}:{origin.device_id}; move them to the same device")
-    if got.framework != origin.framework:
-        raise TypeError(f"{name}: the call was prepared for {origin.framework} arrays, "
-                        f"got {type(x).__name__}")
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have the prepared shape {tuple(shape)}, "
-                         f"got {tuple(x.shape)}")
-    if x.dtype != dtype:
-        raise TypeError(f"{name} must have the prepared dtype {dtype}, got {x.dtype}")
-    if contiguous:
-        is_c = x.is_contiguous() if hasattr(x, "is_contiguous") else x.flags.c_contiguous
-        if not is_c:
-            raise ValueError(f"{name} must be C-contiguous: a prepared call on the GPU reads "
-                             "the data in place")
-    raise ValueError(f"{name} does not match the prepared call")
-
-
-def namespace_key(xp):
-    """Cache key of per-device constants: the namespace, plus the current device for cupy
-    (each GPU needs its own copy of a rotation's or codebook's arrays)."""
-    if hasattr(xp, "cuda") and hasattr(xp.cuda, "runtime"):
-        return (xp.__name__, xp.cuda.runtime.getDevice())
-    return (xp.__name__, None)
-
-
 _MAPS: dict = {}
 
 
@@ -205,6 +179,7 @@ __all__ = [
     "device_batch_maps",
     "float_array",
     "get",
+    "namespace_key",
     "prepared_mismatch",
     "require_finite",
     "result_dtype",

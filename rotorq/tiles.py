@@ -27,11 +27,12 @@ cache, which converts back to rows (:func:`load`) for anything but that kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 
-from . import _backend
+from ._arrays import namespace_key
 
 TILE = 16
 """Tokens per tile."""
@@ -139,7 +140,7 @@ def _on(xp, a):
     upload per call would be a host-to-device copy each time)."""
     if xp is np:
         return a
-    key = (_backend.namespace_key(xp), id(a))
+    key = (namespace_key(xp), id(a))
     hit = _ON_DEVICE.get(key)
     if hit is None:
         hit = _ON_DEVICE[key] = (a, xp.asarray(a))  # ``a`` kept alive: its id stays its own
@@ -252,16 +253,16 @@ def load(xp, codes, norms, lo, hi, kind, dim, bits):
 
 
 def attention_rows(xp, keys, values, n_keys, key_dim):
-    """The ``keys``, ``values`` arguments of ``decode_attention`` (one MSE key part, one
-    value part, codes and norms in the tile layout) with their first ``n_keys`` tokens in
-    the row layout."""
-    if len(keys) != 1 or len(values) != 1 or keys[0][4] is not None:
+    """The ``keys``, ``values`` arguments of ``decode_attention`` (one MSE
+    :class:`~rotorq._ops.KeyPart`, one :class:`~rotorq._ops.ValuePart`, codes and norms in
+    the tile layout) with their first ``n_keys`` tokens in the row layout."""
+    if len(keys) != 1 or len(values) != 1 or keys[0].prod:
         raise ValueError("layout='tiles' takes one MSE key part and one value part")
-    codes, norms, cent, nbits, signs, qn, scale = keys[0]
-    kc, kn = load(xp, codes, norms, 0, n_keys, "keys", key_dim, nbits)
-    vcodes, vnorms, vcent, vbits, big_d = values[0]
-    vc, vn = load(xp, vcodes, vnorms, 0, n_keys, "values", big_d, vbits)
-    return ((kc, kn, cent, nbits, signs, qn, scale),), ((vc, vn, vcent, vbits, big_d),)
+    k, v = keys[0], values[0]
+    kc, kn = load(xp, k.codes, k.norms, 0, n_keys, "keys", key_dim, k.bits)
+    vc, vn = load(xp, v.codes, v.norms, 0, n_keys, "values", v.stored_dim, v.bits)
+    return ((dataclasses.replace(k, codes=kc, norms=kn),),
+            (dataclasses.replace(v, codes=vc, norms=vn),))
 
 
 __all__ = ["TILE", "attention_rows", "load", "norm_slots", "order", "store", "supported"]

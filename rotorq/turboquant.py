@@ -665,13 +665,10 @@ class PreparedScores:
         self.out_shape = out_shape
         self._full_shape = full_shape
         self._one = len(self.shape) == 1  # a 1-D query: the plan sees (1, dim)
-        self._plan = None
-        if origin.device == "cuda" and origin.framework in ("cupy", "torch"):
-            from .cuda import plans
-            k = quantizer._consts(be.xp)
-            self._plan = plans.QueryScoresPlan(queries[None] if self._one else queries, q,
-                                               quantizer.rotation, k["sketch"], *key_args,
-                                               full_shape)
+        self._plan = be.prepare_scores(queries[None] if self._one else queries, q,
+                                       quantizer.rotation,
+                                       quantizer.device_constants(be.xp)["sketch"], *key_args,
+                                       full_shape)
 
     def __repr__(self):
         return (f"PreparedScores({self.quantizer!r}, queries {self.shape} {self.dtype} on "

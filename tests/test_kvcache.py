@@ -8,6 +8,7 @@ import pytest
 
 import rotorq
 from helpers import exact_attention_case
+from rotorq._ops import Partial
 from rotorq.kvprep import rope, unrope
 from rotorq.quantized import QuantizedVectors
 
@@ -653,7 +654,8 @@ def test_exact_attention_cpu_matches_reference(rng, causal, partial, n_q, offset
         pos = pos + 10  # every exact token after every row's limit
     if offset < 0 and not partial:
         pytest.skip("a row that sees nothing has no output")
-    got = cpu.exact_attention(q, ke, ve, pos, 0.3, n_q, offset, causal, part, twin=True)
+    got = cpu.exact_attention_twin(q, ke, ve, pos, 0.3, n_q, offset, causal,
+                                   Partial((part[0],), part[1], part[2]) if part else None)
     want = ref(np, q, ke, ve, pos, 0.3, n_q, offset, causal, part)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.isfinite(got).all()

@@ -5,6 +5,7 @@ import pytest
 
 import rotorq
 from rotorq import cpu, tiles
+from rotorq._ops import KeyPart, RotatedQuery, ValuePart
 
 CASES = [(kind, dim, bits) for kind in ("keys", "values") for dim in (128, 256)
          for bits in (1, 2, 3, 4)]
@@ -139,12 +140,12 @@ def test_cache_in_tiles_equals_cache_in_rows(rng, monkeypatch, rotation):
 
 def test_decode_attention_layout_argument(rng):
     q = np.zeros((1, 1, 128), np.float32)
-    key = (np.zeros((1, 16, 48), np.uint8), np.zeros((1, 16), np.float16),
-           np.zeros(8, np.float32), 3, None, None, 0.0)
-    val = (np.zeros((1, 16, 48), np.uint8), np.zeros((1, 16), np.float16),
-           np.zeros(8, np.float32), 3, 128)
+    key = KeyPart(np.zeros((1, 16, 48), np.uint8), np.zeros((1, 16), np.float16),
+                  np.zeros(8, np.float32), 3)
+    val = ValuePart(np.zeros((1, 16, 48), np.uint8), np.zeros((1, 16), np.float16),
+                    np.zeros(8, np.float32), 3, 128)
     with pytest.raises(ValueError, match="layout"):
-        cpu.decode_attention(((q, None),), (key,), (val,), 4, 1, 4, layout="columns")
+        cpu.decode_attention((RotatedQuery(q),), (key,), (val,), 4, 1, 4, layout="columns")
     with pytest.raises(ValueError, match="one MSE key part"):
-        cpu.decode_attention(((q, None), (q, None)), (key, key), (val,), 4, 1, 4,
+        cpu.decode_attention((RotatedQuery(q), RotatedQuery(q)), (key, key), (val,), 4, 1, 4,
                              layout="tiles")

@@ -12,8 +12,10 @@ import numba
 import numpy as np
 
 from .. import tiles
-from . import _threads, bits
+from .._ops import Partial
+from . import _threads
 from . import attention as _att
+from . import bits as _bits
 from . import dequantize as _dq
 from . import qjl as _qjl
 from . import quantize as _q
@@ -69,22 +71,22 @@ def unrotate(y, rot):
 
 
 @_threads.serialized
-def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
+def quantize(x, rot, boundaries, centroids, bits, norm_correction, sketch):
     """Fused quantization of rows ``x``; ``sketch`` (m, D) float32 or None.
 
     Returns ``codes, norms, qjl_signs, qjl_norms`` (the last two empty without a sketch).
     """
     x = _rows(x)
     n = x.shape[0]
-    big_d = rot.stored_dim
+    stored_dim = rot.stored_dim
     sk = _EMPTY_SKETCH if sketch is None else sketch
     m = sk.shape[0]
-    codes = np.empty((n, (big_d * nbits + 7) // 8), np.uint8)
+    codes = np.empty((n, (stored_dim * bits + 7) // 8), np.uint8)
     norms = np.empty(n, np.float32)
     signs = np.empty((n, (m + 7) // 8), np.uint8)
     qjl_norms = np.empty(n, np.float32)
     p = rot.params(np)
-    args = (boundaries, centroids, nbits, norm_correction, sk, codes, norms, signs, qjl_norms)
+    args = (boundaries, centroids, bits, norm_correction, sk, codes, norms, signs, qjl_norms)
     if rot.kind == "hadamard":
         _q.quantize_hadamard(x, p["signs"], *args)
     elif rot.kind == "rotor":
@@ -95,39 +97,39 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
 
 
 @_threads.serialized
-def dequantize(codes, norms, rot, centroids, nbits):
+def dequantize(codes, norms, rot, centroids, bits):
     """Reconstruct rows (n, d) float32 from packed codes and norms."""
     n = codes.shape[0]
     p = rot.params(np)
     if rot.kind == "hadamard":
         out = np.empty((n, rot.dim), np.float32)
-        _dq.dequantize_hadamard(codes, norms, p["signs"], centroids, nbits, out)
+        _dq.dequantize_hadamard(codes, norms, p["signs"], centroids, bits, out)
         return out
     if rot.kind == "rotor":
         out = np.empty((n, rot.dim), np.float32)
-        _dq.dequantize_rotor(codes, norms, p["mats"], centroids, nbits, out)
+        _dq.dequantize_rotor(codes, norms, p["mats"], centroids, bits, out)
         return out
-    return unrotate(dequantize_rotated(codes, norms, rot.stored_dim, centroids, nbits), rot)
+    return unrotate(dequantize_rotated(codes, norms, rot.stored_dim, centroids, bits), rot)
 
 
 @_threads.serialized
-def dequantize_rotated(codes, norms, big_d, centroids, nbits):
+def dequantize_rotated(codes, norms, stored_dim, centroids, bits):
     """Reconstructions in the rotated domain, (n, D) float32."""
-    out = np.empty((codes.shape[0], big_d), np.float32)
-    _dq.dequantize_rotated(codes, norms, centroids, nbits, out)
+    out = np.empty((codes.shape[0], stored_dim), np.float32)
+    _dq.dequantize_rotated(codes, norms, centroids, bits, out)
     return out
 
 
 @_threads.serialized
-def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits,
+def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, bits,
            qjl_scale):
     """Scores (B, M, N) of rotated queries (Bq, M, D) against packed keys (Bk, N, ·)."""
     out = np.empty((qmap.shape[0], qrot.shape[1], codes.shape[1]), np.float32)
     if qsketch is None:
-        _sc.scores_mse(qrot, qmap, codes, norms, kmap, centroids, nbits, out)
+        _sc.scores_mse(qrot, qmap, codes, norms, kmap, centroids, bits, out)
     else:
         _sc.scores_prod(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap,
-                        centroids, nbits, qjl_scale, out)
+                        centroids, bits, qjl_scale, out)
     return out
 
 
@@ -150,19 +152,26 @@ def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
 
 
 @_threads.serialized
-def wht(x):
-    """Orthonormal WHT of rows (n, D), D a power of two, float32 out."""
+def wht(x, out_dtype=None):
+    """Orthonormal WHT of rows (n, D), D a power of two; float32 out unless ``out_dtype``."""
     x = _rows(x)
     out = np.empty(x.shape, np.float32)
     _wht.wht(x, out)
-    return out
+    return out if out_dtype is None else out.astype(out_dtype, copy=False)
+
+
+def prepare_scores(queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms, kmap,
+                   centroids, bits, qjl_scale, out_shape):
+    """None: on a CPU a call costs no launches, so there is nothing to prepare
+    (:meth:`rotorq.TurboQuant.prepare_scores` then checks and runs :func:`scores`)."""
+    return None
 
 
 @_threads.serialized
-def unpack_codes(codes, nbits, count):
+def unpack_codes(codes, bits, count):
     """Unpack rows of packed codes into uint8 (n, count)."""
     out = np.empty((codes.shape[0], count), np.uint8)
-    bits.unpack_codes(codes, nbits, count, out)
+    _bits.unpack_codes(codes, bits, count, out)
     return out
 
 
@@ -211,63 +220,35 @@ def attention_layout(key_dim, key_bits, key_mode, value_dim, value_bits):
 
 def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None,
                      layout="rows"):
-    """Fused attention of rotated queries over packed keys and values (split-K + merge).
-
-    Parameters
-    ----------
-    queries : tuple of ``(qrot, qsketch)``, one per key part (1 or 2)
-        ``qrot`` float32 (BH, R, D) rotated query rows times the softmax scale (row
-        ``r`` = query ``r % n_q`` of the group's query head ``r // n_q``); ``qsketch``
-        float32 (BH, R, m) = ``qrot @ sketchᵀ`` in prod mode, else None.
-    keys : tuple of ``(codes, norms, centroids, bits, signs, qjl_norms, qjl_scale)``
-        One per key part: ``codes`` uint8 (BH, cap, nbytes), ``norms`` float16 (BH, cap),
-        ``signs`` uint8 (BH, cap, ceil(m/8)) and ``qjl_norms`` float16 (BH, cap) or None.
-    values : tuple of ``(codes, norms, centroids, bits, stored_dim)``, one per value part.
-    n_keys : int
-        Valid tokens in the buffers (``cap >= n_keys``).
-    n_q : int
-        Queries per query head.
-    causal_offset : int
-        Key ``t`` is visible to row ``r`` iff ``t <= r % n_q + causal_offset``.
-    key_bias : tuple ``(A, B, freqs, pos0)``, optional
-        Adds ``Σ_i A[r, i] cos((pos0 + t) θ_i) + B[r, i] sin((pos0 + t) θ_i)`` to the score
-        of key ``t`` for row ``r``: ``A``, ``B`` float32 (BH, R, h), ``freqs`` (h,) the
-        angles ``θ_i``, ``pos0`` an int (the RoPE-aware key offset of :mod:`rotorq.kvprep`).
-    layout : {"rows", "tiles"}
-        "tiles": one MSE key part and one value part whose codes and norms are in the tile
-        layout of :mod:`rotorq.tiles` (``cap`` a multiple of 16); converted to rows here.
-
-    Returns
-    -------
-    accs : list of float32 (BH, R, D_v) per value part
-        ``Σ_t exp(s_t − m) · ν_t · c[jdx_t]`` in each value part's rotated domain.
-    m, l : float32 (BH, R)
-        Max score (``-inf`` for rows that saw no key) and ``Σ_t exp(s_t − m)``.
-    """
+    """Fused attention of rotated queries over packed keys and values (split-K, then the
+    splits merged with the log-sum-exp rule); the contract is
+    :func:`rotorq._ops.decode_attention`. Tiles of keys and values are decoded into float
+    blocks and multiplied by BLAS (:mod:`rotorq.cpu.attention_fast`); the tile layout
+    (:mod:`rotorq.tiles`) is converted to rows first."""
     if layout not in ("rows", "tiles"):
         raise ValueError(f"layout must be 'rows' or 'tiles', got {layout!r}")
     if layout == "tiles":
-        keys, values = tiles.attention_rows(np, keys, values, n_keys, queries[0][0].shape[2])
-    q0, qs0 = queries[0]
+        keys, values = tiles.attention_rows(np, keys, values, n_keys,
+                                            queries[0].rotated.shape[2])
+    q0, qs0 = queries[0].rotated, queries[0].sketch
     n_bh, n_rows = q0.shape[0], q0.shape[1]
     empty_q = np.zeros((n_bh, n_rows, 0), np.float32)
-    q1, qs1 = queries[1] if len(queries) > 1 else (empty_q, None)
+    q1, qs1 = (queries[1].rotated, queries[1].sketch) if len(queries) > 1 else (empty_q, None)
 
-    def kpart(i):
+    def kpart(i):  # the kernel's arguments of key part i (placeholders if absent)
         if i >= len(keys):
             return _U8, _U16, _U8, _U16, _F32, 1, 0.0
-        codes, norms, cent, nbits, signs, qn, scale = keys[i]
-        if signs is None:
-            signs, qn, scale = _U8, _U16, 0.0
-        else:
-            qn = qn.view(np.uint16)
-        return codes, norms.view(np.uint16), signs, qn, cent, int(nbits), float(scale)
+        k = keys[i]
+        if not k.prod:
+            return k.codes, k.norms.view(np.uint16), _U8, _U16, k.centroids, int(k.bits), 0.0
+        return (k.codes, k.norms.view(np.uint16), k.signs, k.qjl_norms.view(np.uint16),
+                k.centroids, int(k.bits), float(k.qjl_scale))
 
     def vpart(i):
         if i >= len(values):
             return _U8, _U16, _F32, 1, 0
-        codes, norms, cent, nbits, big_d = values[i]
-        return codes, norms.view(np.uint16), cent, int(nbits), int(big_d)
+        v = values[i]
+        return v.codes, v.norms.view(np.uint16), v.centroids, int(v.bits), int(v.stored_dim)
 
     chunk = _split_chunk(n_keys, n_bh)
     n_split = max(1, -(-n_keys // chunk))
@@ -275,9 +256,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
     if key_bias is None:
         bias = (empty_q, empty_q, np.zeros(0, np.float64), 0)
     else:
-        ba, bb, freqs, pos0 = key_bias
-        bias = (np.ascontiguousarray(ba, np.float32), np.ascontiguousarray(bb, np.float32),
-                np.ascontiguousarray(freqs, np.float64), int(pos0))
+        bias = (np.ascontiguousarray(key_bias.cos_coef, np.float32),
+                np.ascontiguousarray(key_bias.sin_coef, np.float32),
+                np.ascontiguousarray(key_bias.freqs, np.float64), int(key_bias.pos0))
     acc0 = np.empty((n_bh, n_split, n_rows, v0[4]), np.float32)
     acc1 = np.empty((n_bh, n_split, n_rows, v1[4]), np.float32)
     mx = np.empty((n_bh, n_split, n_rows), np.float32)
@@ -293,21 +274,26 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
     safe = np.where(np.isfinite(m), m, np.float32(0.0))
     w = np.exp(mx - safe[:, None, :])  # 0 for splits that saw nothing
     l_sum = (w * sm).sum(axis=1)
-    accs = [np.einsum("bsr,bsrd->brd", w, a) for a in (acc0, acc1)[:len(values)]]
-    return accs, m, l_sum
+    accs = tuple(np.einsum("bsr,bsrd->brd", w, a) for a in (acc0, acc1)[:len(values)])
+    return Partial(accs, m, l_sum)
 
 
-def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None, twin=False):
+def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
     """Attention of the rows ``q`` (BH, R, d) over uncompressed keys ``ke`` (BH, E, d) and
     values ``ve`` (BH, E, dv) at positions ``pos`` (E,), merged with the compressed part's
-    ``partial = (acc, m, l)`` (or None): the normalized output (BH, R, dv) float32.
-    Contract: :func:`rotorq.reference.exact_attention`, whose array operations (BLAS
-    products) run here: on a CPU they cost no launches and are 2.5–10× faster than the
-    ``@njit`` twin of the CUDA kernel (:func:`rotorq.cpu.attention.exact_attention`, scalar
-    float32 sums in the kernel's order), which ``twin=True`` runs instead (parity tests)."""
-    if not twin:
-        from ..reference import exact_attention as ref
-        return ref(np, q, ke, ve, pos, scale, n_q, offset, causal, partial)
+    :class:`~rotorq._ops.Partial` (one accumulator) or None: the normalized output
+    (BH, R, dv) float32. On a CPU the array operations of
+    :func:`rotorq.reference.exact_attention` (BLAS products) run; :func:`exact_attention_twin`
+    runs the ``@njit`` twin of the CUDA kernel instead."""
+    from ..reference import exact_attention as ref
+    merged = None if partial is None else (partial.accs[0], partial.max, partial.sum)
+    return ref(np, q, ke, ve, pos, scale, n_q, offset, causal, merged)
+
+
+def exact_attention_twin(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
+    """:func:`exact_attention` by the ``@njit`` twin of the CUDA kernel
+    (:func:`rotorq.cpu.attention.exact_attention`: scalar float32 sums in the kernel's
+    order), for parity tests; not part of the backend contract."""
     q = np.ascontiguousarray(q, np.float32)
     ke = np.ascontiguousarray(ke, np.float32)
     ve = np.ascontiguousarray(ve, np.float32)
@@ -316,7 +302,8 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None, tw
         acc_c, m_c, l_c, has_c = _F32.reshape(1, 1, 1), _F32.reshape(1, 1), \
             _F32.reshape(1, 1), False
     else:
-        acc_c, m_c, l_c = (np.ascontiguousarray(a, np.float32) for a in partial)
+        acc_c, m_c, l_c = (np.ascontiguousarray(a, np.float32)
+                           for a in (partial.accs[0], partial.max, partial.sum))
         has_c = True
     out = np.empty((n_bh, n_rows, ve.shape[2]), np.float32)
     _att.exact_attention(q, ke, ve, np.ascontiguousarray(pos, np.int64), ke.shape[1],

@@ -32,7 +32,7 @@ if _UNAVAILABLE:
     # The names :mod:`rotorq.cuda.api` exports (a test checks this list against its __all__).
     BACKEND_FUNCTIONS = frozenset({
         "attention_layout", "decode_attention", "dequantize", "dequantize_rotated",
-        "exact_attention", "name", "qjl_quantize", "qjl_scores", "quantize", "rotate",
+        "exact_attention", "name", "prepare_scores", "qjl_quantize", "qjl_scores", "quantize", "rotate",
         "rotor_roundtrip", "scores", "unpack_codes", "unrotate", "view", "wht", "xp",
     })
 

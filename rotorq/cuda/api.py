@@ -8,6 +8,7 @@ arrays. Kernels read float16, float32 and float64 directly; bfloat16 is widened 
 :func:`view`.
 """
 
+import dataclasses
 import functools
 import sys
 
@@ -16,6 +17,7 @@ import numpy as np
 from array_api_compat import is_torch_array
 
 from .. import tiles as _tiles
+from .._ops import Partial, RotatedQuery
 from . import attention as _att
 from . import bits as _bits
 from . import dequantize as _dq
@@ -241,7 +243,7 @@ def unrotate(y, rot):
 
 
 @_on_device
-def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
+def quantize(x, rot, boundaries, centroids, bits, norm_correction, sketch):
     """Fused quantization of rows ``x``; ``sketch`` (m, D) float32 or None.
 
     Returns ``codes, norms, qjl_signs, qjl_norms`` (the last two empty without a sketch).
@@ -251,15 +253,15 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
     stored_dim = rot.stored_dim
     sk = _empty((0, 1), cp.float32) if sketch is None else _contiguous(sketch)
     m = sk.shape[0]
-    nbytes = (stored_dim * nbits + 7) // 8
+    nbytes = (stored_dim * bits + 7) // 8
     norms = _empty(n, cp.float32)
     signs = _empty((n, (m + 7) // 8), cp.uint8)
     qjl_norms = _empty(n, cp.float32)
     p = rot.params(cp)
     if n >= GENERATED_MIN_ROWS and x.ndim == 2 and _gen_rotor.applies(
-            rot.kind, x.shape[1], stored_dim, nbits, x.dtype, m):
+            rot.kind, x.shape[1], stored_dim, bits, x.dtype, m):
         half = x.dtype == cp.float16
-        kern = _gen_rotor.kernel(x.shape[1], int(nbits), half, bool(norm_correction))
+        kern = _gen_rotor.kernel(x.shape[1], int(bits), half, bool(norm_correction))
         whole = _empty((_gen_rotor.padded_rows(n), nbytes), cp.uint8)  # whole tiles written
         _tiled_launch(kern, n, (_flat(x, _U32 if half else None), _flat(_contiguous(p["mats"])),
                                 _contiguous(boundaries), _contiguous(centroids),
@@ -267,13 +269,13 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
         qjl_norms.fill(0)
         return (whole if whole.shape[0] == n else whole[:n]), norms, signs, qjl_norms
     codes = _empty((n, nbytes), cp.uint8)
-    tail = (_contiguous(boundaries), _contiguous(centroids), int(nbits), int(norm_correction),
+    tail = (_contiguous(boundaries), _contiguous(centroids), int(bits), int(norm_correction),
             sk, codes, norms, signs, qjl_norms)
     if n >= GENERATED_MIN_ROWS and x.ndim == 2 and _gen_quantize.applies(
-            rot.kind, x.shape[1], stored_dim, nbits, x.dtype, m):
+            rot.kind, x.shape[1], stored_dim, bits, x.dtype, m):
         half = x.dtype == cp.float16
         word_out = codes.shape[1] % 4 == 0
-        kern = _gen_quantize.kernel(x.shape[1], stored_dim, int(nbits), half,
+        kern = _gen_quantize.kernel(x.shape[1], stored_dim, int(bits), half,
                                     bool(norm_correction), word_out)
         _tiled_launch(kern, n, (_flat(x, _U32 if half else None), p["signs"],
                                 _contiguous(boundaries), _contiguous(centroids),
@@ -290,31 +292,31 @@ def quantize(x, rot, boundaries, centroids, nbits, norm_correction, sketch):
 
 
 @_on_device
-def dequantize(codes, norms, rot, centroids, nbits):
+def dequantize(codes, norms, rot, centroids, bits):
     """Reconstruct rows (n, d) float32 from packed codes and norms."""
     codes, norms, centroids = _contiguous(codes), _contiguous(norms), _contiguous(centroids)
     n = codes.shape[0]
     p = rot.params(cp)
     if rot.kind == "dense":
-        return unrotate(dequantize_rotated(codes, norms, rot.stored_dim, centroids, nbits), rot)
+        return unrotate(dequantize_rotated(codes, norms, rot.stored_dim, centroids, bits), rot)
     out = _empty((n, rot.dim), cp.float32)
     if rot.kind == "hadamard":
         _row_launch(_dq.dequantize_hadamard, n, rot.stored_dim,
-                    (codes, norms, p["signs"], centroids, int(nbits), out))
+                    (codes, norms, p["signs"], centroids, int(bits), out))
     else:
         _row_launch(_dq.dequantize_rotor, n, rot.stored_dim,
-                    (codes, norms, p["mats"], centroids, int(nbits), out))
+                    (codes, norms, p["mats"], centroids, int(bits), out))
     return out
 
 
 @_on_device
-def dequantize_rotated(codes, norms, big_d, centroids, nbits):
-    """Reconstructions in the rotated domain, (n, D) float32 (``big_d``: the stored
+def dequantize_rotated(codes, norms, stored_dim, centroids, bits):
+    """Reconstructions in the rotated domain, (n, D) float32 (``stored_dim``: the stored
     dimension D; the name is the backend contract's)."""
     codes = _contiguous(codes)
-    out = _empty((codes.shape[0], big_d), cp.float32)
-    _row_launch(_dq.dequantize_rotated, codes.shape[0], big_d,
-                (codes, _contiguous(norms), _contiguous(centroids), int(nbits), out), scratch=False)
+    out = _empty((codes.shape[0], stored_dim), cp.float32)
+    _row_launch(_dq.dequantize_rotated, codes.shape[0], stored_dim,
+                (codes, _contiguous(norms), _contiguous(centroids), int(bits), out), scratch=False)
     return out
 
 
@@ -362,19 +364,19 @@ def _generated_scores(kern, per_z, qrot, qmap, codes, norms, kmap, centroids, ou
 
 
 @_on_device
-def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, nbits,
+def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids, bits,
            qjl_scale):
     """Scores (B, M, N) of rotated queries (Bq, M, D) against packed keys (Bk, N, ·)."""
     qrot = _contiguous(qrot.astype(cp.float32, copy=False))
     out = _empty((qmap.shape[0], qrot.shape[1], codes.shape[1]), cp.float32)
     head = (qrot,)
     keys = (_contiguous(qmap), _words(codes), _contiguous(norms))
-    tail = (_contiguous(kmap), _contiguous(centroids), int(nbits))
+    tail = (_contiguous(kmap), _contiguous(centroids), int(bits))
     levels = centroids.shape[0]
     _, n_m, n_keys = out.shape
-    words_ok = (codes.shape[-1] % 4 == 0 and codes.shape[-1] * 8 == qrot.shape[2] * int(nbits))
+    words_ok = (codes.shape[-1] % 4 == 0 and codes.shape[-1] * 8 == qrot.shape[2] * int(bits))
     if qsketch is None and n_keys >= GENERATED_MIN_KEYS and words_ok:
-        chosen = _generated_score_kernel(qrot.shape[2], int(nbits), min(n_m, 8))
+        chosen = _generated_score_kernel(qrot.shape[2], int(bits), min(n_m, 8))
         if chosen is not None:
             if out.size:
                 _generated_scores(*chosen, qrot, qmap, codes, norms, kmap, centroids, out)
@@ -390,6 +392,18 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
 
 
 _F32 = np.dtype(np.float32)
+
+
+def prepare_scores(queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms, kmap,
+                   centroids, bits, qjl_scale, out_shape):
+    """A :class:`rotorq.cuda.plans.QueryScoresPlan` for cupy arrays and torch CUDA tensors
+    (launches packed once, called on the current stream); None for other arrays."""
+    if not (isinstance(queries, cp.ndarray) or is_torch_array(queries)):
+        return None
+    from . import plans  # plans launches this module's kernels
+
+    return plans.QueryScoresPlan(queries, rows, rot, sketch, qmap, codes, norms, signs,
+                                 qjl_norms, kmap, centroids, bits, qjl_scale, out_shape)
 
 
 @_on_device
@@ -415,11 +429,11 @@ def qjl_scores(qsketch, qmap, signs, norms, kmap, scale):
 
 
 @_on_device
-def wht(x, out_dtype=cp.float32):
+def wht(x, out_dtype=None):
     """Orthonormal WHT of rows (n, D), D a power of two; float32 out (or ``out_dtype``:
     float16 input may give float16 output, rounded once from the float32 result)."""
     x = _rows(x)
-    out = _empty(x.shape, out_dtype)
+    out = _empty(x.shape, cp.float32 if out_dtype is None else out_dtype)
     n, width = x.shape
     half_in, half_out = x.dtype == cp.float16, out.dtype == cp.float16
     if (n >= GENERATED_MIN_ROWS and _row_tiles.applies(width)
@@ -433,11 +447,11 @@ def wht(x, out_dtype=cp.float32):
 
 
 @_on_device
-def unpack_codes(codes, nbits, count):
+def unpack_codes(codes, bits, count):
     """Unpack rows of packed codes into uint8 (n, count)."""
     codes = _contiguous(codes)
     out = _empty((codes.shape[0], count), cp.uint8)
-    _row_launch(_bits.unpack_codes, codes.shape[0], count, (codes, int(nbits), int(count), out),
+    _row_launch(_bits.unpack_codes, codes.shape[0], count, (codes, int(bits), int(count), out),
                 scratch=False)
     return out
 
@@ -505,9 +519,8 @@ def _key_bias_scores(key_bias, n_bh, n_rows, n_keys):
     past ``n_rows`` zero): on tensor cores (:mod:`rotorq.cuda.gen.key_bias`)
     up to 64 frequencies, else one thread per key
     (:func:`rotorq.cuda.attention.key_bias_scores`)."""
-    ba, bb, freqs, pos0 = key_bias
-    ba, bb = _contiguous_f32(ba), _contiguous_f32(bb)
-    freqs = cp.ascontiguousarray(freqs, dtype=cp.float64)
+    ba, bb = _contiguous_f32(key_bias.cos_coef), _contiguous_f32(key_bias.sin_coef)
+    freqs, pos0 = cp.ascontiguousarray(key_bias.freqs, dtype=cp.float64), key_bias.pos0
     n_freq = ba.shape[2]
     if KEY_BIAS_MMA and 0 < n_freq <= _gen_bias.BIAS_MAX_FREQ:
         kb = _empty((n_bh, n_keys, 8), cp.float32)
@@ -542,7 +555,7 @@ def _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias, lay
     of at most :data:`~rotorq.cuda.gen.attention.ROWS` rows that keep a query head's
     queries together (``n_q ≤ 8``: whole heads; else runs of 8 queries of one head, the
     causal offset moved to the run's first query), results concatenated."""
-    q0 = queries[0][0]
+    q0 = queries[0].rotated
     n_rows, cap = q0.shape[1], _gen_att.ROWS
     if n_q <= cap:
         step = cap // n_q * n_q
@@ -555,33 +568,35 @@ def _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias, lay
     for a, b, nq, off in groups:
         bias = None
         if key_bias is not None:
-            ba, bb, freqs, pos0 = key_bias
-            bias = (ba[:, a:b], bb[:, a:b], freqs, pos0)
-        acc, m, lsum = decode_attention(((_contiguous(q0[:, a:b]), None),), keys, values, n_keys, nq,
-                                        off, key_bias=bias, layout=layout)
-        outs.append(acc[0])
-        ms.append(m)
-        ls.append(lsum)
-    return [cp.concatenate(outs, axis=1)], cp.concatenate(ms, axis=1), cp.concatenate(ls, axis=1)
+            bias = dataclasses.replace(key_bias, cos_coef=key_bias.cos_coef[:, a:b],
+                                       sin_coef=key_bias.sin_coef[:, a:b])
+        part = decode_attention((RotatedQuery(_contiguous(q0[:, a:b])),), keys, values, n_keys,
+                                nq, off, key_bias=bias, layout=layout)
+        outs.append(part.accs[0])
+        ms.append(part.max)
+        ls.append(part.sum)
+    return Partial((cp.concatenate(outs, axis=1),), cp.concatenate(ms, axis=1),
+                   cp.concatenate(ls, axis=1))
 
 
 def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias=None,
                      layout="rows"):
     """Fused attention of rotated queries over packed keys and values (split-K, merged on
-    the device); arguments and results as :func:`rotorq.cpu.decode_attention`, on cupy arrays.
+    the device); the contract is :func:`rotorq._ops.decode_attention`, on cupy arrays.
     With ``key_bias`` on the tensor-core path, the term is first computed for every key
     (:func:`_key_bias_scores`) and added to the MMA scores; more than 8 rows per KV head
     run as groups of rows (:func:`_row_groups`). ``layout="tiles"``: the codes and norms
     are in the tile layout (:mod:`rotorq.tiles`); read in place by the tensor-core kernel,
     converted to rows for the general one."""
-    q0, qs0 = queries[0]
+    q0, qs0 = queries[0].rotated, queries[0].sketch
     device = q0.device
     if layout not in ("rows", "tiles"):
         raise ValueError(f"layout must be 'rows' or 'tiles', got {layout!r}")
     with device, current_stream(device.id):
         n_bh, n_rows = q0.shape[0], q0.shape[1]
         u8, f16, f32, empty_q = _att_placeholders(n_bh, n_rows)
-        q1, qs1 = queries[1] if len(queries) > 1 else (empty_q, None)
+        q1, qs1 = ((queries[1].rotated, queries[1].sketch) if len(queries) > 1
+                   else (empty_q, None))
 
         def qarr(a):
             return empty_q if a is None else _contiguous_f32(a)
@@ -589,21 +604,20 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         def kpart(i):
             if i >= len(keys):
                 return u8, f16, u8, f16, f32, 1, 0.0
-            codes, norms, cent, nbits, signs, qn, scale = keys[i]
-            if signs is None:
-                signs, qn, scale = u8, f16, 0.0
-            else:
-                signs, qn = _words(signs), _contiguous_f16(qn)
-            return (_words(codes), _contiguous_f16(norms), signs, qn, _contiguous_f32(cent),
-                    int(nbits), float(scale))
+            k = keys[i]
+            signs, qn, scale = u8, f16, 0.0
+            if k.prod:
+                signs, qn, scale = _words(k.signs), _contiguous_f16(k.qjl_norms), k.qjl_scale
+            return (_words(k.codes), _contiguous_f16(k.norms), signs, qn,
+                    _contiguous_f32(k.centroids), int(k.bits), float(scale))
 
         def vpart(i):
             if i >= len(values):
                 return u8, f16, f32, 1, 0
-            codes, norms, cent, nbits, stored_dim = values[i]
-            if not codes.flags.c_contiguous:
-                codes = _contiguous(codes)
-            return codes, _contiguous_f16(norms), _contiguous_f32(cent), int(nbits), int(stored_dim)
+            v = values[i]
+            codes = v.codes if v.codes.flags.c_contiguous else _contiguous(v.codes)
+            return (codes, _contiguous_f16(v.norms), _contiguous_f32(v.centroids), int(v.bits),
+                    int(v.stored_dim))
 
         v0, v1 = vpart(0), vpart(1)
         qargs = (qarr(q0), qarr(q1), qarr(qs0), qarr(qs1))
@@ -612,8 +626,8 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         fast = None
         if (ATTENTION_FAST and len(keys) == 1 and len(values) == 1 and qs0 is None
                 and n_keys > 0):
-            fast = _gen_att.config(dk0, k0[5], v0[4], v0[3], keys[0][0].shape[-1],
-                                    values[0][0].shape[-1])
+            fast = _gen_att.config(dk0, k0[5], v0[4], v0[3], keys[0].codes.shape[-1],
+                                    values[0].codes.shape[-1])
         if fast is not None and n_rows > _gen_att.ROWS:
             return _row_groups(queries, keys, values, n_keys, n_q, causal_offset, key_bias,
                                layout)
@@ -651,10 +665,9 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
             if key_bias is None:
                 bias = (empty_q, empty_q, _empty((0,), cp.float64), 0)
             else:
-                ba, bb, freqs, pos0 = key_bias
-                bias = (_contiguous_f32(ba), _contiguous_f32(bb),
-                        cp.ascontiguousarray(freqs, dtype=cp.float64),
-                        int(pos0))
+                bias = (_contiguous_f32(key_bias.cos_coef), _contiguous_f32(key_bias.sin_coef),
+                        cp.ascontiguousarray(key_bias.freqs, dtype=cp.float64),
+                        int(key_bias.pos0))
             shared = 4 * _att.shared_floats(threads, dk0, dk1, qargs[2].shape[2],
                                             qargs[3].shape[2], v0[4], v1[4], 0,
                                             bias[2].shape[0])
@@ -672,7 +685,7 @@ def decode_attention(queries, keys, values, n_keys, n_q, causal_offset, key_bias
         launch(_merge.merge_splits, (max(1, -(-(v0[4] + v1[4]) // cols)), n_rows, n_bh),
                (cols, ys), 4 * _merge.merge_shared_floats(n_split, cols * ys),
                (mx, sm, acc0, acc1, out0, out1, m, lsum))
-        return [out0, out1][:len(values)], m, lsum
+        return Partial((out0, out1)[:len(values)], m, lsum)
 
 
 TILED_MAX_WORDS = 2**32 - 1
@@ -716,8 +729,8 @@ def _prefix_buffer(a):
 
 def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
     """Attention over uncompressed keys and values merged with the compressed part's
-    partial sums, one launch; arguments and result as :func:`rotorq.cpu.exact_attention`,
-    on cupy arrays. Beyond the shared memory of one block (about 12K tokens) it runs as
+    partial sums, one launch; the contract is :func:`rotorq._ops.exact_attention`, on cupy
+    arrays. Beyond the shared memory of one block (about 12K tokens) it runs as
     array operations (:func:`rotorq.reference.exact_attention`)."""
     device = q.device
     with device, current_stream(device.id):
@@ -725,7 +738,8 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
         n_e = ke.shape[1]
         if 4 * _merge.exact_shared_floats(n_e, threads) > SHARED_LIMIT:
             from ..reference import exact_attention as ref
-            return ref(cp, q, ke, ve, pos, scale, n_q, offset, causal, partial)
+            merged = None if partial is None else (partial.accs[0], partial.max, partial.sum)
+            return ref(cp, q, ke, ve, pos, scale, n_q, offset, causal, merged)
         q = _contiguous_f32(q)
         kb, _ = _prefix_buffer(ke)
         vb, _ = _prefix_buffer(ve)
@@ -734,7 +748,8 @@ def exact_attention(q, ke, ve, pos, scale, n_q, offset, causal, partial=None):
             ph = _att_placeholders(1, 1)[2]
             acc_c, m_c, l_c, has_c = ph.reshape(1, 1, 1), ph.reshape(1, 1), ph.reshape(1, 1), 0
         else:
-            acc_c, m_c, l_c = (_contiguous_f32(a) for a in partial)
+            acc_c, m_c, l_c = (_contiguous_f32(a)
+                               for a in (partial.accs[0], partial.max, partial.sum))
             has_c = 1
         if pos.dtype != cp.int64 or not pos.flags.c_contiguous:
             pos = cp.ascontiguousarray(pos, dtype=cp.int64)
@@ -754,6 +769,7 @@ __all__ = [
     "dequantize_rotated",
     "exact_attention",
     "name",
+    "prepare_scores",
     "qjl_quantize",
     "qjl_scores",
     "quantize",

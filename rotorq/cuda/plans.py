@@ -10,7 +10,7 @@ import cupy as cp
 import numpy as np
 from array_api_compat import is_torch_array
 
-from .. import _backend
+from .._arrays import Origin, prepared_mismatch
 from . import _launch as _ln
 from . import api
 from ._launch import Prepared, View, current_stream, torch_stream
@@ -48,7 +48,7 @@ def _run(bound, stream_ptr, ptrs):
 
 
 def _mismatch(x, name, framework, device_id, shape, dtype):
-    _backend.prepared_mismatch(x, name, _backend.Origin(framework, "cuda", device_id), shape,
+    prepared_mismatch(x, name, Origin(framework, "cuda", device_id), shape,
                                dtype, True)
 
 

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._ops import KeyBias, Partial, RotatedQuery
+
 
 def rotated_queries(state, q, scale):
-    """Per base key part: ``(rotated rows × scale (BH, R, D), QJL-sketched rows or None)``."""
+    """Per base key part, a :class:`~rotorq._ops.RotatedQuery`: rotated rows × scale
+    (BH, R, D) and, in prod mode, their QJL sketch."""
     setup = state.setup
     xp, be = setup.xp, setup.be
     n_bh, n_rows, _ = q.shape
@@ -35,7 +38,7 @@ def rotated_queries(state, q, scale):
         qsk = None
         if tq.mode == "prod":
             qsk = xp.ascontiguousarray(qrot @ tq.device_constants(xp)["sketch"].T)
-        out.append((qrot, qsk))
+        out.append(RotatedQuery(qrot, qsk))
     return out
 
 
@@ -51,9 +54,9 @@ def scores(state, exact, q):
     if c:
         keys = state.base.keys
         bmap = xp.arange(n_bh, dtype=xp.int64)
-        for i, (part, (qrot, qsk)) in enumerate(zip(keys.parts, rotated_queries(state, q, 1.0),
-                                                     strict=True)):
-            tq = part.tq
+        for i, (part, rq) in enumerate(zip(keys.parts, rotated_queries(state, q, 1.0),
+                                           strict=True)):
+            tq, qrot, qsk = part.tq, rq.rotated, rq.sketch
             signs = qn = None
             if tq.mode == "prod":
                 signs = xp.ascontiguousarray(keys.array(i, "qjl_signs", 0, c))
@@ -85,8 +88,8 @@ def fused_arguments(state, q, scale, n_q, offset):
     xp, frame, base = state.setup.xp, state.frame, state.base
     bias = None
     if frame.freqs is not None:
-        bias = (*frame.bias_coefficients(q * np.float32(scale)), frame.freqs,
-                state.sinks.count)
+        bias = KeyBias(*frame.bias_coefficients(q * np.float32(scale)), frame.freqs,
+                       state.sinks.count)
     args = (tuple(rotated_queries(state, q, scale)), base.keys.kernel_keys(xp),
             base.values.kernel_values(xp), base.count, n_q, offset - state.sinks.count)
     return args, {"key_bias": bias, "layout": base.layout}
@@ -105,16 +108,17 @@ def attend(state, exact, q, scale, n_q, offset, causal):
     partial = None
     if c:  # base tier: fused kernel → (acc, m, l), acc in the value rotations' domains
         args, kwargs = fused_arguments(state, q, scale, n_q, offset)
-        accs, m_c, l_c = be.decode_attention(*args, **kwargs)
+        part = be.decode_attention(*args, **kwargs)
+        m_c, l_c = part.max, part.sum
         pieces = [be.unrotate(a.reshape(n_bh * n_rows, -1), p.tq.rotation)
-                  .reshape(n_bh, n_rows, p.dim) for a, p in zip(accs, base.values.parts,
+                  .reshape(n_bh, n_rows, p.dim) for a, p in zip(part.accs, base.values.parts,
                                                                  strict=True)]
         acc_c = pieces[0] if len(pieces) == 1 else xp.concatenate(pieces, axis=2)
         if frame.vinv is not None:
             acc_c = xp.take_along_axis(acc_c, frame.vinv[:, None, :], axis=2)
         if rows is None:
             return (acc_c / l_c[:, :, None]).astype(xp.float32)
-        partial = (acc_c, m_c, l_c)
+        partial = Partial((acc_c,), m_c, l_c)
     # pending, sinks, window: float32 attention on their (decoded) keys and values, merged
     # with the base tier's partial sums (every row sees at least token 0), one kernel
     ke, ve, pos = rows

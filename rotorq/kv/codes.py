@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from .. import tiles
+from .._ops import KeyPart, ValuePart
 from ..turboquant import TurboQuant
 
 _NORM_BYTES = 2  # float16 norms
@@ -210,24 +211,26 @@ class Codes:
         return out
 
     def kernel_keys(self, xp):
-        """The keys argument of the backend's ``decode_attention``: per part ``(codes,
-        norms, centroids, bits, signs, qjl_norms, qjl_scale)``, whole buffers (start 0)."""
+        """The keys argument of the backend's ``decode_attention``: a
+        :class:`~rotorq._ops.KeyPart` per part, whole buffers (start 0)."""
         assert self.start == 0
         out = []
         for part, buf in zip(self.parts, self.buffers, strict=True):
             tq = part.tq
-            prod = tq.mode == "prod"
-            out.append((buf["codes"], buf["norms"], tq.device_constants(xp)["centroids"],
-                        tq.mse_bits, buf["qjl_signs"] if prod else None,
-                        buf["qjl_norms"] if prod else None, tq.qjl_scale if prod else 0.0))
+            centroids = tq.device_constants(xp)["centroids"]
+            if tq.mode == "prod":
+                out.append(KeyPart(buf["codes"], buf["norms"], centroids, tq.mse_bits,
+                                   buf["qjl_signs"], buf["qjl_norms"], tq.qjl_scale))
+            else:
+                out.append(KeyPart(buf["codes"], buf["norms"], centroids, tq.mse_bits))
         return tuple(out)
 
     def kernel_values(self, xp):
-        """The values argument of ``decode_attention``: per part ``(codes, norms, centroids,
-        bits, stored_dim)``, whole buffers (start 0)."""
+        """The values argument of ``decode_attention``: a :class:`~rotorq._ops.ValuePart`
+        per part, whole buffers (start 0)."""
         assert self.start == 0
-        return tuple((buf["codes"], buf["norms"], p.tq.device_constants(xp)["centroids"],
-                      p.tq.mse_bits, p.tq.stored_dim)
+        return tuple(ValuePart(buf["codes"], buf["norms"], p.tq.device_constants(xp)["centroids"],
+                               p.tq.mse_bits, p.tq.stored_dim)
                      for p, buf in zip(self.parts, self.buffers, strict=True))
 
 

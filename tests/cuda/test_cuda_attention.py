@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from helpers import exact_attention_case
+from rotorq._ops import KeyBias, KeyPart, Partial, RotatedQuery, ValuePart
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 CPU_ATT = importlib.import_module("rotorq.cpu.attention")
@@ -487,14 +488,15 @@ def test_backend_kernels_match_cpu_kernel(rng, cp, fast_path, n_keys, n_rows, n_
     args = (n_keys, n_q, case["causal_offset"])
     c = cp.asarray
     ba, bb, freqs, pos0 = case["bias"]
-    bias_cpu = (ba, bb, freqs, pos0) if n_freq else None
-    bias_gpu = (c(ba), c(bb), c(freqs), pos0) if n_freq else None
-    want = cpu.decode_attention(((q, None),), ((kc, kn, kcent, kb, None, None, 0.0),),
-                                ((vc, vn, vcent, vb, 128),), *args, key_bias=bias_cpu)
-    got = gpu.decode_attention(((c(q), None),), ((c(kc), c(kn), c(kcent), kb, None, None, 0.0),),
-                               ((c(vc), c(vn), c(vcent), vb, 128),), *args, key_bias=bias_gpu)
-    accs_w, m_w, l_w = want
-    accs_g, m_g, l_g = got
+    bias_cpu = KeyBias(ba, bb, freqs, pos0) if n_freq else None
+    bias_gpu = KeyBias(c(ba), c(bb), c(freqs), pos0) if n_freq else None
+    want = cpu.decode_attention((RotatedQuery(q),), (KeyPart(kc, kn, kcent, kb),),
+                                (ValuePart(vc, vn, vcent, vb, 128),), *args, key_bias=bias_cpu)
+    got = gpu.decode_attention((RotatedQuery(c(q)),), (KeyPart(c(kc), c(kn), c(kcent), kb),),
+                               (ValuePart(c(vc), c(vn), c(vcent), vb, 128),), *args,
+                               key_bias=bias_gpu)
+    accs_w, m_w, l_w = want.accs, want.max, want.sum
+    accs_g, m_g, l_g = got.accs, got.max, got.sum
     # m alone moves with the score rounding (fp16 MMA inputs) and with lazy rescaling
     # (RESCALE_SLACK of rotorq.cuda.gen.attention); m + log l does not
     np.testing.assert_allclose(m_g.get() + np.log(l_g.get()), m_w + np.log(l_w),
@@ -538,16 +540,16 @@ def test_backend_tiles_match_cpu_rows(rng, cp, monkeypatch, n_keys, n_rows, n_q,
     q = case["q"][0]
     args = (n_keys, n_q, case["causal_offset"])
     ba, bb, freqs, pos0 = case["bias"]
-    bias_cpu = (ba, bb, freqs, pos0) if n_freq else None
-    bias_gpu = (cp.asarray(ba), cp.asarray(bb), cp.asarray(freqs), pos0) if n_freq else None
-    want = cpu.decode_attention(((q, None),), ((kc, kn, kcent, kb, None, None, 0.0),),
-                                ((vc, vn, vcent, vb, 128),), *args, key_bias=bias_cpu)
-    got = gpu.decode_attention(((cp.asarray(q), None),),
-                               ((*tiled[0], cp.asarray(kcent), kb, None, None, 0.0),),
-                               ((*tiled[1], cp.asarray(vcent), vb, 128),), *args,
+    bias_cpu = KeyBias(ba, bb, freqs, pos0) if n_freq else None
+    bias_gpu = KeyBias(cp.asarray(ba), cp.asarray(bb), cp.asarray(freqs), pos0) if n_freq else None
+    want = cpu.decode_attention((RotatedQuery(q),), (KeyPart(kc, kn, kcent, kb),),
+                                (ValuePart(vc, vn, vcent, vb, 128),), *args, key_bias=bias_cpu)
+    got = gpu.decode_attention((RotatedQuery(cp.asarray(q)),),
+                               (KeyPart(*tiled[0], cp.asarray(kcent), kb),),
+                               (ValuePart(*tiled[1], cp.asarray(vcent), vb, 128),), *args,
                                key_bias=bias_gpu, layout="tiles")
-    out_w = want[0][0] / want[2][..., None]
-    out_g = got[0][0].get() / got[2].get()[..., None]
+    out_w = want.accs[0] / want.sum[..., None]
+    out_g = got.accs[0].get() / got.sum.get()[..., None]
     err = _rel_err(out_g, out_w)
     _REPORT[f"tiles-T{n_keys}-R{n_rows}-nq{n_q}-f{n_freq}-h{heads}"] = err
     assert err < MMA_RTOL, err
@@ -640,7 +642,8 @@ def test_sim_exact_kernel_matches_cpu(rng, causal, partial):
     from rotorq import cpu
     q, ke, ve, pos, part = exact_attention_case(rng, 2, 3, 6, 5, 19, partial, 4 * 19 + 50)
     n_q, offset = (1, 40) if causal else (1, 0)
-    want = cpu.exact_attention(q, ke, ve, pos, 0.4, n_q, offset, causal, part, twin=True)
+    want = cpu.exact_attention_twin(q, ke, ve, pos, 0.4, n_q, offset, causal,
+                                    Partial((part[0],), part[1], part[2]) if part else None)
     got = np.full_like(want, np.nan)
     ph = np.zeros((1, 1, 1), np.float32)
     acc, m, lsum = part if part else (ph, ph[0], ph[0])
@@ -661,7 +664,8 @@ def test_exact_attention_gpu_matches_cpu(rng, cp, n_e, prefix, partial, causal):
     from rotorq import cpu
     q, ke, ve, pos, part = exact_attention_case(rng, 4, 8, 128, 128, n_e, partial, 4 * n_e + 50)
     n_q, offset = (2, int(pos[n_e // 2])) if causal else (1, 0)
-    want = cpu.exact_attention(q, ke, ve, pos, 0.09, n_q, offset, causal, part, twin=True)
+    want = cpu.exact_attention_twin(q, ke, ve, pos, 0.09, n_q, offset, causal,
+                                    Partial((part[0],), part[1], part[2]) if part else None)
     if prefix:
         kbuf = cp.asarray(np.concatenate([ke, rng.standard_normal(ke.shape).astype(np.float32)],
                                          axis=1))
@@ -671,7 +675,7 @@ def test_exact_attention_gpu_matches_cpu(rng, cp, n_e, prefix, partial, causal):
         assert not kg.flags.c_contiguous
     else:
         kg, vg = cp.asarray(ke), cp.asarray(ve)
-    pg = tuple(cp.asarray(a) for a in part) if part else None
+    pg = Partial((cp.asarray(part[0]),), cp.asarray(part[1]), cp.asarray(part[2])) if part else None
     got = gpu.exact_attention(cp.asarray(q), kg, vg, cp.asarray(pos), 0.09, n_q, offset,
                               causal, pg)
     np.testing.assert_allclose(got.get(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
