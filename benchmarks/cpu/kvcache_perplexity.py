@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2-135M decoding with :class:`rotorq.KVCache` as its KV cache.
 
-Every layer of the numpy SmolLM2 forward pass (:mod:`benchmarks.smollm2`) attends through
+Every layer of the numpy SmolLM2 forward pass (:mod:`benchmarks.cpu.smollm2`) attends through
 its own ``rotorq.KVCache``, token by token, as a decoder would: for position ``t`` the
 cache holds exactly what it holds after ``t + 1`` appends (sinks, compressed tokens, the
 window), and the query of position ``t`` attends over it with ``KVCache.attend``. This is
@@ -14,9 +14,9 @@ window codes, float16 sinks and the float16 key offset.
 Configurations: plain TurboQuant (every token quantized, no levers) as the baseline in the
 same run, the library's defaults, and the recipe at three budgets (4, 3 and 2.5 bits),
 with and without the RoPE-aware offset and the calibrated key channel scales (scales
-calibrated once on GPL-3 tokens 512–1023, as in :mod:`benchmarks.fidelity_levers`).
+calibrated once on GPL-3 tokens 512–1023, as in :mod:`benchmarks.cpu.fidelity_levers`).
 
-Run ``python -m benchmarks.kvcache_perplexity`` (about 15 minutes on 2 cores; ``--quick``:
+Run ``python -m benchmarks.cpu.kvcache_perplexity`` (about 15 minutes on 2 cores; ``--quick``:
 256 tokens, one seed, three rows). A full run writes the ``cpu:kvcache-perplexity``
 section of ``benchmarks/RESULTS.md``; ``--layer-errors`` writes ``cpu:kvcache-layer-errors``
 (per-layer attention-output errors of the caches on the exact captured q/k/v).
@@ -32,9 +32,15 @@ from unittest import mock
 import numpy as np
 
 import rotorq
-from benchmarks import smollm2
-from benchmarks.fidelity_levers import CALIB_SPAN, _log_probs, calibrate
-from benchmarks.report import Progress, environment, environment_markdown, markdown_table, write_sections
+from benchmarks.cpu import smollm2
+from benchmarks.cpu.fidelity_levers import CALIB_SPAN, _log_probs, calibrate
+from benchmarks.tools.report import (
+    Progress,
+    environment,
+    environment_markdown,
+    markdown_table,
+    write_sections,
+)
 
 PLAIN = dict(residual_tokens=0, residual_bits=None, sink_tokens=0, key_offset=False,
              norm_correction=False)
@@ -84,7 +90,7 @@ def rows(quick=False):
 
 
 class DecodeAttention:
-    """Stand-in for :func:`benchmarks.smollm2._attention`: one ``KVCache`` per layer, fed
+    """Stand-in for :func:`benchmarks.cpu.smollm2._attention`: one ``KVCache`` per layer, fed
     token by token; collects the caches' stored bits."""
 
     def __init__(self, model, row, calib, seed):
@@ -210,7 +216,7 @@ def markdown(out, elapsed) -> str:
     return "\n".join([
         "## SmolLM2-135M decoding through `rotorq.KVCache` (issue 6)",
         "",
-        f"Produced by `python -m benchmarks.kvcache_perplexity` in {elapsed / 60:.1f} min. "
+        f"Produced by `python -m benchmarks.cpu.kvcache_perplexity` in {elapsed / 60:.1f} min. "
         f"First {out['n_tokens']} tokens of each text, decoded token by token: every layer "
         "appends one token to its own `KVCache` and attends with `KVCache.attend` (the fused "
         "kernel on the codes). Means over rotation seeds "
@@ -241,7 +247,7 @@ def main(argv=None):
         errs = layer_errors(n, progress=Progress())
         text = "\n".join([
             "## Per-layer attention-output error through `rotorq.KVCache` (SmolLM2-135M)", "",
-            f"Produced by `python -m benchmarks.kvcache_perplexity --layer-errors` in "
+            f"Produced by `python -m benchmarks.cpu.kvcache_perplexity --layer-errors` in "
             f"{(time.perf_counter() - start) / 60:.1f} min. Exact captured post-RoPE q/k/v of the "
             f"first {n} tokens (no error propagation); each layer's cache is fed token by token "
             "and position t attends after t + 1 appends (rotation seed 0). Relative error "

@@ -3,9 +3,9 @@
 # costs, other shapes, one-query table plans -> $OUT.
 #
 # Usage (repository root, on the GPU machine; see ../shared/reference/GPU.md for the wheels):
-#   bash benchmarks/gpu_run.sh [tests|bench|kv|attend|shapes|tables|variants|all] [pytest -k expression]
+#   bash benchmarks/gpu/run.sh [tests|bench|kv|attend|shapes|tables|variants|all] [pytest -k expression]
 # Precompile the generated kernels first where there is no GPU (the PTX cache travels):
-#   ROTORQ_PTX_CACHE=$PWD/.whl/ptxcache python3 benchmarks/gpu_bench.py --precompile-only
+#   ROTORQ_PTX_CACHE=$PWD/.whl/ptxcache python3 -m benchmarks.gpu.bench --precompile-only
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -20,32 +20,32 @@ if [[ $what == tests || $what == all ]]; then
     tail -25 "$OUT/tests.txt"
 fi
 if [[ $what == bench || $what == all ]]; then
-    timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/gpu_bench.py --out "$OUT" \
+    timeout "${BENCH_TIMEOUT:-240}" python3 -m benchmarks.gpu.bench --out "$OUT" \
         --max-log2n "${MAX_LOG2N:-20}" > "$OUT/gpu_bench.log" 2>&1
     echo "gpu_bench rc=$?"
 fi
 if [[ $what == kv || $what == all ]]; then
-    timeout "${KV_TIMEOUT:-180}" python3 benchmarks/gpu_kv_bench.py --out "$OUT" \
+    timeout "${KV_TIMEOUT:-180}" python3 -m benchmarks.gpu.kv_bench --out "$OUT" \
         > "$OUT/gpu_kv_bench.log" 2>&1
     echo "gpu_kv_bench rc=$?"
 fi
 if [[ $what == attend || $what == all ]]; then
-    timeout "${ATTEND_TIMEOUT:-180}" python3 benchmarks/attend_breakdown.py --out "$OUT" \
+    timeout "${ATTEND_TIMEOUT:-180}" python3 -m benchmarks.gpu.attend_breakdown --out "$OUT" \
         > "$OUT/attend_breakdown.log" 2>&1
     echo "attend_breakdown rc=$?"
 fi
 if [[ $what == shapes || $what == all ]]; then
-    timeout "${SHAPES_TIMEOUT:-180}" python3 benchmarks/gpu_shapes.py --out "$OUT" \
+    timeout "${SHAPES_TIMEOUT:-180}" python3 -m benchmarks.gpu.shapes --out "$OUT" \
         > "$OUT/gpu_shapes.log" 2>&1
     echo "gpu_shapes rc=$?"
 fi
 if [[ $what == tables || $what == all ]]; then
-    timeout "${TABLES_TIMEOUT:-300}" python3 benchmarks/gpu_score_tables.py --out "$OUT" \
+    timeout "${TABLES_TIMEOUT:-300}" python3 -m benchmarks.gpu.score_tables --out "$OUT" \
         > "$OUT/gpu_score_tables.log" 2>&1
     echo "gpu_score_tables rc=$?"
 fi
 if [[ $what == variants ]]; then
-    timeout "${VARIANTS_TIMEOUT:-240}" python3 benchmarks/gpu_attention_variants.py --out "$OUT" \
+    timeout "${VARIANTS_TIMEOUT:-240}" python3 -m benchmarks.gpu.attention_variants --out "$OUT" \
         > "$OUT/gpu_attention_variants.log" 2>&1
     echo "gpu_attention_variants rc=$?"
 fi

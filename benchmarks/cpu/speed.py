@@ -20,7 +20,7 @@ in torch.
 Numba compilation is timed separately in a fresh process with an empty Numba cache
 (``NUMBA_CACHE_DIR``), so the medians never include it.
 
-Run ``python -m benchmarks.cpu_speed`` (``--quick``: N up to 2^16).
+Run ``python -m benchmarks.cpu.speed`` (``--quick``: N up to 2^16).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 import rotorq
-from benchmarks.report import Progress, markdown_table, median_time, passive_openmp
+from benchmarks.tools.report import Progress, markdown_table, median_time, passive_openmp
 from rotorq import reference
 
 DIM = 128
@@ -76,7 +76,7 @@ def compile_times() -> dict[str, float]:
         ``import rotorq`` and the first ``quantize`` per rotation and first ``scores``;
         each includes the compilation of the kernels it is first to use.
     """
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(root),

@@ -14,8 +14,8 @@ with the bytes each method keeps and the attention-output error of the compresse
 
 Run from the repository root::
 
-    python -m benchmarks.kv_attention                      # T = 4K, 16K, 64K
-    python -m benchmarks.kv_attention --tokens 4096 65536 --key-bits 4 --value-bits 4
+    python -m benchmarks.cpu.kv_attention                      # T = 4K, 16K, 64K
+    python -m benchmarks.cpu.kv_attention --tokens 4096 65536 --key-bits 4 --value-bits 4
 
 (A GPU section against torch ``scaled_dot_product_attention`` comes with ``rotorq.cuda``.)
 """

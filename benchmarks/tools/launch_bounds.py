@@ -7,18 +7,14 @@ For fp16 rows, d = 128, 3 bits, N = 2^20 and 2^22, this times the Hadamard quant
 (:func:`rotorq.cuda.tiled_rotor.quantize_kernel`, register budget ``regs``) at each setting,
 the launches recorded once and replayed (no host work), least of 3 medians.
 
-    python3 benchmarks/gpu_launch_bounds.py            (a GPU)
-    python3 benchmarks/gpu_launch_bounds.py --precompile-only   (fills $ROTORQ_PTX_CACHE, no GPU)
+    python3 -m benchmarks.tools.launch_bounds            (a GPU)
+    python3 -m benchmarks.tools.launch_bounds --precompile-only   (fills $ROTORQ_PTX_CACHE, no GPU)
 """
 
 import argparse
 import functools
-import os
-import sys
 
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 HADAMARD_BLOCKS = (4, 5, 6)
 ROTOR_REGS = (64, 56, 40)  # 5, 6 and 8 blocks of 192 threads at d = 128
@@ -38,7 +34,7 @@ def _kernels():
 
 
 def precompile():
-    from gpu_bench import compile_sm90
+    from benchmarks.gpu.bench import compile_sm90
     u32, f32 = np.uint32, np.float32
     rd, lv = 3 * (-(-D // 3)), 1 << BITS
     for rot, _, make in _kernels():
@@ -62,9 +58,9 @@ def main():
         precompile()
         return
     import cupy as cp
-    from gpu_bench import api, buffers, kernel_time
 
     import rotorq
+    from benchmarks.gpu.bench import api, buffers, kernel_time
     rng = np.random.default_rng(0)
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
     print(f"# launch bounds of the tiled quantize kernels — {name}, d = {D}, {BITS} bits, fp16\n")

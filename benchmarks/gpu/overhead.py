@@ -8,7 +8,7 @@ backend call is made of: argument packing, the bare driver launch, output alloca
 device and stream lookups — once with torch not initialized and once with it (then the
 caller's torch stream is looked up every call).
 
-    python3 benchmarks/gpu_overhead.py --out DIR [--label new]
+    python3 -m benchmarks.gpu.overhead --out DIR [--label new]
 
 Writes ``DIR/overhead_<label>.json`` and prints a table.
 """

@@ -10,7 +10,7 @@
 
 The error is ``‖ô − o‖ / ‖o‖`` against float64 exact softmax attention.
 
-Run from the repository root: ``python -m benchmarks.kv_error``.
+Run from the repository root: ``python -m benchmarks.cpu.kv_error``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def planted(rng, d, t, heads=2, group=4, n_q=4):
 
 
 def real_data():
-    path = Path(__file__).resolve().parent.parent / "tests" / "data" / "smollm2_kv.npz"
+    path = Path(__file__).resolve().parents[2] / "tests" / "data" / "smollm2_kv.npz"
     if path.exists():
         with np.load(path) as z:
             return {n: z[n].astype(np.float32) for n in "qkv"}, [int(x) for x in z["layers"]]

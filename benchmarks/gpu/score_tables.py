@@ -9,14 +9,13 @@ prints that count and the kernel time at N = 2^20 and 2^22 (d = 128; launches re
 replayed: no host work), the effective TB/s and the speed-up over torch's fp16 ``q @ K.T`` on
 the uncompressed keys, and the largest score difference from the float32 plan of the same bits.
 
-    python3 benchmarks/gpu_score_tables.py --out DIR      # on the GPU machine
-    python3 benchmarks/gpu_score_tables.py --precompile-only   # fill $ROTORQ_PTX_CACHE
+    python3 -m benchmarks.gpu.score_tables --out DIR      # on the GPU machine
+    python3 -m benchmarks.gpu.score_tables --precompile-only   # fill $ROTORQ_PTX_CACHE
 """
 
 import argparse
 import importlib
 import os
-import sys
 import time
 
 import numpy as np
@@ -108,8 +107,7 @@ def measure(log2ns, rng):
     import torch
 
     import rotorq
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gpu_bench import buffers, code_buffers, device_time, kernel_time
+    from benchmarks.gpu.bench import buffers, code_buffers, device_time, kernel_time
     api = importlib.import_module("rotorq.cuda.api")
     launch = importlib.import_module("rotorq.cuda._launch")
     rows = []
@@ -178,7 +176,7 @@ def main():
     import cupy as cp
     rows = measure(args.log2n, np.random.default_rng())
     card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    lines = [f"Run: `python3 benchmarks/gpu_score_tables.py` — {card}, "
+    lines = [f"Run: `python3 -m benchmarks.gpu.score_tables` — {card}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S')}", "",
              "| bits | kernel: plan (G, fp16), first tile's loads | N "
              "| model wavefronts / 32 keys | µs (kernel) | TB/s "

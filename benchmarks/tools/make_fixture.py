@@ -1,8 +1,8 @@
 """Write ``tests/data/smollm2_kv.npz``: real SmolLM2-135M attention q/k/v for the tests.
 
-Run from the repository root with ``python -m benchmarks.make_fixture`` (or
-``python benchmarks/make_fixture.py``); it needs the packages that
-:mod:`benchmarks.smollm2` lists.
+Run from the repository root with ``python -m benchmarks.tools.make_fixture`` (or
+``python3 -m benchmarks.tools.make_fixture``); it needs the packages that
+:mod:`benchmarks.cpu.smollm2` lists.
 
 The file holds, for the layers in ``LAYERS`` and the first ``N_TOKENS`` tokens of
 the GPL-3 text:
@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import smollm2
+from benchmarks.cpu import smollm2
 
 LAYERS = (0, 1, 15, 29)
 N_TOKENS = 256
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_kv.npz"
+FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "data" / "smollm2_kv.npz"
 
 
 def make_fixture(path: Path = FIXTURE) -> Path:

@@ -3,19 +3,16 @@
 
     ncu --kernel-name regex:attn_fast --launch-skip 2 --launch-count 1 \\
         --section WarpStateStats --section SchedulerStats \\
-        python3 benchmarks/attention_once.py --tokens 1048576 [--layout rows]
+        python3 -m benchmarks.gpu.attention_once --tokens 1048576 [--layout rows]
 """
 
 import argparse
 import importlib
-import os
-import sys
 
 import cupy as cp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_kv_bench import HQ, build_cache, fused_args
+from benchmarks.gpu.kv_bench import HQ, build_cache, fused_args
 
 api = importlib.import_module("rotorq.cuda.api")
 

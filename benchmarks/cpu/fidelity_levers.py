@@ -1,7 +1,7 @@
 """Fidelity levers for 2–4-bit KV caches on a real model (SmolLM2-135M, numpy).
 
 Every layer's post-RoPE keys and values are passed through rotorq before causal attention
-(:mod:`benchmarks.smollm2`'s ``kv_hook``), and the perplexity and the KL divergence from
+(:mod:`benchmarks.cpu.smollm2`'s ``kv_hook``), and the perplexity and the KL divergence from
 the exact model are measured on the first ``--tokens`` tokens of two texts (GPL-3 and
 Python's pydoc topics). Plain TurboQuant (Hadamard rotation, Gaussian Lloyd-Max codebook,
 float16 norm, every token quantized) is measured in the same run as the baseline; then
@@ -29,7 +29,7 @@ The levers (see :mod:`rotorq.kvprep`):
 - attention sinks (first tokens) and a recent window at full precision;
 - keys at more bits than values, and per-layer bits from measured sensitivity.
 
-Run ``python -m benchmarks.fidelity_levers`` (about 16 minutes on 2 cores) or
+Run ``python -m benchmarks.cpu.fidelity_levers`` (about 16 minutes on 2 cores) or
 ``--quick`` (256 tokens, one seed, fewer rows; about 4 minutes). Results go to stdout and,
 for a full run, to the ``cpu:fidelity-levers`` section of ``benchmarks/RESULTS.md``.
 """
@@ -46,9 +46,15 @@ from unittest import mock
 import numpy as np
 
 import rotorq
-from benchmarks import smollm2
-from benchmarks.realkv_perplexity import windowed_attention
-from benchmarks.report import Progress, environment, environment_markdown, markdown_table, write_sections
+from benchmarks.cpu import smollm2
+from benchmarks.cpu.realkv_perplexity import windowed_attention
+from benchmarks.tools.report import (
+    Progress,
+    environment,
+    environment_markdown,
+    markdown_table,
+    write_sections,
+)
 from rotorq.kvprep import KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate
 
 RESULTS_SECTION = "cpu:fidelity-levers"   # the section of benchmarks/RESULTS.md it writes
@@ -330,7 +336,7 @@ class CacheSim:
     Parameters
     ----------
     config : Config
-    model_config : benchmarks.smollm2.Config
+    model_config : benchmarks.cpu.smollm2.Config
     calib : Calibration
     seed : int
         Base seed; layer ``l`` uses ``seed·1000 + 8l + i`` for its quantizers.
@@ -698,7 +704,7 @@ def markdown(out, tabs, elapsed) -> str:
     lines = [
         "## KV-cache fidelity levers (SmolLM2-135M)",
         "",
-        f"Produced by `python -m benchmarks.fidelity_levers` in {elapsed / 60:.1f} min. "
+        f"Produced by `python -m benchmarks.cpu.fidelity_levers` in {elapsed / 60:.1f} min. "
         f"First {n} tokens of each text; perplexity and KL(exact ‖ quantized) are means over "
         f"{len(seeds)} rotation seed(s), {2 * len(seeds)} for the two-tier rows of the budget "
         "table (each layer has its own quantizer seeds). Stored bits "

@@ -1,7 +1,7 @@
 """Nearest-neighbour search on real sentence embeddings: rotorq against FAISS.
 
 Data: all-MiniLM-L6-v2 embeddings (384-d, unit norm) of the ~2,500 real passages of
-:func:`benchmarks.minilm.passages`; a seeded random ``N_QUERIES`` of them are held out as
+:func:`benchmarks.cpu.minilm.passages`; a seeded random ``N_QUERIES`` of them are held out as
 queries, the rest is the database.  The true neighbour of a query is the database
 vector of largest exact inner product.
 
@@ -23,13 +23,13 @@ Indexing time, in two columns: *setup* is FAISS ``train`` (data-dependent) or bu
 rotorq's quantizer (rotation + codebook; data-independent, nothing is trained), *encode*
 is FAISS ``add`` or rotorq ``quantize``.  Builds under ``SLOW_BUILD_S`` are timed as the
 medians of ``REPEATS`` or more; rotorq's first call (Numba compilation) is excluded, see
-:mod:`benchmarks.cpu_speed`.  FAISS's OpenMP threads are told not to spin
-(:func:`benchmarks.report.passive_openmp`): with the default policy its k-means ran 20–100×
+:mod:`benchmarks.cpu.speed`.  FAISS's OpenMP threads are told not to spin
+(:func:`benchmarks.tools.report.passive_openmp`): with the default policy its k-means ran 20–100×
 slower on a 2-core machine shared with other processes.  numpy's multi-threaded OpenBLAS
 has the same problem with the small QR of rotorq's dense rotation (11 ms on one thread,
 up to seconds with two threads on a loaded machine), which shows in its setup column.
 
-Run ``python -m benchmarks.nn_search``.
+Run ``python -m benchmarks.cpu.nn_search``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import time
 import numpy as np
 
 import rotorq
-from benchmarks import minilm
-from benchmarks.report import Progress, markdown_table, passive_openmp
+from benchmarks.cpu import minilm
+from benchmarks.tools.report import Progress, markdown_table, passive_openmp
 
 N_QUERIES = 500
 KS = (1, 10, 100)

@@ -31,7 +31,7 @@ Metrics, per (layer, KV head), over queries that see at least ``MIN_KEYS`` keys
 - key MSE: ``Σ‖k − k̂‖² / Σ‖k‖²`` (methods that reconstruct);
 - bits/coordinate of the keys and of the values actually stored (from ``nbytes``).
 
-Run ``python -m benchmarks.realkv_fidelity`` for the full tables (``--quick``: 3 layers,
+Run ``python -m benchmarks.cpu.realkv_fidelity`` for the full tables (``--quick``: 3 layers,
 256 tokens, 3 bits).
 """
 
@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 
 import rotorq
-from benchmarks import smollm2
-from benchmarks.report import Progress, markdown_table
+from benchmarks.cpu import smollm2
+from benchmarks.tools.report import Progress, markdown_table
 
 ROTATIONS = ("hadamard", "dense", "rotor")
 BITS = (2, 3, 4)
@@ -119,7 +119,7 @@ def capture(text: str = "gpl3", n_tokens: int = 512, cache_dir: str | Path | Non
     Parameters
     ----------
     text : {"gpl3", "pydoc"}
-        Corpus of :func:`benchmarks.smollm2.load_text`.
+        Corpus of :func:`benchmarks.cpu.smollm2.load_text`.
     n_tokens : int
         Tokens from the start of the corpus.
     cache_dir : str or pathlib.Path, optional

@@ -1,19 +1,19 @@
-"""The CPU benchmark suite in one command: ``python -m benchmarks.run_cpu``.
+"""The CPU benchmark suite in one command: ``python -m benchmarks.cpu``.
 
 Parts (``--only`` picks some):
 
 ``fidelity``
     Real-KV attention fidelity of SmolLM2-135M, every layer × KV head
-    (:mod:`benchmarks.realkv_fidelity`).
+    (:mod:`benchmarks.cpu.realkv_fidelity`).
 ``perplexity``
-    Perplexity with the KV cache through rotorq (:mod:`benchmarks.realkv_perplexity`).
+    Perplexity with the KV cache through rotorq (:mod:`benchmarks.cpu.realkv_perplexity`).
 ``nn``
-    Nearest-neighbour recall on MiniLM embeddings vs FAISS (:mod:`benchmarks.nn_search`).
+    Nearest-neighbour recall on MiniLM embeddings vs FAISS (:mod:`benchmarks.cpu.nn_search`).
 ``speed``
     Encode and score throughput vs the public reference approach
-    (:mod:`benchmarks.cpu_speed`).
+    (:mod:`benchmarks.cpu.speed`).
 ``mse``
-    MSE vs bits per rotation and data kind (:mod:`benchmarks.mse_bits`).
+    MSE vs bits per rotation and data kind (:mod:`benchmarks.cpu.mse_bits`).
 
 The full run prints every table, rewrites its own sections of ``benchmarks/RESULTS.md``
 (between ``<!-- BEGIN cpu:… -->`` / ``<!-- END cpu:… -->`` markers; other sections, e.g.
@@ -21,8 +21,8 @@ GPU results, are kept) and writes PNG plots to ``benchmarks/plots/``.  ``--quick
 reduced version of every part (a few layers, 256 tokens, 3 bits, N ≤ 2^16) in about two
 minutes and only prints, unless ``--output`` names a results file.
 
-Needs the ``bench`` extras plus the model packages: see :mod:`benchmarks.smollm2` and
-:mod:`benchmarks.minilm`.
+Needs the ``bench`` extras plus the model packages: see :mod:`benchmarks.cpu.smollm2` and
+:mod:`benchmarks.cpu.minilm`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import cpu_speed, mse_bits, nn_search, realkv_fidelity, realkv_perplexity
-from benchmarks.report import (
+from benchmarks.cpu import mse_bits, nn_search, realkv_fidelity, realkv_perplexity, speed
+from benchmarks.tools.report import (
     RESULTS,
     Progress,
     environment,
@@ -64,7 +64,7 @@ def _fidelity(quick, progress, plots):
         f"Scope: {scope}. Real post-RoPE queries, each query head scored against its KV "
         "head (GQA 9:3). Values are compressed with TurboQuant MSE mode at the same bits "
         "and rotation as the keys (QJL rows: Hadamard). Produced by "
-        "`benchmarks/realkv_fidelity.py`.\n\n"
+        "`benchmarks/cpu/realkv_fidelity.py`.\n\n"
         f"**Headline — 3-bit Hadamard MSE mode ({head['key_bits']:.3f} stored bits/coordinate): "
         f"mean score cosine {head['cos']:.4f}, top-1 match {head['top1']:.3f}, "
         f"true top-1 in estimated top-5 {head['top5']:.3f}, attention-output relative error "
@@ -99,7 +99,7 @@ def _perplexity(quick, progress, plots):
         f"First {result['n_tokens']} tokens of each text; keys and values of every layer "
         "quantized then dequantized (Hadamard rotation, one quantizer per layer). "
         "Window w: the w most recent tokens of each query stay in full precision "
-        "(w = 0: every token quantized). Produced by `benchmarks/realkv_perplexity.py`.\n\n"
+        "(w = 0: every token quantized). Produced by `benchmarks/cpu/realkv_perplexity.py`.\n\n"
         + table)
     return body, table
 
@@ -114,7 +114,7 @@ def _nn(quick, progress, plots):
         "unit-norm embeddings, exact inner product as ground truth. Recall@1@k = fraction of "
         "queries whose true top-1 is in the estimated top-k. Setup = FAISS train or building "
         "the rotorq quantizer (no training); encode = FAISS add or rotorq quantize. Produced by "
-        "`benchmarks/nn_search.py`.\n\n" + table)
+        "`benchmarks/cpu/nn_search.py`.\n\n" + table)
     if plots is not None:
         nn_search.plot(result, plots / "recall_vs_bytes.png")
         body += "\n![recall vs bytes](plots/recall_vs_bytes.png)\n"
@@ -122,13 +122,13 @@ def _nn(quick, progress, plots):
 
 
 def _speed(quick, progress, plots):
-    sizes = cpu_speed.QUICK_SIZES if quick else cpu_speed.SIZES
-    compile_times = cpu_speed.compile_times()
+    sizes = speed.QUICK_SIZES if quick else speed.SIZES
+    compile_times = speed.compile_times()
     progress("speed: compile times measured")
-    encode = cpu_speed.encode_speed(sizes, progress)
-    score = cpu_speed.score_speed(sizes, progress)
-    tables = (cpu_speed.encode_table(encode) + "\n" + cpu_speed.score_table(score) + "\n"
-              + cpu_speed.compile_table(compile_times))
+    encode = speed.encode_speed(sizes, progress)
+    score = speed.score_speed(sizes, progress)
+    tables = (speed.encode_table(encode) + "\n" + speed.score_table(score) + "\n"
+              + speed.compile_table(compile_times))
     body = (
         "## CPU speed (d = 128, 3 bits)\n\n"
         f"{os.cpu_count()} cores; medians after warm-up, Numba compilation excluded and "
@@ -136,10 +136,10 @@ def _speed(quick, progress, plots):
         "+ uint8 indices) over 2^16-row blocks. On a machine shared with other processes a "
         "multi-threaded BLAS call of a few µs can wait a scheduler slice (ms) for its second "
         "thread, so the small-N fp32 baselines jump around; compare at N = 2^20. Produced by "
-        "`benchmarks/cpu_speed.py`.\n\n"
+        "`benchmarks/cpu/speed.py`.\n\n"
         + tables)
     if plots is not None:
-        cpu_speed.plot(encode, plots / "encode_speed.png")
+        speed.plot(encode, plots / "encode_speed.png")
         body += "\n![encode speed](plots/encode_speed.png)\n"
     return body, tables
 
@@ -149,7 +149,7 @@ def _mse(quick, progress, plots):
     table = mse_bits.table(result)
     body = ("## Reconstruction MSE vs bits, per rotation and data kind\n\n"
             "Relative MSE ‖x − x̂‖²/‖x‖² of TurboQuant MSE mode. Produced by "
-            "`benchmarks/mse_bits.py`.\n\n" + table)
+            "`benchmarks/cpu/mse_bits.py`.\n\n" + table)
     if plots is not None:
         mse_bits.plot(result, plots / "mse_vs_bits.png")
         body += "\n![MSE vs bits](plots/mse_vs_bits.png)\n"
@@ -162,7 +162,8 @@ _RUNNERS = {"fidelity": _fidelity, "perplexity": _perplexity, "nn": _nn, "speed"
 
 def main(argv=None) -> None:
     """Run the requested parts, print their tables and write the results file."""
-    parser = argparse.ArgumentParser(description="rotorq CPU benchmark suite")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu",
+                                     description="rotorq CPU benchmark suite")
     parser.add_argument("--quick", action="store_true",
                         help="short run of every part; prints only unless --output is given")
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
@@ -187,11 +188,11 @@ def main(argv=None) -> None:
                                    f" run, {timings[part]:.0f} s._\n")
         print(f"\n{table}", flush=True)
     total = sum(timings.values())
-    command = " ".join(["python -m benchmarks.run_cpu", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python -m benchmarks.cpu", *(argv if argv is not None else sys.argv[1:])])
     header = (
         "## CPU suite: environment\n\n" + environment_markdown(env)
         + f"- command: `{command}`\n"
-        f"- OMP_WAIT_POLICY={omp_policy} (see `benchmarks.report.passive_openmp`)\n"
+        f"- OMP_WAIT_POLICY={omp_policy} (see `benchmarks.tools.report.passive_openmp`)\n"
         f"- load average (1 min) at the start: {load_before:.2f}; other processes sharing "
         "the cores slow every timing below\n\n"
         + markdown_table(["part", "seconds", "load average at its end"],

@@ -8,23 +8,19 @@ of it. Kernel time: each call's launches recorded once and replayed
 take) is not timed. Only the default kernels run (no row-per-thread comparisons: their
 compile takes minutes per shape).
 
-Run on the GPU machine: ``python3 benchmarks/gpu_shapes.py --out DIR`` (writes
+Run on the GPU machine: ``python3 -m benchmarks.gpu.shapes --out DIR`` (writes
 ``gpu_shapes.md``).
 """
 
 import argparse
 import os
-import sys
 import time
 
 import cupy as cp
 import numpy as np
 
 import rotorq
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import api, buffers, code_buffers, device_time, kernel_time
-
+from benchmarks.gpu.bench import api, buffers, code_buffers, device_time, kernel_time
 from rotorq.cuda import tiled, tiled_rotor, tiled_scores
 
 FLOOR_TBS = [2.98]
@@ -72,7 +68,7 @@ def rows_for(d, bits, n, rng):
 
 
 def _rotor_job(shape):
-    from gpu_bench import compile_sm90
+    from benchmarks.gpu.bench import compile_sm90
     d, bits = shape
     g = -(-d // 3)
     kern = tiled_rotor.quantize_kernel(d, bits, True, False)

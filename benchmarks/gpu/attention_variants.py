@@ -6,7 +6,7 @@ per head) at each ``--tokens``: for every register cap of the tensor-core kernel
 replayed, ``gpu_bench.kernel_time``) and its output against the general float32 kernel on
 the same codes; then SDPA on the uncompressed fp16 cache.
 
-    python3 benchmarks/gpu_attention_variants.py [--out DIR] [--tokens 65536 1048576]
+    python3 -m benchmarks.gpu.attention_variants [--out DIR] [--tokens 65536 1048576]
         [--variants 4 4:1 4:0:4 ...]
 
 Writes ``DIR/gpu_attention_variants.json`` and prints a table last.
@@ -16,16 +16,14 @@ import argparse
 import importlib
 import json
 import os
-import sys
 import time
 
 import cupy as cp
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import device_time, kernel_time
-from gpu_kv_bench import HQ, build_cache, fused_args, l2_bytes
+from benchmarks.gpu.bench import device_time, kernel_time
+from benchmarks.gpu.kv_bench import HQ, build_cache, fused_args, l2_bytes
 
 api = importlib.import_module("rotorq.cuda.api")
 att = importlib.import_module("rotorq.cuda.attention")

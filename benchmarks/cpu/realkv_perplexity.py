@@ -11,10 +11,10 @@ precision and quantizes a token when it leaves the window.  Query ``t`` then see
 ``j > t - w`` exactly and older keys quantized.  ``w = 0`` quantizes every token
 (the hardest setting).  The model's forward pass has one ``kv_hook`` that replaces
 the keys for all queries at once, so for ``w > 0`` the attention of
-:mod:`benchmarks.smollm2` is swapped, for the duration of the call, for one that mixes
+:mod:`benchmarks.cpu.smollm2` is swapped, for the duration of the call, for one that mixes
 the exact and the quantized cache per (query, key) pair.
 
-Run ``python -m benchmarks.realkv_perplexity`` (``--quick``: 256 tokens, 3 bits).
+Run ``python -m benchmarks.cpu.realkv_perplexity`` (``--quick``: 256 tokens, 3 bits).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from unittest import mock
 import numpy as np
 
 import rotorq
-from benchmarks import smollm2
-from benchmarks.report import Progress, markdown_table
+from benchmarks.cpu import smollm2
+from benchmarks.tools.report import Progress, markdown_table
 
 WINDOWS = (0, 128)
 
@@ -83,7 +83,7 @@ class KVQuantizer:
         self.bits = {"key": float("nan"), "value": float("nan")}
 
     def __call__(self, layer, k, v):
-        """``kv_hook`` of :func:`benchmarks.smollm2.forward`: returns ``(k̂, v̂)``."""
+        """``kv_hook`` of :func:`benchmarks.cpu.smollm2.forward`: returns ``(k̂, v̂)``."""
         out = []
         for name, tq, x in (("key", self.keys[layer], k), ("value", self.values[layer], v)):
             codes = tq.quantize(x)
@@ -129,7 +129,7 @@ def perplexity(model, tokens, quantizer: KVQuantizer, window: int = 0) -> float:
 
     Parameters
     ----------
-    model : benchmarks.smollm2.Model
+    model : benchmarks.cpu.smollm2.Model
     tokens : numpy.ndarray
         Token ids.
     quantizer : KVQuantizer
@@ -170,7 +170,7 @@ def run(n_tokens: int = 512, bits=(2, 3, 4), windows=WINDOWS, texts=smollm2.CORP
     windows : sequence of int
         Residual windows.
     texts : sequence of str
-        Corpora of :func:`benchmarks.smollm2.load_text`.
+        Corpora of :func:`benchmarks.cpu.smollm2.load_text`.
     progress : callable, optional
         Receives a message per evaluation.
 

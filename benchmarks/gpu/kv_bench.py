@@ -14,7 +14,7 @@ median of trials, inputs rotated among buffers that together exceed L2 (50 MB):
   the uncompressed fp16 cache (1, 4, T, 128).
 
 Effective TB/s = bytes of the cache read / time (compressed: 100 B per token and KV head,
-fp16: 512 B). Usage: ``python benchmarks/gpu_kv_bench.py [--out DIR] [--tokens 4096 ...]``;
+fp16: 512 B). Usage: ``python3 -m benchmarks.gpu.kv_bench [--out DIR] [--tokens 4096 ...]``;
 writes ``gpu_kv_bench.json`` and ``gpu_kv_bench.md`` to DIR (default ``$OUT`` or ``.``) and
 prints a short table last.
 """
@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 
 import cupy as cp
@@ -34,10 +33,8 @@ import numpy as np
 import torch
 
 import rotorq
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_bench import device_time as events_time
-from gpu_bench import kernel_time
+from benchmarks.gpu.bench import device_time as events_time
+from benchmarks.gpu.bench import kernel_time
 
 api = importlib.import_module("rotorq.cuda.api")
 

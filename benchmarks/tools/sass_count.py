@@ -5,11 +5,11 @@ sm_90 (:func:`numba.cuda.compile_ptx`), assembles it with ``ptxas`` and disassem
 ``cuobjdump -sass`` (pip ``nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``), then prints the registers and the
 instructions of the largest loop body (the grid-stride loop over tiles) by opcode family.
 
-    python -m benchmarks.sass_count quantize --bits 3
-    python -m benchmarks.sass_count rotor --bits 3      (the tiled rotor quantize)
-    python -m benchmarks.sass_count one --bits 3
-    python -m benchmarks.sass_count attention --bits 3   (the tensor-core decode attention)
-    python -m benchmarks.sass_count attention-tiled --bits 3   (same, tile layout)
+    python -m benchmarks.tools.sass_count quantize --bits 3
+    python -m benchmarks.tools.sass_count rotor --bits 3      (the tiled rotor quantize)
+    python -m benchmarks.tools.sass_count one --bits 3
+    python -m benchmarks.tools.sass_count attention --bits 3   (the tensor-core decode attention)
+    python -m benchmarks.tools.sass_count attention-tiled --bits 3   (same, tile layout)
 """
 
 import argparse

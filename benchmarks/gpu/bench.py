@@ -18,7 +18,7 @@ GPU machines' hosts) exceeds some kernels' time, and back-to-back calls then mea
 Effective TB/s = bytes the operation must move / time. Also measures host overhead per call at
 small N.
 
-Usage: ``python benchmarks/gpu_bench.py [--out DIR] [--max-log2n 22]``; writes
+Usage: ``python3 -m benchmarks.gpu.bench [--out DIR] [--max-log2n 22]``; writes
 ``gpu_bench.json`` and ``gpu_bench.md`` to DIR (default ``$OUT`` or ``.``).
 """
 

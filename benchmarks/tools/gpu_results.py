@@ -2,12 +2,12 @@
 
 The GPU scripts run on the device machine and write their tables under ``$OUT``; the
 device tool brings them back into a folder here. This script takes those files —
-``gpu_bench.md`` and ``parity.json`` from ``benchmarks/gpu_bench.py`` / the ``cuda`` tests,
-``gpu_kv_bench.md`` from ``benchmarks/gpu_kv_bench.py``, ``gpu_shapes.md`` from
-``benchmarks/gpu_shapes.py`` — and writes them into the results
+``gpu_bench.md`` and ``parity.json`` from ``benchmarks/gpu/bench.py`` / the ``cuda`` tests,
+``gpu_kv_bench.md`` from ``benchmarks/gpu/kv_bench.py``, ``gpu_shapes.md`` from
+``benchmarks/gpu/shapes.py`` — and writes them into the results
 file with the floors and targets of PERFORMANCE.md beside them.
 
-Usage: ``python -m benchmarks.gpu_results --kernels DIR --attention DIR --shapes DIR``
+Usage: ``python -m benchmarks.tools.gpu_results --kernels DIR --attention DIR --shapes DIR``
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.report import markdown_table, write_sections
+from benchmarks.tools.report import markdown_table, write_sections
 
 FLOORS_2_20 = {  # µs at 2.98 TB/s, N = 2^20, d = 128, 3 bits, fp16 in (PERFORMANCE.md)
     "quantize hadamard fp16": (108, "≤ 180"),
@@ -67,7 +67,7 @@ def kernels_section(folder: Path) -> str:
     summary = _summary(times)
     head = md.split("\n|", 1)[0].strip().lstrip("# ")
     parts = ["## GPU kernels (H100): time per call against floors and baselines", "",
-             f"Run: `python3 benchmarks/gpu_bench.py` — {head}", "",
+             f"Run: `python3 -m benchmarks.gpu.bench` — {head}", "",
              "At N = 2^20 against PERFORMANCE.md (floor at 2.98 TB/s):", "",
              markdown_table(SUMMARY_HEAD, summary), "",
              "Full table (baselines measured in the same run):", "",
@@ -90,7 +90,7 @@ def attention_section(folder: Path) -> str:
     md = (folder / "gpu_kv_bench.md").read_text(encoding="utf-8")
     body = md.split("\n", 1)[1].strip()
     return ("## Decode attention over compressed K and V (H100)\n\n"
-            "Run: `python3 benchmarks/gpu_kv_bench.py` — 32 query / 4 KV heads, d = 128, "
+            "Run: `python3 -m benchmarks.gpu.kv_bench` — 32 query / 4 KV heads, d = 128, "
             "3-bit K and V, one query token, against torch fp16 SDPA on the uncompressed "
             "cache in the same run. Target (PERFORMANCE.md): ≥ 3× faster than SDPA at 1M "
             "tokens.\n\n" + body + "\n")
@@ -103,7 +103,7 @@ def shapes_section(folder: Path, card: str = "H100") -> str:
     floor = (f"bytes at {measured.group(1)} TB/s (a preallocated cupy copy in the same run)"
              if measured else "bytes at 2.98 TB/s (PERFORMANCE.md)")
     return (f"## Tiled kernels at other head dims and bit widths ({card})\n\n"
-            "Run: `python3 benchmarks/gpu_shapes.py` — the default (tiled) kernels at N = 2^20, "
+            "Run: `python3 -m benchmarks.gpu.shapes` — the default (tiled) kernels at N = 2^20, "
             "fp16 in; scores read keys from enough code buffers to leave L2 (a single 52 MB "
             "buffer stays partly resident and gave 43–95 µs for the same kernel). Floor: "
             f"{floor}; for scores the bytes are the codes and norms read "
@@ -113,14 +113,14 @@ def shapes_section(folder: Path, card: str = "H100") -> str:
 
 def score_tables_section(folder: Path) -> str:
     md = (folder / "gpu_score_tables.md").read_text(encoding="utf-8")
-    doc = importlib.import_module("benchmarks.gpu_score_tables").__doc__.split("\n\n")[1]
+    doc = importlib.import_module("benchmarks.gpu.score_tables").__doc__.split("\n\n")[1]
     return ("## One-query score kernel: table plans against the shared-memory model\n\n"
             + " ".join(doc.split()) + "\n\n" + md.strip() + "\n")
 
 
 def _overhead_table(folder: Path):
     """Rows ``[piece, old (torch off), new (torch off), old (torch on), new (torch on)]`` from
-    ``overhead_old.json`` / ``overhead_new.json`` of :mod:`benchmarks.gpu_overhead`."""
+    ``overhead_old.json`` / ``overhead_new.json`` of :mod:`benchmarks.gpu.overhead`."""
     runs = {}
     for label in ("old", "new"):
         f = folder / f"overhead_{label}.json"
@@ -149,7 +149,7 @@ def card_section(folder: Path, card: str) -> str:
     scale = 2.98 / (512 * 2**20 / copy / 1e6) if copy else 1.0
     head = md.split("\n|", 1)[0].strip().lstrip("# ")
     parts = [f"## GPU kernels on an {card}: the same benchmark on another card", "",
-             f"Run: `python3 benchmarks/gpu_bench.py` — {head}", "",
+             f"Run: `python3 -m benchmarks.gpu.bench` — {head}", "",
              "At N = 2^20; \"call\" is back-to-back backend calls, \"kernel\" the same calls' "
              "kernels replayed without host work. Floors: PERFORMANCE.md's H100 floors × "
              f"{scale:.2f}, the ratio of the H100's 2.98 TB/s to the bandwidth of a "
@@ -159,14 +159,14 @@ def card_section(folder: Path, card: str) -> str:
              "Full table:", "", md.split("\n", 1)[1].split("\n\n", 1)[1].strip()]
     kv = folder / "gpu_kv_bench.md"
     if kv.is_file():
-        parts += ["", f"Decode attention on the {card} (`python3 benchmarks/gpu_kv_bench.py`, "
+        parts += ["", f"Decode attention on the {card} (`python3 -m benchmarks.gpu.kv_bench`, "
                   "32 query / 4 KV heads, d = 128, 3-bit K and V, against torch fp16 SDPA in "
                   "the same run):", "", kv.read_text(encoding="utf-8").split("\n", 1)[1].strip()]
     over = _overhead_table(folder)
     if over:
         parts += ["", f"Host time per call on the {card} machine's host, before "
                   "(`overhead_old`) and after (`overhead_new`) the launch-path changes, "
-                  "same run (`python3 benchmarks/gpu_overhead.py`, µs, least of 7 averages):",
+                  "same run (`python3 -m benchmarks.gpu.overhead`, µs, least of 7 averages):",
                   "", markdown_table(["call or piece", "old, torch off", "new, torch off",
                                       "old, torch on", "new, torch on"], over)]
     return "\n".join(parts) + "\n"

@@ -8,11 +8,11 @@ data kinds here are
 - ``low-rank``: rank-8 Gaussian factors through a fixed 8 × 128 matrix plus 5 % isotropic
   noise, d = 128;
 - ``real keys`` / ``real values``: SmolLM2-135M post-RoPE keys and values of every layer
-  and KV head (d = 64), see :mod:`benchmarks.realkv_fidelity`.
+  and KV head (d = 64), see :mod:`benchmarks.cpu.realkv_fidelity`.
 
 The metric is ``mean ‖x − x̂‖² / ‖x‖²`` with TurboQuant MSE mode.
 
-Run ``python -m benchmarks.mse_bits``.
+Run ``python -m benchmarks.cpu.mse_bits``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import argparse
 import numpy as np
 
 import rotorq
-from benchmarks import realkv_fidelity
-from benchmarks.report import markdown_table
+from benchmarks.cpu import realkv_fidelity
+from benchmarks.tools.report import markdown_table
 
 ROTATIONS = ("hadamard", "dense", "rotor")
 BITS = (1, 2, 3, 4)
@@ -43,7 +43,7 @@ def datasets(n: int = N_VECTORS, seed: int = 0, real: dict | None = None) -> dic
         Seed of the synthetic data and of the subsample of real vectors.
     real : dict, optional
         ``{"k": ..., "v": ...}`` arrays ``(..., d)`` of real keys and values (e.g. from
-        :func:`benchmarks.realkv_fidelity.capture`); the real kinds are left out
+        :func:`benchmarks.cpu.realkv_fidelity.capture`); the real kinds are left out
         without it.
 
     Returns

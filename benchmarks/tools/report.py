@@ -24,7 +24,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = Path(__file__).resolve().parents[1] / "RESULTS.md"
 _TITLE = "# rotorq benchmark results\n"
 
 
