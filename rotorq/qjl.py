@@ -11,16 +11,16 @@ import math
 import numpy as np
 
 from . import _backend
-from .quantized import QuantizedVectors
-from .turboquant import (
-    _config_arguments,
-    _finish_scores,
-    _flag,
-    _positive_int,
-    _seed,
-    _unit_rows,
+from ._checks import (
+    config_arguments,
+    finish_scores,
+    flag,
+    positive_int,
+    seed_value,
     store_norms,
+    unit_rows,
 )
+from .quantized import QuantizedVectors, register_quantizer
 
 _STREAM_QJL = 0x5EED_0003
 
@@ -74,6 +74,7 @@ def qjl_matrix(dim, sketch_dim, seed=0, *, orthogonal=True):
     return g
 
 
+@register_quantizer
 class QJL:
     """1-bit QJL sketch quantizer.
 
@@ -125,9 +126,9 @@ class QJL:
         ``"method"``). Draws nothing."""
         if not isinstance(norm_dtype, str) or norm_dtype not in ("float16", "float32"):
             raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
-        return {"dim": _positive_int(dim, "dim"),
-                "sketch_dim": _positive_int(sketch_dim, "sketch_dim"), "seed": _seed(seed),
-                "orthogonal": _flag(orthogonal, "orthogonal"), "norm_dtype": str(norm_dtype)}
+        return {"dim": positive_int(dim, "dim"),
+                "sketch_dim": positive_int(sketch_dim, "sketch_dim"), "seed": seed_value(seed),
+                "orthogonal": flag(orthogonal, "orthogonal"), "norm_dtype": str(norm_dtype)}
 
     @property
     def config(self) -> dict:
@@ -150,12 +151,12 @@ class QJL:
         >>> rotorq.QJL.from_config(qjl.config).config == qjl.config
         True
         """
-        return cls(**_config_arguments(cls, config))
+        return cls(**config_arguments(cls, config))
 
     @classmethod
     def _canonical_config(cls, config: dict) -> dict:
         """``config`` checked as :meth:`from_config` checks it, in canonical form."""
-        return {"method": cls.method, **cls._settings(**_config_arguments(cls, config))}
+        return {"method": cls.method, **cls._settings(**config_arguments(cls, config))}
 
     @classmethod
     def _parts_layout(cls, config: dict) -> dict:
@@ -226,7 +227,7 @@ class QJL:
         host = xp is np
         q_in, exps = q, None
         if host:
-            q, exps = _unit_rows(q)
+            q, exps = unit_rows(q)
         bq, bk = math.prod(q.shape[:-2]), math.prod(codes.shape[:-2])
         qf = q.reshape(-1, self.dim).astype(xp.float32)
         qsk = xp.ascontiguousarray((qf @ self._sketch(xp).T).reshape(bq, m_q, self.sketch_dim))
@@ -235,6 +236,6 @@ class QJL:
         res = be.qjl_scores(qsk, xp.asarray(qmap), signs, norms, xp.asarray(kmap), self.scale)
         res = res.reshape(shape + (m_q, n_k))
         if host:
-            res = _finish_scores(res, exps, q_in, codes.norms)
+            res = finish_scores(res, exps, q_in, codes.norms)
         res = _backend.to_framework(res.reshape(out_shape), origin)
         return res if out is None else _backend.write_out(out, res)

@@ -17,20 +17,28 @@ _META = "__meta__"
 _MAX_META_BYTES = 1 << 20
 
 
+QUANTIZERS: dict = {}
+"""Quantizer classes by their ``method`` name; each registers itself
+(:func:`register_quantizer`), so that this module needs no import of them."""
+
+
+def register_quantizer(cls):
+    """Class decorator: make ``cls`` (a quantizer with a ``method`` name, ``_canonical_config``
+    and ``_parts_layout``) the one that reads codes whose config names its method."""
+    QUANTIZERS[cls.method] = cls
+    return cls
+
+
 def quantizer_class(config):
     """The quantizer class (:class:`rotorq.TurboQuant` or :class:`rotorq.QJL`) that
     ``config["method"]`` names."""
-    from .qjl import QJL
-    from .turboquant import TurboQuant
-
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    classes = {TurboQuant.method: TurboQuant, QJL.method: QJL}
     method = config.get("method")
-    if not isinstance(method, str) or method not in classes:
-        raise ValueError(f"config names no rotorq method (one of {sorted(classes)}): "
+    if not isinstance(method, str) or method not in QUANTIZERS:
+        raise ValueError(f"config names no rotorq method (one of {sorted(QUANTIZERS)}): "
                          f"method {method!r}")
-    return classes[method]
+    return QUANTIZERS[method]
 
 
 def _checked_config(config):

@@ -12,60 +12,22 @@ import math
 import numpy as np
 
 from . import _arrays, _backend
+from ._checks import (
+    config_arguments,
+    finish_scores,
+    flag,
+    positive_int,
+    seed_value,
+    store_norms,
+    unit_rows,
+)
 from .codebook import lloyd_max
-from .quantized import QuantizedVectors
+from .quantized import QuantizedVectors, register_quantizer
 from .rotation import ROTATIONS, make_rotation
 
 MODES = ("mse", "prod")
 CODEBOOKS = ("gaussian", "beta")
 _STREAM_SKETCH = 0x5EED_0002
-_FP16_MAX = float(np.finfo(np.float16).max)
-_F32_MAX = float(np.finfo(np.float32).max)
-
-
-SEED_RANGE = (0, 1 << 64)
-"""Seeds are ints in ``[0, 2**64)``: each gives its own rotation and sketch (numpy's PCG64
-is seeded with the 64-bit word), so no two accepted seeds give the same quantizer."""
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _seed(value, name="seed"):
-    """``value`` as a seed: an int (not a bool) in :data:`SEED_RANGE`."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    lo, hi = SEED_RANGE
-    if not lo <= value < hi:
-        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
-    return int(value)
-
-
-def _flag(value, name):
-    """``value`` as a bool; refuses anything else (a string such as "no" is truthy)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
-
-
-def _norms_ok(norms, dtype):
-    """Device (or numpy) boolean: every norm is finite and within ``dtype``'s range (one
-    comparison decides both: ``norms <= limit`` is false for NaN and Inf)."""
-    return (norms <= (_FP16_MAX if dtype == "float16" else _F32_MAX)).all()
-
-
-def _top_norm(xp, rows):
-    """The largest row norm of finite ``rows`` as a Python float (float64, no overflow for
-    values up to float64's range: the rows are divided by their largest magnitude first)."""
-    top = float(xp.abs(rows).max())
-    if top == 0.0:
-        return 0.0
-    return top * math.sqrt(float(((rows.astype(xp.float64) / top) ** 2).sum(axis=-1).max()))
-
-
 def stored_dim_of(rotation, dim):
     """Stored dimension of ``rotation`` ("hadamard", "dense" or "rotor") for vectors of
     ``dim``, without drawing the rotation (:mod:`rotorq.rotation`'s ``stored_dim``)."""
@@ -76,116 +38,7 @@ def stored_dim_of(rotation, dim):
     return dim
 
 
-def _config_arguments(cls, config):
-    """The constructor's keyword arguments in ``config`` (a quantizer's :attr:`config`),
-    with clear errors for a non-dict, another method, missing or unknown keys."""
-    import inspect
-
-    if not isinstance(config, dict):
-        raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    cfg = dict(config)
-    method = cfg.pop("method", cls.method)
-    if method != cls.method:
-        raise ValueError(f"config is not a {cls.__name__} config (method {method!r}): {config}")
-    params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p != "self"]
-    required = [p for p in allowed if params[p].default is inspect.Parameter.empty]
-    unknown = sorted(str(k) for k in cfg if k not in allowed)
-    if unknown:
-        raise ValueError(f"config has unknown keys {unknown} for {cls.__name__}: {config}")
-    missing = [k for k in required if k not in cfg]
-    if missing:
-        raise ValueError(f"config lacks {missing} for {cls.__name__}: {config}")
-    return cfg
-
-
-def store_norms(xp, norms, dtype, name="x", check=True, source=None):
-    """Cast kernel norms (float32) to the stored dtype; refuse non-finite input or overflow
-    (unless ``check`` is false).
-
-    One reduction and, on a GPU, one device synchronization per call. ``check`` may be a
-    list instead: the call appends ``(norms, dtype, name)`` to it and casts unchecked, and
-    the caller checks them all with one synchronization (:func:`check_norms`) before it
-    keeps the result. ``source`` (the rows whose norms these are) tells, when norms are not
-    finite, NaN or Inf input from finite input whose norms overflow float32."""
-    if isinstance(check, list):
-        check.append((norms, dtype, name))
-        check = False
-    if not check:  # the caller opted out (or checks later): out-of-range norms become inf
-        with np.errstate(over="ignore", invalid="ignore"):
-            return norms.astype(dtype)
-    if norms.size and not bool(_norms_ok(norms, dtype)):
-        finite = bool(xp.isfinite(norms).all())
-        if source is not None and source.size:
-            if not bool(xp.isfinite(source).all()):
-                raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
-            top = _top_norm(xp, source)
-        elif not finite:
-            raise ValueError(f"{name} contains NaN or Inf; rotorq refuses non-finite input")
-        else:
-            top = float(norms.max())
-        if top > _F32_MAX:
-            raise ValueError(f"{name} has vector norms up to {top:.3g}, beyond float32's range "
-                             "(3.4e+38), the widest norm_dtype")
-        hint = "; use norm_dtype='float32'" if dtype == "float16" else ""
-        if top > _FP16_MAX and dtype == "float16":
-            raise ValueError(f"{name} has vector norms up to {top:.3g}, beyond float16's range "
-                             f"(65504){hint}")
-        raise ValueError(f"{name} has vector norms up to {top:.3g}: its stored norms (corrected "
-                         f"or residual) overflow {dtype}{hint}")
-    return norms.astype(dtype)
-
-
-_BIG_ROW = 2.0 ** 40
-
-
-def _unit_rows(q):
-    """Host queries ``q (..., dim)`` with every row whose largest magnitude exceeds 2**40
-    scaled by a power of two to below 1, and the exponents ``(...)`` that undo it (None when
-    no row is scaled). Scores are linear in each query row and a power of two scales float
-    arithmetic exactly, so scaled rows give the same scores without overflowing inside the
-    rotation or the dot products."""
-    if not q.size:
-        return q, None
-    top = np.abs(q).max(axis=-1).astype(np.float64)
-    if not (top > _BIG_ROW).any():
-        return q, None
-    exps = np.where(top > _BIG_ROW, np.frexp(top)[1], 0).astype(np.int32)
-    return np.ldexp(q, -exps[..., None]).astype(q.dtype, copy=False), exps
-
-
-def _finish_scores(out, exps, queries, key_norms):
-    """Host scores: undo :func:`_unit_rows`'s scaling (``out (..., m, n)``, ``exps (..., m)``)
-    and refuse scores beyond float32's range (inf, or NaN from inf - inf)."""
-    if exps is not None:
-        with np.errstate(over="ignore"):
-            out = np.ldexp(out, exps[..., None]).astype(np.float32, copy=False)
-    if out.size and not np.isfinite(out).all():
-        k_top = float(np.asarray(key_norms, np.float64).max()) if key_norms.size else 0.0
-        raise ValueError(f"scores exceed float32's range: queries with vector norms up to "
-                         f"{_top_norm(np, queries):.3g} against keys with norms up to "
-                         f"{k_top:.3g}; scale the queries down")
-    return out
-
-
-def check_norms(xp, deferred, inputs=None):
-    """Check the norms that :func:`store_norms` deferred into the list ``deferred`` with one
-    synchronization. On failure, call ``inputs`` (if given: it raises for the caller's
-    non-finite input, which makes non-finite norms), then raise :func:`store_norms`'s error
-    for the first norms that fail."""
-    ok = None
-    for norms, dtype, _ in deferred:
-        if norms.size:
-            flag = _norms_ok(norms, dtype)
-            ok = flag if ok is None else ok & flag
-    if ok is None or bool(ok):
-        return
-    if inputs is not None:
-        inputs()
-    for norms, dtype, name in deferred:
-        store_norms(xp, norms, dtype, name)
-
-
+@register_quantizer
 class TurboQuant:
     """TurboQuant quantizer for vectors of dimension ``dim``.
 
@@ -272,7 +125,7 @@ class TurboQuant:
                   codebook="gaussian", norm_correction=False, norm_dtype="float16"):
         """The constructor's arguments checked and in canonical form: the config without
         ``"method"`` (``qjl_dim`` resolved in prod mode). Draws nothing."""
-        dim = _positive_int(dim, "dim")
+        dim = positive_int(dim, "dim")
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
             raise TypeError(f"bits must be an int, got {type(bits).__name__}")
         if not isinstance(mode, str) or mode not in MODES:
@@ -288,13 +141,13 @@ class TurboQuant:
         if not isinstance(norm_dtype, str) or norm_dtype not in ("float16", "float32"):
             raise ValueError(f"norm_dtype must be 'float16' or 'float32', got {norm_dtype!r}")
         if mode == "prod":
-            qjl_dim = stored_dim_of(rotation, dim) if qjl_dim is None else _positive_int(
+            qjl_dim = stored_dim_of(rotation, dim) if qjl_dim is None else positive_int(
                 qjl_dim, "qjl_dim")
         elif qjl_dim is not None:
             raise ValueError("qjl_dim is only used with mode='prod'")
         return {"dim": dim, "bits": int(bits), "mode": str(mode), "rotation": str(rotation),
-                "seed": _seed(seed), "qjl_dim": qjl_dim, "codebook": str(codebook),
-                "norm_correction": _flag(norm_correction, "norm_correction"),
+                "seed": seed_value(seed), "qjl_dim": qjl_dim, "codebook": str(codebook),
+                "norm_correction": flag(norm_correction, "norm_correction"),
                 "norm_dtype": str(norm_dtype)}
 
     # -- configuration ----------------------------------------------------------------
@@ -320,13 +173,13 @@ class TurboQuant:
         >>> rotorq.TurboQuant.from_config(tq.config).config == tq.config
         True
         """
-        return cls(**_config_arguments(cls, config))
+        return cls(**config_arguments(cls, config))
 
     @classmethod
     def _canonical_config(cls, config: dict) -> dict:
         """``config`` checked as :meth:`from_config` checks it, in the canonical form that
         :attr:`config` reports, without building the quantizer (no rotation is drawn)."""
-        return {"method": cls.method, **cls._settings(**_config_arguments(cls, config))}
+        return {"method": cls.method, **cls._settings(**config_arguments(cls, config))}
 
     @classmethod
     def _parts_layout(cls, config: dict) -> dict:
@@ -488,7 +341,7 @@ class TurboQuant:
         host = xp is np
         q_in, exps = q, None
         if host:
-            q, exps = _unit_rows(q)
+            q, exps = unit_rows(q)
         bq, m_q = math.prod(q.shape[:-2]), q.shape[-2]
         qrot = be.rotate(q.reshape(-1, self.dim), self.rotation).reshape(bq, m_q, self.stored_dim)
         qsk = None
@@ -496,7 +349,7 @@ class TurboQuant:
             qsk = xp.ascontiguousarray(qrot @ self._consts(xp)["sketch"].T)
         res = be.scores(qrot, qsk, *key_args).reshape(full_shape)
         if host:
-            res = _finish_scores(res, exps, q_in, codes.norms)
+            res = finish_scores(res, exps, q_in, codes.norms)
         res = _backend.to_framework(res.reshape(out_shape), origin)
         return res if out is None else _backend.write_out(out, res)
 
@@ -608,8 +461,8 @@ class TurboQuant:
             As :meth:`quantize`.
         deferred : list, optional
             Each stored norm array (float32 as the kernel computed it) is appended as
-            ``(norms, norm_dtype, name)``; :func:`rotorq.turboquant.check_norms` checks
-            such a list. ``None``: no check at all.
+            ``(norms, norm_dtype, name)`` for the caller to check (the KV cache does, in
+            :mod:`rotorq.kv.checks`). ``None``: no check at all.
 
         Returns
         -------

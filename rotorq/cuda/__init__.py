@@ -22,18 +22,22 @@ if _config.ENABLE_CUDASIM:
 else:
     try:
         from .api import *  # noqa: F403
-        from .api import __all__  # noqa: F401
+        from .api import __all__ as _api_all
+        from .plans import prepare_scores
+
+        __all__ = [*_api_all, "prepare_scores"]
     except ModuleNotFoundError as exc:
         if exc.name is None or exc.name.split(".")[0] != "cupy":
             raise
         _UNAVAILABLE = "cupy is not installed"
 
 if _UNAVAILABLE:
-    # The names :mod:`rotorq.cuda.api` exports (a test checks this list against its __all__).
+    # The backend's names: those :mod:`rotorq.cuda.api` exports and ``prepare_scores`` of
+    # :mod:`rotorq.cuda.plans` (a test checks this list against the sources).
     BACKEND_FUNCTIONS = frozenset({
         "attention_layout", "decode_attention", "dequantize", "dequantize_rotated",
-        "exact_attention", "name", "prepare_scores", "qjl_quantize", "qjl_scores", "quantize", "rotate",
-        "rotor_roundtrip", "scores", "unpack_codes", "unrotate", "view", "wht", "xp",
+        "exact_attention", "name", "prepare_scores", "qjl_quantize", "qjl_scores", "quantize",
+        "rotate", "rotor_roundtrip", "scores", "unpack_codes", "unrotate", "view", "wht", "xp",
     })
 
     def __getattr__(attr):

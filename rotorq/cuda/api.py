@@ -394,18 +394,6 @@ def scores(qrot, qsketch, qmap, codes, norms, signs, qjl_norms, kmap, centroids,
 _F32 = np.dtype(np.float32)
 
 
-def prepare_scores(queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms, kmap,
-                   centroids, bits, qjl_scale, out_shape):
-    """A :class:`rotorq.cuda.plans.QueryScoresPlan` for cupy arrays and torch CUDA tensors
-    (launches packed once, called on the current stream); None for other arrays."""
-    if not (isinstance(queries, cp.ndarray) or is_torch_array(queries)):
-        return None
-    from . import plans  # plans launches this module's kernels
-
-    return plans.QueryScoresPlan(queries, rows, rot, sketch, qmap, codes, norms, signs,
-                                 qjl_norms, kmap, centroids, bits, qjl_scale, out_shape)
-
-
 @_on_device
 def qjl_quantize(x, sketch):
     """Packed ``sign(sketch @ x)`` and norms of rows ``x``."""
@@ -769,7 +757,6 @@ __all__ = [
     "dequantize_rotated",
     "exact_attention",
     "name",
-    "prepare_scores",
     "qjl_quantize",
     "qjl_scores",
     "quantize",

@@ -266,3 +266,13 @@ class QueryScoresPlan:
         else:
             _run(self._scores._launches, stream_ptr, (qrot.data.ptr, qsk.data.ptr, optr))
         return out
+
+
+def prepare_scores(queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms, kmap,
+                   centroids, bits, qjl_scale, out_shape):
+    """A :class:`QueryScoresPlan` for cupy arrays and torch CUDA tensors
+    (launches packed once, called on the current stream); None for other arrays."""
+    if not (isinstance(queries, cp.ndarray) or is_torch_array(queries)):
+        return None
+    return QueryScoresPlan(queries, rows, rot, sketch, qmap, codes, norms, signs, qjl_norms,
+                           kmap, centroids, bits, qjl_scale, out_shape)

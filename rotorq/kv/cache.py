@@ -21,8 +21,9 @@ import numpy as np
 
 from .. import _backend
 from .._arrays import origin_of
+from .._checks import positive_int
 from ..rotation import ROTATIONS
-from ..turboquant import MODES, TurboQuant, _positive_int
+from ..turboquant import MODES, TurboQuant
 from . import attention
 from .codes import Codes, Compressed, Part
 from .exact import ExactRows
@@ -185,8 +186,8 @@ class KVCache:
                  outlier_channels=0, outlier_bits=None, seed=0, block_tokens=None,
                  norm_correction=True, check_finite=True):
         self._lock = threading.RLock()
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.num_kv_heads = positive_int(num_kv_heads, "num_kv_heads")
+        self.head_dim = positive_int(head_dim, "head_dim")
         if key_mode not in MODES:
             raise ValueError(f"key_mode must be one of {MODES}, got {key_mode!r}")
         if rotation not in ROTATIONS:
@@ -196,7 +197,7 @@ class KVCache:
         self.residual_tokens = _non_negative_int(residual_tokens, "residual_tokens")
         if block_tokens is None:
             block_tokens = max(1, min(8, self.residual_tokens))
-        self.block_tokens = _positive_int(block_tokens, "block_tokens")
+        self.block_tokens = positive_int(block_tokens, "block_tokens")
         self.sink_tokens = _non_negative_int(sink_tokens, "sink_tokens")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -225,7 +226,7 @@ class KVCache:
                 raise ValueError(f"rope_base needs an even head_dim, got {self.head_dim}")
             rope_base = float(rope_base)
         self.rope_base = rope_base
-        self.offset_tokens = _positive_int(offset_tokens, "offset_tokens")
+        self.offset_tokens = positive_int(offset_tokens, "offset_tokens")
         d, heads = self.head_dim, self.num_kv_heads
         if key_scales is not None:
             sc = np.asarray(key_scales, dtype=np.float64)
