@@ -196,6 +196,36 @@ def test_backend_wrapper_runs_the_fast_kernel_on_threads(rng):
     assert_close((accs, m, l_sum), merged(outs, 1), 3e-5)
 
 
+def test_task_ranges_and_shared_counter_give_the_same_partials(rng):
+    """Tasks taken from explicit ranges (no counter) or handed out by the shared counter
+    from interleaved calls write the same partials as one serial call."""
+    case = make_case(rng, n_keys=700, kbits=(3,), vbits=(4,))
+    captured = {}
+    args, n_tasks, outs = twin_args(case, 128)
+    fast.run(lambda kernel, n, a: captured.update(kernel=kernel, args=a), n_tasks, args)
+    kernel, fargs = captured["kernel"], captured["args"]
+    results = []
+    for split in ("serial", "ranges", "counter"):
+        a = list(fargs)
+        for i in range(len(a) - 5, len(a) - 1):
+            a[i] = np.full_like(a[i], np.nan)
+        if split == "serial":
+            kernel(0, n_tasks, *a)
+        elif split == "ranges":
+            a[-1] = np.zeros(0, np.int64)
+            kernel(0, 5, *a)
+            kernel(5, n_tasks, *a)
+        else:
+            a[-1] = np.zeros(1, np.int64)
+            kernel(0, 1, *a)  # takes every task: the range is ignored
+            kernel(0, 1, *a)  # finds none left
+        results.append([x.copy() for x in a[-5:-1]])
+    for got in results[1:]:
+        for g, w in zip(got, results[0], strict=True):
+            np.testing.assert_array_equal(g, w)
+    assert not np.isnan(results[0][0]).any()
+
+
 @pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_vector_decoder_is_the_permuted_centroid_gather(rng, bits, lanes):
@@ -253,10 +283,13 @@ def test_exp_keeps_nan():
 
 
 def test_half_conversion_every_pattern():
+    """Every float16 pattern, through the 16-wide path and the scalar tail."""
     bits = np.arange(1 << 16, dtype=np.uint16)
-    out = np.empty(bits.shape[0], np.float32)
-    fast._norms(bits.reshape(1, -1), 0, 0, bits.shape[0], out)
     want = bits.view(np.float16).astype(np.float32)
-    nan = np.isnan(want)
-    np.testing.assert_array_equal(np.isnan(out), nan)
-    np.testing.assert_array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    for j0, n in ((0, bits.shape[0]), (3, bits.shape[0] - 3 - 9)):
+        out = np.empty(n + 16, np.float32)
+        fast._norms(bits.reshape(1, -1), 0, j0, n, out)
+        w = want[j0:j0 + n]
+        nan = np.isnan(w)
+        np.testing.assert_array_equal(np.isnan(out[:n]), nan)
+        np.testing.assert_array_equal(out[:n][~nan].view(np.uint32), w[~nan].view(np.uint32))

@@ -27,6 +27,7 @@ signs of prod-mode keys are 1-bit codes with the table ``(−1, +1)`` (lanes or 
 mode). The norms multiply the scores and the probabilities, not the decoded rows.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -81,12 +82,16 @@ def permutation(dim, lanes):
     return 8 * (lanes * block + g) + c
 
 
+@functools.lru_cache(maxsize=64)
 def order(dim, mode, value):
     """Coordinate at each position of a row in ``mode`` (``value``: a value part's
-    accumulator row, else a key part's query row)."""
+    accumulator row, else a key part's query row); read-only."""
     if mode == FUSED:
-        return simd.value_position(dim) if value else np.arange(dim, dtype=np.int64)
-    return permutation(dim, mode)
+        out = simd.value_position(dim) if value else np.arange(dim, dtype=np.int64)
+    else:
+        out = permutation(dim, mode)
+    out.setflags(write=False)
+    return out
 
 
 @jit
@@ -133,46 +138,48 @@ def _decode_tile(codes, bh, j0, nt, bits, lanes, table, cent, big_d, idx, out):
 def _key_group(bits, four, codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out,
                ooff, ostride):
     """:func:`rotorq.cpu.simd.key_scores` for 4 rows (``four``) or 1 row at ``bits``."""
+    args = (codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
     if four:
         if bits == 4:
-            _KS4_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+            _KS4_4(*args)
         elif bits == 3:
-            _KS3_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+            _KS3_4(*args)
         elif bits == 2:
-            _KS2_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+            _KS2_4(*args)
         else:
-            _KS1_4(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+            _KS1_4(*args)
     elif bits == 4:
-        _KS4_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        _KS4_1(*args)
     elif bits == 3:
-        _KS3_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        _KS3_1(*args)
     elif bits == 2:
-        _KS2_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        _KS2_1(*args)
     else:
-        _KS1_1(codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
+        _KS1_1(*args)
 
 
 @jit
-def _value_group(bits, four, codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff,
-                 astride):
+def _value_group(bits, four, codes, off, nb, nt, n_blk, table, p, poff, pstride, scale, acc,
+                 aoff, astride):
     """:func:`rotorq.cpu.simd.value_sums` for 4 rows (``four``) or 1 row at ``bits``."""
+    args = (codes, off, nb, nt, n_blk, table, p, poff, pstride, scale, acc, aoff, astride)
     if four:
         if bits == 4:
-            _VS4_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+            _VS4_4(*args)
         elif bits == 3:
-            _VS3_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+            _VS3_4(*args)
         elif bits == 2:
-            _VS2_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+            _VS2_4(*args)
         else:
-            _VS1_4(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+            _VS1_4(*args)
     elif bits == 4:
-        _VS4_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        _VS4_1(*args)
     elif bits == 3:
-        _VS3_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        _VS3_1(*args)
     elif bits == 2:
-        _VS2_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        _VS2_1(*args)
     else:
-        _VS1_1(codes, off, nb, nt, n_blk, table, p, poff, pstride, acc, aoff, astride)
+        _VS1_1(*args)
 
 
 @jit
@@ -193,7 +200,10 @@ def _norms(bits16, bh, j0, nt, out):
     """``out[:nt]`` = the float16 bit patterns ``bits16[bh, j0 : j0+nt]`` as float32;
     zeros up to the next multiple of 16."""
     row = bits16[bh]
-    for jj in range(nt):
+    n16 = nt & ~15
+    for jj in range(0, n16, 16):
+        simd.halves16(row, j0 + jj, out, jj)
+    for jj in range(n16, nt):
         out[jj] = _half(np.int32(row[j0 + jj]))
     for jj in range(nt, min(out.shape[0], (nt + 15) & ~15)):
         out[jj] = 0.0
@@ -324,22 +334,18 @@ def _value_part(vc, vn, table, cent, bits, mode, bh, j0, nt, idx, vf, kv_n, sc, 
     n_rows, big_d = acc.shape
     _norms(vn, bh, j0, nt, kv_n)
     if mode == FUSED:
-        pv = pbuf.reshape((n_rows, TILE))
-        for r in range(n_rows):
-            for jj in range(nt):
-                pv[r, jj] = sc[r, jj] * kv_n[jj]
         cap = vc.shape[1]
         nb = vc.shape[2]
         off = ((bh * cap) + j0) * nb
         n_blk = big_d // simd.BLOCK
         r0 = 0
         while r0 + 4 <= n_rows:
-            _value_group(bits, True, vc, off, nb, nt, n_blk, table, pv, r0 * TILE, TILE, acc,
-                         r0 * big_d, big_d)
+            _value_group(bits, True, vc, off, nb, nt, n_blk, table, sc, r0 * TILE, TILE, kv_n,
+                         acc, r0 * big_d, big_d)
             r0 += 4
         while r0 < n_rows:
-            _value_group(bits, False, vc, off, nb, nt, n_blk, table, pv, r0 * TILE, TILE, acc,
-                         r0 * big_d, big_d)
+            _value_group(bits, False, vc, off, nb, nt, n_blk, table, sc, r0 * TILE, TILE,
+                         kv_n, acc, r0 * big_d, big_d)
             r0 += 1
         return
     _decode_tile(vc, bh, j0, nt, bits, mode, table, cent, big_d, idx, vf)
@@ -460,8 +466,10 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                      vc0, vn0, vcent0, vtab0, vbits0, vmode0,
                      vc1, vn1, vcent1, vtab1, vbits1, vmode1,
                      n_keys, n_q, causal_offset, chunk,
-                     acc0_out, acc1_out, max_out, sum_out):
-    """Split-K attention over packed keys/values, tasks ``task_lo … task_hi − 1``.
+                     acc0_out, acc1_out, max_out, sum_out, counter):
+    """Split-K attention over packed keys/values: the tasks ``task_lo … task_hi − 1``, or,
+    when ``counter`` (int64, shared by the threads running this kernel) has an element,
+    every task below ``task_hi`` that ``counter`` hands out (the next free one each time).
 
     The arguments of :func:`rotorq.cpu.attention.decode_attention`, plus per part its
     centroid table padded to ``TABLE`` float32 (``ktab_p``, ``vtab_p``) and its
@@ -471,7 +479,15 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
     that order. C-contiguous arrays only.
     """
     n_split = acc0_out.shape[1]
-    for task in range(task_lo, task_hi):
+    n_tasks = acc0_out.shape[0] * n_split
+    task = task_lo
+    while True:
+        if counter.shape[0] > 0:
+            task = simd.fetch_add(counter, 1)
+            if task >= n_tasks:
+                break
+        elif task >= task_hi:
+            break
         bh = task // n_split
         _split_task(bh, task - bh * n_split, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
@@ -480,6 +496,7 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     vc1, vn1, vcent1, vtab1, vbits1, vmode1,
                     n_keys, n_q, causal_offset, chunk,
                     acc0_out, acc1_out, max_out, sum_out)
+        task += 1
 
 
 def _table(cent):
@@ -491,9 +508,11 @@ def _table(cent):
 def run(run_tasks, n_tasks, args):
     """Run :func:`decode_attention` on the arguments ``args`` of the twin
     (:func:`rotorq.cpu.attention.decode_attention` without the task range) with
-    ``run_tasks(kernel, n_tasks, args)``: the query rows are put in order, the tables
-    padded, and the value accumulators ``args[34]``, ``args[35]`` come back in natural
-    order, as the twin writes them."""
+    ``run_tasks(kernel, n_tasks, args)``, which calls ``kernel(lo, hi, *args)`` once per
+    thread: the threads share the tasks through one counter (a thread slowed by other
+    work takes fewer), whatever ranges they are given. The query rows are put in order,
+    the tables padded, and the value accumulators ``args[34]``, ``args[35]`` come back in
+    natural order, as the twin writes them."""
     q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0 = args[:8]
     kparts = (args[8:15], args[15:22])
     vparts = (args[22:26], args[26:30])
@@ -505,15 +524,15 @@ def run(run_tasks, n_tasks, args):
         mode = part_mode(q.shape[2], bits, n_rows) if q.shape[2] else 0
         slanes = block_lanes(qs.shape[2], 1) if qs.shape[2] else 0
         out[i] = np.ascontiguousarray(q[..., order(q.shape[2], mode, False)])
-        out[2 + i] = np.ascontiguousarray(qs[..., permutation(qs.shape[2], slanes)])
+        out[2 + i] = np.ascontiguousarray(qs[..., order(qs.shape[2], slanes, False)])
         out += [np.ascontiguousarray(kc), kn, np.ascontiguousarray(ks), kg, cent, _table(cent),
                 bits, scale, mode, slanes]
     modes = []
     for acc, (vc, vn, cent, bits) in zip((acc0, acc1), vparts):
         modes.append(part_mode(acc.shape[3], bits, n_rows) if acc.shape[3] else 0)
         out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, modes[-1]]
-    out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm]
-    run_tasks(decode_attention, n_tasks, tuple(out))
+    out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm, np.zeros(1, np.int64)]
+    run_tasks(decode_attention, n_tasks, tuple(out))  # each thread takes the next free task
     for acc, mode in zip((acc0, acc1), modes):
         if mode:
             acc[..., order(acc.shape[3], mode, True)] = acc.copy()

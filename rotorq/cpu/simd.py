@@ -202,25 +202,25 @@ def value_position(dim):
 
 
 def value_sums(bits, rows):
-    """Intrinsic ``vs(codes, off0, stride, n_tok, n_blocks, table, p, poff, pstride, acc,
-    aoff, astride)``: ``acc.flat[aoff + r·astride + i] += Σ_t p.flat[poff + r·pstride + t] ·
-    table[code_t,i]`` for ``rows`` rows and the ``n_tok`` value rows of codes at byte
-    ``off0 + t·stride`` (sums in token order), positions ``i`` in the order of
-    :func:`value_position`. Per block of ``BLOCK`` coordinates the ``4·rows`` accumulator
-    vectors stay in registers across the tokens."""
+    """Intrinsic ``vs(codes, off0, stride, n_tok, n_blocks, table, p, poff, pstride, scale,
+    acc, aoff, astride)``: ``acc.flat[aoff + r·astride + i] += Σ_t (p.flat[poff + r·pstride
+    + t] · scale.flat[t]) · table[code_t,i]`` for ``rows`` rows and the ``n_tok`` value
+    rows of codes at byte ``off0 + t·stride`` (sums in token order), positions ``i`` in
+    the order of :func:`value_position`. Per block of ``BLOCK`` coordinates the
+    ``4·rows`` accumulator vectors stay in registers across the tokens."""
     shifts = [[bits * 2 * k] * 8 + [bits * (2 * k + 1)] * 8 for k in range(4)]
 
     @intrinsic
-    def vs(typingctx, codes, off0, stride, n_tok, n_blocks, table, p, poff, pstride, acc,
-           aoff, astride):
-        sig = types.void(codes, off0, stride, n_tok, n_blocks, table, p, poff, pstride, acc,
-                         aoff, astride)
+    def vs(typingctx, codes, off0, stride, n_tok, n_blocks, table, p, poff, pstride, scale,
+           acc, aoff, astride):
+        sig = types.void(codes, off0, stride, n_tok, n_blocks, table, p, poff, pstride, scale,
+                         acc, aoff, astride)
 
         def codegen(context, builder, signature, args):
-            codes_p, table_p, p_p, acc_p = _arrays(context, builder, signature, args,
-                                                   (0, 5, 6, 9))
+            codes_p, table_p, p_p, scale_p, acc_p = _arrays(context, builder, signature, args,
+                                                            (0, 5, 6, 9, 10))
             off0, stride, n_tok, n_blocks, poff, pstride, aoff, astride = (
-                args[1], args[2], args[3], args[4], args[7], args[8], args[10], args[11])
+                args[1], args[2], args[3], args[4], args[7], args[8], args[11], args[12])
             fma = _fmuladd(builder)
             tab = builder.load(_ptr(builder, table_p, _i64(0), _V16F), align=4)
             code_mask = ir.Constant(_V16I, [(1 << bits) - 1] * 16)
@@ -241,9 +241,10 @@ def value_sums(bits, rows):
                     w8 = _words(builder, codes_p, builder.add(base, builder.mul(t, stride)),
                                 bits, 8)
                     words = builder.shuffle_vector(w8, ir.Constant(w8.type, None), twice)
-                    pv = [_splat(builder, builder.load(builder.gep(
+                    nu = builder.load(builder.gep(scale_p, [t]))
+                    pv = [_splat(builder, builder.fmul(builder.load(builder.gep(
                         p_p, [builder.add(poff, builder.add(builder.mul(_i64(r), pstride), t))])),
-                        _V16F) for r in range(rows)]
+                        nu), _V16F) for r in range(rows)]
                     for k in range(4):
                         idx = builder.and_(builder.lshr(words, ir.Constant(_V16I, shifts[k])),
                                            code_mask)
@@ -282,5 +283,52 @@ def prefetch(typingctx, arr, start, nbytes):
             builder.call(fn, [builder.gep(base, [off]), ir.Constant(_I32, 0),
                               ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def halves16(typingctx, bits16, off, out, ooff):
+    """``out.flat[ooff + i]`` = float32 value of the float16 bit pattern
+    ``bits16.flat[off + i]`` for ``i < 16`` (exact: integer operations and one
+    int-to-float conversion for subnormals, no F16C instruction needed)."""
+    sig = types.void(bits16, off, out, ooff)
+
+    def codegen(context, builder, signature, args):
+        src, dst = _arrays(context, builder, signature, args, (0, 2))
+        v16h = ir.VectorType(ir.IntType(16), 16)
+        h = builder.zext(builder.load(_ptr(builder, src, args[1], v16h), align=2), _V16I)
+
+        def const(v):
+            return ir.Constant(_V16I, [v] * 16)
+
+        sign = builder.shl(builder.and_(h, const(0x8000)), const(16))
+        em = builder.and_(h, const(0x7FFF))
+        normal = builder.add(builder.shl(em, const(13)), const(0x38000000))
+        special = builder.or_(builder.shl(builder.and_(em, const(0x3FF)), const(13)),
+                              const(0x7F800000))
+        sub = builder.fmul(builder.sitofp(em, _V16F),
+                           ir.Constant(_V16F, [5.9604644775390625e-08] * 16))  # · 2^-24
+        bits = builder.select(builder.icmp_unsigned(">=", em, const(0x7C00)), special, normal)
+        bits = builder.select(builder.icmp_unsigned("<", em, const(0x400)),
+                              builder.bitcast(sub, _V16I), bits)
+        val = builder.bitcast(builder.or_(bits, sign), _V16F)
+        builder.store(val, _ptr(builder, dst, args[3], _V16F), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fetch_add(typingctx, counter, value):
+    """Atomically add ``value`` to ``counter[0]`` (an int64 array) and return the value it
+    had before: threads running the same kernel share out its tasks this way."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None
+    sig = types.int64(counter, types.int64)
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", data, args[1], "monotonic")
 
     return sig, codegen
