@@ -31,7 +31,7 @@ The levers (see :mod:`rotorq.kvprep`):
 
 Run ``python -m benchmarks.cpu.fidelity_levers`` (about 16 minutes on 2 cores) or
 ``--quick`` (256 tokens, one seed, fewer rows; about 4 minutes). Results go to stdout and,
-for a full run, to the ``cpu:fidelity-levers`` section of ``benchmarks/RESULTS.md``.
+for a full run, to the ``cpu:fidelity-levers`` section of ``benchmarks/results/cpu.md``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import rotorq
 from benchmarks.cpu import smollm2
 from benchmarks.cpu.realkv_perplexity import windowed_attention
 from benchmarks.tools.report import (
+    CPU_TABLES,
     Progress,
     environment,
     environment_markdown,
@@ -57,7 +58,7 @@ from benchmarks.tools.report import (
 )
 from rotorq.kvprep import KeyPrep, allocate_bits, channel_scales, kv_bits_per_coordinate
 
-RESULTS_SECTION = "cpu:fidelity-levers"   # the section of benchmarks/RESULTS.md it writes
+RESULTS_SECTION = "cpu:fidelity-levers"   # the section of benchmarks/results/cpu.md it writes
 CALIB_SPAN = (512, 1024)     # GPL-3 tokens used for calibration (disjoint from the eval span)
 SENS_TOKENS = 256            # tokens of the calibration span used for the sensitivities
 MEAN_BLOCK = 128             # the key offset μ is fitted on the first tokens of a sequence
@@ -756,7 +757,7 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None, help="rotation seeds per row")
     parser.add_argument("--no-write", action="store_true",
-                        help="do not write benchmarks/RESULTS.md (--quick never writes it)")
+                        help="do not write benchmarks/results/cpu.md (--quick never writes it)")
     args = parser.parse_args(argv)
     n = args.tokens or (256 if args.quick else 512)
     seeds = tuple(range(args.seeds or (1 if args.quick else 2)))
@@ -767,7 +768,7 @@ def main(argv=None):
     text = markdown(out, tabs, time.perf_counter() - start)
     print(text)
     if not (args.no_write or args.quick):   # a quick run never overwrites the full results
-        progress(f"wrote {write_sections({RESULTS_SECTION: text})}")
+        progress(f"wrote {write_sections({RESULTS_SECTION: text}, CPU_TABLES)}")
 
 
 if __name__ == "__main__":

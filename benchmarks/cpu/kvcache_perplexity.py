@@ -18,7 +18,7 @@ calibrated once on GPL-3 tokens 512–1023, as in :mod:`benchmarks.cpu.fidelity_
 
 Run ``python -m benchmarks.cpu.kvcache_perplexity`` (about 15 minutes on 2 cores; ``--quick``:
 256 tokens, one seed, three rows). A full run writes the ``cpu:kvcache-perplexity``
-section of ``benchmarks/RESULTS.md``; ``--layer-errors`` writes ``cpu:kvcache-layer-errors``
+section of ``benchmarks/results/cpu.md``; ``--layer-errors`` writes ``cpu:kvcache-layer-errors``
 (per-layer attention-output errors of the caches on the exact captured q/k/v).
 """
 
@@ -35,6 +35,7 @@ import rotorq
 from benchmarks.cpu import smollm2
 from benchmarks.cpu.fidelity_levers import CALIB_SPAN, _log_probs, calibrate
 from benchmarks.tools.report import (
+    CPU_TABLES,
     Progress,
     environment,
     environment_markdown,
@@ -256,14 +257,14 @@ def main(argv=None):
             errors_table(errs), ""])
         print(text)
         if args.tokens is None:
-            write_sections({"cpu:kvcache-layer-errors": text})
+            write_sections({"cpu:kvcache-layer-errors": text}, CPU_TABLES)
         return
     seeds = (0,) if args.quick else (0, 1)
     out = run(n, seeds, quick=args.quick, progress=Progress())
     text = markdown(out, time.perf_counter() - start)
     print(text)
     if not args.quick and args.tokens is None:
-        write_sections({"cpu:kvcache-perplexity": text})
+        write_sections({"cpu:kvcache-perplexity": text}, CPU_TABLES)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ Parts (``--only`` picks some):
 ``mse``
     MSE vs bits per rotation and data kind (:mod:`benchmarks.cpu.mse_bits`).
 
-The full run prints every table, rewrites its own sections of ``benchmarks/RESULTS.md``
-(between ``<!-- BEGIN cpu:… -->`` / ``<!-- END cpu:… -->`` markers; other sections, e.g.
-GPU results, are kept) and writes PNG plots to ``benchmarks/plots/``.  ``--quick`` runs a
-reduced version of every part (a few layers, 256 tokens, 3 bits, N ≤ 2^16) in about two
-minutes and only prints, unless ``--output`` names a results file.
+The full run prints every table, rewrites its own sections of ``benchmarks/results/cpu.md``
+(between ``<!-- BEGIN cpu:… -->`` / ``<!-- END cpu:… -->`` markers; the other scripts'
+sections are kept) and writes PNG plots to ``benchmarks/plots/``; the summary in
+``benchmarks/RESULTS.md`` is updated by hand from those tables.  ``--quick`` runs a reduced
+version of every part (a few layers, 256 tokens, 3 bits, N ≤ 2^16) in about two minutes and
+only prints, unless ``--output`` names a tables file (its plots then go to a ``plots``
+folder beside it).
 
 Needs the ``bench`` extras plus the model packages: see :mod:`benchmarks.cpu.smollm2` and
 :mod:`benchmarks.cpu.minilm`.
@@ -35,7 +37,8 @@ from pathlib import Path
 
 from benchmarks.cpu import mse_bits, nn_search, realkv_fidelity, realkv_perplexity, speed
 from benchmarks.tools.report import (
-    RESULTS,
+    CPU_TABLES,
+    PLOTS,
     Progress,
     environment,
     environment_markdown,
@@ -161,7 +164,7 @@ _RUNNERS = {"fidelity": _fidelity, "perplexity": _perplexity, "nn": _nn, "speed"
 
 
 def main(argv=None) -> None:
-    """Run the requested parts, print their tables and write the results file."""
+    """Run the requested parts, print their tables and write the tables file."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu",
                                      description="rotorq CPU benchmark suite")
     parser.add_argument("--quick", action="store_true",
@@ -169,10 +172,14 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS),
                         help="parts to run (default: all)")
     parser.add_argument("--output", type=Path, default=None,
-                        help=f"results file (default: {RESULTS} for a full run)")
+                        help=f"tables file (default: {CPU_TABLES} for a full run)")
     args = parser.parse_args(argv)
-    output = args.output if args.output is not None else (None if args.quick else RESULTS)
-    plots = None if output is None else output.parent / "plots"
+    output = args.output if args.output is not None else (None if args.quick else CPU_TABLES)
+    if output is None:
+        plots = None
+    else:
+        plots = PLOTS if output.resolve() == CPU_TABLES else output.parent / "plots"
+        plots_link = os.path.relpath(plots, output.resolve().parent).replace(os.sep, "/")
     omp_policy = passive_openmp()
     progress = Progress()
     env = environment()
@@ -182,6 +189,8 @@ def main(argv=None) -> None:
         progress(f"=== {part} ===")
         start = time.perf_counter()
         body, table = _RUNNERS[part](args.quick, progress, plots)
+        if plots is not None:
+            body = body.replace("](plots/", f"]({plots_link}/")
         timings[part] = time.perf_counter() - start
         loads[part] = os.getloadavg()[0]
         sections[f"cpu:{part}"] = (body + f"\n_{env['date']}, {'quick' if args.quick else 'full'}"

@@ -1,14 +1,16 @@
-"""Shared helpers of the benchmark scripts: progress lines, timing, tables, RESULTS.md.
+"""Shared helpers of the benchmark scripts: progress lines, timing, tables, results files.
 
-``benchmarks/RESULTS.md`` is shared by several scripts (the CPU suite, the GPU suite…).
-Each owns named sections delimited by HTML comments::
+The scripts write their full tables to ``benchmarks/results/cpu.md`` (:data:`CPU_TABLES`)
+and ``benchmarks/results/gpu.md`` (:data:`GPU_TABLES`); ``benchmarks/RESULTS.md``
+(:data:`RESULTS`) is the page that summarizes them, kept by hand. A tables file is shared by
+several scripts; each owns named sections delimited by HTML comments::
 
     <!-- BEGIN cpu:fidelity -->
     ...
     <!-- END cpu:fidelity -->
 
 :func:`write_sections` replaces only the sections it is given and keeps everything else
-in the file, so a rerun of one suite leaves the others' results in place.
+in the file, so a rerun of one script leaves the others' tables in place.
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "RESULTS.md"
-_TITLE = "# rotorq benchmark results\n"
+BENCHMARKS = Path(__file__).resolve().parents[1]
+RESULTS = BENCHMARKS / "RESULTS.md"
+"""The results page: the latest number per capability (kept by hand, not written here)."""
+CPU_TABLES = BENCHMARKS / "results" / "cpu.md"
+"""Full tables of the CPU scripts' latest runs."""
+GPU_TABLES = BENCHMARKS / "results" / "gpu.md"
+"""Full tables of the GPU runs, merged by :mod:`benchmarks.tools.gpu_results`."""
+PLOTS = BENCHMARKS / "plots"
+"""Plots of the CPU suite, shown on the results page."""
+_TITLE = "# rotorq benchmark tables\n"
 
 
 class Progress:
@@ -191,16 +201,17 @@ def _markers(key: str) -> tuple[str, str]:
     return f"<!-- BEGIN {key} -->", f"<!-- END {key} -->"
 
 
-def write_sections(sections: dict[str, str], path: Path = RESULTS) -> Path:
-    """Replace (or append) the named sections of a results file, keeping all others.
+def write_sections(sections: dict[str, str], path: Path) -> Path:
+    """Replace (or append) the named sections of a tables file, keeping all others.
 
     Parameters
     ----------
     sections : dict of str to str
         Section key (e.g. ``"cpu:fidelity"``) → markdown body.  New keys are appended
         in the given order.
-    path : pathlib.Path, optional
-        The results file; default ``benchmarks/RESULTS.md``.
+    path : pathlib.Path
+        The tables file, e.g. :data:`CPU_TABLES`; created (with its parent folder) if
+        missing.
 
     Returns
     -------
@@ -218,6 +229,7 @@ def write_sections(sections: dict[str, str], path: Path = RESULTS) -> Path:
     (True, True, False)
     """
     text = path.read_text(encoding="utf-8") if path.is_file() else _TITLE
+    path.parent.mkdir(parents=True, exist_ok=True)
     for key, body in sections.items():
         begin, end = _markers(key)
         block = f"{begin}\n{body.rstrip()}\n{end}"
