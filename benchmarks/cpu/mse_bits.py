@@ -1,10 +1,10 @@
 """Reconstruction MSE vs bits for each rotation, on data that can tell rotations apart.
 
-On isotropic data every orthogonal transform gives the same MSE (MATH.md §6), so the
+On isotropic data every orthogonal transform gives the same MSE (docs/math.md §6), so the
 data kinds here are
 
-- ``isotropic``: Gaussian vectors, d = 128 (the Lloyd-Max value of MATH.md §2);
-- ``outliers``: 4 fixed channels scaled ×15 (MATH.md §6), d = 128;
+- ``isotropic``: Gaussian vectors, d = 128 (the Lloyd-Max value of docs/math.md §2);
+- ``outliers``: 4 fixed channels scaled ×15 (docs/math.md §6), d = 128;
 - ``low-rank``: rank-8 Gaussian factors through a fixed 8 × 128 matrix plus 5 % isotropic
   noise, d = 128;
 - ``real keys`` / ``real values``: SmolLM2-135M post-RoPE keys and values of every layer
@@ -29,7 +29,7 @@ ROTATIONS = ("hadamard", "dense", "rotor")
 BITS = (1, 2, 3, 4)
 N_VECTORS = 8192
 GAUSSIAN_MSE = {1: 0.36338, 2: 0.11748, 3: 0.03455, 4: 0.00950}
-"""Lloyd-Max MSE per coordinate of a unit-variance Gaussian (MATH.md §2)."""
+"""Lloyd-Max MSE per coordinate of a unit-variance Gaussian (docs/math.md §2)."""
 
 
 def datasets(n: int = N_VECTORS, seed: int = 0, real: dict | None = None) -> dict:
@@ -100,7 +100,7 @@ def run(bits=BITS, n: int = N_VECTORS, real: bool = True, progress=None) -> dict
 def table(result: dict) -> str:
     """Markdown table: one row per (data kind, rotation), one column per bit width."""
     rows = [[kind, r] + [f"{v:.4f}" for v in vals] for (kind, r), vals in result["mse"].items()]
-    rows.append(["Lloyd-Max Gaussian (MATH.md §2)", "—"]
+    rows.append(["Lloyd-Max Gaussian (docs/math.md §2)", "—"]
                 + [f"{GAUSSIAN_MSE[b]:.4f}" for b in result["bits"]])
     return markdown_table(["data", "rotation"] + [f"{b} bits" for b in result["bits"]], rows,
                           "ll" + "r" * len(result["bits"]))

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # One GPU session: CUDA tests, kernel benchmarks, decode-attention benchmark, KVCache host
-# costs, other shapes, one-query table plans -> $OUT.
+# costs, other shapes, one-query table plans -> $OUT (default ./gpu_out).
 #
-# Usage (repository root, on the GPU machine; see ../shared/reference/GPU.md for the wheels):
+# Usage (repository root, on the GPU machine; the machine's setup: docs/gpu.md):
 #   bash benchmarks/gpu/run.sh [tests|bench|kv|attend|shapes|tables|variants|all] [pytest -k expression]
+#   (or python -m benchmarks.gpu ...), then, with $OUT brought back:
+#   python -m benchmarks.tools.gpu_results DIR --card "NVIDIA H200"
+# numba-cuda 0.30 needs numpy < 2.5 (docs/gpu.md). Where the GPU machine has a newer numpy and
+# no package registry, download the wheels beforehand into a folder and name it in WHEELS
+# (e.g. WHEELS=.whl): they are installed into $WHEELS_TARGET (default /tmp/site), which goes
+# first on PYTHONPATH, before anything imports numpy.
 # Precompile the generated kernels first where there is no GPU (the PTX cache travels):
 #   ROTORQ_PTX_CACHE=$PWD/.whl/ptxcache python3 -m benchmarks.gpu.bench --precompile-only
 set -u
@@ -11,11 +17,18 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 what=${1:-all}
 sel=${2:-}
+if [[ -n ${WHEELS:-} ]]; then
+    target=${WHEELS_TARGET:-/tmp/site}
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$target" "$WHEELS"/*.whl \
+        || { echo "installing the wheels of $WHEELS failed" >&2; exit 1; }
+    export PYTHONPATH="$target:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/device.txt"
 if [[ $what == tests || $what == all ]]; then
     args=(-m cuda tests/cuda -q -p no:cacheprovider -rfE)
     [[ -n $sel ]] && args+=(-k "$sel")
-    timeout "${TEST_TIMEOUT:-300}" python3 -m pytest "${args[@]}" > "$OUT/tests.txt" 2>&1
+    ROTORQ_PARITY_REPORT="$OUT/parity.json" timeout "${TEST_TIMEOUT:-300}" \
+        python3 -m pytest "${args[@]}" > "$OUT/tests.txt" 2>&1
     echo "tests rc=$?" >> "$OUT/tests.txt"
     tail -25 "$OUT/tests.txt"
 fi

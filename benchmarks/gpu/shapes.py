@@ -24,7 +24,8 @@ from benchmarks.gpu.bench import api, buffers, code_buffers, device_time, kernel
 from rotorq.cuda import tiled, tiled_rotor, tiled_scores
 
 FLOOR_TBS = [2.98]
-"""Bandwidth of the floors (TB/s): PERFORMANCE.md's H100 value until ``main`` measures it."""
+"""Bandwidth of the floors (TB/s): the H100 copy bandwidth of docs/gpu.md until ``main``
+measures it."""
 SHAPES = ((64, 3), (128, 3), (256, 3), (128, 2), (128, 4))
 
 
