@@ -153,6 +153,7 @@ def key_scores(bits, rows):
             code_mask = ir.Constant(_V16I, [(1 << bits) - 1] * 16)
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
                     for _ in range(rows)]
+            words = cgutils.alloca_once(builder, _V16I, size=8)  # word w of the 16 keys
             with cgutils.for_range(builder, n_blocks) as loop:
                 b = loop.index
                 base = builder.add(off0, builder.mul(b, _i64(wbytes)))
@@ -164,22 +165,27 @@ def key_scores(bits, rows):
                     level = [builder.shuffle_vector(level[i], level[i + 1], m)
                              for i in range(0, len(level), 2)]
                 every = level[0]
-                qb = builder.add(qoff, builder.mul(b, _i64(BLOCK)))
-                cur = [builder.load(a) for a in accs]
                 for w in range(8):
-                    word = builder.shuffle_vector(every, ir.Constant(every.type, None),
-                                                  ir.Constant(_V16I, [8 * t + w for t in range(16)]))
+                    builder.store(builder.shuffle_vector(
+                        every, ir.Constant(every.type, None),
+                        ir.Constant(_V16I, [8 * t + w for t in range(16)])),
+                        builder.gep(words, [_i64(w)]))
+                with cgutils.for_range(builder, _i64(8)) as wl:
+                    w = wl.index
+                    word = builder.load(builder.gep(words, [w]))
+                    qb = builder.add(qoff, builder.add(builder.mul(b, _i64(BLOCK)),
+                                                       builder.mul(w, _i64(8))))
+                    cur = [builder.load(a) for a in accs]
                     for c in range(8):
                         idx = builder.and_(builder.lshr(word, ir.Constant(_V16I, [bits * c] * 16)),
                                            code_mask)
                         kv = _lookup(builder, tab, idx)
                         for r in range(rows):
-                            qi = builder.add(qb, builder.add(builder.mul(_i64(r), dq),
-                                                             _i64(8 * w + c)))
+                            qi = builder.add(qb, builder.add(builder.mul(_i64(r), dq), _i64(c)))
                             qv = _splat(builder, builder.load(builder.gep(q_p, [qi])), _V16F)
                             cur[r] = builder.call(fma, [qv, kv, cur[r]])
-                for a, v in zip(accs, cur):
-                    builder.store(v, a)
+                    for a, v in zip(accs, cur):
+                        builder.store(v, a)
             sv = builder.load(_ptr(builder, scale_p, soff, _V16F), align=4)
             for r in range(rows):
                 o = builder.add(ooff, builder.mul(_i64(r), ostride))
