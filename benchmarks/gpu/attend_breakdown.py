@@ -28,41 +28,34 @@ import numpy as np
 from cupyx.profiler import benchmark
 
 import rotorq
-from benchmarks.gpu.kv_bench import HK, HQ, D, api, build_cache
+from benchmarks.gpu.kv_bench import HK, HQ, D, api, build_cache, fused_args
+from rotorq._ops import Partial
+from rotorq.kv import attention as kv_attention
 
 
 def phase_times(cache, q, reps=20):
     """Wall µs of each phase of attend, each run alone between synchronizations."""
-    be = cache._be
+    state = cache._state
+    be = state.setup.be
     scale = 1.0 / np.sqrt(cache.head_dim)
-    qq, _, _, n_q, _ = cache._queries(q)
-    rq = tuple(cache._rotated_queries(qq, scale))
-    kargs, vargs = [], []
-    for part in cache._kparts:
-        buf, tq = part.buffers, part.tq
-        kargs.append((buf["codes"], buf["norms"], tq._consts(cp)["centroids"], tq.mse_bits,
-                      None, None, 0.0))
-    for part in cache._vparts:
-        buf, tq = part.buffers, part.tq
-        vargs.append((buf["codes"], buf["norms"], tq._consts(cp)["centroids"], tq.mse_bits,
-                      tq.stored_dim))
-    c = cache.compressed_tokens
+    qq, _, _, n_q, _ = cache._queries(state, q)
     total = len(cache)
-    accs, m_c, l_c = be.decode_attention(rq, tuple(kargs), tuple(vargs), c, n_q, total,
-                                         layout=cache._vparts[0].layout)
+    queries, keys, values, c, n_q, off, lay = fused_args(cache, q)
+    part = be.decode_attention(queries, keys, values, c, n_q, off, layout=lay)
     n_bh, n_rows = qq.shape[0], qq.shape[1]
-    part = cache._vparts[0]
-    exact = cache._exact_part()
-    acc_c = be.unrotate(accs[0].reshape(n_bh * n_rows, -1), part.tq.rotation).reshape(
+    rotation = state.base.values.parts[0].tq.rotation
+    exact = cache._exact.rows(state)
+    acc_c = be.unrotate(part.accs[0].reshape(n_bh * n_rows, -1), rotation).reshape(
         n_bh, n_rows, -1)
+    partial = Partial((acc_c,), part.max, part.sum)
     phases = {
-        "queries": lambda: cache._queries(q),
-        "rotate": lambda: cache._rotated_queries(qq, scale),
-        "fused kernels": lambda: be.decode_attention(rq, tuple(kargs), tuple(vargs), c, n_q,
-                                                     total, layout=part.layout),
-        "unrotate": lambda: be.unrotate(accs[0].reshape(n_bh * n_rows, -1), part.tq.rotation),
+        "queries": lambda: cache._queries(state, q),
+        "rotate": lambda: kv_attention.rotated_queries(state, qq, scale),
+        "fused kernels": lambda: be.decode_attention(queries, keys, values, c, n_q, off,
+                                                     layout=lay),
+        "unrotate": lambda: be.unrotate(part.accs[0].reshape(n_bh * n_rows, -1), rotation),
         "window": lambda: be.exact_attention(qq, exact[0], exact[1], exact[2], scale, n_q,
-                                             total, False, (acc_c, m_c, l_c)),
+                                             total, False, partial),
         "attend": lambda: cache.attend(q),
     }
     out = {}
@@ -87,17 +80,16 @@ def decode_steps(tokens, rng, steps, out_dir, default_recipe, check_finite=True)
     if default_recipe:
         cache = rotorq.KVCache(HK, D, check_finite=check_finite)
     else:
-        cache, _, _ = build_cache(tokens, rng)
-        cache.check_finite = check_finite
+        cache, _, _ = build_cache(tokens, rng, check_finite)
     if default_recipe:
-        saved, api.FAST_MIN_ROWS = api.FAST_MIN_ROWS, 1 << 62  # no long compile of a shape
+        saved, api.GENERATED_MIN_ROWS = api.GENERATED_MIN_ROWS, 1 << 62  # no long compile of a shape
         try:
             for lo in range(0, tokens, 1 << 18):
                 n = min(1 << 18, tokens - lo)
                 kv = grng.standard_normal((2, HK, n, D), dtype=cp.float32).astype(cp.float16)
                 cache.append(kv[0], kv[1])
         finally:
-            api.FAST_MIN_ROWS = saved
+            api.GENERATED_MIN_ROWS = saved
     new = grng.standard_normal((steps + 1, 2, HK, 1, D), dtype=cp.float32).astype(cp.float16)
     qs = grng.standard_normal((steps + 1, HQ, D), dtype=cp.float32)
     cache.append(new[0, 0], new[0, 1])

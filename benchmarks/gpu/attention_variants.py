@@ -1,10 +1,12 @@
 """Decode-attention kernel variants on the GPU, against torch fp16 SDPA in the same run.
 
-The shape of ``gpu_kv_bench.py`` (32 query / 4 KV heads, d = 128, 3-bit K and V, one query
-per head) at each ``--tokens``: for every register cap of the tensor-core kernel
-(``rotorq.cuda.attention.FAST_LAUNCH_BLOCKS``; 0: uncapped), the kernels' time (the call's launches
-replayed, ``gpu_bench.kernel_time``) and its output against the general float32 kernel on
-the same codes; then SDPA on the uncompressed fp16 cache.
+The shape of ``benchmarks.gpu.kv_bench`` (32 query / 4 KV heads, d = 128, 3-bit K and V, one
+query per head) at each ``--tokens``: for every variant of the tensor-core kernel's spec
+(:func:`rotorq.cuda.gen.attention.spec`: register cap ``blocks``, 0 uncapped; pair-table
+``copies``; ``prefetch`` depth in the tile layout) and of the split count
+(``rotorq.cuda.gen.attention.SPLIT_BLOCKS_PER_SM``), the kernels' time (the call's launches
+replayed, ``benchmarks.gpu.bench.kernel_time``) and its output against the general float32
+kernel on the same codes; then SDPA on the uncompressed fp16 cache.
 
     python3 -m benchmarks.gpu.attention_variants [--out DIR] [--tokens 65536 1048576]
         [--variants 4 4:1 4:0:4 ...]
@@ -23,10 +25,10 @@ import numpy as np
 import torch
 
 from benchmarks.gpu.bench import device_time, kernel_time
-from benchmarks.gpu.kv_bench import HQ, build_cache, fused_args, l2_bytes
+from benchmarks.gpu.kv_bench import HQ, build_cache, fused_args, l2_bytes, rotated_copies
 
 api = importlib.import_module("rotorq.cuda.api")
-att = importlib.import_module("rotorq.cuda.attention")
+gen_att = importlib.import_module("rotorq.cuda.gen.attention")
 _launch = importlib.import_module("rotorq.cuda._launch")
 
 
@@ -37,23 +39,18 @@ def launch_times(fn, bufs, reps):
 
 
 def merged(res):
-    accs, _, lsum = res
-    return (accs[0] / lsum[..., None]).get()
+    return (res.accs[0] / res.sum[..., None]).get()
 
 
 def run(tokens, variants, reps, rng):
     cache, kt, vt = build_cache(tokens, rng)
     q = cp.asarray(rng.standard_normal((HQ, 128), dtype=np.float32))
-    rq, kargs, vargs, n_c, n_q, off, lay = fused_args(cache, q)
+    queries, keys, values, n_c, n_q, off, lay = fused_args(cache, q)
     comp = cache.compressed_tokens * cache.bytes_per_token
-    nbuf = max(1, min(64, -(-2 * l2_bytes() // comp)))
-    bufs = [(kargs, vargs)]
-    for _ in range(nbuf - 1):
-        bufs.append((tuple((a[0].copy(), a[1].copy()) + a[2:] for a in kargs),
-                     tuple((a[0].copy(), a[1].copy()) + a[2:] for a in vargs)))
+    bufs = rotated_copies(keys, values, max(1, min(64, -(-2 * l2_bytes() // comp))))
 
     def fused(b):
-        return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, layout=lay)
+        return api.decode_attention(queries, b[0], b[1], n_c, n_q, off, layout=lay)
 
     saved = api.ATTENTION_FAST
     api.ATTENTION_FAST = False
@@ -63,42 +60,37 @@ def run(tokens, variants, reps, rng):
     finally:
         api.ATTENTION_FAST = saved
     rows = []
-    saved = (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
-             att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
-             att.FAST_FUNNEL, att.FAST_PAIRED, att.FAST_RESCALE_SLACK)
-    for variant in variants:
-        blocks = variant[0]
-        copies = (variant[1],) * 2 if len(variant) > 1 and variant[1] else None
-        per_sm = variant[2] if len(variant) > 2 and variant[2] else saved[2]
-        depth = variant[3] if len(variant) > 3 and variant[3] else saved[3]
-        mulhi = variant[4] if len(variant) > 4 else saved[4]
-        unroll = variant[5] if len(variant) > 5 and variant[5] else saved[5]
-        full = bool(variant[6]) if len(variant) > 6 else saved[6]
-        funnel = bool(variant[7]) if len(variant) > 7 else saved[7]
-        paired = bool(variant[8]) if len(variant) > 8 else saved[8]
-        slack = float(variant[9]) if len(variant) > 9 else saved[9]
-        (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
-         att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
-         att.FAST_FUNNEL, att.FAST_PAIRED, att.FAST_RESCALE_SLACK) = (
-            blocks, copies, per_sm, depth, mulhi, unroll, full, funnel, paired, slack)
-        got = merged(fused(bufs[0]))
-        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-        t = kernel_time(fused, bufs, reps)
-        parts = launch_times(fused, bufs, reps)
-        kern = att.attention_kernel(128, 3, 128, 3, tiled=lay == "tiles")
-        regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
-                for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
-        rows.append({"tokens": tokens, "layout": lay, "prefetch": depth, "mulhi": mulhi,
-                     "unroll": unroll or depth + 1, "full_tiles": full, "funnel": funnel,
-                     "paired": paired, "rescale_slack": slack,
-                     "blocks": blocks or None, "splits_per_sm": per_sm,
-                     "copies": list(copies or att.table_copies(128, 3, 128, 3)),
-                     "kernel_us": t * 1e6, "launch_us": parts,
-                     "tbs": comp / t / 1e12, "rel_err_vs_general": err,
-                     "registers": sorted(set(regs))})
-    (att.FAST_LAUNCH_BLOCKS, att.FAST_TABLE_COPIES, att.FAST_BLOCKS_PER_SM,
-     att.FAST_PREFETCH, att.FAST_MULHI, att.FAST_UNROLL, att.FAST_FULL_TILES,
-     att.FAST_FUNNEL, att.FAST_PAIRED, att.FAST_RESCALE_SLACK) = saved
+    saved = (api._attention_kernel, gen_att.SPLIT_BLOCKS_PER_SM)
+    try:
+        for variant in variants:
+            blocks = variant[0]
+            copies = (variant[1],) * 2 if len(variant) > 1 and variant[1] else None
+            per_sm = variant[2] if len(variant) > 2 and variant[2] else saved[1]
+            prefetch = variant[3] if len(variant) > 3 and variant[3] else None
+
+            def kernel(dk, kb, dv, vb, bias, tiled, blocks=blocks, copies=copies,
+                       prefetch=prefetch):
+                return gen_att.kernel(dk, kb, dv, vb, bias=bias, tiled=tiled, blocks=blocks,
+                                      copies=copies, prefetch=prefetch)
+
+            api._attention_kernel, gen_att.SPLIT_BLOCKS_PER_SM = kernel, per_sm
+            got = merged(fused(bufs[0]))
+            err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+            t = kernel_time(fused, bufs, reps)
+            parts = launch_times(fused, bufs, reps)
+            kern = kernel(128, 3, 128, 3, False, lay == "tiles")
+            spec = gen_att.spec(128, 3, 128, 3, tiled=lay == "tiles", blocks=blocks,
+                                copies=copies, prefetch=prefetch)
+            regs = [_launch.driver.funcGetAttribute(4, fn)  # NUM_REGS
+                    for (k, _, _), (_, fn) in _launch._functions.items() if k is kern]
+            rows.append({"tokens": tokens, "layout": lay, "prefetch": spec.prefetch,
+                         "blocks": spec.launch_blocks, "splits_per_sm": per_sm,
+                         "copies": [spec.key_copies, spec.value_copies],
+                         "kernel_us": t * 1e6, "launch_us": parts,
+                         "tbs": comp / t / 1e12, "rel_err_vs_general": err,
+                         "registers": sorted(set(regs))})
+    finally:
+        api._attention_kernel, gen_att.SPLIT_BLOCKS_PER_SM = saved
     fb = max(1, min(64, -(-2 * l2_bytes() // (kt.numel() * 4))))
     fbufs = [(kt, vt)] + [(kt.clone(), vt.clone()) for _ in range(fb - 1)]
     qt = torch.randn(1, HQ, 1, 128, device="cuda", dtype=torch.float16)
@@ -119,16 +111,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, nargs="+", default=[1 << 16, 1 << 20])
     ap.add_argument("--variants", nargs="+", default=["4", "0", "4:1", "4:0:8"],
-                    help="BLOCKS[:COPIES[:PER_SM[:DEPTH[:MULHI[:UNROLL[:FULL[:FUNNEL[:PAIR[:SLACK]]]]]]]]]: "
-                         "launch-bounds "
-                         "blocks (0: "
+                    help="BLOCKS[:COPIES[:PER_SM[:PREFETCH]]]: launch-bounds blocks (0: "
                          "uncapped); 1 for single (not replicated) pair tables, 0 the "
-                         "default; split blocks per SM (FAST_BLOCKS_PER_SM; 0 the default); "
-                         "tiles prefetched (FAST_PREFETCH, tile layout; 0 the default); "
-                         "FAST_MULHI; loop body copies (FAST_UNROLL; 0 the default); "
-                         "unmasked full tiles (FAST_FULL_TILES, 1/0); funnel shifts "
-                         "(FAST_FUNNEL, 1/0); no exit test between the unmasked body copies "
-                         "(FAST_PAIRED, 1/0); lazy-rescale slack (FAST_RESCALE_SLACK, base 2)")
+                         "default; split blocks per SM (0 the default); tiles prefetched "
+                         "in the tile layout (0 the default)")
     ap.add_argument("--reps", type=int, default=50)
     a = ap.parse_args()
     rng = np.random.default_rng(7)
@@ -143,21 +129,13 @@ def main():
     with open(os.path.join(a.out, "gpu_attention_variants.json"), "w") as f:
         json.dump(info, f, indent=1)
     print(f"{info['device']}, {info['date']}")
-    print("| T | codes | prefetch | body copies | unmasked full tiles | funnel shifts | "
-          "mul.hi shifts | launch-bounds blocks | "
-          "split blocks per SM | "
-          "table copies (K, V) | registers | kernels µs | "
-          "alone: attention / merge µs | TB/s | general kernel µs | SDPA µs | SDPA / kernels | "
-          "rel. diff vs general |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| T | codes | prefetch | launch-bounds blocks | split blocks per SM | "
+          "table copies (K, V) | registers | kernels µs | alone: attention / merge µs | "
+          "TB/s | general kernel µs | SDPA µs | SDPA / kernels | rel. diff vs general |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['layout']} | {r['prefetch']} | {r['unroll']} | "
-              f"{'yes' if r['full_tiles'] else 'no'} | {'yes' if r['funnel'] else 'no'} | "
-              f"{'yes' if r['paired'] else 'no'} | {r['rescale_slack']:g} | "
-              f"{r['mulhi']} | "
-              f"{r['blocks'] or '—'} | "
-              f"{r['splits_per_sm']} | {r['copies']} | "
-              f"{r['registers']} | "
+        print(f"| {r['tokens']} | {r['layout']} | {r['prefetch']} | {r['blocks'] or '—'} | "
+              f"{r['splits_per_sm']} | {r['copies']} | {r['registers']} | "
               f"{r['kernel_us']:.1f} | {' / '.join(f'{x:.1f}' for x in r['launch_us'])} | "
               f"{r['tbs']:.2f} | {r['general_us']:.1f} | "
               f"{r['sdpa_us']:.1f} | {r['speedup']:.2f}× | {r['rel_err_vs_general']:.2e} |")

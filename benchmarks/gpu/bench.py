@@ -2,13 +2,10 @@
 
 N = 2^10 … 2^22 vectors of d = 128, 3 bits: fused quantize (hadamard, rotor, dense) of fp16
 input, scores against packed keys (1 query, a GQA group of 8), the standalone WHT-128
-(fp16 in/out). The Hadamard and rotor quantize and the WHT run twice: with the tiled kernels
-of ``rotorq.cuda.tiled`` / ``tiled_rotor`` (the default) and, marked "(row per thread)", with those of
-``rotorq.cuda.fast`` (``api.TILED = False``; below ``api.FAST_MIN_ROWS`` rows both use the
-generic kernels). Scores (1 query, 8 queries) run twice too: with ``rotorq.cuda.tiled_scores``
-(``api.TILED_SCORES``, the default: codes staged through shared memory; float16 pair tables
-for 1 query at 3 bits, tensor cores for 8) and, marked "(fast.py, untiled)", with
-``rotorq.cuda.fast``. Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
+(fp16 in/out), each through the backend (``rotorq.cuda.api``), which runs the generated
+kernels of ``rotorq.cuda.gen`` from ``api.GENERATED_MIN_ROWS`` rows (quantize and WHT: tiles
+staged through shared memory; scores: float16 pair tables for 1 query at 3 bits, tensor
+cores for 8). Baselines: cupy's ``x.copy()``, torch fp16 ``q @ Kᵀ``, and the plain torch
 quantizer (dense matmul + bucketize + uint8 indices). Device time from CUDA events around
 back-to-back calls (so small N shows per-call overhead too), after a warm-up, median of
 trials, inputs rotated among buffers that together exceed L2. Rows marked "(kernel)" time
@@ -44,7 +41,6 @@ import rotorq
 
 api = importlib.import_module("rotorq.cuda.api")
 launch_mod = importlib.import_module("rotorq.cuda._launch")
-wht_mod = importlib.import_module("rotorq.cuda.wht")
 
 D, BITS = 128, 3
 L2_FALLBACK = 50 << 20
@@ -138,7 +134,7 @@ def code_buffers(xs, tq, bits):
     """Packed keys (codes (1, n, B), norms (1, n)) of ``xs``, copied into enough distinct
     buffers that cycling through them reads from HBM, not L2 (2^20 3-bit keys are 52 MB,
     about the H100's L2: one buffer gave 43–95 µs for the same kernel)."""
-    k = tq._consts(cp)
+    k = tq.device_constants(cp)
     one = []
     for x in xs:
         c, nr, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], bits,
@@ -155,24 +151,21 @@ def code_buffers(xs, tq, bits):
 def bench_size(n, rng, tqs, add):
     """Every operation at ``N = n`` vectors; ``add(op, n, seconds, bytes, note)`` records."""
     tq = tqs["hadamard"]
-    k = tq._consts(cp)
+    k = tq.device_constants(cp)
     reps = max(3, min(200, (1 << 24) // n))
     xs = buffers(lambda: cp.asarray(rng.standard_normal((n, D)), dtype=cp.float16), n * D * 2)
     # quantize
     for name, t in tqs.items():
-        kk = t._consts(cp)
-        for tiled in (True, False) if name in ("hadamard", "rotor") else (api.TILED,):
-            api.TILED = tiled
-            def call(x, t=t, kk=kk):
-                return api.quantize(x, t.rotation, kk["boundaries"], kk["centroids"], BITS,
-                                    False, None)
-            secs = device_time(call, xs, reps)
-            add(f"quantize {name} fp16{'' if tiled else ' (row per thread)'}", n, secs,
-                n * (2 * D + D * BITS // 8 + 2))
-            if tiled and name != "dense":
-                add(f"quantize {name} fp16 (kernel)", n, kernel_time(call, xs, reps),
-                    n * (2 * D + D * BITS // 8 + 2), KERNEL_NOTE)
-        api.TILED = True
+        kk = t.device_constants(cp)
+
+        def call(x, t=t, kk=kk):
+            return api.quantize(x, t.rotation, kk["boundaries"], kk["centroids"], BITS,
+                                False, None)
+        secs = device_time(call, xs, reps)
+        add(f"quantize {name} fp16", n, secs, n * (2 * D + D * BITS // 8 + 2))
+        if name != "dense":
+            add(f"quantize {name} fp16 (kernel)", n, kernel_time(call, xs, reps),
+                n * (2 * D + D * BITS // 8 + 2), KERNEL_NOTE)
     pi = torch.as_tensor(tqs["dense"].rotation.q, dtype=torch.float32, device="cuda")
     bnd = torch.as_tensor(tq.boundaries, device="cuda")
     tx = [torch.from_dlpack(x) for x in xs]
@@ -197,36 +190,26 @@ def bench_size(n, rng, tqs, add):
         label = "1 query" if heads == 1 else f"{heads} queries"
         qrot = api.rotate(cp.asarray(rng.standard_normal((heads, D)), cp.float32),
                           tq.rotation).reshape(1, heads, D)
-        for tiled in (True, False):
-            api.TILED_SCORES = tiled
-            def call(kn, qrot=qrot):
-                return api.scores(qrot, None, zero, kn[0], kn[1], None, None, zero,
-                                  k["centroids"], BITS, 0.0)
-            secs = device_time(call, keys, reps)
-            add(f"scores 3-bit, {label}{'' if tiled else ' (fast.py, untiled)'}", n, secs,
-                n * (D * BITS // 8 + 4 + 4 * heads),
-                ("tiled_scores: " + ("float16 pair table" if heads == 1 else "tensor cores"))
-                if tiled else "")
-            if tiled:
-                add(f"scores 3-bit, {label} (kernel)", n, kernel_time(call, keys, reps),
-                    n * (D * BITS // 8 + 4 + 4 * heads), KERNEL_NOTE)
-        api.TILED_SCORES = True
+
+        def call(kn, qrot=qrot):
+            return api.scores(qrot, None, zero, kn[0], kn[1], None, None, zero,
+                              k["centroids"], BITS, 0.0)
+        secs = device_time(call, keys, reps)
+        note = "float16 pair table" if heads == 1 else "tensor cores"
+        add(f"scores 3-bit, {label}", n, secs, n * (D * BITS // 8 + 4 + 4 * heads), note)
+        add(f"scores 3-bit, {label} (kernel)", n, kernel_time(call, keys, reps),
+            n * (D * BITS // 8 + 4 + 4 * heads), KERNEL_NOTE)
         q16 = torch.as_tensor(rng.standard_normal((heads, D)), dtype=torch.float16,
                               device="cuda")
         secs = device_time(lambda kk16, q16=q16: q16 @ kk16.T, tx, reps)
         add(f"torch fp16 q@K.T, {label}", n, secs, n * (2 * D + 2 * heads), "baseline")
     # WHT
-    for tiled in (True, False):
-        api.TILED = tiled
-        tag = "" if tiled else " (row per thread)"
-        secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
-        add(f"WHT-128 fp16 -> fp16{tag}", n, secs, n * 4 * D)
-        if tiled:
-            add("WHT-128 fp16 -> fp16 (kernel)", n,
-                kernel_time(lambda x: api.wht(x, cp.float16), xs, reps), n * 4 * D, KERNEL_NOTE)
-        secs = device_time(api.wht, xs, reps)
-        add(f"WHT-128 fp16 -> fp32 (rotorq.wht){tag}", n, secs, n * 6 * D)
-    api.TILED = True
+    secs = device_time(lambda x: api.wht(x, cp.float16), xs, reps)
+    add("WHT-128 fp16 -> fp16", n, secs, n * 4 * D)
+    add("WHT-128 fp16 -> fp16 (kernel)", n,
+        kernel_time(lambda x: api.wht(x, cp.float16), xs, reps), n * 4 * D, KERNEL_NOTE)
+    secs = device_time(api.wht, xs, reps)
+    add("WHT-128 fp16 -> fp32 (rotorq.wht)", n, secs, n * 6 * D)
 
 
 def bench(max_log2n):
@@ -246,9 +229,9 @@ def bench(max_log2n):
 
 
 def overheads():
-    """Host wall time per call at tiny sizes: launch routes, backend and public API."""
+    """Host wall time per call at tiny sizes: backend and public API."""
     tq = rotorq.TurboQuant(D, BITS)
-    k = tq._consts(cp)
+    k = tq.device_constants(cp)
     x = cp.asarray(np.random.default_rng(1).standard_normal((1024, D)), cp.float16)
     codes, norms, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS,
                                       False, None)
@@ -258,15 +241,12 @@ def overheads():
     zero = cp.zeros(1, cp.int64)
     keys = (codes.reshape(1, 1024, -1), norms.reshape(1, 1024))
     out = {}
-    for route in ("ptx", "numba"):
-        launch_mod.ROUTE = route
-        out[f"backend scores, 1 query x 1024 keys ({route} launch)"] = host_time(
-            lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"],
-                               BITS, 0.0))
-        out[f"backend quantize 1024 x 128 fp16 ({route} launch)"] = host_time(
-            lambda: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS, False,
-                                 None))
-    launch_mod.ROUTE = "ptx"
+    out["backend scores, 1 query x 1024 keys"] = host_time(
+        lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS,
+                           0.0))
+    out["backend quantize 1024 x 128 fp16"] = host_time(
+        lambda: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS, False,
+                             None))
     out["public TurboQuant.scores(q, 1024 keys)"] = host_time(lambda: tq.scores(q, qv), 500)
     out["public TurboQuant.quantize(1024 x 128)"] = host_time(lambda: tq.quantize(x), 500)
     out["reference: cupy elementwise x + 1"] = host_time(lambda: x + 1)
@@ -275,14 +255,18 @@ def overheads():
     return {k_: v * 1e6 for k_, v in out.items()}
 
 
-def _fast_jobs():
-    """The generated kernels (rotorq.cuda.fast) the benchmark launches, with argument specs."""
-    fast = importlib.import_module("rotorq.cuda.fast")
-    tiled = importlib.import_module("rotorq.cuda.tiled")
-    tscores = importlib.import_module("rotorq.cuda.tiled_scores")
-    trotor = importlib.import_module("rotorq.cuda.tiled_rotor")
-    att = importlib.import_module("rotorq.cuda.attention")
-    f32, i64, u32, u8 = np.float32, np.int64, np.uint32, np.uint8
+def _jobs():
+    """The generated kernels (``rotorq.cuda.gen``) the benchmark launches, with argument specs."""
+    from rotorq.cuda.gen import (
+        attention,
+        key_bias,
+        quantize,
+        quantize_rotor,
+        scores_group,
+        scores_one,
+        wht,
+    )
+    f32, i64, u32 = np.float32, np.int64, np.uint32
     w, lv = D * BITS // 32, 1 << BITS
 
     def a(*shape, dt=f32):
@@ -290,44 +274,28 @@ def _fast_jobs():
 
     rd = 3 * (-(-D // 3))
     return {
-        "score1": (lambda: fast.score_kernel(D, BITS, 1),
-                   (a(1, 1, D), a(1, dt=i64), a(1, 4, w, dt=u32), a(1, 4), a(1, dt=i64), a(lv),
+        "score1": (lambda: scores_one.kernel(D, BITS),
+                   (a(1, 1, D), a(1, dt=i64), a(4 * w, dt=u32), a(1, 4), a(1, dt=i64), a(lv),
                     a(1, 1, 4))),
-        "score8": (lambda: fast.score_kernel(D, BITS, 8),
-                   (a(1, 8, D), a(1, dt=i64), a(1, 4, w, dt=u32), a(1, 4), a(1, dt=i64), a(lv),
+        "score8": (lambda: scores_group.kernel(D, BITS),
+                   (a(1, 8, D), a(1, dt=i64), a(4 * w, dt=u32), a(1, 4), a(1, dt=i64), a(lv),
                     a(1, 8, 4))),
-        "quantize_hadamard": (lambda: fast.quantize_kernel("hadamard", D, D, BITS, True, False,
-                                                           True),
-                              (a(4, D // 2, dt=u32), a(D), a(lv - 1), a(lv), a(4, w, dt=u32),
-                               a(4))),
-        "quantize_rotor": (lambda: fast.quantize_kernel("rotor", D, rd, BITS, True, False,
-                                                        (rd * BITS + 7) // 8 % 4 == 0),
-                           (a(4, D // 2, dt=u32), a(rd // 3, 3, 3), a(lv - 1), a(lv),
-                            a(4, (rd * BITS + 7) // 8, dt=u8), a(4))),
-        "wht16": (lambda: fast.wht_kernel(D, True, True), (a(4, D // 2, dt=u32),) * 2),
-        "wht32": (lambda: fast.wht_kernel(D, True, False), (a(4, D // 2, dt=u32), a(4, D))),
-        "tiled_score1": (lambda: tscores.one_query_kernel(D, BITS),
-                         (a(1, 1, D), a(1, dt=i64), a(4 * w, dt=u32), a(1, 4), a(1, dt=i64),
-                          a(lv), a(1, 1, 4))),
-        "tiled_score8": (lambda: tscores.group_kernel(D, BITS),
-                         (a(1, 8, D), a(1, dt=i64), a(4 * w, dt=u32), a(1, 4), a(1, dt=i64),
-                          a(lv), a(1, 8, 4))),
-        # the tiled kernels take flat arrays (rotorq.cuda.api._tiled_launch)
-        "tiled_quantize": (lambda: tiled.quantize_kernel(D, D, BITS, True, False, True),
-                           (a(2 * D, dt=u32), a(D), a(lv - 1), a(lv), a(4 * w, dt=u32), a(4))),
-        "tiled_rotor_quantize": (lambda: trotor.quantize_kernel(D, BITS, True, False),
-                                 (a(2 * D, dt=u32), a(3 * rd), a(lv - 1), a(lv),
-                                  a(8 * ((rd * BITS + 7) // 8), dt=u32), a(4))),
-        # the tensor-core decode attention on a tile-layout cache (_tiled_attention's args)
-        "attention_tiled": (lambda: att.attention_kernel(D, BITS, D, BITS, tiled=True),
+        # the tiled kernels take flat arrays (rotorq.cuda.api)
+        "quantize": (lambda: quantize.kernel(D, D, BITS, True, False, True),
+                     (a(2 * D, dt=u32), a(D), a(lv - 1), a(lv), a(4 * w, dt=u32), a(4))),
+        "rotor_quantize": (lambda: quantize_rotor.kernel(D, BITS, True, False),
+                           (a(2 * D, dt=u32), a(3 * rd), a(lv - 1), a(lv),
+                            a(8 * ((rd * BITS + 7) // 8), dt=u32), a(4))),
+        # the tensor-core decode attention on a tile-layout cache
+        "attention_tiled": (lambda: attention.kernel(D, BITS, D, BITS, tiled=True),
                             (a(4, 8, D), a(64, dt=u32), a(64, dt=u32), a(lv), a(64, dt=u32),
                              a(64, dt=u32), a(lv), 0, 0, 0, 0, a(4, 2, 8, D), a(4, 2, 8),
                              a(4, 2, 8))),
-        "key_bias": (lambda: att.key_bias_kernel(D // 2),
+        "key_bias": (lambda: key_bias.kernel(D // 2),
                      (a(4, 8, D // 2), a(4, 8, D // 2), a(D // 2, dt=np.float64), 0, 0, 0,
                       a(512), 0)),
-        "tiled_wht16": (lambda: tiled.wht_kernel(D, True, True), (a(2 * D, dt=u32),) * 2),
-        "tiled_wht32": (lambda: tiled.wht_kernel(D, True, False), (a(2 * D, dt=u32), a(4 * D))),
+        "wht16": (lambda: wht.kernel(D, True, True), (a(2 * D, dt=u32),) * 2),
+        "wht32": (lambda: wht.kernel(D, True, False), (a(2 * D, dt=u32), a(4 * D))),
     }
 
 
@@ -345,7 +313,7 @@ def compile_sm90(kern, args):
 
 
 def _compile_job(name):
-    make, args = _fast_jobs()[name]
+    make, args = _jobs()[name]
     t0 = time.perf_counter()
     compile_sm90(make(), args)
     return name, time.perf_counter() - t0
@@ -359,8 +327,8 @@ def precompile():
     import tempfile
     os.environ.setdefault("ROTORQ_PTX_CACHE", tempfile.mkdtemp(prefix="rotorq_ptx_"))
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(len(_fast_jobs()), mp_context=ctx) as pool:
-        return dict(pool.map(_compile_job, _fast_jobs()))
+    with concurrent.futures.ProcessPoolExecutor(len(_jobs()), mp_context=ctx) as pool:
+        return dict(pool.map(_compile_job, _jobs()))
 
 
 def main():

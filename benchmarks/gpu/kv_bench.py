@@ -20,6 +20,7 @@ prints a short table last.
 """
 
 import argparse
+import dataclasses
 import importlib
 import importlib.metadata
 import json
@@ -35,6 +36,8 @@ import torch
 import rotorq
 from benchmarks.gpu.bench import device_time as events_time
 from benchmarks.gpu.bench import kernel_time
+from rotorq._ops import KeyBias
+from rotorq.kv import attention as kv_attention
 
 api = importlib.import_module("rotorq.cuda.api")
 
@@ -51,59 +54,56 @@ def l2_bytes():
 FLOOR_TBS = 2.98
 
 
-def build_cache(tokens, rng):
+def build_cache(tokens, rng, check_finite=True):
     """A KVCache of ``tokens`` tokens (fp16 keys/values appended on the GPU) and the same
     uncompressed keys and values as torch fp16 (1, HK, T, D)."""
-    saved = api.FAST_MIN_ROWS
-    api.FAST_MIN_ROWS = 1 << 62  # the generic quantize kernel: no long compile of a shape
+    saved = api.GENERATED_MIN_ROWS
+    api.GENERATED_MIN_ROWS = 1 << 62  # the generic quantize kernel: no long compile of a shape
     try:
         grng = cp.random.default_rng(int(rng.integers(1 << 31)))
         k = grng.standard_normal((HK, tokens, D), dtype=cp.float32).astype(cp.float16)
         v = grng.standard_normal((HK, tokens, D), dtype=cp.float32).astype(cp.float16)
         cache = rotorq.KVCache(HK, D, key_bits=BITS, value_bits=BITS, residual_tokens=128,
-                               residual_bits=None, sink_tokens=0, key_offset=False)
+                               residual_bits=None, sink_tokens=0, key_offset=False,
+                               check_finite=check_finite)
         cache.append(k, v)
     finally:
-        api.FAST_MIN_ROWS = saved
+        api.GENERATED_MIN_ROWS = saved
     kt = torch.from_dlpack(k).unsqueeze(0)
     vt = torch.from_dlpack(v).unsqueeze(0)
     return cache, kt, vt
 
 
 def fused_args(cache, q, layout=None):
-    """The backend call KVCache.attend makes for the compressed part: ``(rq, kargs, vargs,
-    n_keys, n_q, offset, layout)``. ``layout="rows"``: the codes converted to the row
-    layout (copies) when the cache holds tiles (:mod:`rotorq.tiles`)."""
-    xp = cp
-    kargs, vargs = [], []
-    held = cache._vparts[0].layout
-    n_c = cache.compressed_tokens
+    """The backend call KVCache.attend makes for its base tier
+    (:func:`rotorq.kv.attention.fused_arguments`): ``(queries, keys, values, n_keys, n_q,
+    offset, layout)``. ``layout="rows"``: the codes converted to the row layout (copies) when
+    the cache holds tiles (:mod:`rotorq.tiles`)."""
+    state = cache._state
+    qq, _, _, n_q, _ = cache._queries(state, q)
+    args, kwargs = kv_attention.fused_arguments(state, qq, 1.0 / math.sqrt(D), n_q, len(state))
+    queries, keys, values, n_c, n_q, off = args
+    held = kwargs["layout"]
+    if layout == "rows" and held == "tiles":
+        base = state.base
 
-    def codes_of(part):
-        if layout == "rows" and held == "tiles":
-            return part.rows(xp, 0, n_c)
-        return part.buffers["codes"], part.buffers["norms"]
+        def rows(codes, parts):
+            return tuple(dataclasses.replace(p, **dict(zip(("codes", "norms"),
+                                                           codes.rows(cp, i, 0, n_c),
+                                                           strict=True)))
+                         for i, p in enumerate(parts))
 
-    for part in cache._kparts:
-        tq = part.tq
-        kargs.append((*codes_of(part), tq._consts(xp)["centroids"], tq.mse_bits,
-                      None, None, 0.0))
-    for part in cache._vparts:
-        tq = part.tq
-        vargs.append((*codes_of(part), tq._consts(xp)["centroids"], tq.mse_bits,
-                      tq.stored_dim))
-    qq, _, _, n_q, _ = cache._queries(q)
-    rq = tuple(cache._rotated_queries(qq, 1.0 / math.sqrt(D)))
-    return rq, tuple(kargs), tuple(vargs), n_c, n_q, n_c, layout or held
+        keys, values = rows(base.keys, keys), rows(base.values, values)
+    return queries, keys, values, n_c, n_q, off, layout or held
 
 
-def rotated_copies(kargs, vargs, n):
-    """``n`` buffer sets ``(kargs, vargs)``: the originals, then copies of codes and norms."""
-    out = [(kargs, vargs)]
-    for _ in range(n - 1):
-        out.append((tuple((a[0].copy(), a[1].copy()) + a[2:] for a in kargs),
-                    tuple((a[0].copy(), a[1].copy()) + a[2:] for a in vargs)))
-    return out
+def rotated_copies(keys, values, n):
+    """``n`` buffer sets ``(keys, values)``: the originals, then copies of codes and norms."""
+    def copy(parts):
+        return tuple(dataclasses.replace(p, codes=p.codes.copy(), norms=p.norms.copy())
+                     for p in parts)
+
+    return [(keys, values)] + [(copy(keys), copy(values)) for _ in range(n - 1)]
 
 
 def bench(tokens, rng, reps):
@@ -133,9 +133,9 @@ def bench(tokens, rng, reps):
     # the same with the RoPE-aware key-offset bias (KVCache(rope_base=...)): the per-key
     # term, then the tensor-core kernel; and the general kernel, which computes it inside
     half = D // 2
-    bias = (cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
-            cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
-            cp.asarray(100000.0 ** (-np.arange(0, D, 2) / D)), 1)
+    bias = KeyBias(cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
+                   cp.asarray(rng.standard_normal((HK, HQ // HK, half), dtype=np.float32)),
+                   cp.asarray(100000.0 ** (-np.arange(0, D, 2) / D)), 1)
 
     def fused_bias(b):
         return api.decode_attention(rq, b[0], b[1], n_c, n_q, off, key_bias=bias, layout=lay)

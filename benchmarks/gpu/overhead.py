@@ -26,6 +26,7 @@ from cupy.cuda import driver
 import rotorq
 from rotorq.cuda import _launch as launch_mod
 from rotorq.cuda import api
+from rotorq.cuda.plans import ScoresPlan
 
 D, BITS, N = 128, 3, 1024
 
@@ -54,7 +55,7 @@ def issue_us(fn, reps=300):
 
 def measure(torch_init):
     tq = rotorq.TurboQuant(D, BITS)
-    k = tq._consts(cp)
+    k = tq.device_constants(cp)
     rng = np.random.default_rng(1)
     x = cp.asarray(rng.standard_normal((N, D)), cp.float16)
     codes, norms, _, _ = api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS,
@@ -69,7 +70,7 @@ def measure(torch_init):
     out = {}
     out["backend scores, 1 query × 1024 keys"] = host_us(
         lambda: api.scores(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0))
-    plan = api.ScoresPlan(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0)
+    plan = ScoresPlan(qrot, None, zero, *keys, None, None, zero, k["centroids"], BITS, 0.0)
     plan_out = cp.empty(plan.out_shape, cp.float32)
     prepared = tq.prepare_scores(q, qv)
     pub_out = cp.empty(prepared.out_shape, cp.float32)

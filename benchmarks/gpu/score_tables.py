@@ -1,7 +1,7 @@
 """The one-query score kernel's table plans, measured against the shared-memory model.
 
-:func:`rotorq.cuda.tiled_scores.one_query_kernel` scores each key by table lookups at random
-entries; a warp's lookup costs one shared-memory wavefront per distinct 32-bit word a bank is
+The one-query kernel (:mod:`rotorq.cuda.gen.scores_one`) scores each key by table lookups at
+random entries; a warp's lookup costs one shared-memory wavefront per distinct 32-bit word a bank is
 asked for. The model: expected wavefronts per 32 keys = lookups × E[max distinct words per
 bank] (Monte Carlo over uniform codes) + 2 × code words (staged through shared memory), at one
 wavefront per SM clock. For each plan ``(G coordinates per lookup, float16 entries?)`` this
@@ -31,32 +31,34 @@ the 8-row tensor-core kernel late (its default) and early."""
 
 
 OTHER_PER_SM = (6,)
-"""Resident blocks of 128 threads per SM (``one_query_kernel``'s ``per_sm``) also measured for
+"""Resident blocks of 128 threads per SM (``scores_one.kernel``'s ``per_sm``) also measured for
 the default plan: 6 allows 80 registers (the default before ``BLOCKS_PER_SM_SMALL``)."""
 
 
 def variants(bits):
     """``(label, kernel factory, query rows, blocks per SM)`` measured at ``bits``."""
-    from rotorq.cuda import tiled_scores as ts
-    per_sm = ts.BLOCKS_PER_SM
+    from rotorq.cuda.gen import score_tiles, scores_group, scores_one
+    per_sm = score_tiles.BLOCKS_PER_SM
     out = [(f"{p} late, 128 threads",
-            lambda p=p: ts.one_query_kernel(D, bits, 128, plan=p, early=False, per_sm=per_sm),
+            lambda p=p: scores_one.kernel(D, bits, 128, plan=p, early=False, per_sm=per_sm),
             1, per_sm)
            for p in PLANS[bits]]
-    plan = ts.table_plan(D, bits)
+    plan = score_tiles.table_plan(D, bits)
     out.append((f"{plan} early, 128 threads",
-                lambda: ts.one_query_kernel(D, bits, 128, plan=plan, per_sm=per_sm), 1, per_sm))
-    one = ts.one_query_kernel(D, bits, plan=plan)
+                lambda: scores_one.kernel(D, bits, 128, plan=plan, per_sm=per_sm), 1, per_sm))
+    one = scores_one.kernel(D, bits, plan=plan)
     out.append((f"{plan} early, {one.threads} threads (default)", lambda: one, 1,
                 one.launch_bounds[1]))
     for per in OTHER_PER_SM:  # the default plan with other resident blocks
-        k = ts.one_query_kernel(D, bits, plan=plan, per_sm=per)
+        k = scores_one.kernel(D, bits, plan=plan, per_sm=per)
         out.append((f"{plan} early, {k.threads} threads, {k.launch_bounds[1]} per SM",
                     lambda k=k: k, 1, k.launch_bounds[1]))
     out.append(("8 rows, tensor cores, late (default)",
-                lambda: ts.group_kernel(D, bits, early=False), 8, ts.GROUP_BLOCKS_PER_SM))
+                lambda: scores_group.kernel(D, bits, early=False), 8,
+                score_tiles.GROUP_BLOCKS_PER_SM))
     out.append(("8 rows, tensor cores, early",
-                lambda: ts.group_kernel(D, bits, early=True), 8, ts.GROUP_BLOCKS_PER_SM))
+                lambda: scores_group.kernel(D, bits, early=True), 8,
+                score_tiles.GROUP_BLOCKS_PER_SM))
     return out
 
 
@@ -113,7 +115,7 @@ def measure(log2ns, rng):
     rows = []
     for bits in PLANS:
         tq = rotorq.TurboQuant(D, bits)
-        k = tq._consts(cp)
+        k = tq.device_constants(cp)
         cent = k["centroids"]
         zero = cp.zeros(1, cp.int64)
         for log2n in log2ns:

@@ -4,9 +4,8 @@ For each (d, bits), at N = 2^20 fp16 vectors: Hadamard and rotor quantize, score
 a GQA group of 8, and the standalone WHT (fp16 in and out), each with its bytes, the floor at
 the bandwidth of a preallocated cupy copy measured in the same run, and the time as a multiple
 of it. Kernel time: each call's launches recorded once and replayed
-(``gpu_bench.kernel_time``), so the host's work per call (more than some of these kernels
-take) is not timed. Only the default kernels run (no row-per-thread comparisons: their
-compile takes minutes per shape).
+(``benchmarks.gpu.bench.kernel_time``), so the host's work per call (more than some of these
+kernels take) is not timed.
 
 Run on the GPU machine: ``python3 -m benchmarks.gpu.shapes --out DIR`` (writes
 ``gpu_shapes.md``).
@@ -21,7 +20,7 @@ import numpy as np
 
 import rotorq
 from benchmarks.gpu.bench import api, buffers, code_buffers, device_time, kernel_time
-from rotorq.cuda import tiled, tiled_rotor, tiled_scores
+from rotorq.cuda.gen import quantize, quantize_rotor, row_tiles, score_tiles
 
 FLOOR_TBS = [2.98]
 """Bandwidth of the floors (TB/s): the H100 copy bandwidth of docs/gpu.md until ``main``
@@ -31,7 +30,7 @@ SHAPES = ((64, 3), (128, 3), (256, 3), (128, 2), (128, 4))
 
 def rows_for(d, bits, n, rng):
     tq = rotorq.TurboQuant(d, bits)
-    k = tq._consts(cp)
+    k = tq.device_constants(cp)
     reps = max(3, min(200, (1 << 24) // n))
     xs = buffers(lambda: cp.asarray(rng.standard_normal((n, d)), dtype=cp.float16), n * d * 2)
     out = []
@@ -40,21 +39,21 @@ def rows_for(d, bits, n, rng):
         floor = nbytes / (FLOOR_TBS[0] * 1e12)
         out.append((d, bits, op, secs * 1e6, nbytes / secs / 1e12, floor * 1e6, secs / floor))
 
-    assert tiled.quantize_applies("hadamard", d, d, bits, np.dtype("float16"), 0)
-    assert tiled.applies(d)
+    assert quantize.applies("hadamard", d, d, bits, np.dtype("float16"), 0)
+    assert row_tiles.applies(d)
     secs = kernel_time(lambda x: api.quantize(x, tq.rotation, k["boundaries"], k["centroids"],
                                               bits, False, None), xs, reps)
     add("quantize hadamard fp16", secs, n * (2 * d + d * bits // 8 + 2))
     tr = rotorq.TurboQuant(d, bits, rotation="rotor")
-    kr = tr._consts(cp)
-    assert tiled_rotor.quantize_applies("rotor", d, tr.stored_dim, bits, np.dtype("float16"), 0)
+    kr = tr.device_constants(cp)
+    assert quantize_rotor.applies("rotor", d, tr.stored_dim, bits, np.dtype("float16"), 0)
     secs = kernel_time(lambda x: api.quantize(x, tr.rotation, kr["boundaries"], kr["centroids"],
                                               bits, False, None), xs, reps)
     add("quantize rotor fp16", secs, n * (2 * d + -(-tr.stored_dim * bits // 8) + 2))
     keys = code_buffers(xs, tq, bits)
     zero = cp.zeros(1, cp.int64)
     for heads in (1, 8):
-        if not tiled_scores.applies(d, bits, heads):  # the untiled kernel compiles for minutes
+        if not score_tiles.applies(d, bits, heads):  # the unrolled kernel compiles for minutes
             continue
         qrot = api.rotate(cp.asarray(rng.standard_normal((heads, d)), cp.float32),
                           tq.rotation).reshape(1, heads, d)
@@ -72,7 +71,7 @@ def _rotor_job(shape):
     from benchmarks.gpu.bench import compile_sm90
     d, bits = shape
     g = -(-d // 3)
-    kern = tiled_rotor.quantize_kernel(d, bits, True, False)
+    kern = quantize_rotor.kernel(d, bits, True, False)
     args = (np.zeros(d, np.uint32), np.zeros(9 * g, np.float32), np.zeros((1 << bits) - 1,
             np.float32), np.zeros(1 << bits, np.float32), np.zeros(8, np.uint32),
             np.zeros(2, np.float32))

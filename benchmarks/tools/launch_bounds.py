@@ -3,8 +3,8 @@
 The kernels cap their registers for a number of resident blocks (``launch_bounds``); more
 blocks mean more warps to hide latency with, fewer registers, and sometimes more instructions.
 For fp16 rows, d = 128, 3 bits, N = 2^20 and 2^22, this times the Hadamard quantize
-(:func:`rotorq.cuda.tiled.quantize_kernel`, ``blocks``) and the rotor quantize
-(:func:`rotorq.cuda.tiled_rotor.quantize_kernel`, register budget ``regs``) at each setting,
+(:func:`rotorq.cuda.gen.quantize.kernel`, ``blocks``) and the rotor quantize
+(:func:`rotorq.cuda.gen.quantize_rotor.kernel`, register budget ``regs``) at each setting,
 the launches recorded once and replayed (no host work), least of 3 medians.
 
     python3 -m benchmarks.tools.launch_bounds            (a GPU)
@@ -22,14 +22,12 @@ D, BITS = 128, 3
 
 
 def _kernels():
-    from rotorq.cuda import tiled, tiled_rotor
+    from rotorq.cuda.gen import quantize, quantize_rotor
     out = []
     for b in HADAMARD_BLOCKS:
-        out.append(("hadamard", f"blocks {b}", functools.partial(tiled.quantize_kernel,
-                                                                 blocks=b)))
+        out.append(("hadamard", f"blocks {b}", functools.partial(quantize.kernel, blocks=b)))
     for r in ROTOR_REGS:
-        out.append(("rotor", f"regs {r}", functools.partial(tiled_rotor.quantize_kernel,
-                                                            regs=r)))
+        out.append(("rotor", f"regs {r}", functools.partial(quantize_rotor.kernel, regs=r)))
     return out
 
 
@@ -66,14 +64,14 @@ def main():
     print(f"# launch bounds of the tiled quantize kernels — {name}, d = {D}, {BITS} bits, fp16\n")
     print("| rotation | setting | launch bounds (threads, blocks) | N | µs (kernel) |")
     print("|---|---|---|---|---|")
-    originals = {"hadamard": api._tiled.quantize_kernel, "rotor": api._trotor.quantize_kernel}
+    mods = {"hadamard": api._gen_quantize, "rotor": api._gen_rotor}
+    originals = {rot: mod.kernel for rot, mod in mods.items()}
     for n in (1 << 20, 1 << 22):
         xs = buffers(lambda n=n: cp.asarray(rng.standard_normal((n, D)), cp.float16), n * 2 * D)
         for rot, setting, make in _kernels():
             tq = rotorq.TurboQuant(D, BITS, rotation=rot)
-            k = tq._consts(cp)
-            mod = api._tiled if rot == "hadamard" else api._trotor
-            mod.quantize_kernel = make
+            k = tq.device_constants(cp)
+            mods[rot].kernel = make
             try:
                 def call(x, tq=tq, k=k):
                     return api.quantize(x, tq.rotation, k["boundaries"], k["centroids"], BITS,
@@ -82,7 +80,7 @@ def main():
                 kern = (make(D, D, BITS, True, False, True) if rot == "hadamard"
                         else make(D, BITS, True, False))
             finally:
-                mod.quantize_kernel = originals[rot]
+                mods[rot].kernel = originals[rot]
             print(f"| {rot} | {setting} | {kern.launch_bounds} | 2^{n.bit_length() - 1} | "
                   f"{secs * 1e6:.1f} |", flush=True)
 

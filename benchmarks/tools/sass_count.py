@@ -1,9 +1,10 @@
-"""SASS instruction counts of the tiled kernels, without a GPU.
+"""SASS instruction counts of the generated kernels, without a GPU.
 
-Compiles a kernel of :mod:`rotorq.cuda.tiled` / :mod:`rotorq.cuda.tiled_scores` to PTX for
-sm_90 (:func:`numba.cuda.compile_ptx`), assembles it with ``ptxas`` and disassembles it with
-``cuobjdump -sass`` (pip ``nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``), then prints the registers and the
-instructions of the largest loop body (the grid-stride loop over tiles) by opcode family.
+Compiles a kernel of :mod:`rotorq.cuda.gen` (its spec's defaults) to PTX for sm_90
+(:func:`numba.cuda.compile_ptx`), assembles it with ``ptxas`` and disassembles it with
+``cuobjdump -sass`` (pip ``nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm``), then prints the
+registers and the instructions of the largest loop body (the grid-stride loop over tiles) by
+opcode family.
 
     python -m benchmarks.tools.sass_count quantize --bits 3
     python -m benchmarks.tools.sass_count rotor --bits 3      (the tiled rotor quantize)
@@ -38,26 +39,32 @@ def _tool(name):
              "ptxas from the CUDA toolkit)")
 
 
-def _kernel(which, d, bits, half):
-    from rotorq.cuda import tiled, tiled_scores
+def _kernel(which, d, bits, half, blocks=None, depth=None):
+    from rotorq.cuda.gen import (
+        attention,
+        key_bias,
+        quantize,
+        quantize_rotor,
+        scores_group,
+        scores_one,
+        wht,
+    )
     u32, f32, i64 = np.uint32, np.float32, np.int64
     if which == "quantize":
-        kern = tiled.quantize_kernel(d, d, bits, half, False, True)
+        kern = quantize.kernel(d, d, bits, half, False, True)
         xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
         args = (xin, np.zeros(d, f32), np.zeros((1 << bits) - 1, f32),
                 np.zeros(1 << bits, f32), np.zeros(d * bits // 32, u32), np.zeros(1, f32))
     elif which == "rotor":
-        from rotorq.cuda import tiled_rotor
-        kern = tiled_rotor.quantize_kernel(d, bits, half, False)
+        kern = quantize_rotor.kernel(d, bits, half, False)
         g = -(-d // 3)
         xin = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
         args = (xin, np.zeros(9 * g, f32), np.zeros((1 << bits) - 1, f32),
                 np.zeros(1 << bits, f32), np.zeros(8 * -(-3 * g * bits // 8), u32),
                 np.zeros(1, f32))
     elif which in ("attention", "attention-tiled"):
-        from rotorq.cuda import attention
         tiled = which == "attention-tiled"
-        kern = attention.attention_kernel(d, bits, d, bits, tiled=tiled)
+        kern = attention.kernel(d, bits, d, bits, tiled=tiled, blocks=blocks, prefetch=depth)
         f16, u16 = np.float16, np.uint16
         norms = np.zeros(8, u32) if tiled else np.zeros((1, 16), f16)
         vcodes = (np.zeros(16 * d * bits // 32, u32) if tiled
@@ -68,18 +75,16 @@ def _kernel(which, d, bits, half):
                 np.zeros(1 << bits, f32), 0, 0, 0, 0, np.zeros((1, 1, 8, d), f32),
                 np.zeros((1, 1, 8), f32), np.zeros((1, 1, 8), f32))
     elif which == "bias":
-        from rotorq.cuda import attention
-        kern = attention.key_bias_kernel(d // 2)
+        kern = key_bias.kernel(d // 2)
         args = (np.zeros((1, 8, d // 2), f32), np.zeros((1, 8, d // 2), f32),
                 np.zeros(d // 2), 0, 0, 0, np.zeros(128, f32), 0)
     elif which == "wht":
-        kern = tiled.wht_kernel(d, half, half)
+        kern = wht.kernel(d, half, half)
         a = np.zeros(d // 2, u32) if half else np.zeros(d, f32)
         args = (a, a)
     else:
         m = 1 if which == "one" else 8
-        kern = (tiled_scores.one_query_kernel(d, bits) if m == 1
-                else tiled_scores.group_kernel(d, bits))
+        kern = scores_one.kernel(d, bits) if m == 1 else scores_group.kernel(d, bits)
         args = (np.zeros((1, m, d), f32), np.zeros(1, i64), np.zeros(d * bits // 32, u32),
                 np.zeros((1, 4), f32), np.zeros(1, i64), np.zeros(1 << bits, f32),
                 np.zeros((1, m, 4), f32))
@@ -140,22 +145,12 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--fp32", action="store_true", help="fp32 input (default fp16)")
     ap.add_argument("--dump", help="write the SASS here")
-    ap.add_argument("--depth", type=int, help="attention-tiled: tiles prefetched "
-                    "(rotorq.cuda.attention.FAST_PREFETCH)")
-    ap.add_argument("--blocks", type=int, help="attention: launch-bounds blocks "
-                    "(FAST_LAUNCH_BLOCKS; 0 uncapped)")
-    ap.add_argument("--mulhi", type=int, help="attention-tiled: FAST_MULHI")
-    ap.add_argument("--unroll", type=int, help="attention-tiled: FAST_UNROLL")
+    ap.add_argument("--depth", type=int, help="attention-tiled: tiles prefetched (the "
+                    "spec's prefetch; default rotorq.cuda.gen.attention.PREFETCH)")
+    ap.add_argument("--blocks", type=int, help="attention: launch-bounds blocks (0 uncapped; "
+                    "default rotorq.cuda.gen.attention.LAUNCH_BLOCKS)")
     a = ap.parse_args(argv)
-    if a.depth is not None or a.blocks is not None or a.mulhi is not None or a.unroll:
-        from rotorq.cuda import attention
-        attention.FAST_UNROLL = a.unroll or attention.FAST_UNROLL
-        attention.FAST_PREFETCH = a.depth or attention.FAST_PREFETCH
-        if a.mulhi is not None:
-            attention.FAST_MULHI = a.mulhi
-        attention.FAST_LAUNCH_BLOCKS = (attention.FAST_LAUNCH_BLOCKS if a.blocks is None
-                                        else a.blocks)
-    kern, args = _kernel(a.kernel, a.d, a.bits, not a.fp32)
+    kern, args = _kernel(a.kernel, a.d, a.bits, not a.fp32, a.blocks, a.depth)
     regs, text = sass(kern, args)
     if a.dump:
         with open(a.dump, "w") as f:
