@@ -360,6 +360,17 @@ def _value_part(vc, vn, table, cent, bits, mode, bh, j0, nt, idx, vf, kv_n, sc, 
 
 
 @jit
+def _natural_order(acc, order_, tmp):
+    """Rows of ``acc`` whose position ``i`` holds coordinate ``order_[i]``, rewritten in
+    natural order (``tmp``: scratch of ``acc``'s shape)."""
+    for r in range(acc.shape[0]):
+        for i in range(acc.shape[1]):
+            tmp[r, order_[i]] = acc[r, i]
+        for i in range(acc.shape[1]):
+            acc[r, i] = tmp[r, i]
+
+
+@jit
 def _prefetch_tile(bh, j0, nt, two_k, two_v, kc0, kn0, vc0, vn0, kc1, kn1, vc1, vn1):
     """Cache hints for the codes and norms of tokens ``j0 … j0+nt−1`` (the next tile,
     read while this one is computed)."""
@@ -383,8 +394,8 @@ def _prefetch_tile(bh, j0, nt, two_k, two_v, kc0, kn0, vc0, vn0, kc1, kn1, vc1, 
 def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                 kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
                 kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
-                vc0, vn0, vcent0, vtab0, vbits0, vmode0,
-                vc1, vn1, vcent1, vtab1, vbits1, vmode1,
+                vc0, vn0, vcent0, vtab0, vbits0, vmode0, vorder0,
+                vc1, vn1, vcent1, vtab1, vbits1, vmode1, vorder1,
                 n_keys, n_q, causal_offset, chunk,
                 acc0_out, acc1_out, max_out, sum_out):
     """Online softmax over the tokens of split ``s`` for the rows of ``bh``."""
@@ -457,14 +468,18 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
         if dv1 > 0:
             _value_part(vc1, vn1, vtab1, vcent1, vbits1, vmode1, bh, j0, nt, idx, kf, kv_n,
                         sc, pbuf, tmp1, acc1)
+    if vmode0 != 0:
+        _natural_order(acc0, vorder0, tmp0)
+    if vmode1 != 0:
+        _natural_order(acc1, vorder1, tmp1)
 
 
 @jit
 def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                      kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
                      kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
-                     vc0, vn0, vcent0, vtab0, vbits0, vmode0,
-                     vc1, vn1, vcent1, vtab1, vbits1, vmode1,
+                     vc0, vn0, vcent0, vtab0, vbits0, vmode0, vorder0,
+                     vc1, vn1, vcent1, vtab1, vbits1, vmode1, vorder1,
                      n_keys, n_q, causal_offset, chunk,
                      acc0_out, acc1_out, max_out, sum_out, counter):
     """Split-K attention over packed keys/values: the tasks ``task_lo … task_hi − 1``, or,
@@ -475,8 +490,9 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
     centroid table padded to ``TABLE`` float32 (``ktab_p``, ``vtab_p``) and its
     :func:`part_mode` (``kmode_p``, ``vmode_p``; ``slanes_p``: the :func:`block_lanes` of
     the QJL signs). The rows ``q_p`` and ``qs_p`` come in the :func:`order` of their part's
-    mode (of ``slanes_p`` for ``qs_p``), and each value part's ``acc_out`` is returned in
-    that order. C-contiguous arrays only.
+    mode (of ``slanes_p`` for ``qs_p``); each value part is accumulated in the order of its
+    mode, given by ``vorder_p`` (int64), and ``acc_out`` is left in natural order.
+    C-contiguous arrays only.
     """
     n_split = acc0_out.shape[1]
     n_tasks = acc0_out.shape[0] * n_split
@@ -492,11 +508,18 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
         _split_task(bh, task - bh * n_split, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
                     kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
-                    vc0, vn0, vcent0, vtab0, vbits0, vmode0,
-                    vc1, vn1, vcent1, vtab1, vbits1, vmode1,
+                    vc0, vn0, vcent0, vtab0, vbits0, vmode0, vorder0,
+                    vc1, vn1, vcent1, vtab1, vbits1, vmode1, vorder1,
                     n_keys, n_q, causal_offset, chunk,
                     acc0_out, acc1_out, max_out, sum_out)
         task += 1
+
+
+def _in_order(x, lanes):
+    """``x`` (BH, R, D) float32, C-contiguous, coordinates in :func:`permutation` order."""
+    if lanes:
+        return np.ascontiguousarray(x[..., order(x.shape[2], lanes, False)])
+    return np.ascontiguousarray(x)
 
 
 def _table(cent):
@@ -510,9 +533,9 @@ def run(run_tasks, n_tasks, args):
     (:func:`rotorq.cpu.attention.decode_attention` without the task range) with
     ``run_tasks(kernel, n_tasks, args)``, which calls ``kernel(lo, hi, *args)`` once per
     thread: the threads share the tasks through one counter (a thread slowed by other
-    work takes fewer), whatever ranges they are given. The query rows are put in order,
-    the tables padded, and the value accumulators ``args[34]``, ``args[35]`` come back in
-    natural order, as the twin writes them."""
+    work takes fewer), whatever ranges they are given. The query rows are put in order
+    and the tables padded; the outputs ``args[34:38]`` are written as the twin writes
+    them."""
     q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0 = args[:8]
     kparts = (args[8:15], args[15:22])
     vparts = (args[22:26], args[26:30])
@@ -523,16 +546,13 @@ def run(run_tasks, n_tasks, args):
             zip((q0, q1), (qs0, qs1), kparts)):
         mode = part_mode(q.shape[2], bits, n_rows) if q.shape[2] else 0
         slanes = block_lanes(qs.shape[2], 1) if qs.shape[2] else 0
-        out[i] = np.ascontiguousarray(q[..., order(q.shape[2], mode, False)])
-        out[2 + i] = np.ascontiguousarray(qs[..., order(qs.shape[2], slanes, False)])
+        out[i] = _in_order(q, mode if mode != FUSED else 0)
+        out[2 + i] = _in_order(qs, slanes)
         out += [np.ascontiguousarray(kc), kn, np.ascontiguousarray(ks), kg, cent, _table(cent),
                 bits, scale, mode, slanes]
-    modes = []
     for acc, (vc, vn, cent, bits) in zip((acc0, acc1), vparts):
-        modes.append(part_mode(acc.shape[3], bits, n_rows) if acc.shape[3] else 0)
-        out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, modes[-1]]
+        mode = part_mode(acc.shape[3], bits, n_rows) if acc.shape[3] else 0
+        out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, mode,
+                order(acc.shape[3], mode, True)]
     out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm, np.zeros(1, np.int64)]
     run_tasks(decode_attention, n_tasks, tuple(out))  # each thread takes the next free task
-    for acc, mode in zip((acc0, acc1), modes):
-        if mode:
-            acc[..., order(acc.shape[3], mode, True)] = acc.copy()
