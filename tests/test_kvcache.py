@@ -152,7 +152,7 @@ def test_real_smollm2_attention_error_per_bits():
     """Real post-RoPE q/k/v of SmolLM2-135M (4 layers, GQA 9:3, d = 64, 256 tokens),
     causal attention with every token compressed. Attention there is peaked (3–60
     effective tokens), so the error is that of a few keys and values: ~10× the diffuse
-    synthetic case. Numbers in the report of benchmarks/kv_attention.py."""
+    synthetic case. Numbers in the report of benchmarks/cpu/kv_attention.py."""
     data = np.load(Path(__file__).parent / "data" / "smollm2_kv.npz")
     q, k, v = (data[n].astype(np.float32) for n in "qkv")
     heads, d = k.shape[1], k.shape[3]

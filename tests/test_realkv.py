@@ -1,6 +1,6 @@
 """rotorq on REAL attention data: SmolLM2-135M queries, keys and values (committed fixture).
 
-``tests/data/smollm2_kv.npz`` (made by ``benchmarks/make_fixture.py``) holds post-RoPE
+``tests/data/smollm2_kv.npz`` (made by ``benchmarks/tools/make_fixture.py``) holds post-RoPE
 q (4, 9, 256, 64) and k/v (4, 3, 256, 64) of layers 0, 1, 15 and 29 on GPL-3 text.
 Each query head is scored against its KV head (GQA 9:3) over the causal keys; queries
 with fewer than 32 visible keys are left out.

@@ -39,7 +39,7 @@ _PARAM_BUFFER_POINTER, _PARAM_BUFFER_SIZE, _PARAM_END = 1, 2, 0
 RECORDER = None
 """None, or a list to which every launch through the PTX route is also appended as
 ``(function, grid, block, shared, stream pointer, parameter buffer, extra pointer)``:
-``benchmarks/gpu_bench.py`` replays these to time kernels without the host work of a call."""
+``benchmarks/gpu/bench.py`` replays these to time kernels without the host work of a call."""
 
 _functions: dict = {}
 _streams: dict = {}

@@ -330,7 +330,7 @@ def _generated_score_kernel(stored_dim, bits, n_m):
     bits; 2–8 rows per pass: tensor cores; float16 paths score within ~1e-3 of the float32
     path relative to the largest score, :func:`~rotorq.cuda.gen.score_tiles.tolerance`) take
     every shape they apply to: they are the faster where both apply (benchmarks/RESULTS.md,
-    the "GPU kernels" sections: the "(fast.py, untiled)" rows are the unrolled kernel). The
+    "GPU kernels"). The
     unrolled one-key-per-thread kernel (:mod:`rotorq.cuda.gen.scores_rows`) takes the other
     MSE shapes it applies to (1-bit codes; 2–8 rows where ``D·bits`` is not a multiple of 128,
     e.g. D = 64 at 3 bits), where it is faster than the generic kernel of

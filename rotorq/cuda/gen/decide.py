@@ -44,7 +44,7 @@ def register_decide(y, c, bits):
 SYM_BITS = 4
 """fp16 rows of 2 to this many bits decide in registers on the unscaled transform by sign and
 magnitude (:func:`symmetric_decide`: half the boundaries in registers, one bisection level fewer).
-SASS loop of the quantize kernels at d = 128 (``benchmarks/sass_count.py``), against the
+SASS loop of the quantize kernels at d = 128 (``benchmarks/tools/sass_count.py``), against the
 register bisection of every boundary (2, 3 bits) or the heap bisection on scaled coordinates
 (4 bits): Hadamard 476 → 459, 557 → 538, 858 → 642; rotor 548 → 520, 677 → 654, 1062 → 792."""
 

@@ -10,10 +10,9 @@ tolerance).
 :mod:`rotorq.cuda.api` runs it from ``GENERATED_MIN_KEYS`` keys for the MSE shapes the tiled
 score kernels (:mod:`.score_tiles`) do not take — 1-bit codes, and 2–8 query rows where
 ``D·bits`` is not a multiple of 128 (e.g. D = 64 at 3 bits) — where it replaced the generic
-kernel of :mod:`rotorq.cuda.scores`, which it outran several times over (benchmarks/RESULTS.md,
-"GPU targets missed, and why", as of commit c64595d); where both apply the tiled kernels are
-the faster (benchmarks/RESULTS.md, "GPU kernels on an NVIDIA H200": "scores … (fast.py,
-untiled)" rows), so they take those shapes.
+kernel of :mod:`rotorq.cuda.scores`, which it outran several times over (the results page
+as of commit c64595d, "GPU targets missed, and why"); where both apply the tiled kernels are
+the faster (benchmarks/RESULTS.md, "GPU kernels"), so they take those shapes.
 """
 
 from dataclasses import dataclass
