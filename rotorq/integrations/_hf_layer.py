@@ -81,7 +81,7 @@ class RotorqLayer(CacheLayerMixin):
     def _check_usable(self):
         if self._broken is not None:
             raise RuntimeError(f"layer {self.layer_idx} of the RotorqCache is inconsistent after "
-                               f"a failed append ({self._broken}); call cache.reset()")
+                               f"a failed forward pass ({self._broken}); call cache.reset()")
         if self._staged is not None:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the previous update was not followed by the 'rotorq' "
@@ -206,41 +206,44 @@ class RotorqLayer(CacheLayerMixin):
                                "cache's last update did not return")
         keys, values, past = self._staged
         self._staged = None
-        for name in ("sliding_window", "softcap", "s_aux"):
-            if kwargs.get(name) is not None:
-                raise NotImplementedError(f"attention with {name}={kwargs[name]!r} on a compressed "
-                                          "RotorqCache layer")
-        if dropout and module.training:
-            raise NotImplementedError("attention dropout (training) on a RotorqCache layer")
-        if query.requires_grad:
-            raise RuntimeError("RotorqCache attends without autograd; run the model under "
-                               "torch.no_grad() or torch.inference_mode()")
-        batch, _, q, _ = keys.shape
-        flags = self._owner.real_tokens.flags(attention_mask, batch, past, q)
-        first = past == 0
-        if first:
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                            dropout=0.0, scaling=scaling, **kwargs)
-        self._store(keys, values, flags)
-        if not first:
-            out = self._attend(query, flags, scaling)
+        try:  # the update already counted these tokens: a failure leaves the layer unusable
+            for name in ("sliding_window", "softcap", "s_aux", "position_bias"):
+                if kwargs.get(name) is not None:
+                    raise NotImplementedError(f"attention with {name}={kwargs[name]!r} on a "
+                                              "compressed RotorqCache layer")
+            if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+                raise NotImplementedError("non-causal attention on a RotorqCache layer")
+            if dropout and module.training:
+                raise NotImplementedError("attention dropout (training) on a RotorqCache layer")
+            if query.requires_grad:
+                raise RuntimeError("RotorqCache attends without autograd; run the model under "
+                                   "torch.no_grad() or torch.inference_mode()")
+            batch, _, q, _ = keys.shape
+            flags = self._owner.real_tokens.flags(attention_mask, batch, past, q)
+            first = past == 0
+            if first:
+                out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                                dropout=0.0, scaling=scaling, **kwargs)
+            self._store(keys, values, flags)
+            if not first:
+                out = self._attend(query, flags, scaling)
+        except BaseException as exc:
+            if self._broken is None:
+                self._broken = f"{type(exc).__name__}: {exc}"
+            raise
         return out, None
 
     def _store(self, keys, values, flags):
         if self._caches is None:
             self._caches = [KVCache(self.num_kv_heads, self.head_dim, **self.kv_kwargs)
                             for _ in range(keys.shape[0])]
-        try:
-            for s, cache in enumerate(self._caches):
-                row = flags[s]
-                if row.all():
-                    cache.append(keys[s], values[s])
-                elif row.any():
-                    idx = torch.as_tensor(np.flatnonzero(row), device=keys.device)
-                    cache.append(keys[s].index_select(1, idx), values[s].index_select(1, idx))
-        except BaseException as exc:
-            self._broken = f"{type(exc).__name__}: {exc}"
-            raise
+        for s, cache in enumerate(self._caches):
+            row = flags[s]
+            if row.all():
+                cache.append(keys[s], values[s])
+            elif row.any():
+                idx = torch.as_tensor(np.flatnonzero(row), device=keys.device)
+                cache.append(keys[s].index_select(1, idx), values[s].index_select(1, idx))
 
     def _attend(self, query, flags, scaling):
         batch, heads, q, d = query.shape

@@ -146,6 +146,12 @@ class RotorqCache(Cache):
     ``KVCache`` cannot copy or truncate a compressed sequence (``NotImplementedError``).
     ``torch.compile`` and offloading are not supported.
 
+    Each KVCache holds a sequence's first ``sink_tokens + offset_tokens`` tokens (129 by
+    default) in float32 until its key offset is fitted, so a short sequence is stored
+    exactly and compressed once it is longer (see :class:`rotorq.KVCache`). ``generate``
+    refuses a cache object when the model's generation config names a
+    ``cache_implementation``: set it to None first.
+
     Examples
     --------
     >>> import torch

@@ -313,8 +313,40 @@ def test_misuse_is_refused(rng):
     cache.reset()
     with torch.no_grad():
         model(ids, **{CACHE: cache})
-        with pytest.raises(ValueError, match="2 sequences|batch of 2"):
+        with pytest.raises(ValueError, match=r"holds 1 sequences, got a batch of 2"):
             model(tokens(rng, (2, 1)), **{CACHE: cache})
+
+
+def test_a_mask_that_is_not_causal_over_real_tokens_is_refused(rng):
+    """A custom 4D mask hiding a cached real token cannot be honoured on the codes: refused,
+    and the cache asks for a reset."""
+    model = make("llama", rng)
+    ids = tokens(rng, (1, 21))
+    cache = RotorqCache(model, **EIGHT_BITS)
+    with torch.no_grad():
+        model(ids[:, :20], **{CACHE: cache})
+        mask = torch.ones((1, 1, 1, 21), dtype=torch.bool)
+        mask[..., 3] = False
+        with pytest.raises(NotImplementedError, match="not causal attention"):
+            model(ids[:, 20:], attention_mask=mask, **{CACHE: cache})
+        with pytest.raises(RuntimeError, match="reset"):
+            model(ids[:, 20:], **{CACHE: cache})
+        cache.reset()
+        model(ids[:, :20], **{CACHE: cache})
+        model(ids[:, 20:], attention_mask=torch.ones((1, 1, 1, 21), dtype=torch.bool),
+              **{CACHE: cache})
+    assert cache.get_seq_length() == 21
+
+
+def test_bfloat16_model(rng):
+    model = make("llama", rng).to(torch.bfloat16)
+    ids = tokens(rng, (1, 40))
+    ref = reference(model, ids).float()
+    cache = RotorqCache(model, **EIGHT_BITS)
+    got = teacher_forced(model, cache, ids).float()
+    assert got.dtype == torch.float32 and cache.layers[0].kv_caches[0].compressed_tokens > 0
+    rms, worst = errors(got, ref)
+    assert rms <= 2 * RMS_TOL, (rms, worst)  # bfloat16 rounding on both sides
 
 
 def test_rotorq_attention_is_sdpa_for_other_caches(rng):
