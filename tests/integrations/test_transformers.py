@@ -12,6 +12,8 @@ The prefill is attended exactly, so its logits must match to float rounding.
 """
 
 import inspect
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -347,6 +349,24 @@ def test_bfloat16_model(rng):
     assert got.dtype == torch.float32 and cache.layers[0].kv_caches[0].compressed_tokens > 0
     rms, worst = errors(got, ref)
     assert rms <= 2 * RMS_TOL, (rms, worst)  # bfloat16 rounding on both sides
+
+
+def test_from_a_config_with_the_one_line(rng):
+    """Built from a config, the cache leaves the model alone; one documented line enables it."""
+    model = make("llama", rng)
+    ids = tokens(rng, (1, 12))
+    cache = RotorqCache(model.config, **EIGHT_BITS)
+    assert model.config._attn_implementation == "sdpa"
+    model.set_attn_implementation("rotorq")
+    with torch.no_grad():
+        model(ids, **{CACHE: cache})
+    assert [len(kv) for kv in cache.layers[1].kv_caches] == [12]
+
+
+def test_import_rotorq_stays_free_of_torch():
+    code = ("import sys, rotorq, rotorq.integrations; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_rotorq_attention_is_sdpa_for_other_caches(rng):
