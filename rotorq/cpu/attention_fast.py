@@ -199,12 +199,12 @@ def _half(h):
 def _norms(bits16, bh, j0, nt, out):
     """``out[:nt]`` = the float16 bit patterns ``bits16[bh, j0 : j0+nt]`` as float32;
     zeros up to the next multiple of 16."""
-    row = bits16[bh]
+    base = bh * bits16.shape[1] + j0
     n16 = nt & ~15
     for jj in range(0, n16, 16):
-        simd.halves16(row, j0 + jj, out, jj)
+        simd.halves16(bits16, base + jj, out, jj)
     for jj in range(n16, nt):
-        out[jj] = _half(np.int32(row[j0 + jj]))
+        out[jj] = _half(np.int32(bits16[bh, j0 + jj]))
     for jj in range(nt, min(out.shape[0], (nt + 15) & ~15)):
         out[jj] = 0.0
 
@@ -230,8 +230,9 @@ def _exp(x):
 
 
 @jit
-def _row_max(row, n):
-    """Largest of ``row[:n]`` (``n >= 1``), eight running maxima (NaN: as ``>`` finds)."""
+def _row_max(sc, r, n):
+    """Largest of ``sc[r, :n]`` (``n >= 1``), eight running maxima (NaN: as ``>`` finds)."""
+    row = sc[r]
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
     n8 = n & ~7
     for j in range(0, n8, 8):
@@ -251,8 +252,10 @@ def _row_max(row, n):
 
 
 @jit
-def _exp_sum(row, n, mx):
-    """``row[j] = exp(row[j] − mx)`` for ``j < n``; returns their sum (eight partial sums)."""
+def _exp_sum(sc, r, n, mx):
+    """``sc[r, j] = exp(sc[r, j] − mx)`` for ``j < n``; returns their sum (eight partial
+    sums)."""
+    row = sc[r]
     for j in range(n):
         row[j] = _exp(row[j] - mx)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
@@ -281,7 +284,7 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
     big_d = q.shape[2]
     _norms(kn, bh, j0, nt, kv_n)
     if mode == FUSED:
-        qb = q[bh]
+        qrow = bh * n_rows
         cap = kc.shape[1]
         nb = kc.shape[2]
         n_blk = big_d // simd.BLOCK
@@ -297,12 +300,12 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
                     flat_tail[t * nb:(t + 1) * nb] = kc[bh, j0 + g0 + t]
             r0 = 0
             while r0 + 4 <= n_rows:
-                _key_group(bits, True, src, off, nb, n_blk, qb, r0 * big_d, big_d, table,
-                           kv_n, g0, sc, r0 * TILE + g0, TILE)
+                _key_group(bits, True, src, off, nb, n_blk, q, (qrow + r0) * big_d, big_d,
+                           table, kv_n, g0, sc, r0 * TILE + g0, TILE)
                 r0 += 4
             while r0 < n_rows:
-                _key_group(bits, False, src, off, nb, n_blk, qb, r0 * big_d, big_d, table,
-                           kv_n, g0, sc, r0 * TILE + g0, TILE)
+                _key_group(bits, False, src, off, nb, n_blk, q, (qrow + r0) * big_d, big_d,
+                           table, kv_n, g0, sc, r0 * TILE + g0, TILE)
                 r0 += 1
     else:
         _decode_tile(kc, bh, j0, nt, bits, mode, table, cent, big_d, idx, kf)
@@ -313,9 +316,9 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
                 sc[r, jj] = out[r, jj] * kv_n[jj]
     m = qs.shape[2]
     if m > 0:
-        signs = np.zeros(TABLE, np.float32)
-        signs[0] = -1.0
-        signs[1] = 1.0
+        signs = np.empty(TABLE, np.float32)
+        for i in range(TABLE):
+            signs[i] = np.float32(2 * (i & 1) - 1)  # the table (−1, +1), repeated
         _decode_tile(ks, bh, j0, nt, 1, slanes, signs, signs, m, idx, kf)
         out = flat[:n_rows * nt].reshape((n_rows, nt))
         np.dot(qs[bh], kf[:nt * m].reshape((nt, m)).T, out)
@@ -371,26 +374,6 @@ def _natural_order(acc, order_, tmp):
 
 
 @jit
-def _prefetch_tile(bh, j0, nt, two_k, two_v, kc0, kn0, vc0, vn0, kc1, kn1, vc1, vn1):
-    """Cache hints for the codes and norms of tokens ``j0 … j0+nt−1`` (the next tile,
-    read while this one is computed)."""
-    if nt <= 0:
-        return
-    cap = kc0.shape[1]
-    row = bh * cap + j0
-    simd.prefetch(kc0, row * kc0.shape[2], nt * kc0.shape[2])
-    simd.prefetch(vc0, row * vc0.shape[2], nt * vc0.shape[2])
-    simd.prefetch(kn0, row, 2 * nt)
-    simd.prefetch(vn0, row, 2 * nt)
-    if two_k:
-        simd.prefetch(kc1, row * kc1.shape[2], nt * kc1.shape[2])
-        simd.prefetch(kn1, row, 2 * nt)
-    if two_v:
-        simd.prefetch(vc1, row * vc1.shape[2], nt * vc1.shape[2])
-        simd.prefetch(vn1, row, 2 * nt)
-
-
-@jit
 def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                 kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
                 kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
@@ -433,8 +416,6 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
             acc1[r, k] = 0.0
     for j0 in range(t0, t1, TILE):
         nt = min(t1, j0 + TILE) - j0
-        _prefetch_tile(bh, j0 + TILE, min(t1, j0 + 2 * TILE) - j0 - TILE, dk1 > 0, dv1 > 0,
-                       kc0, kn0, vc0, vn0, kc1, kn1, vc1, vn1)
         _key_part(q0, qs0, kc0, kn0, ks0, kg0, ktab0, kcent0, kbits0, kscale0, kmode0,
                   slanes0, bh, j0, nt, idx, kf, kv_n, tail, flat, sc)
         if dk1 > 0:
@@ -447,13 +428,12 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
             _bias_tile(kba, kbb, kfreq, kpos0, bh, j0, nt, tcos, tsin, sc)
         # causal mask (row r sees a prefix of the tile), then the online-softmax step
         for r in range(n_rows):
-            row = sc[r]
             nv = min(nt, max(0, r % n_q + causal_offset - j0 + 1))
             for jj in range(nv, nt):
-                row[jj] = 0.0
+                sc[r, jj] = 0.0
             if nv == 0:
                 continue
-            mt = _row_max(row, nv)
+            mt = _row_max(sc, r, nv)
             if mt > m[r]:
                 alpha = np.float32(math.exp(m[r] - mt))
                 lsum[r] *= alpha
@@ -462,7 +442,7 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                 for k in range(dv1):
                     acc1[r, k] *= alpha
                 m[r] = mt
-            lsum[r] += _exp_sum(row, nv, m[r])
+            lsum[r] += _exp_sum(sc, r, nv, m[r])
         _value_part(vc0, vn0, vtab0, vcent0, vbits0, vmode0, bh, j0, nt, idx, kf, kv_n, sc,
                     pbuf, tmp0, acc0)
         if dv1 > 0:
@@ -523,9 +503,10 @@ def _in_order(x, lanes):
 
 
 def _table(cent):
-    tab = np.zeros(max(TABLE, cent.shape[0]), np.float32)
-    tab[:cent.shape[0]] = cent
-    return tab
+    """The centroids repeated to ``TABLE`` entries (any longer codebook as it is)."""
+    if cent.shape[0] >= TABLE:
+        return np.ascontiguousarray(cent, np.float32)
+    return np.resize(np.asarray(cent, np.float32), TABLE)
 
 
 def run(run_tasks, n_tasks, args):

@@ -10,8 +10,13 @@ target has no such instruction. Every sum runs in a fixed order (no reassociatio
 Codes are ``bits``-bit fields, LSB first, packed in rows (:mod:`rotorq.cpu.bits`): eight
 codes fill ``bits`` bytes, a *word*; code ``c`` of word ``w`` is coordinate ``8·w + c``
 and sits at bit ``bits·c`` of the word read little-endian. Every intrinsic here handles
-``1 <= bits <= 4``, so a code indexes a table of at most 16 float32 (``TABLE``), read
-from a C-contiguous float32 array of at least 16 entries.
+``1 <= bits <= 4``, so a code indexes a table of 16 float32 (``TABLE``), read from a
+C-contiguous float32 array of at least 16 entries that repeats every ``2**bits`` entries
+(on AVX-512 the fused intrinsics index it with the code's bits and whatever bits follow).
+
+The kernels that use these intrinsics live in :mod:`rotorq.cpu.attention_fast`, and Numba's
+disk cache keys them on that file alone: after editing this one, touch that file (or clear
+its cache) so that they are compiled again.
 """
 
 import numpy as np
@@ -37,10 +42,38 @@ def _ptr(builder, data, offset, vtype):
     return builder.bitcast(builder.gep(data, [offset]), vtype.as_pointer())
 
 
-def _lookup(builder, table, idx):
+def _native_permute(context):
+    """Whether the compile target has AVX-512F, whose 16-lane permute reads only the low
+    4 bits of each index (so codes need no mask when the table repeats every
+    ``2**bits`` entries)."""
+    features = getattr(context.codegen(), "_tm_features", "") or ""
+    return "+avx512f" in features.split(",")
+
+
+def _codes(builder, words, shift, bits, native):
+    """The ``bits``-bit fields of ``words`` (i32 vector) from bit ``shift`` on (a constant
+    or a vector), as table indices: masked unless ``native`` takes only their low bits."""
+    if isinstance(shift, int):
+        top = shift + bits >= 32
+        shift = ir.Constant(words.type, [shift] * words.type.count)
+    else:
+        top = False
+    v = builder.lshr(words, shift)
+    if native or top:
+        return v
+    return builder.and_(v, ir.Constant(words.type, [(1 << bits) - 1] * words.type.count))
+
+
+def _lookup(builder, table, idx, native=False):
     """``table[idx[l]]`` for every lane ``l`` (``table`` a float vector, ``idx`` an i32
     vector of as many lanes or fewer): a build_vector of extracts, which the x86 backend
-    turns into one variable permute."""
+    turns into one variable permute; with ``native`` (16 lanes, AVX-512F) the permute
+    itself, which reads only the low 4 bits of each index."""
+    if native and idx.type.count == 16 and table.type.count == 16:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_V16F, [_V16F, _V16I]),
+            "llvm.x86.avx512.permvar.sf.512")
+        return builder.call(fn, [table, idx])
     n = idx.type.count
     out = ir.Constant(ir.VectorType(_F32, n), None)
     for lane in range(n):
@@ -149,8 +182,8 @@ def key_scores(bits, rows):
             off0, stride, n_blocks, qoff, dq, soff, ooff, ostride = (
                 args[1], args[2], args[3], args[5], args[6], args[9], args[11], args[12])
             fma = _fmuladd(builder)
+            native = _native_permute(context)
             tab = builder.load(_ptr(builder, table_p, _i64(0), _V16F), align=4)
-            code_mask = ir.Constant(_V16I, [(1 << bits) - 1] * 16)
             accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, [0.0] * 16))
                     for _ in range(rows)]
             words = cgutils.alloca_once(builder, _V16I, size=8)  # word w of the 16 keys
@@ -177,9 +210,8 @@ def key_scores(bits, rows):
                                                        builder.mul(w, _i64(8))))
                     cur = [builder.load(a) for a in accs]
                     for c in range(8):
-                        idx = builder.and_(builder.lshr(word, ir.Constant(_V16I, [bits * c] * 16)),
-                                           code_mask)
-                        kv = _lookup(builder, tab, idx)
+                        kv = _lookup(builder, tab, _codes(builder, word, bits * c, bits, native),
+                                     native)
                         for r in range(rows):
                             qi = builder.add(qb, builder.add(builder.mul(_i64(r), dq), _i64(c)))
                             qv = _splat(builder, builder.load(builder.gep(q_p, [qi])), _V16F)
@@ -228,8 +260,8 @@ def value_sums(bits, rows):
             off0, stride, n_tok, n_blocks, poff, pstride, aoff, astride = (
                 args[1], args[2], args[3], args[4], args[7], args[8], args[11], args[12])
             fma = _fmuladd(builder)
+            native = _native_permute(context)
             tab = builder.load(_ptr(builder, table_p, _i64(0), _V16F), align=4)
-            code_mask = ir.Constant(_V16I, [(1 << bits) - 1] * 16)
             twice = ir.Constant(_V16I, list(range(8)) * 2)
             accs = [[cgutils.alloca_once(builder, _V16F) for _ in range(4)] for _ in range(rows)]
             with cgutils.for_range(builder, n_blocks) as bl:
@@ -252,9 +284,8 @@ def value_sums(bits, rows):
                         p_p, [builder.add(poff, builder.add(builder.mul(_i64(r), pstride), t))])),
                         nu), _V16F) for r in range(rows)]
                     for k in range(4):
-                        idx = builder.and_(builder.lshr(words, ir.Constant(_V16I, shifts[k])),
-                                           code_mask)
-                        kv = _lookup(builder, tab, idx)
+                        kv = _lookup(builder, tab, _codes(
+                            builder, words, ir.Constant(_V16I, shifts[k]), bits, native), native)
                         for r in range(rows):
                             a = accs[r][k]
                             builder.store(builder.call(fma, [pv[r], kv, builder.load(a)]), a)
@@ -266,31 +297,6 @@ def value_sums(bits, rows):
         return sig, codegen
 
     return vs
-
-
-@intrinsic
-def prefetch(typingctx, arr, start, nbytes):
-    """Hint the CPU to fetch ``nbytes`` bytes of the C-contiguous array ``arr`` from its
-    element ``start`` on into its caches, one hint per 64 bytes (no effect on results; a
-    hint past the array's end is harmless: prefetches do not fault)."""
-    sig = types.void(arr, start, nbytes)
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        base = builder.bitcast(data, _I8.as_pointer())
-        itemsize = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
-            "llvm.prefetch.p0")
-        start = builder.mul(args[1], _i64(itemsize)) if itemsize != 1 else args[1]
-        lines = builder.udiv(builder.add(args[2], _i64(63)), _i64(64))
-        with cgutils.for_range(builder, lines) as loop:
-            off = builder.add(start, builder.mul(loop.index, _i64(64)))
-            builder.call(fn, [builder.gep(base, [off]), ir.Constant(_I32, 0),
-                              ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @intrinsic
