@@ -219,6 +219,8 @@ class RotorqLayer(CacheLayerMixin):
                 raise RuntimeError("RotorqCache attends without autograd; run the model under "
                                    "torch.no_grad() or torch.inference_mode()")
             batch, _, q, _ = keys.shape
+            if q == 0:  # nothing to store or attend
+                return query.new_zeros((batch, 0, query.shape[1], query.shape[3])), None
             flags = self._owner.real_tokens.flags(attention_mask, batch, past, q)
             first = past == 0
             if first:

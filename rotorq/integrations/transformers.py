@@ -129,6 +129,8 @@ class RotorqCache(Cache):
 
     Raises
     ------
+    TypeError
+        ``model`` is neither a transformers model nor a config.
     NotImplementedError
         Models the cache cannot serve (:func:`rotorq.integrations._hf_config.read`: MLA,
         cross-attention, soft-capped logits, bidirectional attention, linear-attention or
@@ -173,6 +175,9 @@ class RotorqCache(Cache):
 
     def __init__(self, model, key_bits=4, value_bits=3, *, attach=True, **kv_kwargs):
         config = model if not hasattr(model, "config") else model.config
+        if not hasattr(config, "get_text_config"):
+            raise TypeError(f"model must be a transformers model or config, got "
+                            f"{type(model).__name__}")
         spec = _hf_config.read(config)
         self.text_config = config.get_text_config(decoder=True)
         if not any(layer.window is None for layer in spec.layers):

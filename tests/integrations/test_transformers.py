@@ -2,11 +2,12 @@
 
 Tolerance of the compressed decode steps (8-bit keys and values). Logits through
 RotorqCache are compared with DynamicCache's on the same tokens, relative to the standard
-deviation σ of the reference logits: RMS error ≤ 0.05 σ and largest error ≤ 0.25 σ. On
+deviation σ of the reference logits: RMS error ≤ 0.05 σ and largest error ≤ 0.3 σ. On
 these models (initializer_range 0.1, so attention is peaked and sensitive), a correct
-cache measured RMS 0.017–0.020 σ and max 0.08–0.11 σ over 8 seeds; a cache that stores
-each decode token one step late (off by one token) gave RMS 0.22–0.32 σ and max 1.9–2.9 σ,
-and scores scaled by 1.1 gave RMS 0.11–0.13 σ, max 0.48–0.58 σ: both fail.
+cache measured RMS 0.017–0.023 σ and max 0.08–0.16 σ (8 seeds of Llama, 6 each of Qwen2,
+Gemma 3 and a left-padded Llama batch); on Llama, a cache that stores each decode token
+one step late (off by one token) gave RMS 0.22–0.32 σ and max 1.9–2.9 σ, and scores
+scaled by 1.1 gave RMS 0.11–0.13 σ, max 0.48–0.58 σ (8 seeds): both fail.
 ``test_an_off_by_one_cache_fails_the_tolerance`` checks the first of these on every run.
 The prefill is attended exactly, so its logits must match to float rounding.
 """
@@ -38,7 +39,7 @@ from rotorq.integrations import _hf_layer  # noqa: E402
 from rotorq.integrations._hf_config import read  # noqa: E402
 from rotorq.integrations.transformers import RotorqCache  # noqa: E402
 
-RMS_TOL, MAX_TOL = 0.05, 0.25  # × σ of the reference logits (see the module docstring)
+RMS_TOL, MAX_TOL = 0.05, 0.3  # × σ of the reference logits (see the module docstring)
 PREFILL_TOL = 1e-5  # × σ: the same SDPA on the same keys and values
 # Small tiers so that 48 tokens reach the compressed codes: 1 sink, offset fitted on 8
 # tokens, a window of 4 (+ blocks of up to 4) at residual_bits = 8.
@@ -392,6 +393,46 @@ def test_bad_kv_keywords_fail_at_construction(rng):
     cache = RotorqCache(model, key_offset=False)
     assert cache.rope_bases == (None, None)
     assert RotorqCache(model, rope_base=None).rope_bases == (None, None)
+
+
+def test_bad_inputs(rng):
+    """Wrong shapes, NaN keys and empty updates, through update and the attention function
+    as a model calls them."""
+    from types import SimpleNamespace
+
+    from rotorq.integrations.transformers import rotorq_attention
+
+    with pytest.raises(TypeError, match="transformers model or config"):
+        RotorqCache(42)
+    model = make("llama", rng)
+    cache = RotorqCache(model, **EIGHT_BITS)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    x = torch.as_tensor(rng.standard_normal((1, 2, 5, 32)), dtype=torch.float32)
+    q = torch.as_tensor(rng.standard_normal((1, 4, 5, 32)), dtype=torch.float32)
+    with pytest.raises(ValueError, match="expected"):
+        cache.update(x[:, :1], x[:, :1], 0)  # one KV head, the config says 2
+    with pytest.raises(ValueError, match="differ in shape"):
+        cache.update(x, x[:, :, :4], 0)
+    k, v = cache.update(x[:, :, :0], x[:, :, :0], 0)  # no tokens
+    out, _ = rotorq_attention(module, q[:, :, :0], k, v, None, scaling=0.2)
+    assert out.shape == (1, 0, 4, 32) and cache.get_seq_length(0) == 0
+    k, v = cache.update(x, x, 0)
+    out, _ = rotorq_attention(module, q, k, v, None, scaling=0.2)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, x.repeat_interleave(2, 1), x.repeat_interleave(2, 1), is_causal=True, scale=0.2)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+    bad = x[:, :, :1].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    k, v = cache.update(bad, bad, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        rotorq_attention(module, q[:, :, :1], k, v, None, scaling=0.2)
+    with pytest.raises(RuntimeError, match="reset"):
+        cache.update(x[:, :, :1], x[:, :, :1], 0)
+    cache.reset()
+    k, v = cache.update(x, x, 0)
+    rotorq_attention(module, q, k.clone(), v, None)  # a copy lost the tag: plain SDPA ran,
+    with pytest.raises(RuntimeError, match="never stored"):  # so nothing was stored
+        cache.update(x, x, 0)
 
 
 def _refused(config, match):
