@@ -135,51 +135,70 @@ def _decode_tile(codes, bh, j0, nt, bits, lanes, table, cent, big_d, idx, out):
 
 
 @jit
-def _key_group(bits, four, codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out,
-               ooff, ostride):
-    """:func:`rotorq.cpu.simd.key_scores` for 4 rows (``four``) or 1 row at ``bits``."""
-    args = (codes, off, nb, n_blk, q, qoff, dq, table, scale, soff, out, ooff, ostride)
-    if four:
-        if bits == 4:
-            _KS4_4(*args)
-        elif bits == 3:
-            _KS3_4(*args)
-        elif bits == 2:
-            _KS2_4(*args)
-        else:
-            _KS1_4(*args)
-    elif bits == 4:
-        _KS4_1(*args)
-    elif bits == 3:
-        _KS3_1(*args)
-    elif bits == 2:
-        _KS2_1(*args)
-    else:
-        _KS1_1(*args)
+def _key_groups(bits, codes, off0, nb, n_groups, n_blk, q, qoff, n_rows, dq, table, scale,
+                out, ostride, col0):
+    """:func:`rotorq.cpu.simd.key_scores` of ``n_groups`` groups of 16 keys (group ``g`` at
+    byte ``off0 + 16·g·nb``, its scales and scores at column ``col0 + 16·g``) for
+    ``n_rows`` query rows from ``q.flat[qoff:]`` (4 rows per call, then single rows)."""
+    for g in range(n_groups):
+        off = off0 + 16 * g * nb
+        col = col0 + 16 * g
+        r0 = 0
+        while r0 < n_rows:
+            four = r0 + 4 <= n_rows
+            args = (codes, off, nb, n_blk, q, qoff + r0 * dq, dq, table, scale, col, out,
+                    r0 * ostride + col, ostride)
+            if four:
+                if bits == 4:
+                    _KS4_4(*args)
+                elif bits == 3:
+                    _KS3_4(*args)
+                elif bits == 2:
+                    _KS2_4(*args)
+                else:
+                    _KS1_4(*args)
+                r0 += 4
+            else:
+                if bits == 4:
+                    _KS4_1(*args)
+                elif bits == 3:
+                    _KS3_1(*args)
+                elif bits == 2:
+                    _KS2_1(*args)
+                else:
+                    _KS1_1(*args)
+                r0 += 1
 
 
 @jit
-def _value_group(bits, four, codes, off, nb, nt, n_blk, table, p, poff, pstride, scale, acc,
-                 aoff, astride):
-    """:func:`rotorq.cpu.simd.value_sums` for 4 rows (``four``) or 1 row at ``bits``."""
-    args = (codes, off, nb, nt, n_blk, table, p, poff, pstride, scale, acc, aoff, astride)
-    if four:
-        if bits == 4:
-            _VS4_4(*args)
-        elif bits == 3:
-            _VS3_4(*args)
-        elif bits == 2:
-            _VS2_4(*args)
+def _value_groups(bits, codes, off, nb, nt, n_blk, table, p, pstride, scale, acc, n_rows, dv):
+    """:func:`rotorq.cpu.simd.value_sums` of ``nt`` value rows from byte ``off`` for
+    ``n_rows`` rows of ``p`` (stride ``pstride``) into ``acc.flat`` (stride ``dv``; 4 rows
+    per call, then single rows)."""
+    r0 = 0
+    while r0 < n_rows:
+        args = (codes, off, nb, nt, n_blk, table, p, r0 * pstride, pstride, scale, acc, r0 * dv,
+                dv)
+        if r0 + 4 <= n_rows:
+            if bits == 4:
+                _VS4_4(*args)
+            elif bits == 3:
+                _VS3_4(*args)
+            elif bits == 2:
+                _VS2_4(*args)
+            else:
+                _VS1_4(*args)
+            r0 += 4
         else:
-            _VS1_4(*args)
-    elif bits == 4:
-        _VS4_1(*args)
-    elif bits == 3:
-        _VS3_1(*args)
-    elif bits == 2:
-        _VS2_1(*args)
-    else:
-        _VS1_1(*args)
+            if bits == 4:
+                _VS4_1(*args)
+            elif bits == 3:
+                _VS3_1(*args)
+            elif bits == 2:
+                _VS2_1(*args)
+            else:
+                _VS1_1(*args)
+            r0 += 1
 
 
 @jit
@@ -275,6 +294,30 @@ def _exp_sum(sc, r, n, mx):
 
 
 @jit
+def _softmax_step(sc, nt, j0, n_q, causal_offset, m, lsum, acc0, acc1):
+    """One online-softmax step over the scores ``sc[:, :nt]`` of tokens ``j0 …``: the
+    causal mask (row ``r`` sees a prefix of the tile), the running max ``m`` and sum
+    ``lsum`` (accumulators rescaled when the max rises), and ``sc`` replaced by
+    ``exp(s − m)`` (0 where masked)."""
+    for r in range(sc.shape[0]):
+        nv = min(nt, max(0, r % n_q + causal_offset - j0 + 1))
+        for jj in range(nv, nt):
+            sc[r, jj] = 0.0
+        if nv == 0:
+            continue
+        mt = _row_max(sc, r, nv)
+        if mt > m[r]:
+            alpha = np.float32(math.exp(m[r] - mt))
+            lsum[r] *= alpha
+            for k in range(acc0.shape[1]):
+                acc0[r, k] *= alpha
+            for k in range(acc1.shape[1]):
+                acc1[r, k] *= alpha
+            m[r] = mt
+        lsum[r] += _exp_sum(sc, r, nv, m[r])
+
+
+@jit
 def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh, j0, nt,
               idx, kf, kv_n, tail, flat, sc):
     """``sc[:, :nt]`` (R, TILE) = the scores of key part tokens ``j0 … j0+nt−1`` for the
@@ -284,29 +327,19 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
     big_d = q.shape[2]
     _norms(kn, bh, j0, nt, kv_n)
     if mode == FUSED:
-        qrow = bh * n_rows
-        cap = kc.shape[1]
         nb = kc.shape[2]
         n_blk = big_d // simd.BLOCK
-        for g0 in range(0, nt, 16):
-            src = kc
-            off = ((bh * cap) + j0 + g0) * nb
-            if g0 + 16 > nt:  # last keys of the tile: 16 rows from a zero-padded copy
-                src = tail
-                off = 0
-                flat_tail = tail.reshape(tail.size)
-                flat_tail[:16 * nb] = 0
-                for t in range(nt - g0):
-                    flat_tail[t * nb:(t + 1) * nb] = kc[bh, j0 + g0 + t]
-            r0 = 0
-            while r0 + 4 <= n_rows:
-                _key_group(bits, True, src, off, nb, n_blk, q, (qrow + r0) * big_d, big_d,
-                           table, kv_n, g0, sc, r0 * TILE + g0, TILE)
-                r0 += 4
-            while r0 < n_rows:
-                _key_group(bits, False, src, off, nb, n_blk, q, (qrow + r0) * big_d, big_d,
-                           table, kv_n, g0, sc, r0 * TILE + g0, TILE)
-                r0 += 1
+        off0 = (bh * kc.shape[1] + j0) * nb
+        full = nt >> 4
+        _key_groups(bits, kc, off0, nb, full, n_blk, q, bh * n_rows * big_d, n_rows, big_d,
+                    table, kv_n, sc, TILE, 0)
+        if nt & 15:  # the last keys of the tile: 16 rows from a zero-padded copy
+            flat_tail = tail.reshape(tail.size)
+            flat_tail[:16 * nb] = 0
+            for t in range(nt & 15):
+                flat_tail[t * nb:(t + 1) * nb] = kc[bh, j0 + 16 * full + t]
+            _key_groups(bits, tail, 0, nb, 1, n_blk, q, bh * n_rows * big_d, n_rows, big_d,
+                        table, kv_n, sc, TILE, 16 * full)
     else:
         _decode_tile(kc, bh, j0, nt, bits, mode, table, cent, big_d, idx, kf)
         out = flat[:n_rows * nt].reshape((n_rows, nt))
@@ -337,19 +370,8 @@ def _value_part(vc, vn, table, cent, bits, mode, bh, j0, nt, idx, vf, kv_n, sc, 
     n_rows, big_d = acc.shape
     _norms(vn, bh, j0, nt, kv_n)
     if mode == FUSED:
-        cap = vc.shape[1]
-        nb = vc.shape[2]
-        off = ((bh * cap) + j0) * nb
-        n_blk = big_d // simd.BLOCK
-        r0 = 0
-        while r0 + 4 <= n_rows:
-            _value_group(bits, True, vc, off, nb, nt, n_blk, table, sc, r0 * TILE, TILE, kv_n,
-                         acc, r0 * big_d, big_d)
-            r0 += 4
-        while r0 < n_rows:
-            _value_group(bits, False, vc, off, nb, nt, n_blk, table, sc, r0 * TILE, TILE,
-                         kv_n, acc, r0 * big_d, big_d)
-            r0 += 1
+        _value_groups(bits, vc, (bh * vc.shape[1] + j0) * vc.shape[2], vc.shape[2], nt,
+                      big_d // simd.BLOCK, table, sc, TILE, kv_n, acc, n_rows, big_d)
         return
     _decode_tile(vc, bh, j0, nt, bits, mode, table, cent, big_d, idx, vf)
     pv = pbuf[:n_rows * nt].reshape((n_rows, nt))
@@ -414,10 +436,19 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
             acc0[r, k] = 0.0
         for k in range(dv1):
             acc1[r, k] = 0.0
+    kbase = bh * kc0.shape[1]  # row of token 0 of bh in the codes and norms
+    vbase = bh * vc0.shape[1]
     for j0 in range(t0, t1, TILE):
         nt = min(t1, j0 + TILE) - j0
-        _key_part(q0, qs0, kc0, kn0, ks0, kg0, ktab0, kcent0, kbits0, kscale0, kmode0,
-                  slanes0, bh, j0, nt, idx, kf, kv_n, tail, flat, sc)
+        if kmode0 == FUSED and qs0.shape[2] == 0 and nt == TILE:  # the common case, inline
+            for jj in range(0, TILE, 16):
+                simd.halves16(kn0, kbase + j0 + jj, kv_n, jj)
+            _key_groups(kbits0, kc0, (kbase + j0) * kc0.shape[2], kc0.shape[2], TILE // 16,
+                        q0.shape[2] // simd.BLOCK, q0, bh * n_rows * q0.shape[2], n_rows,
+                        q0.shape[2], ktab0, kv_n, sc, TILE, 0)
+        else:
+            _key_part(q0, qs0, kc0, kn0, ks0, kg0, ktab0, kcent0, kbits0, kscale0, kmode0,
+                      slanes0, bh, j0, nt, idx, kf, kv_n, tail, flat, sc)
         if dk1 > 0:
             _key_part(q1, qs1, kc1, kn1, ks1, kg1, ktab1, kcent1, kbits1, kscale1, kmode1,
                       slanes1, bh, j0, nt, idx, kf, kv_n, tail, flat, sc1)
@@ -426,25 +457,15 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     sc[r, jj] += sc1[r, jj]
         if n_freq > 0:
             _bias_tile(kba, kbb, kfreq, kpos0, bh, j0, nt, tcos, tsin, sc)
-        # causal mask (row r sees a prefix of the tile), then the online-softmax step
-        for r in range(n_rows):
-            nv = min(nt, max(0, r % n_q + causal_offset - j0 + 1))
-            for jj in range(nv, nt):
-                sc[r, jj] = 0.0
-            if nv == 0:
-                continue
-            mt = _row_max(sc, r, nv)
-            if mt > m[r]:
-                alpha = np.float32(math.exp(m[r] - mt))
-                lsum[r] *= alpha
-                for k in range(dv0):
-                    acc0[r, k] *= alpha
-                for k in range(dv1):
-                    acc1[r, k] *= alpha
-                m[r] = mt
-            lsum[r] += _exp_sum(sc, r, nv, m[r])
-        _value_part(vc0, vn0, vtab0, vcent0, vbits0, vmode0, bh, j0, nt, idx, kf, kv_n, sc,
-                    pbuf, tmp0, acc0)
+        _softmax_step(sc, nt, j0, n_q, causal_offset, m, lsum, acc0, acc1)
+        if vmode0 == FUSED and nt == TILE:
+            for jj in range(0, TILE, 16):
+                simd.halves16(vn0, vbase + j0 + jj, kv_n, jj)
+            _value_groups(vbits0, vc0, (vbase + j0) * vc0.shape[2], vc0.shape[2], TILE,
+                          dv0 // simd.BLOCK, vtab0, sc, TILE, kv_n, acc0, n_rows, dv0)
+        else:
+            _value_part(vc0, vn0, vtab0, vcent0, vbits0, vmode0, bh, j0, nt, idx, kf, kv_n,
+                        sc, pbuf, tmp0, acc0)
         if dv1 > 0:
             _value_part(vc1, vn1, vtab1, vcent1, vbits1, vmode1, bh, j0, nt, idx, kf, kv_n,
                         sc, pbuf, tmp1, acc1)
