@@ -15,7 +15,7 @@ from rotorq.cpu import attention as twin
 from rotorq.cpu import attention_fast as fast
 
 
-def _serial(kernel, n_tasks, args):
+def _serial(kernel, n_tasks, args, shared=False):
     kernel(0, n_tasks, *args)
 
 
@@ -202,7 +202,7 @@ def test_task_ranges_and_shared_counter_give_the_same_partials(rng):
     case = make_case(rng, n_keys=700, kbits=(3,), vbits=(4,))
     captured = {}
     args, n_tasks, outs = twin_args(case, 128)
-    fast.run(lambda kernel, n, a: captured.update(kernel=kernel, args=a), n_tasks, args)
+    fast.run(lambda kernel, n, a, shared: captured.update(kernel=kernel, args=a), n_tasks, args)
     kernel, fargs = captured["kernel"], captured["args"]
     results = []
     for split in ("serial", "ranges", "counter"):

@@ -184,23 +184,32 @@ _POOL = None
 _POOL_SIZE = 0
 
 
-def _run_tasks(kernel, n_tasks, args):
+def _run_tasks(kernel, n_tasks, args, shared=False):
     """Run ``kernel(lo, hi, *args)`` over ``range(n_tasks)`` on Numba's thread count.
 
-    The kernel is ``nogil``, so the ranges run in parallel on a small thread pool.
+    The kernel is ``nogil``, so the ranges run in parallel: the last one in the calling
+    thread, the others on a small thread pool. ``shared``: the kernel calls share the
+    tasks out among themselves (whatever range they are given), so once the calling
+    thread's call returns, every task has been taken, and calls still waiting for a pool
+    thread (one held up by other load) are cancelled instead of awaited.
     """
     global _POOL, _POOL_SIZE
     threads = min(numba.get_num_threads(), n_tasks)
     if threads <= 1:
         kernel(0, n_tasks, *args)
         return
-    if _POOL_SIZE < threads:
-        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rotorq")
-        _POOL_SIZE = threads
+    if _POOL_SIZE < threads - 1:
+        _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="rotorq")
+        _POOL_SIZE = threads - 1
     bounds = [n_tasks * i // threads for i in range(threads + 1)]
-    futures = [_POOL.submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(threads)]
-    for f in futures:
-        f.result()
+    futures = [_POOL.submit(kernel, bounds[i], bounds[i + 1], *args)
+               for i in range(threads - 1)]
+    try:
+        kernel(bounds[-2], bounds[-1], *args)
+    finally:
+        for f in futures:
+            if not (shared and f.cancel()):
+                f.result()
 
 
 def _split_chunk(n_keys, n_bh):

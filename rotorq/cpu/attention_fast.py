@@ -533,9 +533,9 @@ def _table(cent):
 def run(run_tasks, n_tasks, args):
     """Run :func:`decode_attention` on the arguments ``args`` of the twin
     (:func:`rotorq.cpu.attention.decode_attention` without the task range) with
-    ``run_tasks(kernel, n_tasks, args)``, which calls ``kernel(lo, hi, *args)`` once per
-    thread: the threads share the tasks through one counter (a thread slowed by other
-    work takes fewer), whatever ranges they are given. The query rows are put in order
+    ``run_tasks(kernel, n_tasks, args, shared=True)``, which calls ``kernel(lo, hi,
+    *args)`` once per thread: the calls share the tasks through one counter (a thread
+    slowed by other work takes fewer), whatever ranges they are given. The query rows are put in order
     and the tables padded; the outputs ``args[34:38]`` are written as the twin writes
     them."""
     q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0 = args[:8]
@@ -557,4 +557,4 @@ def run(run_tasks, n_tasks, args):
         out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, mode,
                 order(acc.shape[3], mode, True)]
     out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm, np.zeros(1, np.int64)]
-    run_tasks(decode_attention, n_tasks, tuple(out))  # each thread takes the next free task
+    run_tasks(decode_attention, n_tasks, tuple(out), shared=True)
