@@ -11,7 +11,10 @@ values in the same run:
 
 The two are timed alternately (one call of each per round, after a warm-up round that also
 excludes Numba's compiles); the table shows the median of the rounds and the ratio of the
-medians. Run from the repository root, on an otherwise idle machine if possible::
+medians. Before each timed call the benchmark sleeps ``--settle`` seconds: after a call,
+OpenBLAS's worker threads spin for about 0.1 s (its thread timeout), which would otherwise
+take a core from whatever is timed next. Run from the repository root, on an otherwise
+idle machine if possible::
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.cpu.attend_speed
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.cpu.attend_speed --tokens 32768 --repeats 15
@@ -42,14 +45,15 @@ def numpy_attention(q, k, v, scale):
     return np.matmul(s, v)
 
 
-def interleaved(fns, repeats):
+def interleaved(fns, repeats, settle):
     """Median seconds of each function, called alternately ``repeats`` times after one
-    warm-up round."""
+    warm-up round, each timed call preceded by a pause of ``settle`` seconds."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            time.sleep(settle)
             t = time.perf_counter()
             fn()
             times[i].append(time.perf_counter() - t)
@@ -65,13 +69,16 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--settle", type=float, default=0.15,
+                    help="seconds of sleep before each timed call")
     args = ap.parse_args(argv)
     h, g, d = args.kv_heads, args.group, args.head_dim
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"numba threads {numba.get_num_threads()}, numpy {np.__version__}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"{h} KV heads, {h * g} query heads (one query each), head_dim {d}; "
-          f"median of {args.repeats} alternating rounds")
+          f"median of {args.repeats} alternating rounds, {args.settle} s pause before each "
+          "timed call")
     print()
     print("| T | config | attend ms | numpy fp32 ms | numpy / attend | rel. err |")
     print("|---|---|---|---|---|---|")
@@ -87,7 +94,7 @@ def main(argv=None):
             cache = rotorq.KVCache(h, d, key_bits=kb, value_bits=vb)
             cache.append(k, v)
             ta, tn = interleaved([lambda: cache.attend(q), lambda: numpy_attention(qg, k, v, scale)],
-                                 args.repeats)
+                                 args.repeats, args.settle)
             out = cache.attend(q).reshape(h, g, d)
             ref = numpy_attention(qg, k, v, scale)
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
