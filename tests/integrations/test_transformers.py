@@ -187,7 +187,10 @@ def test_left_padded_batch(name, rng):
         assert_close(got[s, 1:], ref[s, 1:])
     assert [len(kv) for kv in cache.layers[cache.compressed_layers[0]].kv_caches] == [47, 39]
     alone = teacher_forced(model, RotorqCache(model, **EIGHT_BITS), ids[1:, 8:], prefill=16)
-    assert float((alone - got[1:]).abs().max() / ref.std()) <= 1e-3
+    # equal up to the prefill's float rounding (padded vs unpadded SDPA), which may move a
+    # coordinate across an 8-bit code boundary: measured up to 1.2e-3 σ; a cache that keeps
+    # the 8 pads measured 0.2–0.9 σ (3 seeds, Llama and Gemma 3)
+    assert float((alone - got[1:]).abs().max() / ref.std()) <= 0.02
 
 
 def test_generate_matches_dynamic_cache(rng):
