@@ -5,6 +5,7 @@ one and two key/value parts, the RoPE-aware key bias, causal masks, 1–5 bits, 
 counts, buffers larger than the tokens, the vector decoder's two block widths and the
 natural-order fallback."""
 
+import numba
 import numpy as np
 import pytest
 
@@ -13,6 +14,17 @@ from rotorq import _ops as ops
 from rotorq import reference
 from rotorq.cpu import attention as twin
 from rotorq.cpu import attention_fast as fast
+from rotorq.cpu import simd
+
+
+@numba.njit
+def _exp_sum16(arr, off, n16, mx):
+    return simd.exp_sum16(arr, off, n16, mx)
+
+
+@numba.njit
+def _max16(arr, off, n16):
+    return simd.max16(arr, off, n16)
 
 
 def _serial(kernel, n_tasks, args, shared=False):
@@ -263,23 +275,38 @@ def test_permutation_and_block_widths():
 
 @pytest.mark.parametrize("x", [0.0, -1e-3, -0.5, -1.0, -7.25, -20.0, -86.9, -87.5, -1e4,
                                -np.inf])
-def test_exp_within_two_ulp(x, rng):
+def test_exp_within_two_ulp_vector_and_scalar_alike(x, rng):
     xs = np.float32(x) * (1 + rng.random(64).astype(np.float32) * 1e-3)
     xs[0] = np.float32(x)
-    row = xs.copy()
-    total = fast._exp_sum(row.reshape(1, -1), 0, row.shape[0], np.float32(0.0))
+    vec, sca = xs.copy().reshape(1, -1), xs.copy().reshape(1, -1)
+    total_vec = _exp_sum16(vec, 0, 4, np.float32(0.0))
+    total_sca = fast._exp_sum(sca, 0, 0, 64, np.float32(0.0))
+    np.testing.assert_array_equal(vec, sca)  # the same operations in the same order
     want = np.exp(xs.astype(np.float64))
     tiny = want < np.exp(-87.0)
-    assert (row[tiny] == 0).all()
+    got = vec[0]
+    assert (got[tiny] == 0).all()
     ulp = np.spacing(want[~tiny].astype(np.float32)).astype(np.float64)
-    assert (np.abs(row[~tiny] - want[~tiny]) <= 2 * ulp).all()
-    np.testing.assert_allclose(total, want[~tiny].sum(), rtol=1e-6)
+    assert (np.abs(got[~tiny] - want[~tiny]) <= 2 * ulp).all()
+    for total in (total_vec, total_sca):
+        np.testing.assert_allclose(total, want[~tiny].sum(), rtol=1e-6)
 
 
 def test_exp_keeps_nan():
-    row = np.array([np.nan, 0.0], np.float32)
-    fast._exp_sum(row.reshape(1, -1), 0, 2, np.float32(0.0))
-    assert np.isnan(row[0]) and row[1] == 1.0
+    for n, call in ((16, lambda row: _exp_sum16(row, 0, 1, np.float32(0.0))),
+                    (2, lambda row: fast._exp_sum(row, 0, 0, 2, np.float32(0.0)))):
+        row = np.zeros((1, n), np.float32)
+        row[0, 0] = np.nan
+        call(row)
+        assert np.isnan(row[0, 0]) and row[0, 1] == 1.0
+
+
+def test_row_max_vector_and_scalar(rng):
+    row = rng.standard_normal((1, 48)).astype(np.float32)
+    row[0, [3, 40]] = np.nan
+    want = np.nanmax(row)
+    assert _max16(row, 0, 3) == want == fast._row_max(row, 0, 0, 48)
+    assert _max16(row, 16, 0) == fast._row_max(row, 0, 5, 5) == -np.inf
 
 
 def test_half_conversion_every_pattern():

@@ -249,48 +249,24 @@ def _exp(x):
 
 
 @jit
-def _row_max(sc, r, n):
-    """Largest of ``sc[r, :n]`` (``n >= 1``), eight running maxima (NaN: as ``>`` finds)."""
-    row = sc[r]
-    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = row[0]
-    n8 = n & ~7
-    for j in range(0, n8, 8):
-        m0 = row[j] if row[j] > m0 else m0
-        m1 = row[j + 1] if row[j + 1] > m1 else m1
-        m2 = row[j + 2] if row[j + 2] > m2 else m2
-        m3 = row[j + 3] if row[j + 3] > m3 else m3
-        m4 = row[j + 4] if row[j + 4] > m4 else m4
-        m5 = row[j + 5] if row[j + 5] > m5 else m5
-        m6 = row[j + 6] if row[j + 6] > m6 else m6
-        m7 = row[j + 7] if row[j + 7] > m7 else m7
-    for j in range(n8, n):
-        m0 = row[j] if row[j] > m0 else m0
-    for v in (m1, m2, m3, m4, m5, m6, m7):
-        m0 = v if v > m0 else m0
-    return m0
+def _row_max(sc, r, lo, hi):
+    """Largest of ``sc[r, lo:hi]`` under ``>`` (NaN never chosen; ``-inf`` if nothing is
+    larger), for the last elements of a row that :func:`rotorq.cpu.simd.max16` leaves."""
+    mt = np.float32(-np.inf)
+    for j in range(lo, hi):
+        mt = sc[r, j] if sc[r, j] > mt else mt
+    return mt
 
 
 @jit
-def _exp_sum(sc, r, n, mx):
-    """``sc[r, j] = exp(sc[r, j] − mx)`` for ``j < n``; returns their sum (eight partial
-    sums)."""
-    row = sc[r]
-    for j in range(n):
-        row[j] = _exp(row[j] - mx)
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-    n8 = n & ~7
-    for j in range(0, n8, 8):
-        s0 += row[j]
-        s1 += row[j + 1]
-        s2 += row[j + 2]
-        s3 += row[j + 3]
-        s4 += row[j + 4]
-        s5 += row[j + 5]
-        s6 += row[j + 6]
-        s7 += row[j + 7]
-    for j in range(n8, n):
-        s0 += row[j]
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+def _exp_sum(sc, r, lo, hi, mx):
+    """``sc[r, j] = exp(sc[r, j] − mx)`` for ``lo <= j < hi``; returns their sum (the
+    elements that :func:`rotorq.cpu.simd.exp_sum16` leaves)."""
+    tot = np.float32(0.0)
+    for j in range(lo, hi):
+        sc[r, j] = _exp(sc[r, j] - mx)
+        tot += sc[r, j]
+    return tot
 
 
 @jit
@@ -305,7 +281,12 @@ def _softmax_step(sc, nt, j0, n_q, causal_offset, m, lsum, acc0, acc1):
             sc[r, jj] = 0.0
         if nv == 0:
             continue
-        mt = _row_max(sc, r, nv)
+        n16 = nv >> 4
+        base = r * sc.shape[1]
+        mt = simd.max16(sc, base, n16)
+        if nv & 15:
+            rest = _row_max(sc, r, n16 * 16, nv)
+            mt = rest if rest > mt else mt
         if mt > m[r]:
             alpha = np.float32(math.exp(m[r] - mt))
             lsum[r] *= alpha
@@ -314,7 +295,10 @@ def _softmax_step(sc, nt, j0, n_q, causal_offset, m, lsum, acc0, acc1):
             for k in range(acc1.shape[1]):
                 acc1[r, k] *= alpha
             m[r] = mt
-        lsum[r] += _exp_sum(sc, r, nv, m[r])
+        tot = simd.exp_sum16(sc, base, n16, m[r])
+        if nv & 15:
+            tot += _exp_sum(sc, r, n16 * 16, nv, m[r])
+        lsum[r] += tot
 
 
 @jit

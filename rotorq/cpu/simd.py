@@ -344,3 +344,84 @@ def fetch_add(typingctx, counter, value):
         return builder.atomic_rmw("add", data, args[1], "monotonic")
 
     return sig, codegen
+
+
+def _vconst(v):
+    return ir.Constant(_V16F, [v] * 16)
+
+
+def _hsum(builder, v):
+    """The 16 lanes of ``v`` added pairwise (lane i + lane i+8, then +4, +2, +1)."""
+    n = 16
+    while n > 1:
+        n //= 2
+        hi = builder.shuffle_vector(v, ir.Constant(_V16F, None),
+                                    ir.Constant(_V16I, list(range(n, 2 * n)) + [0] * (16 - n)))
+        v = builder.fadd(v, hi)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+@intrinsic
+def max16(typingctx, arr, off, n16):
+    """Largest of ``arr.flat[off : off + 16·n16]`` under ``>`` (NaN never chosen;
+    ``-inf`` if nothing is larger)."""
+    sig = types.float32(arr, off, n16)
+
+    def codegen(context, builder, signature, args):
+        data = _arrays(context, builder, signature, args, (0,))[0]
+        acc = cgutils.alloca_once_value(builder, _vconst(float("-inf")))
+        with cgutils.for_range(builder, args[2]) as loop:
+            v = builder.load(_ptr(builder, data, builder.add(args[1], builder.mul(
+                loop.index, _i64(16))), _V16F), align=4)
+            m = builder.load(acc)
+            builder.store(builder.select(builder.fcmp_ordered(">", v, m), v, m), acc)
+        m = builder.load(acc)
+        n = 16
+        while n > 1:
+            n //= 2
+            hi = builder.shuffle_vector(m, ir.Constant(_V16F, None),
+                                        ir.Constant(_V16I, list(range(n, 2 * n)) + [0] * (16 - n)))
+            m = builder.select(builder.fcmp_ordered(">", hi, m), hi, m)
+        return builder.extract_element(m, ir.Constant(_I32, 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def exp_sum16(typingctx, arr, off, n16, mx):
+    """``arr.flat[i] = exp(arr.flat[i] − mx)`` for the ``16·n16`` elements from ``off``
+    (the polynomial of :func:`rotorq.cpu.attention_fast._exp`, same operations in the same
+    order, 16 lanes at a time); returns their sum (16 running sums, added pairwise)."""
+    sig = types.float32(arr, off, n16, types.float32)
+
+    def codegen(context, builder, signature, args):
+        data = _arrays(context, builder, signature, args, (0,))[0]
+        floor = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F]),
+                                               "llvm.floor.v16f32")
+        mx = _splat(builder, args[3], _V16F)
+        total = cgutils.alloca_once_value(builder, _vconst(0.0))
+        with cgutils.for_range(builder, args[2]) as loop:
+            ptr = _ptr(builder, data, builder.add(args[1], builder.mul(loop.index, _i64(16))),
+                       _V16F)
+            x = builder.fsub(builder.load(ptr, align=4), mx)
+            under = builder.fcmp_ordered("<", x, _vconst(-87.0))
+            xc = builder.select(under, _vconst(-87.0), x)
+            n = builder.call(floor, [builder.fadd(builder.fmul(xc, _vconst(1.44269504088896341)),
+                                                  _vconst(0.5))])
+            r = builder.fsub(builder.fsub(xc, builder.fmul(n, _vconst(0.693359375))),
+                             builder.fmul(n, _vconst(-2.12194440e-4)))
+            p = _vconst(1.9875691500e-4)
+            for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                      5.0000001201e-1):
+                p = builder.fadd(builder.fmul(p, r), _vconst(c))
+            p = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r)), r), _vconst(1.0))
+            n = builder.select(builder.fcmp_ordered("==", n, n), n, _vconst(0.0))  # NaN: 0
+            two_n = builder.bitcast(builder.shl(builder.add(builder.fptosi(n, _V16I),
+                                                            ir.Constant(_V16I, [127] * 16)),
+                                                ir.Constant(_V16I, [23] * 16)), _V16F)
+            val = builder.select(under, _vconst(0.0), builder.fmul(p, two_n))
+            builder.store(val, ptr, align=4)
+            builder.store(builder.fadd(builder.load(total), val), total)
+        return _hsum(builder, builder.load(total))
+
+    return sig, codegen
