@@ -98,6 +98,7 @@ def order(dim, mode, value):
 def _decode_tile(codes, bh, j0, nt, bits, lanes, table, cent, big_d, idx, out):
     """Rows ``j0 … j0+nt−1`` of ``codes[bh]`` decoded to centroid values into
     ``out[:nt·big_d]`` (row-major (nt, big_d), in :func:`permutation` order)."""
+    simd.out_of_line()
     cap = codes.shape[1]
     nb = codes.shape[2]
     if lanes == 16:
@@ -140,6 +141,7 @@ def _key_groups(bits, codes, off0, nb, n_groups, n_blk, q, qoff, n_rows, dq, tab
     """:func:`rotorq.cpu.simd.key_scores` of ``n_groups`` groups of 16 keys (group ``g`` at
     byte ``off0 + 16·g·nb``, its scales and scores at column ``col0 + 16·g``) for
     ``n_rows`` query rows from ``q.flat[qoff:]`` (4 rows per call, then single rows)."""
+    simd.out_of_line()
     for g in range(n_groups):
         off = off0 + 16 * g * nb
         col = col0 + 16 * g
@@ -175,6 +177,7 @@ def _value_groups(bits, codes, off, nb, nt, n_blk, table, p, pstride, scale, acc
     """:func:`rotorq.cpu.simd.value_sums` of ``nt`` value rows from byte ``off`` for
     ``n_rows`` rows of ``p`` (stride ``pstride``) into ``acc.flat`` (stride ``dv``; 4 rows
     per call, then single rows)."""
+    simd.out_of_line()
     r0 = 0
     while r0 < n_rows:
         args = (codes, off, nb, nt, n_blk, table, p, r0 * pstride, pstride, scale, acc, r0 * dv,
@@ -307,6 +310,7 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
     """``sc[:, :nt]`` (R, TILE) = the scores of key part tokens ``j0 … j0+nt−1`` for the
     rows of ``bh`` (``flat``: scratch of R·TILE float32; ``tail``: uint8 (1, 16, ≥ row
     bytes), room for 16 rows of codes)."""
+    simd.out_of_line()
     n_rows = q.shape[1]
     big_d = q.shape[2]
     _norms(kn, bh, j0, nt, kv_n)
@@ -316,14 +320,15 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
         off0 = (bh * kc.shape[1] + j0) * nb
         full = nt >> 4
         _key_groups(bits, kc, off0, nb, full, n_blk, q, bh * n_rows * big_d, n_rows, big_d,
-                    table, kv_n, sc, TILE, 0)
+                    table, kv_n, sc, sc.shape[1], 0 * nb)
         if nt & 15:  # the last keys of the tile: 16 rows from a zero-padded copy
             flat_tail = tail.reshape(tail.size)
             flat_tail[:16 * nb] = 0
             for t in range(nt & 15):
                 flat_tail[t * nb:(t + 1) * nb] = kc[bh, j0 + 16 * full + t]
-            _key_groups(bits, tail, 0, nb, 1, n_blk, q, bh * n_rows * big_d, n_rows, big_d,
-                        table, kv_n, sc, TILE, 16 * full)
+            _key_groups(bits, tail, 0 * nb, nb, (nt + 15) // 16 - full, n_blk, q,
+                        bh * n_rows * big_d, n_rows, big_d, table, kv_n, sc, sc.shape[1],
+                        16 * full)
     else:
         _decode_tile(kc, bh, j0, nt, bits, mode, table, cent, big_d, idx, kf)
         out = flat[:n_rows * nt].reshape((n_rows, nt))
@@ -351,11 +356,12 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
 def _value_part(vc, vn, table, cent, bits, mode, bh, j0, nt, idx, vf, kv_n, sc, pbuf, tmp,
                 acc):
     """``acc`` (R, Dv) += Σ_j sc[r, j] · ν_j · c[jdx_j] over tokens ``j0 … j0+nt−1``."""
+    simd.out_of_line()
     n_rows, big_d = acc.shape
     _norms(vn, bh, j0, nt, kv_n)
     if mode == FUSED:
         _value_groups(bits, vc, (bh * vc.shape[1] + j0) * vc.shape[2], vc.shape[2], nt,
-                      big_d // simd.BLOCK, table, sc, TILE, kv_n, acc, n_rows, big_d)
+                      big_d // simd.BLOCK, table, sc, sc.shape[1], kv_n, acc, n_rows, big_d)
         return
     _decode_tile(vc, bh, j0, nt, bits, mode, table, cent, big_d, idx, vf)
     pv = pbuf[:n_rows * nt].reshape((n_rows, nt))
@@ -427,9 +433,9 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
         if kmode0 == FUSED and qs0.shape[2] == 0 and nt == TILE:  # the common case, inline
             for jj in range(0, TILE, 16):
                 simd.halves16(kn0, kbase + j0 + jj, kv_n, jj)
-            _key_groups(kbits0, kc0, (kbase + j0) * kc0.shape[2], kc0.shape[2], TILE // 16,
+            _key_groups(kbits0, kc0, (kbase + j0) * kc0.shape[2], kc0.shape[2], nt >> 4,
                         q0.shape[2] // simd.BLOCK, q0, bh * n_rows * q0.shape[2], n_rows,
-                        q0.shape[2], ktab0, kv_n, sc, TILE, 0)
+                        q0.shape[2], ktab0, kv_n, sc, sc.shape[1], 0 * nt)
         else:
             _key_part(q0, qs0, kc0, kn0, ks0, kg0, ktab0, kcent0, kbits0, kscale0, kmode0,
                       slanes0, bh, j0, nt, idx, kf, kv_n, tail, flat, sc)
@@ -445,8 +451,8 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
         if vmode0 == FUSED and nt == TILE:
             for jj in range(0, TILE, 16):
                 simd.halves16(vn0, vbase + j0 + jj, kv_n, jj)
-            _value_groups(vbits0, vc0, (vbase + j0) * vc0.shape[2], vc0.shape[2], TILE,
-                          dv0 // simd.BLOCK, vtab0, sc, TILE, kv_n, acc0, n_rows, dv0)
+            _value_groups(vbits0, vc0, (vbase + j0) * vc0.shape[2], vc0.shape[2], nt,
+                          dv0 // simd.BLOCK, vtab0, sc, sc.shape[1], kv_n, acc0, n_rows, dv0)
         else:
             _value_part(vc0, vn0, vtab0, vcent0, vbits0, vmode0, bh, j0, nt, idx, kf, kv_n,
                         sc, pbuf, tmp0, acc0)

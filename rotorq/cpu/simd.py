@@ -425,3 +425,18 @@ def exp_sum16(typingctx, arr, off, n16, mx):
         return _hsum(builder, builder.load(total))
 
     return sig, codegen
+
+
+@intrinsic
+def out_of_line(typingctx):
+    """Mark the compiled function that calls this as never inlined into its callers. A
+    function holding many of these intrinsics is large: inlined, it would be optimized
+    again inside every caller up the call chain (most of the kernel's first-call compile
+    time); called, it costs one call."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        builder.function.attributes.add("noinline")
+        return context.get_dummy_value()
+
+    return sig, codegen
