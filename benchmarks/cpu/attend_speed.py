@@ -9,12 +9,13 @@ values in the same run:
 - ``numpy``: exact GQA attention with BLAS matmuls (``q @ Kᵀ``, softmax, ``@ V``) over the
   uncompressed float32 keys and values, contiguous.
 
-The two are timed alternately (one call of each per round, after a warm-up round that also
-excludes Numba's compiles); the table shows the median of the rounds and the ratio of the
-medians. Before each timed call the benchmark sleeps ``--settle`` seconds: after a call,
-OpenBLAS's worker threads spin for about 0.1 s (its thread timeout), which would otherwise
-take a core from whatever is timed next. Run from the repository root, on an otherwise
-idle machine if possible::
+The two are timed alternately, in blocks: per round, each method gets a pause of
+``--settle`` seconds, one untimed call, then ``--block`` timed calls back to back (a decode
+loop calls attention back to back too). The pause lets OpenBLAS's worker threads, which
+spin for about 0.1 s after a numpy call, go to sleep before ``attend`` is timed; the
+untimed call wakes the thread pools again. The first round also compiles. The table shows
+the median of all timed calls of each method and the ratio of the medians. Run from the
+repository root, on an otherwise idle machine if possible::
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.cpu.attend_speed
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.cpu.attend_speed --tokens 32768 --repeats 15
@@ -45,18 +46,21 @@ def numpy_attention(q, k, v, scale):
     return np.matmul(s, v)
 
 
-def interleaved(fns, repeats, settle):
-    """Median seconds of each function, called alternately ``repeats`` times after one
-    warm-up round, each timed call preceded by a pause of ``settle`` seconds."""
+def interleaved(fns, repeats, block, settle):
+    """Median seconds of each function over at least ``repeats`` timed calls, timed in
+    alternating blocks of ``block`` calls, each block after a pause of ``settle`` seconds
+    and one untimed call."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    for _ in range(-(-repeats // block)):
         for i, fn in enumerate(fns):
             time.sleep(settle)
-            t = time.perf_counter()
             fn()
-            times[i].append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t)
     return [float(np.median(t)) for t in times]
 
 
@@ -67,18 +71,19 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--repeats", type=int, default=9, help="timed calls of each method")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--settle", type=float, default=0.15,
-                    help="seconds of sleep before each timed call")
+    ap.add_argument("--block", type=int, default=3, help="timed calls per block")
+    ap.add_argument("--settle", type=float, default=0.2,
+                    help="seconds of sleep before each block")
     args = ap.parse_args(argv)
     h, g, d = args.kv_heads, args.group, args.head_dim
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"numba threads {numba.get_num_threads()}, numpy {np.__version__}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
-    print(f"{h} KV heads, {h * g} query heads (one query each), head_dim {d}; "
-          f"median of {args.repeats} alternating rounds, {args.settle} s pause before each "
-          "timed call")
+    print(f"{h} KV heads, {h * g} query heads (one query each), head_dim {d}; median of "
+          f"{-(-args.repeats // args.block) * args.block} timed calls each, in alternating "
+          f"blocks of {args.block} (each after a {args.settle} s pause and one untimed call)")
     print()
     print("| T | config | attend ms | numpy fp32 ms | numpy / attend | rel. err |")
     print("|---|---|---|---|---|---|")
@@ -94,7 +99,7 @@ def main(argv=None):
             cache = rotorq.KVCache(h, d, key_bits=kb, value_bits=vb)
             cache.append(k, v)
             ta, tn = interleaved([lambda: cache.attend(q), lambda: numpy_attention(qg, k, v, scale)],
-                                 args.repeats, args.settle)
+                                 args.repeats, args.block, args.settle)
             out = cache.attend(q).reshape(h, g, d)
             ref = numpy_attention(qg, k, v, scale)
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
