@@ -386,35 +386,53 @@ def _natural_order(acc, order_, tmp):
 
 
 @jit
+def _scratch(q0, q1, qs0, qs1, kc0, kc1, kfreq, acc0_out, acc1_out):
+    """Working arrays of one thread's tasks: code indices, a decoded tile, norms, 16 rows
+    of codes, scores and products, the key bias's cosines and sines."""
+    n_rows = acc0_out.shape[2]
+    dmax = max(q0.shape[2], q1.shape[2], acc0_out.shape[3], acc1_out.shape[3], qs0.shape[2],
+               qs1.shape[2])
+    return (np.empty(dmax, np.uint8), np.empty(TILE * dmax, np.float32),
+            np.empty(TILE, np.float32),
+            np.empty((1, 16, max(kc0.shape[2], kc1.shape[2])), np.uint8),
+            np.empty(n_rows * TILE, np.float32), np.empty(n_rows * TILE, np.float32),
+            np.empty((n_rows, TILE), np.float32),
+            np.empty((n_rows if q1.shape[2] > 0 else 0, TILE), np.float32),
+            np.empty((n_rows, acc0_out.shape[3]), np.float32),
+            np.empty((n_rows, acc1_out.shape[3]), np.float32),
+            np.empty((TILE, kfreq.shape[0]), np.float32),
+            np.empty((TILE, kfreq.shape[0]), np.float32))
+
+
+@jit
+def _table(cent):
+    """The centroids repeated to ``TABLE`` entries (a longer codebook as it is)."""
+    n = cent.shape[0]
+    out = np.empty(max(TABLE, n), np.float32)
+    for i in range(out.shape[0]):
+        out[i] = cent[i % n]
+    return out
+
+
+@jit
 def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                 kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
                 kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
                 vc0, vn0, vcent0, vtab0, vbits0, vmode0, vorder0,
                 vc1, vn1, vcent1, vtab1, vbits1, vmode1, vorder1,
                 n_keys, n_q, causal_offset, chunk,
-                acc0_out, acc1_out, max_out, sum_out):
-    """Online softmax over the tokens of split ``s`` for the rows of ``bh``."""
+                acc0_out, acc1_out, max_out, sum_out, scratch):
+    """Online softmax over the tokens of split ``s`` for the rows of ``bh`` (``scratch``:
+    the arrays of :func:`_scratch`)."""
+    idx, kf, kv_n, tail, flat, pbuf, sc, sc1, tmp0, tmp1, tcos, tsin = scratch
     n_rows = acc0_out.shape[2]
     dk1 = q1.shape[2]
     dv0 = acc0_out.shape[3]
     dv1 = acc1_out.shape[3]
-    dmax = max(q0.shape[2], dk1, dv0, dv1, qs0.shape[2], qs1.shape[2])
+    n_freq = kfreq.shape[0]
     neg_inf = np.float32(-np.inf)
     t0 = s * chunk
     t1 = min(n_keys, t0 + chunk, n_q + causal_offset)  # no row sees a key past n_q-1+offset
-    idx = np.empty(dmax, np.uint8)
-    kf = np.empty(TILE * dmax, np.float32)
-    kv_n = np.empty(TILE, np.float32)
-    tail = np.empty((1, 16, max(kc0.shape[2], kc1.shape[2])), np.uint8)
-    flat = np.empty(n_rows * TILE, np.float32)
-    pbuf = np.empty(n_rows * TILE, np.float32)
-    sc = np.empty((n_rows, TILE), np.float32)
-    sc1 = np.empty((n_rows if dk1 > 0 else 0, TILE), np.float32)
-    tmp0 = np.empty((n_rows, dv0), np.float32)
-    tmp1 = np.empty((n_rows, dv1), np.float32)
-    n_freq = kfreq.shape[0]
-    tcos = np.empty((TILE, n_freq), np.float32)
-    tsin = np.empty((TILE, n_freq), np.float32)
     acc0 = acc0_out[bh, s]
     acc1 = acc1_out[bh, s]
     m = max_out[bh, s]
@@ -467,10 +485,10 @@ def _split_task(bh, s, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
 
 @jit
 def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
-                     kc0, kn0, ks0, kg0, kcent0, ktab0, kbits0, kscale0, kmode0, slanes0,
-                     kc1, kn1, ks1, kg1, kcent1, ktab1, kbits1, kscale1, kmode1, slanes1,
-                     vc0, vn0, vcent0, vtab0, vbits0, vmode0, vorder0,
-                     vc1, vn1, vcent1, vtab1, vbits1, vmode1, vorder1,
+                     kc0, kn0, ks0, kg0, kcent0, kbits0, kscale0, kmode0, slanes0,
+                     kc1, kn1, ks1, kg1, kcent1, kbits1, kscale1, kmode1, slanes1,
+                     vc0, vn0, vcent0, vbits0, vmode0, vorder0,
+                     vc1, vn1, vcent1, vbits1, vmode1, vorder1,
                      n_keys, n_q, causal_offset, chunk,
                      acc0_out, acc1_out, max_out, sum_out, counter):
     """Split-K attention over packed keys/values: the tasks ``task_lo … task_hi − 1``, or,
@@ -478,7 +496,6 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
     every task below ``task_hi`` that ``counter`` hands out (the next free one each time).
 
     The arguments of :func:`rotorq.cpu.attention.decode_attention`, plus per part its
-    centroid table padded to ``TABLE`` float32 (``ktab_p``, ``vtab_p``) and its
     :func:`part_mode` (``kmode_p``, ``vmode_p``; ``slanes_p``: the :func:`block_lanes` of
     the QJL signs). The rows ``q_p`` and ``qs_p`` come in the :func:`order` of their part's
     mode (of ``slanes_p`` for ``qs_p``); each value part is accumulated in the order of its
@@ -487,6 +504,8 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
     """
     n_split = acc0_out.shape[1]
     n_tasks = acc0_out.shape[0] * n_split
+    ktab0, ktab1, vtab0, vtab1 = _table(kcent0), _table(kcent1), _table(vcent0), _table(vcent1)
+    scratch = _scratch(q0, q1, qs0, qs1, kc0, kc1, kfreq, acc0_out, acc1_out)
     task = task_lo
     while True:
         if counter.shape[0] > 0:
@@ -502,7 +521,7 @@ def decode_attention(task_lo, task_hi, q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0,
                     vc0, vn0, vcent0, vtab0, vbits0, vmode0, vorder0,
                     vc1, vn1, vcent1, vtab1, vbits1, vmode1, vorder1,
                     n_keys, n_q, causal_offset, chunk,
-                    acc0_out, acc1_out, max_out, sum_out)
+                    acc0_out, acc1_out, max_out, sum_out, scratch)
         task += 1
 
 
@@ -513,21 +532,13 @@ def _in_order(x, lanes):
     return np.ascontiguousarray(x)
 
 
-def _table(cent):
-    """The centroids repeated to ``TABLE`` entries (any longer codebook as it is)."""
-    if cent.shape[0] >= TABLE:
-        return np.ascontiguousarray(cent, np.float32)
-    return np.resize(np.asarray(cent, np.float32), TABLE)
-
-
 def run(run_tasks, n_tasks, args):
     """Run :func:`decode_attention` on the arguments ``args`` of the twin
     (:func:`rotorq.cpu.attention.decode_attention` without the task range) with
     ``run_tasks(kernel, n_tasks, args, shared=True)``, which calls ``kernel(lo, hi,
     *args)`` once per thread: the calls share the tasks through one counter (a thread
-    slowed by other work takes fewer), whatever ranges they are given. The query rows are put in order
-    and the tables padded; the outputs ``args[34:38]`` are written as the twin writes
-    them."""
+    slowed by other work takes fewer), whatever ranges they are given. The query rows are
+    put in order; the outputs ``args[34:38]`` are written as the twin writes them."""
     q0, q1, qs0, qs1, kba, kbb, kfreq, kpos0 = args[:8]
     kparts = (args[8:15], args[15:22])
     vparts = (args[22:26], args[26:30])
@@ -540,11 +551,10 @@ def run(run_tasks, n_tasks, args):
         slanes = block_lanes(qs.shape[2], 1) if qs.shape[2] else 0
         out[i] = _in_order(q, mode if mode != FUSED else 0)
         out[2 + i] = _in_order(qs, slanes)
-        out += [np.ascontiguousarray(kc), kn, np.ascontiguousarray(ks), kg, cent, _table(cent),
-                bits, scale, mode, slanes]
+        out += [np.ascontiguousarray(kc), kn, np.ascontiguousarray(ks), kg, cent, bits, scale,
+                mode, slanes]
     for acc, (vc, vn, cent, bits) in zip((acc0, acc1), vparts):
         mode = part_mode(acc.shape[3], bits, n_rows) if acc.shape[3] else 0
-        out += [np.ascontiguousarray(vc), vn, cent, _table(cent), bits, mode,
-                order(acc.shape[3], mode, True)]
+        out += [np.ascontiguousarray(vc), vn, cent, bits, mode, order(acc.shape[3], mode, True)]
     out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm, np.zeros(1, np.int64)]
     run_tasks(decode_attention, n_tasks, tuple(out), shared=True)
