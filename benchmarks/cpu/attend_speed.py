@@ -10,10 +10,11 @@ values in the same run:
   uncompressed float32 keys and values, contiguous.
 
 The two are timed alternately, in blocks: per round, each method gets a pause of
-``--settle`` seconds, one untimed call, then ``--block`` timed calls back to back (a decode
-loop calls attention back to back too). The pause lets OpenBLAS's worker threads, which
-spin for about 0.1 s after a numpy call, go to sleep before ``attend`` is timed; the
-untimed call wakes the thread pools again. The first round also compiles. The table shows
+``--settle`` seconds, untimed calls for ``--warm`` seconds, then ``--block`` timed calls
+back to back (a decode loop calls attention back to back too). The pause lets OpenBLAS's
+worker threads, which spin for about 0.1 s after a numpy call, go to sleep before
+``attend`` is timed; the untimed calls wake the thread pools and the cores again. A first
+round, untimed, also compiles. The table shows
 the median of all timed calls of each method and the ratio of the medians. Run from the
 repository root, on an otherwise idle machine if possible::
 
@@ -46,17 +47,20 @@ def numpy_attention(q, k, v, scale):
     return np.matmul(s, v)
 
 
-def interleaved(fns, repeats, block, settle):
+def interleaved(fns, repeats, block, settle, warm):
     """Median seconds of each function over at least ``repeats`` timed calls, timed in
     alternating blocks of ``block`` calls, each block after a pause of ``settle`` seconds
-    and one untimed call."""
+    and untimed calls for ``warm`` seconds (at least one)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     for _ in range(-(-repeats // block)):
         for i, fn in enumerate(fns):
             time.sleep(settle)
+            t_end = time.perf_counter() + warm
             fn()
+            while time.perf_counter() < t_end:
+                fn()
             for _ in range(block):
                 t = time.perf_counter()
                 fn()
@@ -71,9 +75,11 @@ def main(argv=None):
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--group", type=int, default=4, help="query heads per KV head")
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=9, help="timed calls of each method")
+    ap.add_argument("--repeats", type=int, default=10, help="timed calls of each method")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--block", type=int, default=3, help="timed calls per block")
+    ap.add_argument("--block", type=int, default=5, help="timed calls per block")
+    ap.add_argument("--warm", type=float, default=0.05,
+                    help="seconds of untimed calls before each block")
     ap.add_argument("--settle", type=float, default=0.2,
                     help="seconds of sleep before each block")
     args = ap.parse_args(argv)
@@ -83,7 +89,8 @@ def main(argv=None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"{h} KV heads, {h * g} query heads (one query each), head_dim {d}; median of "
           f"{-(-args.repeats // args.block) * args.block} timed calls each, in alternating "
-          f"blocks of {args.block} (each after a {args.settle} s pause and one untimed call)")
+          f"blocks of {args.block} (each after a {args.settle} s pause and {args.warm} s of "
+          "untimed calls)")
     print()
     print("| T | config | attend ms | numpy fp32 ms | numpy / attend | rel. err |")
     print("|---|---|---|---|---|---|")
@@ -99,7 +106,7 @@ def main(argv=None):
             cache = rotorq.KVCache(h, d, key_bits=kb, value_bits=vb)
             cache.append(k, v)
             ta, tn = interleaved([lambda: cache.attend(q), lambda: numpy_attention(qg, k, v, scale)],
-                                 args.repeats, args.block, args.settle)
+                                 args.repeats, args.block, args.settle, args.warm)
             out = cache.attend(q).reshape(h, g, d)
             ref = numpy_attention(qg, k, v, scale)
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
