@@ -213,7 +213,7 @@ def test_task_ranges_and_shared_counter_give_the_same_partials(rng):
     from interleaved calls write the same partials as one serial call."""
     case = make_case(rng, n_keys=700, kbits=(3,), vbits=(4,))
     captured = {}
-    args, n_tasks, outs = twin_args(case, 128)
+    args, n_tasks, _ = twin_args(case, 128)
     fast.run(lambda kernel, n, a, shared: captured.update(kernel=kernel, args=a), n_tasks, args)
     kernel, fargs = captured["kernel"], captured["args"]
     results = []

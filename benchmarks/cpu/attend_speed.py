@@ -25,6 +25,7 @@ repository root, on an otherwise idle machine if possible::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import time
@@ -105,14 +106,14 @@ def main(argv=None):
             kb, vb = CONFIGS[name]
             cache = rotorq.KVCache(h, d, key_bits=kb, value_bits=vb)
             cache.append(k, v)
-            ta, tn = interleaved([lambda: cache.attend(q), lambda: numpy_attention(qg, k, v, scale)],
+            ta, tn = interleaved([functools.partial(cache.attend, q),
+                                  functools.partial(numpy_attention, qg, k, v, scale)],
                                  args.repeats, args.block, args.settle, args.warm)
             out = cache.attend(q).reshape(h, g, d)
             ref = numpy_attention(qg, k, v, scale)
             err = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
             print(f"| {t} | {name} | {ta * 1e3:.2f} | {tn * 1e3:.2f} | {tn / ta:.2f}× "
                   f"| {err:.3f} |", flush=True)
-            del cache
 
 
 if __name__ == "__main__":

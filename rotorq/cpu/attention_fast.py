@@ -21,10 +21,11 @@ number of query rows ``R``:
   float32 block, and ``Q Kᵀ`` or ``P V`` is an ``np.dot`` call (BLAS).
 - 0: the same with the twin's scalar decoder in natural order (any bits and dimension).
 
-The caller puts each part's query rows in the order its mode decodes (:func:`order`) and
-restores the natural order of the value accumulators (:func:`run` does both). The QJL
+Each part's query rows come in the order its mode decodes (:func:`order`; :func:`run`
+puts them so), and the kernel leaves the value accumulators in natural order. The QJL
 signs of prod-mode keys are 1-bit codes with the table ``(−1, +1)`` (lanes or natural
-mode). The norms multiply the scores and the probabilities, not the decoded rows.
+mode). The norms multiply the scores and the probabilities, not the decoded rows. The
+threads running the kernel take the (batch·head, split) tasks from one shared counter.
 """
 
 import functools
@@ -36,7 +37,7 @@ from . import simd
 from ._jit import jit
 from .attention import _bias_tile, decode_row
 
-TILE = 64  # tokens per online-softmax step (a multiple of 16); a (64, 128) float32 block is L1-sized
+TILE = 64  # tokens per online-softmax step, a multiple of 16 (a decoded tile stays in L1)
 TABLE = simd.TABLE
 FUSED = 1
 FUSED_ROWS = 8  # above this many query rows, the BLAS modes decode each tile only once
@@ -546,14 +547,14 @@ def run(run_tasks, n_tasks, args):
     n_rows = q0.shape[1]
     out = [None, None, None, None, kba, kbb, kfreq, kpos0]
     for i, (q, qs, (kc, kn, ks, kg, cent, bits, scale)) in enumerate(
-            zip((q0, q1), (qs0, qs1), kparts)):
+            zip((q0, q1), (qs0, qs1), kparts, strict=True)):
         mode = part_mode(q.shape[2], bits, n_rows) if q.shape[2] else 0
         slanes = block_lanes(qs.shape[2], 1) if qs.shape[2] else 0
         out[i] = _in_order(q, mode if mode != FUSED else 0)
         out[2 + i] = _in_order(qs, slanes)
         out += [np.ascontiguousarray(kc), kn, np.ascontiguousarray(ks), kg, cent, bits, scale,
                 mode, slanes]
-    for acc, (vc, vn, cent, bits) in zip((acc0, acc1), vparts):
+    for acc, (vc, vn, cent, bits) in zip((acc0, acc1), vparts, strict=True):
         mode = part_mode(acc.shape[3], bits, n_rows) if acc.shape[3] else 0
         out += [np.ascontiguousarray(vc), vn, cent, bits, mode, order(acc.shape[3], mode, True)]
     out += [n_keys, n_q, causal_offset, chunk, acc0, acc1, mx, sm, np.zeros(1, np.int64)]

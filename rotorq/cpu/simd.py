@@ -216,7 +216,7 @@ def key_scores(bits, rows):
                             qi = builder.add(qb, builder.add(builder.mul(_i64(r), dq), _i64(c)))
                             qv = _splat(builder, builder.load(builder.gep(q_p, [qi])), _V16F)
                             cur[r] = builder.call(fma, [qv, kv, cur[r]])
-                    for a, v in zip(accs, cur):
+                    for a, v in zip(accs, cur, strict=True):
                         builder.store(v, a)
             sv = builder.load(_ptr(builder, scale_p, soff, _V16F), align=4)
             for r in range(rows):
