@@ -163,8 +163,11 @@ CASES = {
     "masked-splits": dict(n_rows=2, n_q=2, causal_offset=3, n_keys=301),
     "one-token": dict(n_keys=1, cap_extra=0),
     "rows-5": dict(n_rows=5, kbits=(2,), vbits=(4,), n_keys=150),
-    "rows-12-blas-lanes16": dict(n_rows=12, n_q=3, causal_offset=180, n_keys=190),
-    "rows-9-blas-lanes8-prod": dict(n_rows=9, dk=(64,), dv=(192,), m=(64,), n_keys=77),
+    "rows-12-causal": dict(n_rows=12, n_q=3, causal_offset=180, n_keys=190),
+    "rows-9-prod-signs-lanes8": dict(n_rows=9, dk=(64,), dv=(192,), m=(64,), n_keys=77),
+    "rows-37-prefill": dict(n_rows=37, n_q=37, causal_offset=90, n_keys=127, n_bh=1),
+    "rows-24-natural-blas-blocks": dict(n_rows=24, n_q=6, dk=(200,), dv=(200,), kbits=(3,),
+                                        vbits=(2,), causal_offset=60, n_keys=70),
 }
 
 
@@ -267,8 +270,8 @@ def test_permutation_and_block_widths():
         np.testing.assert_array_equal(np.sort(fast.order(d, fast.FUSED, True)), np.arange(d))
     assert fast.block_lanes(128, 4) == 16 and fast.block_lanes(192, 3) == 8
     assert fast.block_lanes(40, 2) == 0 and fast.block_lanes(128, 5) == 0
-    assert fast.part_mode(128, 3, 4) == fast.FUSED and fast.part_mode(128, 3, 12) == 16
-    assert fast.part_mode(64, 5, 4) == 0 and fast.part_mode(40, 2, 1) == 0
+    assert fast.part_mode(128, 3, 4) == fast.FUSED == fast.part_mode(192, 4, 400)
+    assert fast.part_mode(64, 5, 4) == 0 == fast.part_mode(40, 2, 1) == fast.part_mode(200, 3, 4)
     # block s, code c of word g sits at 8·lanes·s + lanes·c + g: coordinate 8(lanes·s + g) + c
     assert fast.permutation(128, 16)[16 * 3 + 5] == 8 * 5 + 3
 

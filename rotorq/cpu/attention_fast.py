@@ -6,25 +6,23 @@ work is laid out differently, so sums run in another order and results agree wit
 twin's within float32 rounding, not bit for bit. Fastmath stays off.
 
 Tokens are taken ``TILE`` at a time (online softmax per tile). Each key or value part
-runs in one of three modes (:func:`part_mode`), chosen from its dimension, bits and the
-number of query rows ``R``:
+runs in one of two modes (:func:`part_mode`):
 
-- ``FUSED`` (``1 <= bits <= 4``, dimension a multiple of 64, ``R <= FUSED_ROWS``): the
-  vector intrinsics of :mod:`rotorq.cpu.simd` decode and multiply in registers — the
-  scores of 16 keys at a time (:func:`rotorq.cpu.simd.key_scores`, keys in vector lanes,
-  query coordinates broadcast) and the value sums of a tile with the accumulators held in
-  registers (:func:`rotorq.cpu.simd.value_sums`, coordinates in vector lanes, in the
-  order :func:`rotorq.cpu.simd.value_position`).
-- 16 or 8 (*lanes*; codes of at most 4 bits, dimension a multiple of ``8·lanes``): a tile
-  is decoded by the permute decoder (:func:`rotorq.cpu.simd.decoder`, code ``c`` of word
-  ``w`` of block ``s`` at ``8·lanes·s + lanes·c + w``, :func:`permutation`) into a
-  float32 block, and ``Q Kᵀ`` or ``P V`` is an ``np.dot`` call (BLAS).
-- 0: the same with the twin's scalar decoder in natural order (any bits and dimension).
+- ``FUSED`` (``1 <= bits <= 4``, dimension a multiple of 64): the vector intrinsics of
+  :mod:`rotorq.cpu.simd` decode and multiply in registers — the scores of 16 keys at a
+  time (:func:`rotorq.cpu.simd.key_scores`, keys in vector lanes, query coordinates
+  broadcast, 4 query rows per pass) and the value sums of a tile with the accumulators
+  held in registers (:func:`rotorq.cpu.simd.value_sums`, coordinates in vector lanes, in
+  the order :func:`rotorq.cpu.simd.value_position`).
+- 0 (any other part): a tile is decoded by the twin's scalar decoder into a float32
+  block, and ``Q Kᵀ`` or ``P V`` are ``np.dot`` calls (BLAS).
 
-Each part's query rows come in the order its mode decodes (:func:`order`; :func:`run`
-puts them so), and the kernel leaves the value accumulators in natural order. The QJL
-signs of prod-mode keys are 1-bit codes with the table ``(−1, +1)`` (lanes or natural
-mode). The norms multiply the scores and the probabilities, not the decoded rows. The
+The QJL signs of prod-mode keys are 1-bit codes with the table ``(−1, +1)``, decoded
+into a block by the permute decoder (:func:`rotorq.cpu.simd.decoder`, code ``c`` of
+word ``w`` of block ``s`` at ``8·lanes·s + lanes·c + w``, :func:`permutation`; lanes 16
+or 8, :func:`block_lanes`) or the scalar one, and multiplied by BLAS. The sketched query
+rows come in that order (:func:`run` puts them so), and the kernel leaves the value
+accumulators in natural order. The norms multiply the scores and the probabilities, not the decoded rows. The
 threads running the kernel take the (batch·head, split) tasks from one shared counter.
 """
 
@@ -40,7 +38,6 @@ from .attention import _bias_tile, decode_row
 TILE = 64  # tokens per online-softmax step, a multiple of 16 (a decoded tile stays in L1)
 TABLE = simd.TABLE
 FUSED = 1
-FUSED_ROWS = 8  # above this many query rows, the BLAS modes decode each tile only once
 
 _DEC16 = tuple(simd.decoder(b, 16) for b in (1, 2, 3, 4))
 _DEC8 = tuple(simd.decoder(b, 8) for b in (1, 2, 3, 4))
@@ -65,11 +62,11 @@ def block_lanes(dim, bits):
 
 
 def part_mode(dim, bits, rows):
-    """``FUSED``, 16, 8 or 0: how a part of ``dim`` coordinates and ``bits``-bit codes is
-    read for ``rows`` query rows (module docstring)."""
-    if 1 <= bits <= 4 and dim % simd.BLOCK == 0 and 0 < rows <= FUSED_ROWS:
+    """``FUSED`` or 0: how a part of ``dim`` coordinates and ``bits``-bit codes is read
+    for ``rows`` query rows (module docstring)."""
+    if 1 <= bits <= 4 and dim % simd.BLOCK == 0 and rows > 0:
         return FUSED
-    return block_lanes(dim, bits)
+    return 0
 
 
 def permutation(dim, lanes):
@@ -306,6 +303,22 @@ def _softmax_step(sc, nt, j0, n_q, causal_offset, m, lsum, acc0, acc1):
 
 
 @jit
+def _dot_rows(a, b, out):
+    """``out = a @ b`` (C-contiguous ``a`` and ``out``) as BLAS calls on blocks of rows small
+    enough (under 2^17 multiply-adds) that OpenBLAS runs each on the calling thread: a
+    threaded BLAS call from every kernel thread would oversubscribe the cores."""
+    n_rows, inner = a.shape
+    cols = b.shape[1]
+    block = max(1, (1 << 17) // max(1, inner * cols))
+    fa = a.reshape(a.size)
+    fo = out.reshape(out.size)
+    for r0 in range(0, n_rows, block):
+        r1 = min(n_rows, r0 + block)
+        np.dot(fa[r0 * inner:r1 * inner].reshape((r1 - r0, inner)), b,
+               fo[r0 * cols:r1 * cols].reshape((r1 - r0, cols)))
+
+
+@jit
 def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh, j0, nt,
               idx, kf, kv_n, tail, flat, sc):
     """``sc[:, :nt]`` (R, TILE) = the scores of key part tokens ``j0 … j0+nt−1`` for the
@@ -333,7 +346,7 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
     else:
         _decode_tile(kc, bh, j0, nt, bits, mode, table, cent, big_d, idx, kf)
         out = flat[:n_rows * nt].reshape((n_rows, nt))
-        np.dot(q[bh], kf[:nt * big_d].reshape((nt, big_d)).T, out)
+        _dot_rows(q[bh], kf[:nt * big_d].reshape((nt, big_d)).T, out)
         for r in range(n_rows):
             for jj in range(nt):
                 sc[r, jj] = out[r, jj] * kv_n[jj]
@@ -344,7 +357,7 @@ def _key_part(q, qs, kc, kn, ks, kg, table, cent, bits, qscale, mode, slanes, bh
             signs[i] = np.float32(2 * (i & 1) - 1)  # the table (−1, +1), repeated
         _decode_tile(ks, bh, j0, nt, 1, slanes, signs, signs, m, idx, kf)
         out = flat[:n_rows * nt].reshape((n_rows, nt))
-        np.dot(qs[bh], kf[:nt * m].reshape((nt, m)).T, out)
+        _dot_rows(qs[bh], kf[:nt * m].reshape((nt, m)).T, out)
         _norms(kg, bh, j0, nt, kv_n)
         for jj in range(nt):
             kv_n[jj] = np.float32(qscale * kv_n[jj])
@@ -369,7 +382,7 @@ def _value_part(vc, vn, table, cent, bits, mode, bh, j0, nt, idx, vf, kv_n, sc, 
     for r in range(n_rows):
         for jj in range(nt):
             pv[r, jj] = sc[r, jj] * kv_n[jj]
-    np.dot(pv, vf[:nt * big_d].reshape((nt, big_d)), tmp)
+    _dot_rows(pv, vf[:nt * big_d].reshape((nt, big_d)), tmp)
     for r in range(n_rows):
         for k in range(big_d):
             acc[r, k] += tmp[r, k]
